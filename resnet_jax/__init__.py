@@ -1,0 +1,35 @@
+"""resnet_jax: ResNets on CIFAR-10 in pure JAX (Flax, Optax, Orbax).
+
+    import resnet_jax
+    model = resnet_jax.create_model('paper')            # the study's network
+    model, variables, config = resnet_jax.restore('runs/default')
+
+Modules: ``models`` (the networks), ``input_pipeline`` (datasets on disk),
+``augment`` (on-device augmentation), ``train`` (state, steps, loop,
+checkpoints), ``main`` (the command line).
+"""
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    'create_model': 'resnet_jax.models',
+    'TrainState': 'resnet_jax.train',
+    'create_train_state': 'resnet_jax.train',
+    'train_step': 'resnet_jax.train',
+    'eval_step': 'resnet_jax.train',
+    'train_and_evaluate': 'resnet_jax.train',
+    'restore': 'resnet_jax.train',
+}
+
+
+def __getattr__(name: str) -> Any:
+  """Imports the public API lazily: ``import resnet_jax`` stays light."""
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+__all__ = ['create_model', 'TrainState', 'create_train_state', 'train_step',
+           'eval_step', 'train_and_evaluate', 'restore']
+__version__ = '0.1.0'
