@@ -21,7 +21,8 @@ Variants:
 Convolutions pad symmetrically like PyTorch's ``padding=k//2`` (Flax's ``'SAME'``
 pads asymmetrically for stride 2). BatchNorm follows every convolution, before
 the ReLU, with PyTorch's defaults expressed in Flax terms (momentum 0.9,
-epsilon 1e-5). Convolutions have no bias; there is no dropout.
+epsilon 1e-5). Weights start from PyTorch's default initialisation, as in the
+study. Convolutions have no bias; there is no dropout.
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ ModuleDef = Any
 # PyTorch's BatchNorm2d(momentum=0.1) is Flax's momentum=0.9.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+
+
+# PyTorch's default initialisation (the study's framework): kaiming_uniform with
+# a=sqrt(5) for weights, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the same bound
+# for the dense bias. BatchNorm starts at scale 1, bias 0 in both libraries.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def torch_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+  """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, PyTorch's default Linear bias."""
+  bound = 1.0 / fan_in ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -98,7 +115,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32)
+                             param_dtype=jnp.float32,
+                             kernel_init=torch_kernel_init)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                              dtype=self.dtype, param_dtype=jnp.float32)
@@ -112,7 +130,8 @@ class ResNet(nn.Module):
                        shortcut_kernel=self.shortcut_kernel)(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                 name='head')(x)
+                 kernel_init=torch_kernel_init,
+                 bias_init=torch_bias_init(x.shape[-1]), name='head')(x)
     return x.astype(jnp.float32)
 
 
