@@ -11,6 +11,8 @@ code 2, before anything is compiled.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging
 import os
 import sys
@@ -38,18 +40,61 @@ def _fail(message: str) -> int:
   return EXIT_USAGE
 
 
+def _config_path(argv: Sequence[str]) -> str | None:
+  """The file named by ``--config`` (without a ``:arg`` suffix), if any."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1].split(':')[0]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1].split(':')[0]
+  return None
+
+
 def _config_root_on_path(argv: Sequence[str]) -> None:
   """Lets configs import ``configs.default`` from any working directory."""
-  for i, arg in enumerate(argv):
-    path = None
-    if arg.startswith('--config='):
-      path = arg.split('=', 1)[1]
-    elif arg == '--config' and i + 1 < len(argv):
-      path = argv[i + 1]
-    if path:
-      root = os.path.dirname(os.path.dirname(os.path.abspath(path.split(':')[0])))
-      if root not in sys.path:
-        sys.path.insert(0, root)
+  path = _config_path(argv)
+  if path:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+      sys.path.insert(0, root)
+
+
+def _config_fields(argv: Sequence[str]) -> list[str]:
+  """Dotted names of every field of the ``--config`` file (for suggestions)."""
+  try:
+    spec = importlib.util.spec_from_file_location('_config', _config_path(argv))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    flat = []
+
+    def walk(node, prefix):
+      for key, value in node.items():
+        if hasattr(value, 'items'):
+          walk(value, f'{prefix}{key}.')
+        else:
+          flat.append(f'{prefix}{key}')
+
+    walk(module.get_config(), '')
+    return flat
+  except Exception:  # pylint: disable=broad-except  # Only for a hint.
+    return []
+
+
+def _parse_error(error: Exception, argv: Sequence[str]) -> str:
+  """Explains a failure to load the config file or apply an override."""
+  fields = _config_fields(argv)
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    name = arg[len('--config.'):].split('=', 1)[0]
+    if fields and name not in fields:
+      close = difflib.get_close_matches(name, fields, n=1)
+      hint = f'; did you mean config.{close[0]}?' if close else ''
+      return f'unknown config field config.{name} in {arg}{hint}'
+  if not fields:
+    return (f'could not load config file {_config_path(argv)}: '
+            f'{type(error).__name__}: {error}')
+  return f'invalid flags: {type(error).__name__}: {error}'
 
 
 def _setup_logging() -> None:
@@ -69,8 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     FLAGS(argv)
   except flags.Error as e:
     return _fail(e)
-  if FLAGS.config is None:
+  except Exception as e:  # pylint: disable=broad-except  # User input: no traceback.
+    return _fail(_parse_error(e, argv))
+  path = _config_path(argv)
+  if path is None:
     return _fail('--config is required, e.g. --config configs/default.py')
+  if not os.path.isfile(path):
+    return _fail(f'config file not found: {path}')
+  try:
+    config = FLAGS.config
+    config.keys()  # config_flags defers errors of loading the file until here.
+  except Exception as e:  # pylint: disable=broad-except
+    return _fail(f'could not load config file {path}: {str(e).splitlines()[-1]}')
   if not FLAGS.workdir:
     return _fail('--workdir is required, e.g. --workdir runs/default')
   _setup_logging()
@@ -82,12 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   try:
     if FLAGS.mode == 'eval':
-      path = FLAGS.config.data.path or None
-      result = train.evaluate_workdir(FLAGS.workdir, path)
+      data_path = config.data.path or None
+      result = train.evaluate_workdir(FLAGS.workdir, data_path)
       print(f"test accuracy {100 * result['accuracy']:.2f}% "
             f"(loss {result['loss']:.4f}) from {FLAGS.workdir}")
     else:
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train.train_and_evaluate(config, FLAGS.workdir)
   except (validation.ConfigError, input_pipeline.DataError,
           FileNotFoundError) as e:
     return _fail(e)

@@ -67,7 +67,8 @@ def test_invalid_config_is_one_error_line(tmp_path, override, fragment):
 
 def test_batch_larger_than_dataset(tmp_path, cifar_py):
   proc = _run(['--config', 'configs/smoke.py', '--workdir', str(tmp_path / 'w'),
-               f'--config.data.path={cifar_py.path}', '--config.batch_size=1000'])
+               f'--config.data.path={cifar_py.path}', '--config.batch_size=1000',
+               '--config.data.train_subset=0'])
   _assert_usage_error(proc, 'larger than the training set')
 
 

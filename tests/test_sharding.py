@@ -17,6 +17,8 @@ SCRIPT = textwrap.dedent('''
 
     assert jax.device_count() == 8, jax.devices()
     config = make_tiny_config('')
+    # SGD: Adam's first steps (about lr * sign(g)) would amplify float noise in g ~ 0.
+    config.optimizer, config.learning_rate = 'sgd', 0.1
 
     # One step on a global batch of 16: sharded 2 per device vs on one device.
     x = jax.random.uniform(jax.random.PRNGKey(1), (16, 32, 32, 3))
@@ -43,6 +45,7 @@ SCRIPT = textwrap.dedent('''
     fake = fake_data.write_cifar_py(tempfile.mkdtemp(), n_train_per_batch=16, n_test=50)
     config = make_tiny_config(fake.path)
     config.num_epochs = 2
+    config.optimizer, config.learning_rate = 'sgd', 0.1
     summaries = []
     for n in (1, 8):
       mesh = train.make_mesh(jax.devices()[:n])
