@@ -14,6 +14,6 @@ from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
-  config.model = 'resnet18'
-  return config
+    config = default.get_config()
+    config.model = 'resnet18'
+    return config

@@ -13,10 +13,10 @@ from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
-  config.num_epochs = 2
-  config.batch_size = 32
-  config.eval_batch_size = 100
-  config.data.train_subset = 256
-  config.progress_every_seconds = 10.0
-  return config
+    config = default.get_config()
+    config.num_epochs = 2
+    config.batch_size = 32
+    config.eval_batch_size = 100
+    config.data.train_subset = 256
+    config.progress_every_seconds = 10.0
+    return config

@@ -24,12 +24,19 @@ _EXPORTS = {
 
 
 def __getattr__(name: str) -> Any:
-  """Imports the public API lazily: ``import resnet_jax`` stays light."""
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    """Imports the public API lazily: ``import resnet_jax`` stays light."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-__all__ = ['create_model', 'TrainState', 'create_train_state', 'train_step',
-           'eval_step', 'train_and_evaluate', 'restore']
+__all__ = [
+    'create_model',
+    'TrainState',
+    'create_train_state',
+    'train_step',
+    'eval_step',
+    'train_and_evaluate',
+    'restore',
+]
 __version__ = '0.1.0'

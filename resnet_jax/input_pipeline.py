@@ -54,15 +54,16 @@ import socket
 import tarfile
 import time
 import zlib
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 try:
-  from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct  # numpy >= 2
 except ImportError:
-  from numpy.core.multiarray import _reconstruct  # numpy 1
+    from numpy.core.multiarray import _reconstruct  # numpy 1
 
 logger = logging.getLogger('resnet_jax')
 
@@ -75,10 +76,13 @@ _TRAIN_BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6))
 # Per version: folder name in the official archive, train files, test file,
 # file of class names.
 _CIFAR_VERSIONS = {
-    'py': ('cifar-10-batches-py', _TRAIN_BATCHES, 'test_batch',
-           'batches.meta'),
-    'bin': ('cifar-10-batches-bin', tuple(f'{b}.bin' for b in _TRAIN_BATCHES),
-            'test_batch.bin', 'batches.meta.txt'),
+    'py': ('cifar-10-batches-py', _TRAIN_BATCHES, 'test_batch', 'batches.meta'),
+    'bin': (
+        'cifar-10-batches-bin',
+        tuple(f'{b}.bin' for b in _TRAIN_BATCHES),
+        'test_batch.bin',
+        'batches.meta.txt',
+    ),
 }
 _CIFAR_ARCHIVES = ('cifar-10-python.tar.gz', 'cifar-10-binary.tar.gz')
 _ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
@@ -92,233 +96,255 @@ _NETWORK_TIMEOUT_S = 3.0
 _EXPECTED_LAYOUTS = (
     'a CIFAR-10 copy (cifar-10-batches-py/ or cifar-10-batches-bin/, or '
     'their .tar.gz archives), an image folder with train/<class>/ and '
-    'test/<class>/, or a TensorFlow Datasets data dir holding cifar10/')
+    'test/<class>/, or a TensorFlow Datasets data dir holding cifar10/'
+)
 _LOCAL_COPY_HINT = (
     'point at a local copy instead: --config.data.source=cifar '
     '--config.data.path=/path/to/cifar-10-batches-py, '
     '--config.data.path=/path/to/tfds_data_dir (holding cifar10/), or '
     '--config.data.source=folder --config.data.path=/path/to/images '
-    '(train/<class>/*.png and test/<class>/*.png)')
+    '(train/<class>/*.png and test/<class>/*.png)'
+)
 
 
 class DataError(ValueError):
-  """Bad or missing dataset input; the message is one sentence for the user."""
+    """Bad or missing dataset input; the message is one sentence for the user."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A whole dataset in host memory (images NHWC uint8, labels int32).
+    """A whole dataset in host memory (images NHWC uint8, labels int32).
 
-  Images are 32x32 except from an image folder of another data.image_size.
-  """
-  train_images: np.ndarray  # (N, 32, 32, 3) uint8
-  train_labels: np.ndarray  # (N,) int32
-  test_images: np.ndarray   # (M, 32, 32, 3) uint8
-  test_labels: np.ndarray   # (M,) int32
-  class_names: tuple[str, ...]
-  source: str               # 'tfds' | 'cifar' | 'folder'
-  path: str                 # Where it was read from ('' for tfds default dir).
+    Images are 32x32 except from an image folder of another data.image_size.
+    """
 
-  def __post_init__(self):
-    for split in ('train', 'test'):
-      _check_split(split, getattr(self, f'{split}_images'),
-                   getattr(self, f'{split}_labels'), self.num_classes)
+    train_images: np.ndarray  # (N, 32, 32, 3) uint8
+    train_labels: np.ndarray  # (N,) int32
+    test_images: np.ndarray  # (M, 32, 32, 3) uint8
+    test_labels: np.ndarray  # (M,) int32
+    class_names: tuple[str, ...]
+    source: str  # 'tfds' | 'cifar' | 'folder'
+    path: str  # Where it was read from ('' for tfds default dir).
 
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
+    def __post_init__(self):
+        for split in ('train', 'test'):
+            _check_split(
+                split,
+                getattr(self, f'{split}_images'),
+                getattr(self, f'{split}_labels'),
+                self.num_classes,
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
-def _check_split(split: str, images: np.ndarray, labels: np.ndarray,
-                 num_classes: int) -> None:
-  """Raises DataError unless images/labels are one consistent split."""
-  if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3
-      or images.shape[1] != images.shape[2]):
-    raise DataError(f'{split} images must be uint8 of shape (n, s, s, 3), '
-                    f'not {images.dtype} {images.shape}')
-  if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
-    raise DataError(f'{split} labels must be int32 of shape '
-                    f'{images.shape[:1]}, not {labels.dtype} {labels.shape}')
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise DataError(f'{split} labels must lie in [0, {num_classes}) for '
-                    f'{num_classes} classes, but range over '
-                    f'[{labels.min()}, {labels.max()}]')
+def _check_split(split: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+    """Raises DataError unless images/labels are one consistent split."""
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[3] != 3
+        or images.shape[1] != images.shape[2]
+    ):
+        raise DataError(
+            f'{split} images must be uint8 of shape (n, s, s, 3), not {images.dtype} {images.shape}'
+        )
+    if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
+        raise DataError(
+            f'{split} labels must be int32 of shape '
+            f'{images.shape[:1]}, not {labels.dtype} {labels.shape}'
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f'{split} labels must lie in [0, {num_classes}) for '
+            f'{num_classes} classes, but range over '
+            f'[{labels.min()}, {labels.max()}]'
+        )
 
 
 def detect_source(path: str) -> str:
-  """Returns the source ('cifar' | 'folder' | 'tfds') of what lies at ``path``.
+    """Returns the source ('cifar' | 'folder' | 'tfds') of what lies at ``path``.
 
-  '' is the default TFDS data dir. Raises DataError when ``path`` does not
-  exist, cannot be read, or holds none of the known layouts.
-  """
-  if not path:
-    return 'tfds'
-  path = os.path.expanduser(path)
-  with _os_errors_as_data_errors():
-    if not os.path.exists(path):
-      raise DataError(f'data path does not exist: {path}')
-    if os.path.isdir(path) and not os.listdir(path):
-      raise DataError(f'data path {path} is an empty folder; expected '
-                      f'{_EXPECTED_LAYOUTS}')
-    if _find_cifar(path):
-      return 'cifar'
-    if all(os.path.isdir(os.path.join(path, s)) for s in ('train', 'test')):
-      return 'folder'
-    if os.path.isdir(os.path.join(path, _TFDS_NAME)):
-      return 'tfds'
-  raise DataError(f'data path {path} holds no dataset this project reads; '
-                  f'expected {_EXPECTED_LAYOUTS}')
+    '' is the default TFDS data dir. Raises DataError when ``path`` does not
+    exist, cannot be read, or holds none of the known layouts.
+    """
+    if not path:
+        return 'tfds'
+    path = os.path.expanduser(path)
+    with _os_errors_as_data_errors():
+        if not os.path.exists(path):
+            raise DataError(f'data path does not exist: {path}')
+        if os.path.isdir(path) and not os.listdir(path):
+            raise DataError(f'data path {path} is an empty folder; expected {_EXPECTED_LAYOUTS}')
+        if _find_cifar(path):
+            return 'cifar'
+        if all(os.path.isdir(os.path.join(path, s)) for s in ('train', 'test')):
+            return 'folder'
+        if os.path.isdir(os.path.join(path, _TFDS_NAME)):
+            return 'tfds'
+    raise DataError(
+        f'data path {path} holds no dataset this project reads; expected {_EXPECTED_LAYOUTS}'
+    )
 
 
 def load_dataset(data_config: Any, seed: int) -> Dataset:
-  """Loads the dataset ``data_config`` describes (see the module docstring).
+    """Loads the dataset ``data_config`` describes (see the module docstring).
 
-  Args:
-    data_config: ``config.data``: ``source`` ('auto' | 'tfds' | 'cifar' |
-      'folder'), ``path`` ('' = default), ``train_subset`` (0 = all),
-      ``image_size`` (image folders; default 32) and ``download`` (tfds;
-      default True).
-    seed: seeds the image-folder training order and the training subset.
+    Args:
+      data_config: ``config.data``: ``source`` ('auto' | 'tfds' | 'cifar' |
+        'folder'), ``path`` ('' = default), ``train_subset`` (0 = all),
+        ``image_size`` (image folders; default 32) and ``download`` (tfds;
+        default True).
+      seed: seeds the image-folder training order and the training subset.
 
-  Returns:
-    The dataset, training set in stored order.
+    Returns:
+      The dataset, training set in stored order.
 
-  Raises:
-    DataError: the input is missing, unreadable or malformed.
-  """
-  start = time.perf_counter()
-  source = data_config.source
-  path = os.path.expanduser(data_config.path)
-  image_size = getattr(data_config, 'image_size', CIFAR_IMAGE_SIZE)
-  with _os_errors_as_data_errors():
-    if source == 'auto':
-      source = detect_source(path)
-    if source not in SOURCES:
-      raise DataError(f"data.source must be 'auto' or one of {SOURCES}, "
-                      f'not {source!r}')
-    if source != 'folder' and image_size != CIFAR_IMAGE_SIZE:
-      raise DataError(f'data.image_size={image_size} needs an image folder: '
-                      f'{source} images are {CIFAR_IMAGE_SIZE}x'
-                      f'{CIFAR_IMAGE_SIZE}')
-    if source == 'tfds':
-      dataset = _load_tfds(path, getattr(data_config, 'download', True))
-    elif not path:
-      raise DataError(f'data.source={source} needs data.path')
-    elif source == 'cifar':
-      dataset = _load_cifar(path)
-    else:
-      dataset = _load_folder(path, image_size, seed)
-  dataset = _take_train_subset(dataset, data_config.train_subset, seed)
-  logger.info('Loaded %d train + %d test images of %d classes (%s: %s) in '
-              '%.1f s.', len(dataset.train_labels), len(dataset.test_labels),
-              dataset.num_classes, dataset.source,
-              dataset.path or 'default TFDS data dir',
-              time.perf_counter() - start)
-  return dataset
+    Raises:
+      DataError: the input is missing, unreadable or malformed.
+    """
+    start = time.perf_counter()
+    source = data_config.source
+    path = os.path.expanduser(data_config.path)
+    image_size = getattr(data_config, 'image_size', CIFAR_IMAGE_SIZE)
+    with _os_errors_as_data_errors():
+        if source == 'auto':
+            source = detect_source(path)
+        if source not in SOURCES:
+            raise DataError(f"data.source must be 'auto' or one of {SOURCES}, not {source!r}")
+        if source != 'folder' and image_size != CIFAR_IMAGE_SIZE:
+            raise DataError(
+                f'data.image_size={image_size} needs an image folder: '
+                f'{source} images are {CIFAR_IMAGE_SIZE}x'
+                f'{CIFAR_IMAGE_SIZE}'
+            )
+        if source == 'tfds':
+            dataset = _load_tfds(path, getattr(data_config, 'download', True))
+        elif not path:
+            raise DataError(f'data.source={source} needs data.path')
+        elif source == 'cifar':
+            dataset = _load_cifar(path)
+        else:
+            dataset = _load_folder(path, image_size, seed)
+    dataset = _take_train_subset(dataset, data_config.train_subset, seed)
+    logger.info(
+        'Loaded %d train + %d test images of %d classes (%s: %s) in %.1f s.',
+        len(dataset.train_labels),
+        len(dataset.test_labels),
+        dataset.num_classes,
+        dataset.source,
+        dataset.path or 'default TFDS data dir',
+        time.perf_counter() - start,
+    )
+    return dataset
 
 
 @contextlib.contextmanager
 def _os_errors_as_data_errors() -> Iterator[None]:
-  """Turns file-system errors (permissions, vanished files) into DataError."""
-  try:
-    yield
-  except OSError as e:
-    where = f' {e.filename}' if e.filename else ''
-    raise DataError(f'cannot read{where}: {e.strerror or e}') from e
+    """Turns file-system errors (permissions, vanished files) into DataError."""
+    try:
+        yield
+    except OSError as e:
+        where = f' {e.filename}' if e.filename else ''
+        raise DataError(f'cannot read{where}: {e.strerror or e}') from e
 
 
 def _take_train_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
-  """Keeps a seeded subset of ``size`` training images in stored order."""
-  if size == 0:
-    return dataset
-  n = len(dataset.train_labels)
-  if not 0 < size <= n:
-    raise DataError(f'data.train_subset={size} must lie in [0, {n}], the '
-                    f'size of the training set')
-  keep = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-  return dataclasses.replace(dataset, train_images=dataset.train_images[keep],
-                             train_labels=dataset.train_labels[keep])
+    """Keeps a seeded subset of ``size`` training images in stored order."""
+    if size == 0:
+        return dataset
+    n = len(dataset.train_labels)
+    if not 0 < size <= n:
+        raise DataError(
+            f'data.train_subset={size} must lie in [0, {n}], the size of the training set'
+        )
+    keep = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+    return dataclasses.replace(
+        dataset, train_images=dataset.train_images[keep], train_labels=dataset.train_labels[keep]
+    )
 
 
 # ------------------------------------------------------------------ cifar ----
 
 
 class _File(NamedTuple):
-  """One file of a CIFAR-10 copy: a name for messages, and its bytes."""
-  name: str
-  data: bytes
+    """One file of a CIFAR-10 copy: a name for messages, and its bytes."""
+
+    name: str
+    data: bytes
 
 
 def _cifar_dir_version(folder: str) -> str | None:
-  """'py' or 'bin' if ``folder`` holds CIFAR-10 batch files, else None."""
-  for version, (_, train, test, meta) in _CIFAR_VERSIONS.items():
-    if any(os.path.isfile(os.path.join(folder, name))
-           for name in (train[0], test, meta)):
-      return version
-  return None
+    """'py' or 'bin' if ``folder`` holds CIFAR-10 batch files, else None."""
+    for version, (_, train, test, meta) in _CIFAR_VERSIONS.items():
+        if any(os.path.isfile(os.path.join(folder, name)) for name in (train[0], test, meta)):
+            return version
+    return None
 
 
 def _find_cifar(path: str) -> str | None:
-  """The CIFAR-10 batches folder or archive at or directly under ``path``."""
-  if os.path.isfile(path):
-    return path if path.endswith(_ARCHIVE_SUFFIXES) else None
-  folders = [path] + [os.path.join(path, folder)
-                      for folder, *_ in _CIFAR_VERSIONS.values()]
-  for folder in folders:
-    if _cifar_dir_version(folder):
-      return folder
-  for name in _CIFAR_ARCHIVES:
-    if os.path.isfile(os.path.join(path, name)):
-      return os.path.join(path, name)
-  return None
+    """The CIFAR-10 batches folder or archive at or directly under ``path``."""
+    if os.path.isfile(path):
+        return path if path.endswith(_ARCHIVE_SUFFIXES) else None
+    folders = [path] + [os.path.join(path, folder) for folder, *_ in _CIFAR_VERSIONS.values()]
+    for folder in folders:
+        if _cifar_dir_version(folder):
+            return folder
+    for name in _CIFAR_ARCHIVES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return None
 
 
 def _cifar_names(version: str) -> tuple[str, ...]:
-  _, train, test, meta = _CIFAR_VERSIONS[version]
-  return (*train, test, meta)
+    _, train, test, meta = _CIFAR_VERSIONS[version]
+    return (*train, test, meta)
 
 
 def _read_cifar_folder(folder: str) -> tuple[str, dict[str, _File]]:
-  """Returns (version, {base name: file}) of a batches folder."""
-  version = _cifar_dir_version(folder)
-  names = _cifar_names(version)
-  missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-  if missing:
-    raise DataError(f'CIFAR-10 folder {folder} lacks {", ".join(missing)}')
-  files = {}
-  for name in names:
-    with open(os.path.join(folder, name), 'rb') as f:
-      files[name] = _File(os.path.join(folder, name), f.read())
-  return version, files
+    """Returns (version, {base name: file}) of a batches folder."""
+    version = _cifar_dir_version(folder)
+    names = _cifar_names(version)
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise DataError(f'CIFAR-10 folder {folder} lacks {", ".join(missing)}')
+    files = {}
+    for name in names:
+        with open(os.path.join(folder, name), 'rb') as f:
+            files[name] = _File(os.path.join(folder, name), f.read())
+    return version, files
 
 
 def _read_cifar_archive(archive: str) -> tuple[str, dict[str, _File]]:
-  """Returns (version, {base name: file}) of an official CIFAR-10 archive.
+    """Returns (version, {base name: file}) of an official CIFAR-10 archive.
 
-  Reads the members in one pass, without unpacking the archive to disk.
-  """
-  folder_versions = {v[0]: version for version, v in _CIFAR_VERSIONS.items()}
-  found: dict[str, dict[str, _File]] = {}
-  try:
-    with tarfile.open(archive, 'r|*') as tar:
-      for member in tar:
-        folder, name = os.path.split(member.name)
-        version = folder_versions.get(os.path.basename(folder))
-        if member.isfile() and version and name in _cifar_names(version):
-          data = tar.extractfile(member).read()
-          found.setdefault(version, {})[name] = _File(
-              f'{archive}:{member.name}', data)
-  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-    raise DataError(f'cannot read the archive {archive}: {e}') from e
-  if not found:
-    raise DataError(f'archive {archive} holds no CIFAR-10 batches (expected '
-                    'members under cifar-10-batches-py/ or '
-                    'cifar-10-batches-bin/)')
-  version, files = next(iter(found.items()))
-  missing = [n for n in _cifar_names(version) if n not in files]
-  if missing:
-    raise DataError(f'archive {archive} lacks {", ".join(missing)}')
-  return version, files
+    Reads the members in one pass, without unpacking the archive to disk.
+    """
+    folder_versions = {v[0]: version for version, v in _CIFAR_VERSIONS.items()}
+    found: dict[str, dict[str, _File]] = {}
+    try:
+        with tarfile.open(archive, 'r|*') as tar:
+            for member in tar:
+                folder, name = os.path.split(member.name)
+                version = folder_versions.get(os.path.basename(folder))
+                if member.isfile() and version and name in _cifar_names(version):
+                    data = tar.extractfile(member).read()
+                    found.setdefault(version, {})[name] = _File(f'{archive}:{member.name}', data)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise DataError(f'cannot read the archive {archive}: {e}') from e
+    if not found:
+        raise DataError(
+            f'archive {archive} holds no CIFAR-10 batches (expected '
+            'members under cifar-10-batches-py/ or '
+            'cifar-10-batches-bin/)'
+        )
+    version, files = next(iter(found.items()))
+    missing = [n for n in _cifar_names(version) if n not in files]
+    if missing:
+        raise DataError(f'archive {archive} lacks {", ".join(missing)}')
+    return version, files
 
 
 # The only globals a CIFAR-10 pickle needs: those that rebuild numpy arrays.
@@ -332,387 +358,439 @@ _PICKLE_GLOBALS = {
 
 
 class _CifarUnpickler(pickle.Unpickler):
-  """Unpickles numpy arrays, lists, dicts and scalars, and nothing else."""
+    """Unpickles numpy arrays, lists, dicts and scalars, and nothing else."""
 
-  def __init__(self, file: _File):
-    super().__init__(io.BytesIO(file.data), encoding='latin1')
-    self._name = file.name
+    def __init__(self, file: _File):
+        super().__init__(io.BytesIO(file.data), encoding='latin1')
+        self._name = file.name
 
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) not in _PICKLE_GLOBALS:
-      raise DataError(f'refusing to load {self._name}: the pickle references '
-                      f'{module}.{name}, which CIFAR files never contain')
-    return _PICKLE_GLOBALS[module, name]
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise DataError(
+                f'refusing to load {self._name}: the pickle references '
+                f'{module}.{name}, which CIFAR files never contain'
+            )
+        return _PICKLE_GLOBALS[module, name]
 
 
 def _unpickle(file: _File) -> dict[str, Any]:
-  """Loads a CIFAR-10 pickle; keys are str whether stored as bytes or str."""
-  try:
-    obj = _CifarUnpickler(file).load()
-  except DataError:
-    raise
-  except Exception as e:  # Corrupt pickles raise almost any exception type.
-    raise DataError(f'{file.name} is not a readable CIFAR-10 pickle '
-                    f'({type(e).__name__}: {e})') from e
-  if not isinstance(obj, dict):
-    raise DataError(f'{file.name} holds a {type(obj).__name__}, not the dict '
-                    'of a CIFAR-10 pickle')
-  return {_text(k): v for k, v in obj.items()}
+    """Loads a CIFAR-10 pickle; keys are str whether stored as bytes or str."""
+    try:
+        obj = _CifarUnpickler(file).load()
+    except DataError:
+        raise
+    except Exception as e:  # Corrupt pickles raise almost any exception type.
+        raise DataError(
+            f'{file.name} is not a readable CIFAR-10 pickle ({type(e).__name__}: {e})'
+        ) from e
+    if not isinstance(obj, dict):
+        raise DataError(
+            f'{file.name} holds a {type(obj).__name__}, not the dict of a CIFAR-10 pickle'
+        )
+    return {_text(k): v for k, v in obj.items()}
 
 
 def _text(value: str | bytes) -> str:
-  return value.decode('latin1') if isinstance(value, bytes) else value
+    return value.decode('latin1') if isinstance(value, bytes) else value
 
 
 def _planar_to_nhwc(rows: np.ndarray) -> np.ndarray:
-  """(n, 3072) rows of R, G, B planes -> (n, 32, 32, 3) contiguous."""
-  size = CIFAR_IMAGE_SIZE
-  images = rows.reshape(-1, 3, size, size).transpose(0, 2, 3, 1)
-  return np.ascontiguousarray(images)
+    """(n, 3072) rows of R, G, B planes -> (n, 32, 32, 3) contiguous."""
+    size = CIFAR_IMAGE_SIZE
+    images = rows.reshape(-1, 3, size, size).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images)
 
 
-def _check_batch_labels(file: _File, labels: np.ndarray,
-                        num_classes: int) -> np.ndarray:
-  """Returns labels as int32 after checking they index the class names."""
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise DataError(f'{file.name} has labels in [{labels.min()}, '
-                    f'{labels.max()}], outside the {num_classes} classes')
-  return labels.astype(np.int32)
+def _check_batch_labels(file: _File, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Returns labels as int32 after checking they index the class names."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f'{file.name} has labels in [{labels.min()}, '
+            f'{labels.max()}], outside the {num_classes} classes'
+        )
+    return labels.astype(np.int32)
 
 
-def _parse_py_batch(file: _File,
-                    num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  batch = _unpickle(file)
-  data, labels = batch.get('data'), batch.get('labels')
-  if (not isinstance(data, np.ndarray) or data.dtype != np.uint8
-      or data.ndim != 2 or data.shape[1] != _PIXELS_PER_IMAGE):
-    raise DataError(f'{file.name} has no CIFAR-10 images: its "data" should '
-                    f'be a uint8 array of shape (n, {_PIXELS_PER_IMAGE})')
-  labels = np.asarray(labels if isinstance(labels, (list, np.ndarray)) else [])
-  if len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-    raise DataError(f'{file.name} should have a list of {len(data)} integer '
-                    'labels, one per image')
-  labels = _check_batch_labels(file, labels, num_classes)
-  return _planar_to_nhwc(data), labels
+def _parse_py_batch(file: _File, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(file)
+    data, labels = batch.get('data'), batch.get('labels')
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != _PIXELS_PER_IMAGE
+    ):
+        raise DataError(
+            f'{file.name} has no CIFAR-10 images: its "data" should '
+            f'be a uint8 array of shape (n, {_PIXELS_PER_IMAGE})'
+        )
+    labels = np.asarray(labels if isinstance(labels, (list, np.ndarray)) else [])
+    if len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f'{file.name} should have a list of {len(data)} integer labels, one per image'
+        )
+    labels = _check_batch_labels(file, labels, num_classes)
+    return _planar_to_nhwc(data), labels
 
 
 def _parse_py_meta(file: _File) -> tuple[str, ...]:
-  names = _unpickle(file).get('label_names')
-  if not isinstance(names, list) or not names:
-    raise DataError(f'{file.name} has no list of label_names')
-  return tuple(_text(name) for name in names)
+    names = _unpickle(file).get('label_names')
+    if not isinstance(names, list) or not names:
+        raise DataError(f'{file.name} has no list of label_names')
+    return tuple(_text(name) for name in names)
 
 
-def _parse_bin_batch(file: _File,
-                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  if not file.data or len(file.data) % _BIN_RECORD_BYTES:
-    raise DataError(f'{file.name} has {len(file.data)} bytes, not a positive '
-                    f'multiple of the {_BIN_RECORD_BYTES}-byte CIFAR-10 '
-                    'record (1 label byte + 3072 pixel bytes): it is '
-                    'truncated or not a CIFAR-10 batch')
-  records = np.frombuffer(file.data, np.uint8).reshape(-1, _BIN_RECORD_BYTES)
-  labels = _check_batch_labels(file, records[:, 0], num_classes)
-  return _planar_to_nhwc(records[:, 1:]), labels
+def _parse_bin_batch(file: _File, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    if not file.data or len(file.data) % _BIN_RECORD_BYTES:
+        raise DataError(
+            f'{file.name} has {len(file.data)} bytes, not a positive '
+            f'multiple of the {_BIN_RECORD_BYTES}-byte CIFAR-10 '
+            'record (1 label byte + 3072 pixel bytes): it is '
+            'truncated or not a CIFAR-10 batch'
+        )
+    records = np.frombuffer(file.data, np.uint8).reshape(-1, _BIN_RECORD_BYTES)
+    labels = _check_batch_labels(file, records[:, 0], num_classes)
+    return _planar_to_nhwc(records[:, 1:]), labels
 
 
 def _parse_bin_meta(file: _File) -> tuple[str, ...]:
-  try:
-    lines = file.data.decode('utf-8').splitlines()
-  except UnicodeDecodeError as e:
-    raise DataError(f'{file.name} is not a text file of class names') from e
-  names = tuple(line.strip() for line in lines if line.strip())
-  if not names:
-    raise DataError(f'{file.name} names no classes')
-  return names
+    try:
+        lines = file.data.decode('utf-8').splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f'{file.name} is not a text file of class names') from e
+    names = tuple(line.strip() for line in lines if line.strip())
+    if not names:
+        raise DataError(f'{file.name} names no classes')
+    return names
 
 
 def _load_cifar(path: str) -> Dataset:
-  """Reads the official CIFAR-10 python or binary version at ``path``."""
-  location = _find_cifar(path)
-  if location is None:
-    raise DataError(f'no CIFAR-10 copy at {path}: expected '
-                    'cifar-10-batches-py/ or cifar-10-batches-bin/ (or the '
-                    'folder holding one), or its .tar.gz archive')
-  location = os.path.abspath(location)
-  if os.path.isfile(location):
-    version, files = _read_cifar_archive(location)
-  else:
-    version, files = _read_cifar_folder(location)
-  _, train_names, test_name, meta_name = _CIFAR_VERSIONS[version]
-  if version == 'py':
-    parse_meta, parse_batch = _parse_py_meta, _parse_py_batch
-  else:
-    parse_meta, parse_batch = _parse_bin_meta, _parse_bin_batch
-  class_names = parse_meta(files[meta_name])
-  train = [parse_batch(files[name], len(class_names)) for name in train_names]
-  test_images, test_labels = parse_batch(files[test_name], len(class_names))
-  return Dataset(train_images=np.concatenate([images for images, _ in train]),
-                 train_labels=np.concatenate([labels for _, labels in train]),
-                 test_images=test_images, test_labels=test_labels,
-                 class_names=class_names, source='cifar', path=location)
+    """Reads the official CIFAR-10 python or binary version at ``path``."""
+    location = _find_cifar(path)
+    if location is None:
+        raise DataError(
+            f'no CIFAR-10 copy at {path}: expected '
+            'cifar-10-batches-py/ or cifar-10-batches-bin/ (or the '
+            'folder holding one), or its .tar.gz archive'
+        )
+    location = os.path.abspath(location)
+    if os.path.isfile(location):
+        version, files = _read_cifar_archive(location)
+    else:
+        version, files = _read_cifar_folder(location)
+    _, train_names, test_name, meta_name = _CIFAR_VERSIONS[version]
+    if version == 'py':
+        parse_meta, parse_batch = _parse_py_meta, _parse_py_batch
+    else:
+        parse_meta, parse_batch = _parse_bin_meta, _parse_bin_batch
+    class_names = parse_meta(files[meta_name])
+    train = [parse_batch(files[name], len(class_names)) for name in train_names]
+    test_images, test_labels = parse_batch(files[test_name], len(class_names))
+    return Dataset(
+        train_images=np.concatenate([images for images, _ in train]),
+        train_labels=np.concatenate([labels for _, labels in train]),
+        test_images=test_images,
+        test_labels=test_labels,
+        class_names=class_names,
+        source='cifar',
+        path=location,
+    )
 
 
 # ----------------------------------------------------------------- folder ----
 
 
 class _ImageFile(NamedTuple):
-  """One image of an image folder, with what the cache key needs."""
-  path: str
-  label: int
-  size: int
-  mtime_ns: int
+    """One image of an image folder, with what the cache key needs."""
+
+    path: str
+    label: int
+    size: int
+    mtime_ns: int
 
 
 def _list_subfolders(folder: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(folder)
-                if e.is_dir() and not e.name.startswith('.'))
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith('.'))
 
 
 def _list_class(folder: str, label: int) -> list[_ImageFile]:
-  """The images of one class folder, sorted by name (hidden files skipped)."""
-  files = []
-  for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-    if entry.name.startswith('.'):
-      continue
-    if not entry.name.lower().endswith(_IMAGE_SUFFIXES):
-      raise DataError(f'{entry.path} is not a .png, .jpg or .jpeg image; '
-                      'class folders may hold only images')
-    stat = entry.stat()
-    files.append(_ImageFile(entry.path, label, stat.st_size, stat.st_mtime_ns))
-  if not files:
-    raise DataError(f'class folder {folder} holds no images')
-  return files
+    """The images of one class folder, sorted by name (hidden files skipped)."""
+    files = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith('.'):
+            continue
+        if not entry.name.lower().endswith(_IMAGE_SUFFIXES):
+            raise DataError(
+                f'{entry.path} is not a .png, .jpg or .jpeg image; '
+                'class folders may hold only images'
+            )
+        stat = entry.stat()
+        files.append(_ImageFile(entry.path, label, stat.st_size, stat.st_mtime_ns))
+    if not files:
+        raise DataError(f'class folder {folder} holds no images')
+    return files
 
 
-def _list_image_folder(
-    root: str) -> tuple[tuple[str, ...], dict[str, list[_ImageFile]]]:
-  """(class names, {'train': files, 'test': files}) of an image folder."""
-  classes = {}
-  for split in ('train', 'test'):
-    if not os.path.isdir(os.path.join(root, split)):
-      raise DataError(f'image folder {root} has no {split}/ subfolder '
-                      f'(expected {split}/<class>/<image>.png)')
-    classes[split] = _list_subfolders(os.path.join(root, split))
-    if not classes[split]:
-      raise DataError(f'{os.path.join(root, split)} has no class subfolders')
-  if classes['train'] != classes['test']:
-    only_train = sorted(set(classes['train']) - set(classes['test']))
-    only_test = sorted(set(classes['test']) - set(classes['train']))
-    raise DataError(f'train/ and test/ of {root} hold different classes '
-                    f'(only in train: {only_train}, only in test: {only_test})')
-  files = {split: [f for label, name in enumerate(classes['train'])
-                   for f in _list_class(os.path.join(root, split, name), label)]
-           for split in ('train', 'test')}
-  return tuple(classes['train']), files
+def _list_image_folder(root: str) -> tuple[tuple[str, ...], dict[str, list[_ImageFile]]]:
+    """(class names, {'train': files, 'test': files}) of an image folder."""
+    classes = {}
+    for split in ('train', 'test'):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise DataError(
+                f'image folder {root} has no {split}/ subfolder '
+                f'(expected {split}/<class>/<image>.png)'
+            )
+        classes[split] = _list_subfolders(os.path.join(root, split))
+        if not classes[split]:
+            raise DataError(f'{os.path.join(root, split)} has no class subfolders')
+    if classes['train'] != classes['test']:
+        only_train = sorted(set(classes['train']) - set(classes['test']))
+        only_test = sorted(set(classes['test']) - set(classes['train']))
+        raise DataError(
+            f'train/ and test/ of {root} hold different classes '
+            f'(only in train: {only_train}, only in test: {only_test})'
+        )
+    files = {
+        split: [
+            f
+            for label, name in enumerate(classes['train'])
+            for f in _list_class(os.path.join(root, split, name), label)
+        ]
+        for split in ('train', 'test')
+    }
+    return tuple(classes['train']), files
 
 
 def _decode_image(path: str, image_size: int) -> np.ndarray:
-  """Decodes one image to (image_size, image_size, 3) uint8 RGB."""
-  try:
-    with Image.open(path) as image:
-      if image.size != (image_size, image_size):
-        raise DataError(f'{path} is {image.size[0]}x{image.size[1]} pixels, '
-                        f'not {image_size}x{image_size} (data.image_size)')
-      return np.asarray(image.convert('RGB'))
-  except DataError:
-    raise
-  except Exception as e:  # PIL raises many types for broken files.
-    raise DataError(f'{path} is not a readable image ({e})') from e
+    """Decodes one image to (image_size, image_size, 3) uint8 RGB."""
+    try:
+        with Image.open(path) as image:
+            if image.size != (image_size, image_size):
+                raise DataError(
+                    f'{path} is {image.size[0]}x{image.size[1]} pixels, '
+                    f'not {image_size}x{image_size} (data.image_size)'
+                )
+            return np.asarray(image.convert('RGB'))
+    except DataError:
+        raise
+    except Exception as e:  # PIL raises many types for broken files.
+        raise DataError(f'{path} is not a readable image ({e})') from e
 
 
 def _decode_chunk(paths: list[str], image_size: int) -> np.ndarray:
-  images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
-  for i, path in enumerate(paths):
-    images[i] = _decode_image(path, image_size)
-  return images
+    images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
+    for i, path in enumerate(paths):
+        images[i] = _decode_image(path, image_size)
+    return images
 
 
 def _decode_images(files: list[_ImageFile], image_size: int) -> np.ndarray:
-  """Decodes ``files``, in parallel processes when there are many.
+    """Decodes ``files``, in parallel processes when there are many.
 
-  Processes, not threads: opening a small JPEG is mostly Python code that
-  holds the GIL, and threads measured slower than a single one. They are
-  spawned, not forked (forking a process that runs JAX can deadlock), so a
-  script that loads a large image folder needs the usual
-  ``if __name__ == '__main__':`` guard.
-  """
-  paths = [f.path for f in files]
-  chunks = [paths[i:i + _DECODE_CHUNK]
-            for i in range(0, len(paths), _DECODE_CHUNK)]
-  decode = functools.partial(_decode_chunk, image_size=image_size)
-  workers = min(len(chunks), os.cpu_count() or 1, _MAX_DECODE_PROCESSES)
-  if workers <= 1:
-    return np.concatenate([decode(chunk) for chunk in chunks])
-  pool = concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=multiprocessing.get_context('spawn'))
-  try:
-    return np.concatenate(list(pool.map(decode, chunks)))
-  except concurrent.futures.process.BrokenProcessPool as e:
-    raise DataError('the image-decoding processes died: out of memory, or '
-                    'load_dataset was called from a script without an '
-                    "if __name__ == '__main__': guard") from e
-  finally:
-    pool.shutdown(cancel_futures=True)
-
-
-def _cache_path(root: str, image_size: int,
-                files: dict[str, list[_ImageFile]]) -> str:
-  """Where the decoded images of this exact folder content are cached."""
-  key = hashlib.sha256(f'{_CACHE_FORMAT}\0{root}\0{image_size}\n'.encode())
-  for split in ('train', 'test'):
-    for f in files[split]:
-      key.update(f'{split}\0{f.path}\0{f.size}\0{f.mtime_ns}\n'.encode())
-  cache_dir = (os.environ.get('RESNET_JAX_CACHE')
-               or os.path.join(os.path.expanduser('~'), '.cache', 'resnet_jax'))
-  return os.path.join(cache_dir, f'image-folder-{key.hexdigest()[:32]}.npz')
+    Processes, not threads: opening a small JPEG is mostly Python code that
+    holds the GIL, and threads measured slower than a single one. They are
+    spawned, not forked (forking a process that runs JAX can deadlock), so a
+    script that loads a large image folder needs the usual
+    ``if __name__ == '__main__':`` guard.
+    """
+    paths = [f.path for f in files]
+    chunks = [paths[i : i + _DECODE_CHUNK] for i in range(0, len(paths), _DECODE_CHUNK)]
+    decode = functools.partial(_decode_chunk, image_size=image_size)
+    workers = min(len(chunks), os.cpu_count() or 1, _MAX_DECODE_PROCESSES)
+    if workers <= 1:
+        return np.concatenate([decode(chunk) for chunk in chunks])
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context('spawn')
+    )
+    try:
+        return np.concatenate(list(pool.map(decode, chunks)))
+    except concurrent.futures.process.BrokenProcessPool as e:
+        raise DataError(
+            'the image-decoding processes died: out of memory, or '
+            'load_dataset was called from a script without an '
+            "if __name__ == '__main__': guard"
+        ) from e
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
-def _read_cache(path: str,
-                shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-  """The cached images at ``path``, or {} if absent, unreadable or stale."""
-  if not os.path.isfile(path):
-    return {}
-  try:
-    with np.load(path, allow_pickle=False) as cached:
-      arrays = {split: cached[split] for split in shapes}
-  except Exception as e:  # A damaged .npz raises many types; decode again.
-    logger.warning('Ignoring the unreadable image cache %s: %s', path, e)
-    return {}
-  if any(arrays[s].shape != shapes[s] or arrays[s].dtype != np.uint8
-         for s in shapes):
-    logger.warning('Ignoring the image cache %s: unexpected arrays.', path)
-    return {}
-  return arrays
+def _cache_path(root: str, image_size: int, files: dict[str, list[_ImageFile]]) -> str:
+    """Where the decoded images of this exact folder content are cached."""
+    key = hashlib.sha256(f'{_CACHE_FORMAT}\0{root}\0{image_size}\n'.encode())
+    for split in ('train', 'test'):
+        for f in files[split]:
+            key.update(f'{split}\0{f.path}\0{f.size}\0{f.mtime_ns}\n'.encode())
+    cache_dir = os.environ.get('RESNET_JAX_CACHE') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'resnet_jax'
+    )
+    return os.path.join(cache_dir, f'image-folder-{key.hexdigest()[:32]}.npz')
+
+
+def _read_cache(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The cached images at ``path``, or {} if absent, unreadable or stale."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            arrays = {split: cached[split] for split in shapes}
+    except Exception as e:  # A damaged .npz raises many types; decode again.
+        logger.warning('Ignoring the unreadable image cache %s: %s', path, e)
+        return {}
+    if any(arrays[s].shape != shapes[s] or arrays[s].dtype != np.uint8 for s in shapes):
+        logger.warning('Ignoring the image cache %s: unexpected arrays.', path)
+        return {}
+    return arrays
 
 
 def _write_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Saves decoded images atomically; failure only costs a warning."""
-  tmp = f'{path}.{os.getpid()}.tmp'
-  try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except OSError as e:
-    logger.warning('Could not write the image cache %s (%s); the images '
-                   'will be decoded again next time.', path, e)
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
+    """Saves decoded images atomically; failure only costs a warning."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning(
+            'Could not write the image cache %s (%s); the images will be decoded again next time.',
+            path,
+            e,
+        )
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def _load_folder(path: str, image_size: int, seed: int) -> Dataset:
-  """Reads an image folder, through the decoded-image cache when it is valid."""
-  root = os.path.abspath(path)
-  if not os.path.isdir(root):
-    raise DataError(f'no image folder at {root}')
-  class_names, files = _list_image_folder(root)
-  shapes = {split: (len(files[split]), image_size, image_size, 3)
-            for split in files}
-  cache = _cache_path(root, image_size, files)
-  images = _read_cache(cache, shapes)
-  if images:
-    logger.info('Read decoded images of %s from the cache %s.', root, cache)
-  else:
-    start = time.perf_counter()
-    decoded = _decode_images(files['train'] + files['test'], image_size)
-    num_train = len(files['train'])
-    images = {'train': decoded[:num_train], 'test': decoded[num_train:]}
-    logger.info('Decoded %d images of %s in %.1f s; caching them in %s.',
-                len(decoded), root, time.perf_counter() - start, cache)
-    _write_cache(cache, images)
-  labels = {split: np.array([f.label for f in files[split]], np.int32)
-            for split in files}
-  # Folders hold training images class by class: fix one seeded order.
-  order = np.random.default_rng(seed).permutation(len(labels['train']))
-  return Dataset(train_images=images['train'][order],
-                 train_labels=labels['train'][order],
-                 test_images=images['test'], test_labels=labels['test'],
-                 class_names=class_names, source='folder', path=root)
+    """Reads an image folder, through the decoded-image cache when it is valid."""
+    root = os.path.abspath(path)
+    if not os.path.isdir(root):
+        raise DataError(f'no image folder at {root}')
+    class_names, files = _list_image_folder(root)
+    shapes = {split: (len(files[split]), image_size, image_size, 3) for split in files}
+    cache = _cache_path(root, image_size, files)
+    images = _read_cache(cache, shapes)
+    if images:
+        logger.info('Read decoded images of %s from the cache %s.', root, cache)
+    else:
+        start = time.perf_counter()
+        decoded = _decode_images(files['train'] + files['test'], image_size)
+        num_train = len(files['train'])
+        images = {'train': decoded[:num_train], 'test': decoded[num_train:]}
+        logger.info(
+            'Decoded %d images of %s in %.1f s; caching them in %s.',
+            len(decoded),
+            root,
+            time.perf_counter() - start,
+            cache,
+        )
+        _write_cache(cache, images)
+    labels = {split: np.array([f.label for f in files[split]], np.int32) for split in files}
+    # Folders hold training images class by class: fix one seeded order.
+    order = np.random.default_rng(seed).permutation(len(labels['train']))
+    return Dataset(
+        train_images=images['train'][order],
+        train_labels=labels['train'][order],
+        test_images=images['test'],
+        test_labels=labels['test'],
+        class_names=class_names,
+        source='folder',
+        path=root,
+    )
 
 
 # ------------------------------------------------------------------- tfds ----
 
 
 def _network_available() -> bool:
-  """Whether the CIFAR-10 download host answers within a few seconds."""
-  try:
-    with socket.create_connection(_DOWNLOAD_HOST, timeout=_NETWORK_TIMEOUT_S):
-      return True
-  except OSError:
-    return False
+    """Whether the CIFAR-10 download host answers within a few seconds."""
+    try:
+        with socket.create_connection(_DOWNLOAD_HOST, timeout=_NETWORK_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
 
 
 def _tensorflow_available() -> bool:
-  return importlib.util.find_spec('tensorflow') is not None
+    return importlib.util.find_spec('tensorflow') is not None
 
 
 def _read_data_source(source: Any) -> tuple[np.ndarray, np.ndarray]:
-  """Reads every example of a tfds data source into (images, labels)."""
-  images = np.empty((len(source), CIFAR_IMAGE_SIZE, CIFAR_IMAGE_SIZE, 3),
-                    np.uint8)
-  labels = np.empty(len(source), np.int32)
-  for i in range(len(source)):
-    example = source[i]
-    images[i], labels[i] = example['image'], example['label']
-  return images, labels
+    """Reads every example of a tfds data source into (images, labels)."""
+    images = np.empty((len(source), CIFAR_IMAGE_SIZE, CIFAR_IMAGE_SIZE, 3), np.uint8)
+    labels = np.empty(len(source), np.int32)
+    for i in range(len(source)):
+        example = source[i]
+        images[i], labels[i] = example['image'], example['label']
+    return images, labels
 
 
 def _read_tfrecord(tfds: Any, builder: Any) -> list[tuple[np.ndarray, ...]]:
-  """Reads a TFRecord-format preparation, which only TensorFlow can read."""
-  if not _tensorflow_available():
-    raise DataError(f'{builder.data_dir} holds cifar10 as TFRecord files, '
-                    'which need TensorFlow to read: pip install '
-                    'tensorflow-cpu, or prepare it again in ArrayRecord format '
-                    '(delete that folder and rerun with data.download on)')
-  splits = tfds.as_numpy(builder.as_dataset(split=['train', 'test'],
-                                            batch_size=-1))
-  return [(s['image'], s['label'].astype(np.int32)) for s in splits]
+    """Reads a TFRecord-format preparation, which only TensorFlow can read."""
+    if not _tensorflow_available():
+        raise DataError(
+            f'{builder.data_dir} holds cifar10 as TFRecord files, '
+            'which need TensorFlow to read: pip install '
+            'tensorflow-cpu, or prepare it again in ArrayRecord format '
+            '(delete that folder and rerun with data.download on)'
+        )
+    splits = tfds.as_numpy(builder.as_dataset(split=['train', 'test'], batch_size=-1))
+    return [(s['image'], s['label'].astype(np.int32)) for s in splits]
 
 
 def _prepare_tfds(tfds: Any, builder: Any, download: bool) -> Any:
-  """Downloads and prepares cifar10 as ArrayRecord; returns the new builder."""
-  where = builder.data_dir
-  if not download:
-    raise DataError(f'TFDS cifar10 is not prepared at {where} and '
-                    f'data.download is off; {_LOCAL_COPY_HINT}')
-  if not _network_available():
-    raise DataError(f'TFDS cifar10 is not prepared at {where} and there is no '
-                    f'network to download it; {_LOCAL_COPY_HINT}')
-  if not _tensorflow_available():
-    raise DataError(f'TFDS cifar10 is not prepared at {where} and preparing '
-                    'it needs TensorFlow (pip install tensorflow-cpu); '
-                    f'{_LOCAL_COPY_HINT}')
-  logger.info('Downloading and preparing TFDS cifar10 at %s.', where)
-  builder = tfds.builder(_TFDS_NAME, data_dir=builder.data_dir_root,
-                         file_format='array_record')
-  builder.download_and_prepare()
-  return builder
+    """Downloads and prepares cifar10 as ArrayRecord; returns the new builder."""
+    where = builder.data_dir
+    if not download:
+        raise DataError(
+            f'TFDS cifar10 is not prepared at {where} and data.download is off; {_LOCAL_COPY_HINT}'
+        )
+    if not _network_available():
+        raise DataError(
+            f'TFDS cifar10 is not prepared at {where} and there is no '
+            f'network to download it; {_LOCAL_COPY_HINT}'
+        )
+    if not _tensorflow_available():
+        raise DataError(
+            f'TFDS cifar10 is not prepared at {where} and preparing '
+            'it needs TensorFlow (pip install tensorflow-cpu); '
+            f'{_LOCAL_COPY_HINT}'
+        )
+    logger.info('Downloading and preparing TFDS cifar10 at %s.', where)
+    builder = tfds.builder(_TFDS_NAME, data_dir=builder.data_dir_root, file_format='array_record')
+    builder.download_and_prepare()
+    return builder
 
 
 def _load_tfds(data_dir: str, download: bool) -> Dataset:
-  """Reads TFDS cifar10 from ``data_dir`` ('' = default), TensorFlow-free.
+    """Reads TFDS cifar10 from ``data_dir`` ('' = default), TensorFlow-free.
 
-  Reading comes first, so a prepared (or mocked) dataset never touches the
-  network; only when nothing is prepared is a download considered.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(_TFDS_NAME, data_dir=data_dir or None)
-  try:
-    sources = builder.as_data_source(split=['train', 'test'])
-  except (NotImplementedError, ValueError):
-    # No ArrayRecord files: not prepared, or prepared as TFRecord.
-    if builder.is_prepared():
-      return _tfds_dataset(builder, data_dir, _read_tfrecord(tfds, builder))
-    builder = _prepare_tfds(tfds, builder, download)
-    sources = builder.as_data_source(split=['train', 'test'])
-  return _tfds_dataset(builder, data_dir,
-                       [_read_data_source(s) for s in sources])
+    Reading comes first, so a prepared (or mocked) dataset never touches the
+    network; only when nothing is prepared is a download considered.
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    builder = tfds.builder(_TFDS_NAME, data_dir=data_dir or None)
+    try:
+        sources = builder.as_data_source(split=['train', 'test'])
+    except (NotImplementedError, ValueError):
+        # No ArrayRecord files: not prepared, or prepared as TFRecord.
+        if builder.is_prepared():
+            return _tfds_dataset(builder, data_dir, _read_tfrecord(tfds, builder))
+        builder = _prepare_tfds(tfds, builder, download)
+        sources = builder.as_data_source(split=['train', 'test'])
+    return _tfds_dataset(builder, data_dir, [_read_data_source(s) for s in sources])
 
 
-def _tfds_dataset(builder: Any, data_dir: str,
-                  splits: list[tuple[np.ndarray, np.ndarray]]) -> Dataset:
-  (train_images, train_labels), (test_images, test_labels) = splits
-  return Dataset(train_images=train_images, train_labels=train_labels,
-                 test_images=test_images, test_labels=test_labels,
-                 class_names=tuple(builder.info.features['label'].names),
-                 source='tfds', path=data_dir)
+def _tfds_dataset(
+    builder: Any, data_dir: str, splits: list[tuple[np.ndarray, np.ndarray]]
+) -> Dataset:
+    (train_images, train_labels), (test_images, test_labels) = splits
+    return Dataset(
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        class_names=tuple(builder.info.features['label'].names),
+        source='tfds',
+        path=data_dir,
+    )

@@ -16,141 +16,147 @@ import importlib.util
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    'config', None, 'Path to a config file (a module with get_config()).',
-    lock_config=True)
+    'config', None, 'Path to a config file (a module with get_config()).', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                  'train: train (resuming if possible); eval: evaluate the '
-                  'latest checkpoint of --workdir on the test set.')
+flags.DEFINE_enum(
+    'mode',
+    'train',
+    ['train', 'eval'],
+    'train: train (resuming if possible); eval: evaluate the '
+    'latest checkpoint of --workdir on the test set.',
+)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
 def _fail(message: str) -> int:
-  message = ' '.join(str(message).split())  # One line.
-  print(f'error: {message}', file=sys.stderr)
-  return EXIT_USAGE
+    message = ' '.join(str(message).split())  # One line.
+    print(f'error: {message}', file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
-  """The file named by ``--config`` (without a ``:arg`` suffix), if any."""
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      return arg.split('=', 1)[1].split(':')[0]
-    if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1].split(':')[0]
-  return None
+    """The file named by ``--config`` (without a ``:arg`` suffix), if any."""
+    for i, arg in enumerate(argv):
+        if arg.startswith('--config='):
+            return arg.split('=', 1)[1].split(':')[0]
+        if arg == '--config' and i + 1 < len(argv):
+            return argv[i + 1].split(':')[0]
+    return None
 
 
 def _config_root_on_path(argv: Sequence[str]) -> None:
-  """Lets configs import ``configs.default`` from any working directory."""
-  path = _config_path(argv)
-  if path:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:
-      sys.path.insert(0, root)
+    """Lets configs import ``configs.default`` from any working directory."""
+    path = _config_path(argv)
+    if path:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        if root not in sys.path:
+            sys.path.insert(0, root)
 
 
 def _config_fields(argv: Sequence[str]) -> list[str]:
-  """Dotted names of every field of the ``--config`` file (for suggestions)."""
-  try:
-    spec = importlib.util.spec_from_file_location('_config', _config_path(argv))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    flat = []
+    """Dotted names of every field of the ``--config`` file (for suggestions)."""
+    try:
+        spec = importlib.util.spec_from_file_location('_config', _config_path(argv))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        flat = []
 
-    def walk(node, prefix):
-      for key, value in node.items():
-        if hasattr(value, 'items'):
-          walk(value, f'{prefix}{key}.')
-        else:
-          flat.append(f'{prefix}{key}')
+        def walk(node, prefix):
+            for key, value in node.items():
+                if hasattr(value, 'items'):
+                    walk(value, f'{prefix}{key}.')
+                else:
+                    flat.append(f'{prefix}{key}')
 
-    walk(module.get_config(), '')
-    return flat
-  except Exception:  # pylint: disable=broad-except  # Only for a hint.
-    return []
+        walk(module.get_config(), '')
+        return flat
+    except Exception:  # pylint: disable=broad-except  # Only for a hint.
+        return []
 
 
 def _parse_error(error: Exception, argv: Sequence[str]) -> str:
-  """Explains a failure to load the config file or apply an override."""
-  fields = _config_fields(argv)
-  for arg in argv:
-    if not arg.startswith('--config.'):
-      continue
-    name = arg[len('--config.'):].split('=', 1)[0]
-    if fields and name not in fields:
-      close = difflib.get_close_matches(name, fields, n=1)
-      hint = f'; did you mean config.{close[0]}?' if close else ''
-      return f'unknown config field config.{name} in {arg}{hint}'
-  if not fields:
-    return (f'could not load config file {_config_path(argv)}: '
-            f'{type(error).__name__}: {error}')
-  return f'invalid flags: {type(error).__name__}: {error}'
+    """Explains a failure to load the config file or apply an override."""
+    fields = _config_fields(argv)
+    for arg in argv:
+        if not arg.startswith('--config.'):
+            continue
+        name = arg[len('--config.') :].split('=', 1)[0]
+        if fields and name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f'; did you mean config.{close[0]}?' if close else ''
+            return f'unknown config field config.{name} in {arg}{hint}'
+    if not fields:
+        return f'could not load config file {_config_path(argv)}: {type(error).__name__}: {error}'
+    return f'invalid flags: {type(error).__name__}: {error}'
 
 
 def _setup_logging() -> None:
-  handler = logging.StreamHandler(sys.stdout)
-  handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
-  log = logging.getLogger('resnet_jax')
-  log.handlers[:] = [handler]
-  log.setLevel(logging.INFO)
-  log.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+    log = logging.getLogger('resnet_jax')
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command line; returns the process exit code."""
-  argv = list(sys.argv if argv is None else argv)
-  _config_root_on_path(argv)
-  try:
-    FLAGS(argv)
-  except flags.Error as e:
-    return _fail(e)
-  except Exception as e:  # pylint: disable=broad-except  # User input: no traceback.
-    return _fail(_parse_error(e, argv))
-  path = _config_path(argv)
-  if path is None:
-    return _fail('--config is required, e.g. --config configs/default.py')
-  if not os.path.isfile(path):
-    return _fail(f'config file not found: {path}')
-  try:
-    config = FLAGS.config
-    config.keys()  # config_flags defers errors of loading the file until here.
-  except Exception as e:  # pylint: disable=broad-except
-    return _fail(f'could not load config file {path}: {str(e).splitlines()[-1]}')
-  if not FLAGS.workdir:
-    return _fail('--workdir is required, e.g. --workdir runs/default')
-  _setup_logging()
+    """Runs the command line; returns the process exit code."""
+    argv = list(sys.argv if argv is None else argv)
+    _config_root_on_path(argv)
+    try:
+        FLAGS(argv)
+    except flags.Error as e:
+        return _fail(e)
+    except Exception as e:  # pylint: disable=broad-except  # User input: no traceback.
+        return _fail(_parse_error(e, argv))
+    path = _config_path(argv)
+    if path is None:
+        return _fail('--config is required, e.g. --config configs/default.py')
+    if not os.path.isfile(path):
+        return _fail(f'config file not found: {path}')
+    try:
+        config = FLAGS.config
+        config.keys()  # config_flags defers errors of loading the file until here.
+    except Exception as e:  # pylint: disable=broad-except
+        return _fail(f'could not load config file {path}: {str(e).splitlines()[-1]}')
+    if not FLAGS.workdir:
+        return _fail('--workdir is required, e.g. --workdir runs/default')
+    _setup_logging()
 
-  # Imported after flag parsing so that `--help` and usage errors are instant.
-  from resnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from resnet_jax import train  # pylint: disable=g-import-not-at-top
-  from resnet_jax import validation  # pylint: disable=g-import-not-at-top
+    # Imported after flag parsing so that `--help` and usage errors are instant.
+    from resnet_jax import (
+        input_pipeline,  # pylint: disable=g-import-not-at-top
+        train,  # pylint: disable=g-import-not-at-top
+        validation,  # pylint: disable=g-import-not-at-top
+    )
 
-  try:
-    if FLAGS.mode == 'eval':
-      data_path = config.data.path or None
-      result = train.evaluate_workdir(FLAGS.workdir, data_path)
-      print(f"test accuracy {100 * result['accuracy']:.2f}% "
-            f"(loss {result['loss']:.4f}) from {FLAGS.workdir}")
-    else:
-      train.train_and_evaluate(config, FLAGS.workdir)
-  except (validation.ConfigError, input_pipeline.DataError,
-          FileNotFoundError) as e:
-    return _fail(e)
-  except KeyboardInterrupt:
-    print('interrupted', file=sys.stderr)
-    return EXIT_INTERRUPTED
-  return 0
+    try:
+        if FLAGS.mode == 'eval':
+            data_path = config.data.path or None
+            result = train.evaluate_workdir(FLAGS.workdir, data_path)
+            print(
+                f'test accuracy {100 * result["accuracy"]:.2f}% '
+                f'(loss {result["loss"]:.4f}) from {FLAGS.workdir}'
+            )
+        else:
+            train.train_and_evaluate(config, FLAGS.workdir)
+    except (validation.ConfigError, input_pipeline.DataError, FileNotFoundError) as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+    sys.exit(main())

@@ -28,7 +28,8 @@ study. Convolutions have no bias; there is no dropout.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,102 +49,129 @@ torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 
 
 def torch_bias_init(fan_in: int) -> Callable[..., jax.Array]:
-  """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, PyTorch's default Linear bias."""
-  bound = 1.0 / fan_in ** 0.5
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, PyTorch's default Linear bias."""
+    bound = 1.0 / fan_in**0.5
 
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-  return init
+    return init
 
 
 def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  """Symmetric padding equal to PyTorch's ``padding=kernel_size // 2``."""
-  p = kernel_size // 2
-  return ((p, p), (p, p))
+    """Symmetric padding equal to PyTorch's ``padding=kernel_size // 2``."""
+    p = kernel_size // 2
+    return ((p, p), (p, p))
 
 
 class BasicBlock(nn.Module):
-  """Two 3x3 conv-BN layers with a residual connection.
+    """Two 3x3 conv-BN layers with a residual connection.
 
-  ``shortcut_kernel`` is the kernel size of the projection used where the
-  shape changes (3 in the study's network, 1 in the standard ResNets).
-  """
+    ``shortcut_kernel`` is the kernel size of the projection used where the
+    shape changes (3 in the study's network, 1 in the standard ResNets).
+    """
 
-  filters: int
-  strides: int
-  conv: ModuleDef
-  norm: ModuleDef
-  shortcut_kernel: int = 1
+    filters: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    shortcut_kernel: int = 1
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    residual = x
-    y = self.conv(self.filters, (3, 3), (self.strides, self.strides),
-                  padding=_pad(3))(x)
-    y = nn.relu(self.norm()(y))
-    y = self.conv(self.filters, (3, 3), padding=_pad(3))(y)
-    y = self.norm()(y)
-    if self.strides != 1 or x.shape[-1] != self.filters:
-      k = self.shortcut_kernel
-      residual = self.conv(self.filters, (k, k), (self.strides, self.strides),
-                           padding=_pad(k), name='shortcut_conv')(x)
-      residual = self.norm(name='shortcut_bn')(residual)
-    return nn.relu(y + residual)
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        residual = x
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_pad(3))(x)
+        y = nn.relu(self.norm()(y))
+        y = self.conv(self.filters, (3, 3), padding=_pad(3))(y)
+        y = self.norm()(y)
+        if self.strides != 1 or x.shape[-1] != self.filters:
+            k = self.shortcut_kernel
+            residual = self.conv(
+                self.filters,
+                (k, k),
+                (self.strides, self.strides),
+                padding=_pad(k),
+                name='shortcut_conv',
+            )(x)
+            residual = self.norm(name='shortcut_bn')(residual)
+        return nn.relu(y + residual)
 
 
 class ResNet(nn.Module):
-  """A CIFAR-style ResNet: 3x3 stem, stages of basic blocks, average pool, dense.
+    """A CIFAR-style ResNet: 3x3 stem, stages of basic blocks, average pool, dense.
 
-  Attributes:
-    stage_sizes: number of blocks in each stage.
-    stage_widths: channels of each stage; stages after the first start with
-      stride 2.
-    stem_width: channels of the 3x3 stem convolution.
-    shortcut_kernel: kernel size of projection shortcuts (3: the study, 1: He et al.).
-    num_classes: output classes.
-    dtype: computation dtype (parameters are always float32).
-  """
+    Attributes:
+      stage_sizes: number of blocks in each stage.
+      stage_widths: channels of each stage; stages after the first start with
+        stride 2.
+      stem_width: channels of the 3x3 stem convolution.
+      shortcut_kernel: kernel size of projection shortcuts (3: the study, 1: He et al.).
+      num_classes: output classes.
+      dtype: computation dtype (parameters are always float32).
+    """
 
-  stage_sizes: Sequence[int]
-  stage_widths: Sequence[int]
-  stem_width: int
-  shortcut_kernel: int = 1
-  num_classes: int = 10
-  dtype: Any = jnp.float32
+    stage_sizes: Sequence[int]
+    stage_widths: Sequence[int]
+    stem_width: int
+    shortcut_kernel: int = 1
+    num_classes: int = 10
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32,
-                             kernel_init=torch_kernel_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                             dtype=self.dtype, param_dtype=jnp.float32)
-    x = x.astype(self.dtype)
-    x = conv(self.stem_width, (3, 3), padding=_pad(3), name='stem_conv')(x)
-    x = nn.relu(norm(name='stem_bn')(x))
-    for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
-      for j in range(blocks):
-        strides = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(width, strides, conv=conv, norm=norm,
-                       shortcut_kernel=self.shortcut_kernel)(x)
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=torch_kernel_init,
-                 bias_init=torch_bias_init(x.shape[-1]), name='head')(x)
-    return x.astype(jnp.float32)
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        conv = functools.partial(
+            nn.Conv,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=torch_kernel_init,
+        )
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+        )
+        x = x.astype(self.dtype)
+        x = conv(self.stem_width, (3, 3), padding=_pad(3), name='stem_conv')(x)
+        x = nn.relu(norm(name='stem_bn')(x))
+        for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.stage_widths, strict=True)):
+            for j in range(blocks):
+                strides = 2 if i > 0 and j == 0 else 1
+                x = BasicBlock(
+                    width, strides, conv=conv, norm=norm, shortcut_kernel=self.shortcut_kernel
+                )(x)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=torch_kernel_init,
+            bias_init=torch_bias_init(x.shape[-1]),
+            name='head',
+        )(x)
+        return x.astype(jnp.float32)
 
 
-PaperResNet = functools.partial(ResNet, stage_sizes=(2, 2, 2),
-                                stage_widths=(16, 32, 64), stem_width=16,
-                                shortcut_kernel=3)
-ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2),
-                             stage_widths=(64, 128, 256, 512), stem_width=64,
-                             shortcut_kernel=1)
-ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3),
-                             stage_widths=(64, 128, 256, 512), stem_width=64,
-                             shortcut_kernel=1)
+PaperResNet = functools.partial(
+    ResNet, stage_sizes=(2, 2, 2), stage_widths=(16, 32, 64), stem_width=16, shortcut_kernel=3
+)
+ResNet18 = functools.partial(
+    ResNet,
+    stage_sizes=(2, 2, 2, 2),
+    stage_widths=(64, 128, 256, 512),
+    stem_width=64,
+    shortcut_kernel=1,
+)
+ResNet34 = functools.partial(
+    ResNet,
+    stage_sizes=(3, 4, 6, 3),
+    stage_widths=(64, 128, 256, 512),
+    stem_width=64,
+    shortcut_kernel=1,
+)
 
 MODELS: dict[str, Callable[..., ResNet]] = {
     'paper': PaperResNet,
@@ -154,47 +182,44 @@ MODELS: dict[str, Callable[..., ResNet]] = {
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def create_model(name: str, num_classes: int = 10,
-                 dtype: str = 'float32') -> ResNet:
-  """Returns the named ResNet variant (see the module docstring)."""
-  if name not in MODELS:
-    raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
-  if dtype not in DTYPES:
-    raise ValueError(f'unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}')
-  return MODELS[name](num_classes=num_classes, dtype=DTYPES[dtype])
+def create_model(name: str, num_classes: int = 10, dtype: str = 'float32') -> ResNet:
+    """Returns the named ResNet variant (see the module docstring)."""
+    if name not in MODELS:
+        raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
+    if dtype not in DTYPES:
+        raise ValueError(f'unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}')
+    return MODELS[name](num_classes=num_classes, dtype=DTYPES[dtype])
 
 
-def init_variables(model: nn.Module, rng: jax.Array,
-                   image_size: int = 32) -> dict[str, Any]:
-  """Initialises ``{'params', 'batch_stats'}`` for NHWC inputs of ``image_size``."""
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return dict(jax.jit(functools.partial(model.init, train=False))(rng, x))
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 32) -> dict[str, Any]:
+    """Initialises ``{'params', 'batch_stats'}`` for NHWC inputs of ``image_size``."""
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return dict(jax.jit(functools.partial(model.init, train=False))(rng, x))
 
 
 def count_params(params: Any) -> int:
-  """Number of trainable parameters in a parameter pytree."""
-  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+    """Number of trainable parameters in a parameter pytree."""
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
 
 
-def flops_per_image(model: nn.Module, variables: Any,
-                    image_size: int = 32) -> float:
-  """Forward FLOPs of the convolutions and dense layers for one image.
+def flops_per_image(model: nn.Module, variables: Any, image_size: int = 32) -> float:
+    """Forward FLOPs of the convolutions and dense layers for one image.
 
-  Counted from the layers' shapes as 2 x multiply-accumulates, the convention
-  of fvcore/ptflops-style counters (BatchNorm, ReLU and pooling excluded).
-  """
-  macs = []
+    Counted from the layers' shapes as 2 x multiply-accumulates, the convention
+    of fvcore/ptflops-style counters (BatchNorm, ReLU and pooling excluded).
+    """
+    macs = []
 
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
-      kernel = module.variables['params']['kernel']
-      # kernel is (..., in, out): each output element costs prod(kernel[:-1]) MACs.
-      macs.append(out.size // out.shape[-1] * kernel.size)
-    return out
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
+            kernel = module.variables['params']['kernel']
+            # kernel is (..., in, out): each output element costs prod(kernel[:-1]) MACs.
+            macs.append(out.size // out.shape[-1] * kernel.size)
+        return out
 
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
-  return 2.0 * sum(macs)
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+    return 2.0 * sum(macs)

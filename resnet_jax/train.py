@@ -25,31 +25,36 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from clu import metrics as clu_metrics
 import flax
-from flax import struct
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from clu import metrics as clu_metrics
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from resnet_jax import augment
-from resnet_jax import input_pipeline
-from resnet_jax import models
-from resnet_jax import validation
-from resnet_jax import writers
+from resnet_jax import augment, input_pipeline, models, validation, writers
 
 logger = logging.getLogger('resnet_jax')
 
 # The names of one epoch's record in metrics.jsonl (accuracies are fractions).
-METRIC_KEYS = ('epoch', 'train_loss', 'train_accuracy', 'test_loss',
-               'test_accuracy', 'learning_rate', 'epoch_seconds',
-               'images_per_second')
+METRIC_KEYS = (
+    'epoch',
+    'train_loss',
+    'train_accuracy',
+    'test_loss',
+    'test_accuracy',
+    'learning_rate',
+    'epoch_seconds',
+    'images_per_second',
+)
 CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -57,122 +62,149 @@ CHECKPOINT_DIR = 'checkpoints'
 
 @flax.struct.dataclass
 class Metrics(clu_metrics.Collection):
-  """Mean cross-entropy and accuracy over examples (masked examples excluded)."""
-  loss: clu_metrics.Average.from_output('loss')
-  accuracy: clu_metrics.Accuracy
+    """Mean cross-entropy and accuracy over examples (masked examples excluded)."""
+
+    loss: clu_metrics.Average.from_output('loss')
+    accuracy: clu_metrics.Accuracy
 
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step changes; ``apply_fn`` and ``tx`` are static."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: optax.OptState
-  rng: jax.Array  # Key for the data augmentation, folded with ``step``.
-  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
-  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    """Everything a step changes; ``apply_fn`` and ``tx`` are static."""
 
-  def variables(self) -> dict[str, Any]:
-    return {'params': self.params, 'batch_stats': self.batch_stats}
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: optax.OptState
+    rng: jax.Array  # Key for the data augmentation, folded with ``step``.
+    apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    def variables(self) -> dict[str, Any]:
+        return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
 # --------------------------------------------------------------------------
 # Optimiser and schedule.
 
 
-def create_learning_rate_schedule(config: ml_collections.ConfigDict,
-                                  steps_per_epoch: int) -> optax.Schedule:
-  """The learning rate per step; epochs are converted with ``steps_per_epoch``."""
-  lr = config.learning_rate
-  if config.schedule == 'constant':
-    return optax.constant_schedule(lr)
-  if config.schedule == 'cosine':
-    return optax.cosine_decay_schedule(lr, config.num_epochs * steps_per_epoch)
-  if config.schedule == 'piecewise':
-    every = config.decay_every_epochs * steps_per_epoch
-    boundaries = range(every, config.num_epochs * steps_per_epoch, every)
-    return optax.piecewise_constant_schedule(
-        lr, {b: 1.0 / config.decay_factor for b in boundaries})
-  raise ValueError(f'unknown schedule {config.schedule!r}')
+def create_learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+    """The learning rate per step; epochs are converted with ``steps_per_epoch``."""
+    lr = config.learning_rate
+    if config.schedule == 'constant':
+        return optax.constant_schedule(lr)
+    if config.schedule == 'cosine':
+        return optax.cosine_decay_schedule(lr, config.num_epochs * steps_per_epoch)
+    if config.schedule == 'piecewise':
+        every = config.decay_every_epochs * steps_per_epoch
+        boundaries = range(every, config.num_epochs * steps_per_epoch, every)
+        return optax.piecewise_constant_schedule(
+            lr, {b: 1.0 / config.decay_factor for b in boundaries}
+        )
+    raise ValueError(f'unknown schedule {config.schedule!r}')
 
 
-def create_optimizer(config: ml_collections.ConfigDict,
-                     steps_per_epoch: int) -> optax.GradientTransformation:
-  """The optax optimiser named by ``config.optimizer`` with its schedule.
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """The optax optimiser named by ``config.optimizer`` with its schedule.
 
-  ``weight_decay`` is an L2 term added to the gradient (PyTorch's
-  ``weight_decay``) except for ``adamw``, where it is decoupled.
-  """
-  schedule = create_learning_rate_schedule(config, steps_per_epoch)
-  name = config.optimizer
-  if name == 'adamw':
-    return optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
-                       eps=config.adam_eps, weight_decay=config.weight_decay)
-  if name == 'adam':
-    tx = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2,
-                    eps=config.adam_eps)
-  elif name == 'sgd':
-    tx = optax.sgd(schedule, momentum=config.momentum or None,
-                   nesterov=config.nesterov)
-  elif name == 'adagrad':
-    tx = optax.adagrad(
-        schedule, initial_accumulator_value=config.adagrad_initial_accumulator,
-        eps=config.adagrad_eps)
-  else:
-    raise ValueError(f'unknown optimizer {name!r}')
-  if config.weight_decay:
-    tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
-  return tx
+    ``weight_decay`` is an L2 term added to the gradient (PyTorch's
+    ``weight_decay``) except for ``adamw``, where it is decoupled.
+    """
+    schedule = create_learning_rate_schedule(config, steps_per_epoch)
+    name = config.optimizer
+    if name == 'adamw':
+        return optax.adamw(
+            schedule,
+            b1=config.adam_b1,
+            b2=config.adam_b2,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+    if name == 'adam':
+        tx = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+    elif name == 'sgd':
+        tx = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
+    elif name == 'adagrad':
+        tx = optax.adagrad(
+            schedule,
+            initial_accumulator_value=config.adagrad_initial_accumulator,
+            eps=config.adagrad_eps,
+        )
+    else:
+        raise ValueError(f'unknown optimizer {name!r}')
+    if config.weight_decay:
+        tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+    return tx
 
 
 # Fields that define the optimiser besides the steps per epoch.
-_OPTIMIZER_FIELDS = ('optimizer', 'learning_rate', 'momentum', 'nesterov',
-                     'weight_decay', 'adam_b1', 'adam_b2', 'adam_eps',
-                     'adagrad_initial_accumulator', 'adagrad_eps', 'schedule',
-                     'decay_every_epochs', 'decay_factor', 'num_epochs')
+_OPTIMIZER_FIELDS = (
+    'optimizer',
+    'learning_rate',
+    'momentum',
+    'nesterov',
+    'weight_decay',
+    'adam_b1',
+    'adam_b2',
+    'adam_eps',
+    'adagrad_initial_accumulator',
+    'adagrad_eps',
+    'schedule',
+    'decay_every_epochs',
+    'decay_factor',
+    'num_epochs',
+)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_optimizer(fields: tuple[tuple[str, Any], ...],
-                      steps_per_epoch: int) -> optax.GradientTransformation:
-  return create_optimizer(ml_collections.ConfigDict(dict(fields)), steps_per_epoch)
+def _cached_optimizer(
+    fields: tuple[tuple[str, Any], ...], steps_per_epoch: int
+) -> optax.GradientTransformation:
+    return create_optimizer(ml_collections.ConfigDict(dict(fields)), steps_per_epoch)
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_model(name: str, num_classes: int, dtype: str, image_size: int
-                  ) -> tuple[models.ResNet, Callable[[jax.Array], Any]]:
-  model = models.create_model(name, num_classes, dtype)
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  lowered = jax.jit(lambda rng: model.init(rng, x, train=False)).lower(
-      jax.random.PRNGKey(0))
-  try:
-    # Init runs once: skipping XLA's backend optimisations cuts its CPU
-    # compile from ~6 s to ~1 s for the paper model.
-    init = lowered.compile(compiler_options={'xla_backend_optimization_level': 0})
-  except Exception:  # pylint: disable=broad-except  # Option unknown to a backend.
-    init = lowered.compile()
-  return model, init
+def _cached_model(
+    name: str, num_classes: int, dtype: str, image_size: int
+) -> tuple[models.ResNet, Callable[[jax.Array], Any]]:
+    model = models.create_model(name, num_classes, dtype)
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    lowered = jax.jit(lambda rng: model.init(rng, x, train=False)).lower(jax.random.PRNGKey(0))
+    try:
+        # Init runs once: skipping XLA's backend optimisations cuts its CPU
+        # compile from ~6 s to ~1 s for the paper model.
+        init = lowered.compile(compiler_options={'xla_backend_optimization_level': 0})
+    except Exception:  # pylint: disable=broad-except  # Option unknown to a backend.
+        init = lowered.compile()
+    return model, init
 
 
-def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
-                       steps_per_epoch: int) -> TrainState:
-  """A freshly initialised state for ``config.model`` and ``config.optimizer``.
+def create_train_state(
+    config: ml_collections.ConfigDict, rng: jax.Array, steps_per_epoch: int
+) -> TrainState:
+    """A freshly initialised state for ``config.model`` and ``config.optimizer``.
 
-  Runs of one process that share a model and an optimiser config share the
-  same ``apply_fn`` and ``tx``, so ``train_step`` is compiled once for all.
-  """
-  model, init = _cached_model(config.model, config.num_classes, config.dtype,
-                              config.image_size)
-  tx = _cached_optimizer(tuple((k, config[k]) for k in _OPTIMIZER_FIELDS),
-                         steps_per_epoch)
-  init_rng, aug_rng = jax.random.split(rng)
-  variables = init(init_rng)
-  params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables['batch_stats'],
-                    opt_state=tx.init(params), rng=aug_rng,
-                    apply_fn=model.apply, tx=tx)
+    Runs of one process that share a model and an optimiser config share the
+    same ``apply_fn`` and ``tx``, so ``train_step`` is compiled once for all.
+    """
+    model, init = _cached_model(config.model, config.num_classes, config.dtype, config.image_size)
+    tx = _cached_optimizer(tuple((k, config[k]) for k in _OPTIMIZER_FIELDS), steps_per_epoch)
+    init_rng, aug_rng = jax.random.split(rng)
+    variables = init(init_rng)
+    params = variables['params']
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables['batch_stats'],
+        opt_state=tx.init(params),
+        rng=aug_rng,
+        apply_fn=model.apply,
+        tx=tx,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -180,48 +212,52 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def train_step(state: TrainState,
-               batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
-  """One optimiser step on ``batch`` (``image``: float NHWC, ``label``: int32).
+def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
+    """One optimiser step on ``batch`` (``image``: float NHWC, ``label``: int32).
 
-  Pure and jit-compiled; ``state`` is donated. BatchNorm uses the statistics
-  of the whole (global) batch and updates its running averages.
-  """
+    Pure and jit-compiled; ``state`` is donated. BatchNorm uses the statistics
+    of the whole (global) batch and updates its running averages.
+    """
 
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-        train=True, mutable=['batch_stats'])
-    losses = _cross_entropy(logits, batch['label'])
-    return losses.mean(), (logits, losses, updates['batch_stats'])
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {'params': params, 'batch_stats': state.batch_stats},
+            batch['image'],
+            train=True,
+            mutable=['batch_stats'],
+        )
+        losses = _cross_entropy(logits, batch['label'])
+        return losses.mean(), (logits, losses, updates['batch_stats'])
 
-  grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-      state.params)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = Metrics.single_from_model_output(
-      loss=losses, logits=logits, labels=batch['label'])
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, metrics
+    grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = Metrics.single_from_model_output(loss=losses, logits=logits, labels=batch['label'])
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, metrics
 
 
 @jax.jit
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> Metrics:
-  """Loss and accuracy on ``batch``; examples with ``mask`` False are ignored."""
-  logits = state.apply_fn(state.variables(), batch['image'], train=False)
-  return Metrics.single_from_model_output(
-      loss=_cross_entropy(logits, batch['label']), logits=logits,
-      labels=batch['label'], mask=batch.get('mask'))
+    """Loss and accuracy on ``batch``; examples with ``mask`` False are ignored."""
+    logits = state.apply_fn(state.variables(), batch['image'], train=False)
+    return Metrics.single_from_model_output(
+        loss=_cross_entropy(logits, batch['label']),
+        logits=logits,
+        labels=batch['label'],
+        mask=batch.get('mask'),
+    )
 
 
 @jax.jit
 def _merge(a: Metrics, b: Metrics) -> Metrics:
-  return a.merge(b)
+    return a.merge(b)
 
 
 # --------------------------------------------------------------------------
@@ -229,108 +265,135 @@ def _merge(a: Metrics, b: Metrics) -> Metrics:
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: all local devices) named ``data``."""
-  devices = jax.local_devices() if devices is None else devices
-  return Mesh(np.array(devices), ('data',))
+    """A 1-D mesh over ``devices`` (default: all local devices) named ``data``."""
+    devices = jax.local_devices() if devices is None else devices
+    return Mesh(np.array(devices), ('data',))
 
 
 @struct.dataclass
 class Preprocess:
-  """Static settings of the on-device batch functions."""
-  pad: int = struct.field(pytree_node=False)
-  flip: bool = struct.field(pytree_node=False)
-  mean: tuple[float, ...] | None = struct.field(pytree_node=False)
-  std: tuple[float, ...] | None = struct.field(pytree_node=False)
+    """Static settings of the on-device batch functions."""
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> 'Preprocess':
-    norm = config.data.normalize
-    return cls(pad=config.data.pad, flip=config.data.flip,
-               mean=tuple(config.data.mean) if norm else None,
-               std=tuple(config.data.std) if norm else None)
+    pad: int = struct.field(pytree_node=False)
+    flip: bool = struct.field(pytree_node=False)
+    mean: tuple[float, ...] | None = struct.field(pytree_node=False)
+    std: tuple[float, ...] | None = struct.field(pytree_node=False)
 
-
-def epoch_order(order_rng: jax.Array, epoch: int, num_examples: int,
-                shuffle: bool) -> jax.Array:
-  """Training order of an epoch: a fresh permutation, or the stored order."""
-  if not shuffle:
-    return jnp.arange(num_examples, dtype=jnp.int32)
-  return jax.random.permutation(jax.random.fold_in(order_rng, epoch),
-                                num_examples).astype(jnp.int32)
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> 'Preprocess':
+        norm = config.data.normalize
+        return cls(
+            pad=config.data.pad,
+            flip=config.data.flip,
+            mean=tuple(config.data.mean) if norm else None,
+            std=tuple(config.data.std) if norm else None,
+        )
 
 
-@functools.partial(jax.jit, static_argnames=('size', 'prep', 'sharding'))
-def train_batch(images: jax.Array, labels: jax.Array, order: jax.Array,
-                start: jax.Array, rng: jax.Array, step: jax.Array, *,
-                size: int, prep: Preprocess,
-                sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
-  """Gathers ``order[start:start+size]``, augments it and scales to float."""
-  idx = jax.lax.dynamic_slice(order, (start,), (size,))
-  x = augment.random_crop_flip(jax.random.fold_in(rng, step), images[idx],
-                               prep.pad, prep.flip)
-  batch = {'image': augment.to_float(x, prep.mean, prep.std),
-           'label': labels[idx]}
-  if sharding is not None:
-    batch = jax.lax.with_sharding_constraint(batch, sharding)
-  return batch
+def epoch_order(order_rng: jax.Array, epoch: int, num_examples: int, shuffle: bool) -> jax.Array:
+    """Training order of an epoch: a fresh permutation, or the stored order."""
+    if not shuffle:
+        return jnp.arange(num_examples, dtype=jnp.int32)
+    return jax.random.permutation(jax.random.fold_in(order_rng, epoch), num_examples).astype(
+        jnp.int32
+    )
 
 
 @functools.partial(jax.jit, static_argnames=('size', 'prep', 'sharding'))
-def eval_batch(images: jax.Array, labels: jax.Array, mask: jax.Array,
-               start: jax.Array, *, size: int, prep: Preprocess,
-               sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
-  """Slice ``[start, start+size)`` of the padded test set, scaled to float."""
-  sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size)
-  batch = {'image': augment.to_float(sl(images), prep.mean, prep.std),
-           'label': sl(labels), 'mask': sl(mask)}
-  if sharding is not None:
-    batch = jax.lax.with_sharding_constraint(batch, sharding)
-  return batch
+def train_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    order: jax.Array,
+    start: jax.Array,
+    rng: jax.Array,
+    step: jax.Array,
+    *,
+    size: int,
+    prep: Preprocess,
+    sharding: NamedSharding | None = None,
+) -> dict[str, jax.Array]:
+    """Gathers ``order[start:start+size]``, augments it and scales to float."""
+    idx = jax.lax.dynamic_slice(order, (start,), (size,))
+    x = augment.random_crop_flip(jax.random.fold_in(rng, step), images[idx], prep.pad, prep.flip)
+    batch = {'image': augment.to_float(x, prep.mean, prep.std), 'label': labels[idx]}
+    if sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, sharding)
+    return batch
 
 
-def train_batch_sizes(num_examples: int, batch_size: int, drop_remainder: bool,
-                      num_devices: int = 1) -> list[int]:
-  """Sizes of an epoch's batches; a last partial one is kept unless dropped.
+@functools.partial(jax.jit, static_argnames=('size', 'prep', 'sharding'))
+def eval_batch(
+    images: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    start: jax.Array,
+    *,
+    size: int,
+    prep: Preprocess,
+    sharding: NamedSharding | None = None,
+) -> dict[str, jax.Array]:
+    """Slice ``[start, start+size)`` of the padded test set, scaled to float."""
+    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size)
+    batch = {
+        'image': augment.to_float(sl(images), prep.mean, prep.std),
+        'label': sl(labels),
+        'mask': sl(mask),
+    }
+    if sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, sharding)
+    return batch
 
-  With several devices the partial batch is cut to a multiple of the device
-  count (each device needs an equal share).
-  """
-  full, rest = divmod(num_examples, batch_size)
-  sizes = [batch_size] * full
-  rest -= rest % num_devices
-  if rest and not drop_remainder:
-    sizes.append(rest)
-  return sizes
+
+def train_batch_sizes(
+    num_examples: int, batch_size: int, drop_remainder: bool, num_devices: int = 1
+) -> list[int]:
+    """Sizes of an epoch's batches; a last partial one is kept unless dropped.
+
+    With several devices the partial batch is cut to a multiple of the device
+    count (each device needs an equal share).
+    """
+    full, rest = divmod(num_examples, batch_size)
+    sizes = [batch_size] * full
+    rest -= rest % num_devices
+    if rest and not drop_remainder:
+        sizes.append(rest)
+    return sizes
 
 
-def pad_test_set(images: np.ndarray, labels: np.ndarray, batch_size: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Pads the test set to whole batches and returns (images, labels, mask)."""
-  n = len(labels)
-  padded = math.ceil(n / batch_size) * batch_size
-  extra = padded - n
-  images = np.concatenate([images, np.zeros((extra,) + images.shape[1:], images.dtype)])
-  labels = np.concatenate([labels, np.zeros((extra,), labels.dtype)])
-  mask = np.arange(padded) < n
-  return images, labels, mask
+def pad_test_set(
+    images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pads the test set to whole batches and returns (images, labels, mask)."""
+    n = len(labels)
+    padded = math.ceil(n / batch_size) * batch_size
+    extra = padded - n
+    images = np.concatenate([images, np.zeros((extra,) + images.shape[1:], images.dtype)])
+    labels = np.concatenate([labels, np.zeros((extra,), labels.dtype)])
+    mask = np.arange(padded) < n
+    return images, labels, mask
 
 
 # --------------------------------------------------------------------------
 # Evaluation.
 
 
-def evaluate(state: TrainState, test: tuple[jax.Array, jax.Array, jax.Array],
-             batch_size: int, prep: Preprocess,
-             sharding: NamedSharding | None = None) -> dict[str, float]:
-  """Loss and accuracy over every test image exactly once."""
-  images, labels, mask = test
-  total: Metrics | None = None
-  for start in range(0, len(labels), batch_size):
-    batch = eval_batch(images, labels, mask, jnp.int32(start), size=batch_size,
-                       prep=prep, sharding=sharding)
-    m = eval_step(state, batch)
-    total = m if total is None else _merge(total, m)
-  return {k: float(v) for k, v in total.compute().items()}
+def evaluate(
+    state: TrainState,
+    test: tuple[jax.Array, jax.Array, jax.Array],
+    batch_size: int,
+    prep: Preprocess,
+    sharding: NamedSharding | None = None,
+) -> dict[str, float]:
+    """Loss and accuracy over every test image exactly once."""
+    images, labels, mask = test
+    total: Metrics | None = None
+    for start in range(0, len(labels), batch_size):
+        batch = eval_batch(
+            images, labels, mask, jnp.int32(start), size=batch_size, prep=prep, sharding=sharding
+        )
+        m = eval_step(state, batch)
+        total = m if total is None else _merge(total, m)
+    return {k: float(v) for k, v in total.compute().items()}
 
 
 # --------------------------------------------------------------------------
@@ -338,89 +401,110 @@ def evaluate(state: TrainState, test: tuple[jax.Array, jax.Array, jax.Array],
 
 
 class Progress:
-  """Logs steps/s and the epoch's ETA at most every ``every_seconds``."""
+    """Logs steps/s and the epoch's ETA at most every ``every_seconds``."""
 
-  def __init__(self, epoch: int, total_steps: int, every_seconds: float,
-               clock: Callable[[], float] = time.monotonic):
-    self._epoch, self._total, self._every = epoch, total_steps, every_seconds
-    self._clock = clock
-    self._start = self._last = clock()
+    def __init__(
+        self,
+        epoch: int,
+        total_steps: int,
+        every_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._epoch, self._total, self._every = epoch, total_steps, every_seconds
+        self._clock = clock
+        self._start = self._last = clock()
 
-  def maybe_report(self, step: int, sync: Any) -> str | None:
-    """``step`` steps are dispatched; ``sync`` is blocked on before timing."""
-    if self._clock() - self._last < self._every or step >= self._total:
-      return None
-    jax.block_until_ready(sync)
-    now = self._clock()
-    self._last = now
-    rate = step / max(now - self._start, 1e-9)
-    eta = (self._total - step) / max(rate, 1e-9)
-    message = (f'epoch {self._epoch}: step {step}/{self._total}, '
-               f'{rate:.2f} steps/s, ETA {eta:.0f}s')
-    logger.info(message)
-    return message
+    def maybe_report(self, step: int, sync: Any) -> str | None:
+        """``step`` steps are dispatched; ``sync`` is blocked on before timing."""
+        if self._clock() - self._last < self._every or step >= self._total:
+            return None
+        jax.block_until_ready(sync)
+        now = self._clock()
+        self._last = now
+        rate = step / max(now - self._start, 1e-9)
+        eta = (self._total - step) / max(rate, 1e-9)
+        message = (
+            f'epoch {self._epoch}: step {step}/{self._total}, {rate:.2f} steps/s, ETA {eta:.0f}s'
+        )
+        logger.info(message)
+        return message
 
 
 # --------------------------------------------------------------------------
 # Checkpoints.
 
 
-def checkpoint_manager(workdir: str, keep: int = 3,
-                       read_only: bool = False) -> ocp.CheckpointManager:
-  """Orbax manager of ``workdir/checkpoints``; steps are completed epochs."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         read_only=read_only)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-                               options=options)
+def checkpoint_manager(
+    workdir: str, keep: int = 3, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """Orbax manager of ``workdir/checkpoints``; steps are completed epochs."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options
+    )
 
 
 def _state_tree(state: TrainState) -> dict[str, Any]:
-  return {'step': state.step, 'params': state.params,
-          'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
-          'rng': state.rng}
+    return {
+        'step': state.step,
+        'params': state.params,
+        'batch_stats': state.batch_stats,
+        'opt_state': state.opt_state,
+        'rng': state.rng,
+    }
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, epoch: int,
-                    state: TrainState, meta: Mapping[str, Any]) -> None:
-  manager.save(epoch, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_state_tree(state)),
-      meta=ocp.args.JsonSave(dict(meta))))
+def save_checkpoint(
+    manager: ocp.CheckpointManager, epoch: int, state: TrainState, meta: Mapping[str, Any]
+) -> None:
+    manager.save(
+        epoch,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(dict(meta))
+        ),
+    )
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState,
-                       epoch: int | None = None
-                       ) -> tuple[TrainState, dict[str, Any]]:
-  """Restores ``epoch`` (default: the latest) into the structure of ``state``."""
-  epoch = manager.latest_step() if epoch is None else epoch
-  restored = manager.restore(epoch, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_state_tree(state)),
-      meta=ocp.args.JsonRestore()))
-  tree = restored['state']
-  return state.replace(**tree), dict(restored['meta'])
+def restore_checkpoint(
+    manager: ocp.CheckpointManager, state: TrainState, epoch: int | None = None
+) -> tuple[TrainState, dict[str, Any]]:
+    """Restores ``epoch`` (default: the latest) into the structure of ``state``."""
+    epoch = manager.latest_step() if epoch is None else epoch
+    restored = manager.restore(
+        epoch,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_state_tree(state)), meta=ocp.args.JsonRestore()
+        ),
+    )
+    tree = restored['state']
+    return state.replace(**tree), dict(restored['meta'])
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with."""
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    """The config a workdir was trained with."""
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+        return ml_collections.ConfigDict(json.load(f))
 
 
-def restore(workdir: str, epoch: int | None = None
-            ) -> tuple[flax.linen.Module, dict[str, Any], ml_collections.ConfigDict]:
-  """Returns ``(model, variables, config)`` from a workdir's latest checkpoint.
+def restore(
+    workdir: str, epoch: int | None = None
+) -> tuple[flax.linen.Module, dict[str, Any], ml_collections.ConfigDict]:
+    """Returns ``(model, variables, config)`` from a workdir's latest checkpoint.
 
-  ``model.apply(variables, x, train=False)`` gives logits for float NHWC ``x``
-  preprocessed like the training data (see ``config.data``).
-  """
-  config = load_config(workdir)
-  manager = checkpoint_manager(workdir, read_only=True)
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}')
-  state = create_train_state(config, jax.random.PRNGKey(config.seed), 1)
-  state, _ = restore_checkpoint(manager, state, epoch)
-  manager.close()
-  model = models.create_model(config.model, config.num_classes, config.dtype)
-  return model, state.variables(), config
+    ``model.apply(variables, x, train=False)`` gives logits for float NHWC ``x``
+    preprocessed like the training data (see ``config.data``).
+    """
+    config = load_config(workdir)
+    manager = checkpoint_manager(workdir, read_only=True)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}')
+    state = create_train_state(config, jax.random.PRNGKey(config.seed), 1)
+    state, _ = restore_checkpoint(manager, state, epoch)
+    manager.close()
+    model = models.create_model(config.model, config.num_classes, config.dtype)
+    return model, state.variables(), config
 
 
 # --------------------------------------------------------------------------
@@ -428,189 +512,240 @@ def restore(workdir: str, epoch: int | None = None
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write('\n')
+    os.replace(tmp, path)
 
 
 def _save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  path = os.path.join(workdir, CONFIG_FILE)
-  new = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old != new:
-      logger.warning('%s differs from this run\'s config; overwriting it', path)
-  _write_json(path, new)
+    path = os.path.join(workdir, CONFIG_FILE)
+    new = json.loads(config.to_json())
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != new:
+            logger.warning("%s differs from this run's config; overwriting it", path)
+    _write_json(path, new)
 
 
-def _check_data_fits(config: ml_collections.ConfigDict, num_train: int,
-                     num_devices: int) -> None:
-  if config.batch_size > num_train:
-    raise validation.ConfigError(
-        f'config.batch_size={config.batch_size} is larger than the training set '
-        f'({num_train} images)')
-  if config.batch_size % num_devices:
-    raise validation.ConfigError(
-        f'config.batch_size={config.batch_size} is not divisible by the '
-        f'{num_devices} devices it is sharded over')
+def _check_data_fits(config: ml_collections.ConfigDict, num_train: int, num_devices: int) -> None:
+    if config.batch_size > num_train:
+        raise validation.ConfigError(
+            f'config.batch_size={config.batch_size} is larger than the training set '
+            f'({num_train} images)'
+        )
+    if config.batch_size % num_devices:
+        raise validation.ConfigError(
+            f'config.batch_size={config.batch_size} is not divisible by the '
+            f'{num_devices} devices it is sharded over'
+        )
 
 
 def _eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
-  """``config.eval_batch_size`` rounded up to a multiple of the device count."""
-  return -(-config.eval_batch_size // num_devices) * num_devices
+    """``config.eval_batch_size`` rounded up to a multiple of the device count."""
+    return -(-config.eval_batch_size // num_devices) * num_devices
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mesh: Mesh | None = None
-                       ) -> tuple[TrainState, dict[str, Any]]:
-  """Trains ``config`` into ``workdir`` (resuming if it holds checkpoints).
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
+) -> tuple[TrainState, dict[str, Any]]:
+    """Trains ``config`` into ``workdir`` (resuming if it holds checkpoints).
 
-  Batches are sharded over ``mesh`` (default: all local devices). Returns the
-  final state and the summary also written to ``workdir/summary.json``.
-  """
-  t_start = time.time()
-  validation.validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+    Batches are sharded over ``mesh`` (default: all local devices). Returns the
+    final state and the summary also written to ``workdir/summary.json``.
+    """
+    t_start = time.time()
+    validation.validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
 
-  data = input_pipeline.load_dataset(config.data, config.seed)
-  mesh = make_mesh() if mesh is None else mesh
-  num_devices = mesh.devices.size
-  _check_data_fits(config, len(data.train_labels), num_devices)
-  if data.num_classes > config.num_classes:
-    raise validation.ConfigError(
-        f'the dataset has {data.num_classes} classes but config.num_classes='
-        f'{config.num_classes}')
-  _save_config(workdir, config)
+    data = input_pipeline.load_dataset(config.data, config.seed)
+    mesh = make_mesh() if mesh is None else mesh
+    num_devices = mesh.devices.size
+    _check_data_fits(config, len(data.train_labels), num_devices)
+    if data.num_classes > config.num_classes:
+        raise validation.ConfigError(
+            f'the dataset has {data.num_classes} classes but config.num_classes='
+            f'{config.num_classes}'
+        )
+    _save_config(workdir, config)
 
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data'))
-  prep = Preprocess.from_config(config)
-  sizes = train_batch_sizes(len(data.train_labels), config.batch_size,
-                            config.drop_remainder, num_devices)
-  steps_per_epoch = len(sizes)
-  eval_bs = _eval_batch_size(config, num_devices)
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P('data'))
+    prep = Preprocess.from_config(config)
+    sizes = train_batch_sizes(
+        len(data.train_labels), config.batch_size, config.drop_remainder, num_devices
+    )
+    steps_per_epoch = len(sizes)
+    eval_bs = _eval_batch_size(config, num_devices)
 
-  train_images = jax.device_put(data.train_images, replicated)
-  train_labels = jax.device_put(data.train_labels, replicated)
-  test = tuple(jax.device_put(a, replicated)
-               for a in pad_test_set(data.test_images, data.test_labels, eval_bs))
+    train_images = jax.device_put(data.train_images, replicated)
+    train_labels = jax.device_put(data.train_labels, replicated)
+    test = tuple(
+        jax.device_put(a, replicated)
+        for a in pad_test_set(data.test_images, data.test_labels, eval_bs)
+    )
 
-  root = jax.random.PRNGKey(config.seed)
-  init_rng, order_rng = jax.random.split(root)
-  state = create_train_state(config, init_rng, steps_per_epoch)
-  state = jax.device_put(state, replicated)
-  num_params = models.count_params(state.params)
-  model = models.create_model(config.model, config.num_classes, config.dtype)
-  flops = models.flops_per_image(model, state.variables(), config.image_size)
-  logger.info('model %s: %s trainable parameters, %.1f MFLOPs/image forward',
-              config.model, f'{num_params:,}', flops / 1e6)
-  logger.info('data: %s (%s), %d train / %d test images, %d classes; '
-              '%d steps/epoch on %d device(s)', data.source, data.path or 'default',
-              len(data.train_labels), len(data.test_labels), data.num_classes,
-              steps_per_epoch, num_devices)
+    root = jax.random.PRNGKey(config.seed)
+    init_rng, order_rng = jax.random.split(root)
+    state = create_train_state(config, init_rng, steps_per_epoch)
+    state = jax.device_put(state, replicated)
+    num_params = models.count_params(state.params)
+    model = models.create_model(config.model, config.num_classes, config.dtype)
+    flops = models.flops_per_image(model, state.variables(), config.image_size)
+    logger.info(
+        'model %s: %s trainable parameters, %.1f MFLOPs/image forward',
+        config.model,
+        f'{num_params:,}',
+        flops / 1e6,
+    )
+    logger.info(
+        'data: %s (%s), %d train / %d test images, %d classes; %d steps/epoch on %d device(s)',
+        data.source,
+        data.path or 'default',
+        len(data.train_labels),
+        len(data.test_labels),
+        data.num_classes,
+        steps_per_epoch,
+        num_devices,
+    )
 
-  manager = checkpoint_manager(workdir, config.keep_checkpoints)
-  start_epoch, prior_seconds = 0, 0.0
-  if manager.latest_step() is not None:
-    state, meta = restore_checkpoint(manager, state)
-    start_epoch, prior_seconds = int(meta['epoch']), float(meta['wall_seconds'])
-    logger.info('resuming from the checkpoint of epoch %d', start_epoch)
-  records = writers.truncate_metrics(workdir, start_epoch)
-  metric_logger = writers.MetricLogger(workdir)
-  schedule = create_learning_rate_schedule(config, steps_per_epoch)
+    manager = checkpoint_manager(workdir, config.keep_checkpoints)
+    start_epoch, prior_seconds = 0, 0.0
+    if manager.latest_step() is not None:
+        state, meta = restore_checkpoint(manager, state)
+        start_epoch, prior_seconds = int(meta['epoch']), float(meta['wall_seconds'])
+        logger.info('resuming from the checkpoint of epoch %d', start_epoch)
+    records = writers.truncate_metrics(workdir, start_epoch)
+    metric_logger = writers.MetricLogger(workdir)
+    schedule = create_learning_rate_schedule(config, steps_per_epoch)
 
-  try:
-    for epoch in range(start_epoch + 1, config.num_epochs + 1):
-      t0 = time.time()
-      order = epoch_order(order_rng, epoch, len(data.train_labels), config.shuffle)
-      progress = Progress(epoch, steps_per_epoch, config.progress_every_seconds)
-      epoch_metrics: Metrics | None = None
-      start = 0
-      for i, size in enumerate(sizes):
-        batch = train_batch(train_images, train_labels, order, jnp.int32(start),
-                            state.rng, state.step, size=size, prep=prep,
-                            sharding=batch_sharding)
-        state, m = train_step(state, batch)
-        epoch_metrics = m if epoch_metrics is None else _merge(epoch_metrics, m)
-        start += size
-        progress.maybe_report(i + 1, epoch_metrics)
-      train_result = epoch_metrics.compute()
-      train_result = {k: float(v) for k, v in train_result.items()}
-      train_seconds = time.time() - t0
-      test_result = evaluate(state, test, eval_bs, prep, batch_sharding)
-      record = {
-          'epoch': epoch,
-          'train_loss': train_result['loss'],
-          'train_accuracy': train_result['accuracy'],
-          'test_loss': test_result['loss'],
-          'test_accuracy': test_result['accuracy'],
-          'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
-          'epoch_seconds': train_seconds,
-          'images_per_second': start / train_seconds,
-      }
-      records.append(record)
-      metric_logger.write(record)
-      if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
-        save_checkpoint(manager, epoch, state, {
-            'epoch': epoch,
-            'wall_seconds': prior_seconds + time.time() - t_start})
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    metric_logger.close()
+    try:
+        for epoch in range(start_epoch + 1, config.num_epochs + 1):
+            t0 = time.time()
+            order = epoch_order(order_rng, epoch, len(data.train_labels), config.shuffle)
+            progress = Progress(epoch, steps_per_epoch, config.progress_every_seconds)
+            epoch_metrics: Metrics | None = None
+            start = 0
+            for i, size in enumerate(sizes):
+                batch = train_batch(
+                    train_images,
+                    train_labels,
+                    order,
+                    jnp.int32(start),
+                    state.rng,
+                    state.step,
+                    size=size,
+                    prep=prep,
+                    sharding=batch_sharding,
+                )
+                state, m = train_step(state, batch)
+                epoch_metrics = m if epoch_metrics is None else _merge(epoch_metrics, m)
+                start += size
+                progress.maybe_report(i + 1, epoch_metrics)
+            train_result = epoch_metrics.compute()
+            train_result = {k: float(v) for k, v in train_result.items()}
+            train_seconds = time.time() - t0
+            test_result = evaluate(state, test, eval_bs, prep, batch_sharding)
+            record = {
+                'epoch': epoch,
+                'train_loss': train_result['loss'],
+                'train_accuracy': train_result['accuracy'],
+                'test_loss': test_result['loss'],
+                'test_accuracy': test_result['accuracy'],
+                'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
+                'epoch_seconds': train_seconds,
+                'images_per_second': start / train_seconds,
+            }
+            records.append(record)
+            metric_logger.write(record)
+            if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
+                save_checkpoint(
+                    manager,
+                    epoch,
+                    state,
+                    {'epoch': epoch, 'wall_seconds': prior_seconds + time.time() - t_start},
+                )
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        metric_logger.close()
 
-  summary = _summary(config, records, num_params, flops, data,
-                     prior_seconds + time.time() - t_start, mesh)
-  _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-  logger.info('done: final test accuracy %.2f%%, best %.2f%% (epoch %s), %.0fs',
-              100 * summary['test_accuracy'], 100 * summary['best_test_accuracy'],
-              summary['best_epoch'], summary['wall_seconds'])
-  return state, summary
-
-
-def _summary(config: ml_collections.ConfigDict, records: list[dict[str, Any]],
-             num_params: int, flops: float, data: input_pipeline.Dataset,
-             wall_seconds: float, mesh: Mesh) -> dict[str, Any]:
-  last = records[-1] if records else {}
-  best = max(records, key=lambda r: r['test_accuracy']) if records else {}
-  return {
-      'config': json.loads(config.to_json()),
-      'num_params': num_params,
-      'flops_per_image': flops,
-      'epochs_completed': last.get('epoch', 0),
-      'train_loss': last.get('train_loss'),
-      'train_accuracy': last.get('train_accuracy'),
-      'test_loss': last.get('test_loss'),
-      'test_accuracy': last.get('test_accuracy'),
-      'best_test_accuracy': best.get('test_accuracy'),
-      'best_epoch': best.get('epoch'),
-      'wall_seconds': wall_seconds,
-      'data': {'source': data.source, 'path': data.path,
-               'num_train': int(len(data.train_labels)),
-               'num_test': int(len(data.test_labels))},
-      'devices': [str(d) for d in mesh.devices.flat],
-      'status': 'completed' if last.get('epoch') == config.num_epochs else 'incomplete',
-  }
+    summary = _summary(
+        config, records, num_params, flops, data, prior_seconds + time.time() - t_start, mesh
+    )
+    _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    logger.info(
+        'done: final test accuracy %.2f%%, best %.2f%% (epoch %s), %.0fs',
+        100 * summary['test_accuracy'],
+        100 * summary['best_test_accuracy'],
+        summary['best_epoch'],
+        summary['wall_seconds'],
+    )
+    return state, summary
 
 
-def evaluate_workdir(workdir: str, data_path: str | None = None
-                     ) -> dict[str, float]:
-  """Restores a workdir's latest checkpoint and evaluates it on the test set."""
-  model, variables, config = restore(workdir)
-  if data_path:
-    config.data.path = data_path
-  data = input_pipeline.load_dataset(config.data, config.seed)
-  mesh = make_mesh()
-  eval_bs = _eval_batch_size(config, mesh.devices.size)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                     batch_stats=variables['batch_stats'], opt_state=None,
-                     rng=jax.random.PRNGKey(0), apply_fn=model.apply,
-                     tx=optax.identity())
-  replicated = NamedSharding(mesh, P())
-  test = tuple(jax.device_put(a, replicated)
-               for a in pad_test_set(data.test_images, data.test_labels, eval_bs))
-  return evaluate(jax.device_put(state, replicated), test, eval_bs,
-                  Preprocess.from_config(config), NamedSharding(mesh, P('data')))
+def _summary(
+    config: ml_collections.ConfigDict,
+    records: list[dict[str, Any]],
+    num_params: int,
+    flops: float,
+    data: input_pipeline.Dataset,
+    wall_seconds: float,
+    mesh: Mesh,
+) -> dict[str, Any]:
+    last = records[-1] if records else {}
+    best = max(records, key=lambda r: r['test_accuracy']) if records else {}
+    return {
+        'config': json.loads(config.to_json()),
+        'num_params': num_params,
+        'flops_per_image': flops,
+        'epochs_completed': last.get('epoch', 0),
+        'train_loss': last.get('train_loss'),
+        'train_accuracy': last.get('train_accuracy'),
+        'test_loss': last.get('test_loss'),
+        'test_accuracy': last.get('test_accuracy'),
+        'best_test_accuracy': best.get('test_accuracy'),
+        'best_epoch': best.get('epoch'),
+        'wall_seconds': wall_seconds,
+        'data': {
+            'source': data.source,
+            'path': data.path,
+            'num_train': int(len(data.train_labels)),
+            'num_test': int(len(data.test_labels)),
+        },
+        'devices': [str(d) for d in mesh.devices.flat],
+        'status': 'completed' if last.get('epoch') == config.num_epochs else 'incomplete',
+    }
+
+
+def evaluate_workdir(workdir: str, data_path: str | None = None) -> dict[str, float]:
+    """Restores a workdir's latest checkpoint and evaluates it on the test set."""
+    model, variables, config = restore(workdir)
+    if data_path:
+        config.data.path = data_path
+    data = input_pipeline.load_dataset(config.data, config.seed)
+    mesh = make_mesh()
+    eval_bs = _eval_batch_size(config, mesh.devices.size)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables['params'],
+        batch_stats=variables['batch_stats'],
+        opt_state=None,
+        rng=jax.random.PRNGKey(0),
+        apply_fn=model.apply,
+        tx=optax.identity(),
+    )
+    replicated = NamedSharding(mesh, P())
+    test = tuple(
+        jax.device_put(a, replicated)
+        for a in pad_test_set(data.test_images, data.test_labels, eval_bs)
+    )
+    return evaluate(
+        jax.device_put(state, replicated),
+        test,
+        eval_bs,
+        Preprocess.from_config(config),
+        NamedSharding(mesh, P('data')),
+    )

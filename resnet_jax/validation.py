@@ -22,82 +22,92 @@ SOURCES = ('auto', 'tfds', 'cifar', 'folder')
 
 
 class ConfigError(ValueError):
-  """An invalid configuration value; the message names the field."""
+    """An invalid configuration value; the message names the field."""
 
 
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
-  value = config
-  for part in field.split('.'):
-    if part not in value:
-      raise ConfigError(f'config.{field} is missing')
-    value = value[part]
-  return value
+    value = config
+    for part in field.split('.'):
+        if part not in value:
+            raise ConfigError(f'config.{field} is missing')
+        value = value[part]
+    return value
 
 
 def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_int(config, field: str, minimum: int) -> None:
-  value = _get(config, field)
-  if not _is_int(value):
-    raise ConfigError(f'config.{field} must be an integer, got {value!r}')
-  if value < minimum:
-    raise ConfigError(f'config.{field} must be >= {minimum}, got {value}')
+    value = _get(config, field)
+    if not _is_int(value):
+        raise ConfigError(f'config.{field} must be an integer, got {value!r}')
+    if value < minimum:
+        raise ConfigError(f'config.{field} must be >= {minimum}, got {value}')
 
 
 def _check_positive(config, field: str, allow_zero: bool = False) -> None:
-  value = _get(config, field)
-  if not _is_number(value):
-    raise ConfigError(f'config.{field} must be a number, got {value!r}')
-  if value < 0 or (value == 0 and not allow_zero) or value != value:
-    bound = '>= 0' if allow_zero else '> 0'
-    raise ConfigError(f'config.{field} must be {bound}, got {value}')
+    value = _get(config, field)
+    if not _is_number(value):
+        raise ConfigError(f'config.{field} must be a number, got {value!r}')
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        bound = '>= 0' if allow_zero else '> 0'
+        raise ConfigError(f'config.{field} must be {bound}, got {value}')
 
 
 def _check_choice(config, field: str, choices) -> None:
-  value = _get(config, field)
-  if value not in choices:
-    raise ConfigError(
-        f'config.{field}={value!r} is not one of {", ".join(map(str, choices))}')
+    value = _get(config, field)
+    if value not in choices:
+        raise ConfigError(f'config.{field}={value!r} is not one of {", ".join(map(str, choices))}')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises :class:`ConfigError` on the first invalid field."""
-  _check_choice(config, 'model', sorted(models.MODELS))
-  _check_choice(config, 'dtype', sorted(models.DTYPES))
-  _check_choice(config, 'optimizer', OPTIMIZERS)
-  _check_choice(config, 'schedule', SCHEDULES)
-  _check_choice(config, 'data.source', SOURCES)
-  for field in ('num_epochs', 'batch_size', 'eval_batch_size', 'num_classes',
-                'image_size', 'decay_every_epochs', 'checkpoint_every_epochs',
-                'keep_checkpoints'):
-    _check_int(config, field, 1)
-  for field in ('data.train_subset', 'data.pad', 'seed'):
-    _check_int(config, field, 0)
-  for field in ('learning_rate', 'decay_factor', 'adam_eps', 'adagrad_eps',
-                'progress_every_seconds'):
-    _check_positive(config, field)
-  for field in ('weight_decay', 'adagrad_initial_accumulator'):
-    _check_positive(config, field, allow_zero=True)
-  for field in ('momentum', 'adam_b1', 'adam_b2'):
-    value = _get(config, field)
-    if not _is_number(value) or not 0 <= value < 1:
-      raise ConfigError(f'config.{field} must be in [0, 1), got {value!r}')
-  if config.data.normalize:
-    for field in ('data.mean', 'data.std'):
-      value = _get(config, field)
-      if len(value) != 3 or not all(_is_number(v) for v in value):
-        raise ConfigError(f'config.{field} must be 3 numbers, got {value!r}')
-    if min(config.data.std) <= 0:
-      raise ConfigError(f'config.data.std must be > 0, got {config.data.std!r}')
-  path = _get(config, 'data.path')
-  if path and not os.path.exists(os.path.expanduser(path)):
-    raise ConfigError(f'data path does not exist: {path}')
-  if config.data.source in ('cifar', 'folder') and not path:
-    raise ConfigError(
-        f'config.data.source={config.data.source!r} needs config.data.path')
+    """Raises :class:`ConfigError` on the first invalid field."""
+    _check_choice(config, 'model', sorted(models.MODELS))
+    _check_choice(config, 'dtype', sorted(models.DTYPES))
+    _check_choice(config, 'optimizer', OPTIMIZERS)
+    _check_choice(config, 'schedule', SCHEDULES)
+    _check_choice(config, 'data.source', SOURCES)
+    for field in (
+        'num_epochs',
+        'batch_size',
+        'eval_batch_size',
+        'num_classes',
+        'image_size',
+        'decay_every_epochs',
+        'checkpoint_every_epochs',
+        'keep_checkpoints',
+    ):
+        _check_int(config, field, 1)
+    for field in ('data.train_subset', 'data.pad', 'seed'):
+        _check_int(config, field, 0)
+    for field in (
+        'learning_rate',
+        'decay_factor',
+        'adam_eps',
+        'adagrad_eps',
+        'progress_every_seconds',
+    ):
+        _check_positive(config, field)
+    for field in ('weight_decay', 'adagrad_initial_accumulator'):
+        _check_positive(config, field, allow_zero=True)
+    for field in ('momentum', 'adam_b1', 'adam_b2'):
+        value = _get(config, field)
+        if not _is_number(value) or not 0 <= value < 1:
+            raise ConfigError(f'config.{field} must be in [0, 1), got {value!r}')
+    if config.data.normalize:
+        for field in ('data.mean', 'data.std'):
+            value = _get(config, field)
+            if len(value) != 3 or not all(_is_number(v) for v in value):
+                raise ConfigError(f'config.{field} must be 3 numbers, got {value!r}')
+        if min(config.data.std) <= 0:
+            raise ConfigError(f'config.data.std must be > 0, got {config.data.std!r}')
+    path = _get(config, 'data.path')
+    if path and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(f'data path does not exist: {path}')
+    if config.data.source in ('cifar', 'folder') and not path:
+        raise ConfigError(f'config.data.source={config.data.source!r} needs config.data.path')

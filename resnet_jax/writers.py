@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 logger = logging.getLogger('resnet_jax')
 
@@ -22,78 +23,82 @@ METRICS_FILE = 'metrics.jsonl'
 
 
 def _tensorboard_writer(logdir: str) -> Any:
-  """A writer with ``write_scalars(step, scalars)``, ``flush()``, ``close()``."""
-  try:
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    return metric_writers.SummaryWriter(logdir)
-  except ImportError:  # clu.metric_writers imports TensorFlow.
-    return _TensorboardXWriter(logdir)
+    """A writer with ``write_scalars(step, scalars)``, ``flush()``, ``close()``."""
+    try:
+        from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+        return metric_writers.SummaryWriter(logdir)
+    except ImportError:  # clu.metric_writers imports TensorFlow.
+        return _TensorboardXWriter(logdir)
 
 
 class _TensorboardXWriter:
-  """The part of clu's MetricWriter interface we use, over tensorboardX."""
+    """The part of clu's MetricWriter interface we use, over tensorboardX."""
 
-  def __init__(self, logdir: str):
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._writer = SummaryWriter(logdir)
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    for key, value in scalars.items():
-      self._writer.add_scalar(key, value, global_step=step)
+        self._writer = SummaryWriter(logdir)
 
-  def flush(self) -> None:
-    self._writer.flush()
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for key, value in scalars.items():
+            self._writer.add_scalar(key, value, global_step=step)
 
-  def close(self) -> None:
-    self._writer.close()
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of ``workdir/metrics.jsonl`` (empty if there is none)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    """The records of ``workdir/metrics.jsonl`` (empty if there is none)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def truncate_metrics(workdir: str, last_epoch: int) -> list[dict[str, Any]]:
-  """Drops records after ``last_epoch`` (written after the last checkpoint)."""
-  records = [r for r in read_metrics(workdir) if r['epoch'] <= last_epoch]
-  path = os.path.join(workdir, METRICS_FILE)
-  if os.path.exists(path):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in records)
-    os.replace(tmp, path)
-  return records
+    """Drops records after ``last_epoch`` (written after the last checkpoint)."""
+    records = [r for r in read_metrics(workdir) if r['epoch'] <= last_epoch]
+    path = os.path.join(workdir, METRICS_FILE)
+    if os.path.exists(path):
+        tmp = path + '.tmp'
+        with open(tmp, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in records)
+        os.replace(tmp, path)
+    return records
 
 
 def format_record(record: Mapping[str, Any]) -> str:
-  """One console line for an epoch record."""
-  return (f"epoch {record['epoch']:3d} | "
-          f"train loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:6.2f}% | "
-          f"test loss {record['test_loss']:.4f} acc {100 * record['test_accuracy']:6.2f}% | "
-          f"lr {record['learning_rate']:.3g} | {record['epoch_seconds']:.1f}s "
-          f"{record['images_per_second']:.0f} img/s")
+    """One console line for an epoch record."""
+    return (
+        f'epoch {record["epoch"]:3d} | '
+        f'train loss {record["train_loss"]:.4f} acc {100 * record["train_accuracy"]:6.2f}% | '
+        f'test loss {record["test_loss"]:.4f} acc {100 * record["test_accuracy"]:6.2f}% | '
+        f'lr {record["learning_rate"]:.3g} | {record["epoch_seconds"]:.1f}s '
+        f'{record["images_per_second"]:.0f} img/s'
+    )
 
 
 class MetricLogger:
-  """Writes each epoch's record to TensorBoard, ``metrics.jsonl`` and the log."""
+    """Writes each epoch's record to TensorBoard, ``metrics.jsonl`` and the log."""
 
-  def __init__(self, workdir: str):
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
-    self._tb = _tensorboard_writer(workdir)
+    def __init__(self, workdir: str):
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+        self._tb = _tensorboard_writer(workdir)
 
-  def write(self, record: Mapping[str, Any]) -> None:
-    self._jsonl.write(json.dumps(dict(record)) + '\n')
-    self._jsonl.flush()
-    scalars = {k: v for k, v in record.items() if k != 'epoch'}
-    self._tb.write_scalars(int(record['epoch']), scalars)
-    self._tb.flush()
-    logger.info(format_record(record))
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._jsonl.write(json.dumps(dict(record)) + '\n')
+        self._jsonl.flush()
+        scalars = {k: v for k, v in record.items() if k != 'epoch'}
+        self._tb.write_scalars(int(record['epoch']), scalars)
+        self._tb.flush()
+        logger.info(format_record(record))
 
-  def close(self) -> None:
-    self._jsonl.close()
-    self._tb.close()
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tb.close()

@@ -17,25 +17,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_tiny_config(data_path: str) -> ml_collections.ConfigDict:
-  """The default config shrunk for CPU tests on ``cifar_py``.
+    """The default config shrunk for CPU tests on ``cifar_py``.
 
-  3 epochs of batch 32; the learning rate starts at 0.01 and halves every
-  epoch; a checkpoint every epoch.
-  """
-  config = default.get_config()
-  config.num_epochs = 3
-  config.batch_size = 32
-  config.eval_batch_size = 32
-  config.decay_every_epochs = 1
-  config.decay_factor = 2.0
-  config.checkpoint_every_epochs = 1
-  config.keep_checkpoints = 3
-  config.data.path = data_path
-  return config
+    3 epochs of batch 32; the learning rate starts at 0.01 and halves every
+    epoch; a checkpoint every epoch.
+    """
+    config = default.get_config()
+    config.num_epochs = 3
+    config.batch_size = 32
+    config.eval_batch_size = 32
+    config.decay_every_epochs = 1
+    config.decay_factor = 2.0
+    config.checkpoint_every_epochs = 1
+    config.keep_checkpoints = 3
+    config.data.path = data_path
+    return config
 
 
 @pytest.fixture(scope='session')
 def cifar_py(tmp_path_factory) -> fake_data.FakeCifar:
-  """A fake CIFAR-10 python version: 120 train (5 x 24) + 50 test images."""
-  root = tmp_path_factory.mktemp('cifar_py')
-  return fake_data.write_cifar_py(root, n_train_per_batch=24, n_test=50)
+    """A fake CIFAR-10 python version: 120 train (5 x 24) + 50 test images."""
+    root = tmp_path_factory.mktemp('cifar_py')
+    return fake_data.write_cifar_py(root, n_train_per_batch=24, n_test=50)

@@ -9,86 +9,97 @@ import pytest
 from resnet_jax import models
 
 
-@pytest.mark.parametrize('name,expected', [
-    ('paper', 195_738),       # The study's own number.
-    ('resnet18', 11_173_962),
-    ('resnet34', 21_282_122),
-])
+@pytest.mark.parametrize(
+    'name,expected',
+    [
+        ('paper', 195_738),  # The study's own number.
+        ('resnet18', 11_173_962),
+        ('resnet34', 21_282_122),
+    ],
+)
 def test_parameter_counts(name, expected):
-  model = models.create_model(name)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
-  assert models.count_params(shapes['params']) == expected
+    model = models.create_model(name)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    assert models.count_params(shapes['params']) == expected
 
 
 def test_paper_architecture_shapes():
-  model = models.create_model('paper')
-  v = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
-  p = v['params']
-  assert p['stem_conv']['kernel'].shape == (3, 3, 3, 16)
-  # Stage 2 and 3 open with a 3x3 conv + BN shortcut; stage 1 has none.
-  assert 'shortcut_conv' not in p['BasicBlock_0']
-  assert p['BasicBlock_2']['shortcut_conv']['kernel'].shape == (3, 3, 16, 32)
-  assert p['BasicBlock_4']['shortcut_conv']['kernel'].shape == (3, 3, 32, 64)
-  assert 'shortcut_conv' not in p['BasicBlock_3']
-  assert p['head']['kernel'].shape == (64, 10)
-  assert 'bias' in p['head'] and 'bias' not in p['stem_conv']
-  assert set(v) == {'params', 'batch_stats'}
+    model = models.create_model('paper')
+    v = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    p = v['params']
+    assert p['stem_conv']['kernel'].shape == (3, 3, 3, 16)
+    # Stage 2 and 3 open with a 3x3 conv + BN shortcut; stage 1 has none.
+    assert 'shortcut_conv' not in p['BasicBlock_0']
+    assert p['BasicBlock_2']['shortcut_conv']['kernel'].shape == (3, 3, 16, 32)
+    assert p['BasicBlock_4']['shortcut_conv']['kernel'].shape == (3, 3, 32, 64)
+    assert 'shortcut_conv' not in p['BasicBlock_3']
+    assert p['head']['kernel'].shape == (64, 10)
+    assert 'bias' in p['head'] and 'bias' not in p['stem_conv']
+    assert set(v) == {'params', 'batch_stats'}
 
 
 def test_stride2_padding_matches_pytorch_by_hand():
-  """3x3 stride-2 conv of a 4x4 input with padding 1 on every side (PyTorch).
+    """3x3 stride-2 conv of a 4x4 input with padding 1 on every side (PyTorch).
 
-  Flax's 'SAME' would pad (0, 1) here and read different pixels.
-  """
-  x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
-  conv = nn.Conv(1, (3, 3), (2, 2), padding=models._pad(3), use_bias=False)
-  kernel = jnp.ones((3, 3, 1, 1))
-  y = conv.apply({'params': {'kernel': kernel}}, x)[0, :, :, 0]
-  # Padded input has a zero border; output (i, j) sums rows 2i-1..2i+1, cols 2j-1..2j+1.
-  img = np.arange(16, dtype=np.float32).reshape(4, 4)
-  padded = np.pad(img, 1)
-  expected = np.array([[padded[2 * i:2 * i + 3, 2 * j:2 * j + 3].sum() for j in range(2)]
-                       for i in range(2)])
-  np.testing.assert_array_equal(np.asarray(y), expected)
-  assert expected[0, 0] == 0 + 1 + 4 + 5  # Top-left window sees padding.
-  same = nn.Conv(1, (3, 3), (2, 2), padding='SAME', use_bias=False)
-  y_same = same.apply({'params': {'kernel': kernel}}, x)[0, :, :, 0]
-  assert not np.array_equal(np.asarray(y_same), expected)
+    Flax's 'SAME' would pad (0, 1) here and read different pixels.
+    """
+    x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
+    conv = nn.Conv(1, (3, 3), (2, 2), padding=models._pad(3), use_bias=False)
+    kernel = jnp.ones((3, 3, 1, 1))
+    y = conv.apply({'params': {'kernel': kernel}}, x)[0, :, :, 0]
+    # Padded input has a zero border; output (i, j) sums rows 2i-1..2i+1, cols 2j-1..2j+1.
+    img = np.arange(16, dtype=np.float32).reshape(4, 4)
+    padded = np.pad(img, 1)
+    expected = np.array(
+        [[padded[2 * i : 2 * i + 3, 2 * j : 2 * j + 3].sum() for j in range(2)] for i in range(2)]
+    )
+    np.testing.assert_array_equal(np.asarray(y), expected)
+    assert expected[0, 0] == 0 + 1 + 4 + 5  # Top-left window sees padding.
+    same = nn.Conv(1, (3, 3), (2, 2), padding='SAME', use_bias=False)
+    y_same = same.apply({'params': {'kernel': kernel}}, x)[0, :, :, 0]
+    assert not np.array_equal(np.asarray(y_same), expected)
 
 
 def test_batchnorm_settings_match_pytorch():
-  model = models.create_model('paper')
-  x = jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3))
-  v = model.init(jax.random.PRNGKey(0), x, train=False)
-  _, updates = model.apply(v, x, train=True, mutable=['batch_stats'])
-  # Stem BN running mean after one step: 0.9 * 0 + 0.1 * batch mean (PyTorch momentum 0.1).
-  stem = nn.Conv(16, (3, 3), padding=models._pad(3), use_bias=False)
-  h = stem.apply({'params': v['params']['stem_conv']}, x)
-  np.testing.assert_allclose(updates['batch_stats']['stem_bn']['mean'],
-                             0.1 * np.asarray(h).mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-7)
-  assert models.BN_EPSILON == 1e-5
+    model = models.create_model('paper')
+    x = jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3))
+    v = model.init(jax.random.PRNGKey(0), x, train=False)
+    _, updates = model.apply(v, x, train=True, mutable=['batch_stats'])
+    # Stem BN running mean after one step: 0.9 * 0 + 0.1 * batch mean (PyTorch momentum 0.1).
+    stem = nn.Conv(16, (3, 3), padding=models._pad(3), use_bias=False)
+    h = stem.apply({'params': v['params']['stem_conv']}, x)
+    np.testing.assert_allclose(
+        updates['batch_stats']['stem_bn']['mean'],
+        0.1 * np.asarray(h).mean(axis=(0, 1, 2)),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    assert models.BN_EPSILON == 1e-5
 
 
 def test_forward_shapes_and_dtype():
-  model = models.create_model('paper', num_classes=7, dtype='bfloat16')
-  v = models.init_variables(model, jax.random.PRNGKey(0))
-  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(v['params']))
-  logits = model.apply(v, jnp.zeros((2, 32, 32, 3)), train=False)
-  assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    model = models.create_model('paper', num_classes=7, dtype='bfloat16')
+    v = models.init_variables(model, jax.random.PRNGKey(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(v['params']))
+    logits = model.apply(v, jnp.zeros((2, 32, 32, 3)), train=False)
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
 
 
 def test_flops_per_image():
-  model = models.create_model('paper')
-  v = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
-  # 28.75M multiply-accumulates in convolutions + 640 in the head.
-  assert models.flops_per_image(model, v) == pytest.approx(57_509_120)
+    model = models.create_model('paper')
+    v = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    # 28.75M multiply-accumulates in convolutions + 640 in the head.
+    assert models.flops_per_image(model, v) == pytest.approx(57_509_120)
 
 
 def test_unknown_names():
-  with pytest.raises(ValueError, match='unknown model'):
-    models.create_model('resnet9')
-  with pytest.raises(ValueError, match='unknown dtype'):
-    models.create_model('paper', dtype='float16')
+    with pytest.raises(ValueError, match='unknown model'):
+        models.create_model('resnet9')
+    with pytest.raises(ValueError, match='unknown dtype'):
+        models.create_model('paper', dtype='float16')

@@ -7,7 +7,7 @@ import textwrap
 
 from tests.conftest import REPO
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from resnet_jax import train
@@ -55,13 +55,20 @@ SCRIPT = textwrap.dedent('''
     for key in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):
       np.testing.assert_allclose(summaries[0][key], summaries[1][key], rtol=1e-4, atol=1e-5)
     print('OK')
-''')
+""")
 
 
 def test_eight_devices_match_one():
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  proc = subprocess.run([sys.executable, '-c', SCRIPT], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.strip().endswith('OK')
+    env = dict(
+        os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8'
+    )
+    proc = subprocess.run(
+        [sys.executable, '-c', SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith('OK')

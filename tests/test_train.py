@@ -17,111 +17,113 @@ COMPARED = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learn
 
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory, cifar_py):
-  """One uninterrupted 3-epoch run, shared by the tests of this module."""
-  c = make_tiny_config(cifar_py.path)
-  workdir = str(tmp_path_factory.mktemp('run'))
-  state, summary = train.train_and_evaluate(c, workdir)
-  return c, workdir, state, summary
+    """One uninterrupted 3-epoch run, shared by the tests of this module."""
+    c = make_tiny_config(cifar_py.path)
+    workdir = str(tmp_path_factory.mktemp('run'))
+    state, summary = train.train_and_evaluate(c, workdir)
+    return c, workdir, state, summary
 
 
 def test_run_writes_every_output(finished_run):
-  config, workdir, state, summary = finished_run
-  records = writers.read_metrics(workdir)
-  assert [r['epoch'] for r in records] == [1, 2, 3]
-  for r in records:
-    assert tuple(r) == train.METRIC_KEYS
-    assert 0 <= r['train_accuracy'] <= 1 and 0 <= r['test_accuracy'] <= 1
-    assert np.isfinite(r['train_loss']) and r['images_per_second'] > 0
-  # /2 every epoch, reported for each epoch.
-  assert [r['learning_rate'] for r in records] == pytest.approx([0.01, 0.005, 0.0025])
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    on_disk = json.load(f)
-  assert on_disk['status'] == 'completed'
-  assert on_disk['num_params'] == 195_738
-  assert on_disk['test_accuracy'] == records[-1]['test_accuracy']
-  assert on_disk['best_test_accuracy'] == max(r['test_accuracy'] for r in records)
-  assert on_disk['config']['batch_size'] == 32 and on_disk['wall_seconds'] > 0
-  assert int(state.step) == 3 * 4  # 120 images / 32: 3 full batches + 1 of 24.
-  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2', '3']
+    config, workdir, state, summary = finished_run
+    records = writers.read_metrics(workdir)
+    assert [r['epoch'] for r in records] == [1, 2, 3]
+    for r in records:
+        assert tuple(r) == train.METRIC_KEYS
+        assert 0 <= r['train_accuracy'] <= 1 and 0 <= r['test_accuracy'] <= 1
+        assert np.isfinite(r['train_loss']) and r['images_per_second'] > 0
+    # /2 every epoch, reported for each epoch.
+    assert [r['learning_rate'] for r in records] == pytest.approx([0.01, 0.005, 0.0025])
+    with open(os.path.join(workdir, 'summary.json')) as f:
+        on_disk = json.load(f)
+    assert on_disk['status'] == 'completed'
+    assert on_disk['num_params'] == 195_738
+    assert on_disk['test_accuracy'] == records[-1]['test_accuracy']
+    assert on_disk['best_test_accuracy'] == max(r['test_accuracy'] for r in records)
+    assert on_disk['config']['batch_size'] == 32 and on_disk['wall_seconds'] > 0
+    assert int(state.step) == 3 * 4  # 120 images / 32: 3 full batches + 1 of 24.
+    assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2', '3']
 
 
 def test_tensorboard_file_holds_the_scalars(finished_run):
-  from tensorboard.backend.event_processing import event_accumulator
-  _, workdir, _, _ = finished_run
-  acc = event_accumulator.EventAccumulator(workdir)
-  acc.Reload()
-  assert set(train.METRIC_KEYS[1:]) <= set(acc.Tags()['scalars'])
-  steps = [e.step for e in acc.Scalars('test_accuracy')]
-  assert steps == [1, 2, 3]
+    from tensorboard.backend.event_processing import event_accumulator
+
+    _, workdir, _, _ = finished_run
+    acc = event_accumulator.EventAccumulator(workdir)
+    acc.Reload()
+    assert set(train.METRIC_KEYS[1:]) <= set(acc.Tags()['scalars'])
+    steps = [e.step for e in acc.Scalars('test_accuracy')]
+    assert steps == [1, 2, 3]
 
 
 def test_eval_counts_every_test_image_once(finished_run, cifar_py):
-  """Test accuracy equals a plain numpy count over all 50 test images."""
-  config, workdir, _, summary = finished_run
-  model, variables, restored_config = train.restore(workdir)
-  assert restored_config.batch_size == 32
-  x = augment.to_float(jnp.asarray(cifar_py.test_images))
-  logits = model.apply(variables, x, train=False)
-  correct = (np.asarray(logits).argmax(-1) == cifar_py.test_labels).sum()
-  assert summary['test_accuracy'] == pytest.approx(correct / 50, abs=1e-6)
-  result = train.evaluate_workdir(workdir)
-  assert result['accuracy'] == pytest.approx(correct / 50, abs=1e-6)
+    """Test accuracy equals a plain numpy count over all 50 test images."""
+    config, workdir, _, summary = finished_run
+    model, variables, restored_config = train.restore(workdir)
+    assert restored_config.batch_size == 32
+    x = augment.to_float(jnp.asarray(cifar_py.test_images))
+    logits = model.apply(variables, x, train=False)
+    correct = (np.asarray(logits).argmax(-1) == cifar_py.test_labels).sum()
+    assert summary['test_accuracy'] == pytest.approx(correct / 50, abs=1e-6)
+    result = train.evaluate_workdir(workdir)
+    assert result['accuracy'] == pytest.approx(correct / 50, abs=1e-6)
 
 
 def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path, monkeypatch):
-  config, _, full_state, _ = finished_run
-  workdir = str(tmp_path)
-  real_write = writers.MetricLogger.write
+    config, _, full_state, _ = finished_run
+    workdir = str(tmp_path)
+    real_write = writers.MetricLogger.write
 
-  def write_then_die(self, record):
-    if record['epoch'] == 3:
-      raise KeyboardInterrupt  # Killed after epoch 2's checkpoint.
-    real_write(self, record)
+    def write_then_die(self, record):
+        if record['epoch'] == 3:
+            raise KeyboardInterrupt  # Killed after epoch 2's checkpoint.
+        real_write(self, record)
 
-  monkeypatch.setattr(writers.MetricLogger, 'write', write_then_die)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
-  assert [r['epoch'] for r in writers.read_metrics(workdir)] == [1, 2]
-  monkeypatch.setattr(writers.MetricLogger, 'write', real_write)
+    monkeypatch.setattr(writers.MetricLogger, 'write', write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+    assert [r['epoch'] for r in writers.read_metrics(workdir)] == [1, 2]
+    monkeypatch.setattr(writers.MetricLogger, 'write', real_write)
 
-  state, summary = train.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
-  resumed = writers.read_metrics(workdir)
-  full = writers.read_metrics(finished_run[1])
-  assert [r['epoch'] for r in resumed] == [1, 2, 3]
-  for a, b in zip(resumed, full):
-    assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
-  jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, full_state.params)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, state.batch_stats,
-                         full_state.batch_stats)
+    state, summary = train.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+    resumed = writers.read_metrics(workdir)
+    full = writers.read_metrics(finished_run[1])
+    assert [r['epoch'] for r in resumed] == [1, 2, 3]
+    for a, b in zip(resumed, full, strict=True):
+        assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, full_state.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state.batch_stats, full_state.batch_stats)
 
 
 def test_rerunning_a_finished_run_trains_nothing(finished_run, cifar_py):
-  _, workdir, state, summary = finished_run
-  again, summary2 = train.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
-  assert int(again.step) == int(state.step)
-  assert summary2['test_accuracy'] == summary['test_accuracy']
-  assert len(writers.read_metrics(workdir)) == 3
+    _, workdir, state, summary = finished_run
+    again, summary2 = train.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+    assert int(again.step) == int(state.step)
+    assert summary2['test_accuracy'] == summary['test_accuracy']
+    assert len(writers.read_metrics(workdir)) == 3
 
 
 def test_shuffle_off_uses_the_stored_order_every_epoch():
-  rng = jax.random.PRNGKey(0)
-  np.testing.assert_array_equal(train.epoch_order(rng, 1, 10, False), np.arange(10))
-  a, b = (np.asarray(train.epoch_order(rng, e, 1000, True)) for e in (1, 2))
-  assert sorted(a) == list(range(1000)) and not np.array_equal(a, b)
-  np.testing.assert_array_equal(a, train.epoch_order(rng, 1, 1000, True))
+    rng = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(train.epoch_order(rng, 1, 10, False), np.arange(10))
+    a, b = (np.asarray(train.epoch_order(rng, e, 1000, True)) for e in (1, 2))
+    assert sorted(a) == list(range(1000)) and not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, train.epoch_order(rng, 1, 1000, True))
 
 
 def test_train_batch_gathers_in_order_and_augments_on_device():
-  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), np.uint8))
-  labels = jnp.arange(10, dtype=jnp.int32)
-  order = jnp.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0], jnp.int32)
-  prep = train.Preprocess(pad=0, flip=False, mean=None, std=None)
-  batch = train.train_batch(images, labels, order, jnp.int32(2), jax.random.PRNGKey(0),
-                            jnp.int32(0), size=4, prep=prep)
-  np.testing.assert_array_equal(batch['label'], [7, 6, 5, 4])
-  np.testing.assert_allclose(batch['image'], np.asarray(images)[[7, 6, 5, 4]] / 255.0, rtol=1e-6)
-  prep = train.Preprocess(pad=4, flip=True, mean=None, std=None)
-  aug = train.train_batch(images, labels, order, jnp.int32(2), jax.random.PRNGKey(0),
-                          jnp.int32(0), size=4, prep=prep)
-  assert not np.allclose(aug['image'], batch['image'])
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), np.uint8))
+    labels = jnp.arange(10, dtype=jnp.int32)
+    order = jnp.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0], jnp.int32)
+    prep = train.Preprocess(pad=0, flip=False, mean=None, std=None)
+    batch = train.train_batch(
+        images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
+    )
+    np.testing.assert_array_equal(batch['label'], [7, 6, 5, 4])
+    np.testing.assert_allclose(batch['image'], np.asarray(images)[[7, 6, 5, 4]] / 255.0, rtol=1e-6)
+    prep = train.Preprocess(pad=4, flip=True, mean=None, std=None)
+    aug = train.train_batch(
+        images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
+    )
+    assert not np.allclose(aug['image'], batch['image'])
