@@ -29,12 +29,21 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and log
 flags.DEFINE_enum(
     'mode',
     'train',
-    ['train', 'eval'],
-    'train: train (resuming if possible); eval: evaluate the '
-    'latest checkpoint of --workdir on the test set.',
+    ['train', 'eval', 'report'],
+    'train: train the config (a sweep if it has a sweep section), resuming what '
+    'exists; eval: evaluate the latest checkpoint of --workdir on the test set; '
+    'report: (re)write the report of the sweep in --workdir, without training.',
+)
+flags.DEFINE_string(
+    'sweep_shard',
+    '0/1',
+    'i/n: run only the sweep runs of shard i of n (run k belongs to shard k % n), '
+    'so n processes can share one sweep workdir.',
 )
 
+EXIT_RUNS_FAILED = 1  # A sweep finished but some of its runs failed or diverged.
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -119,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e)
     except Exception as e:  # pylint: disable=broad-except  # User input: no traceback.
         return _fail(_parse_error(e, argv))
+    if not FLAGS.workdir:
+        return _fail('--workdir is required, e.g. --workdir runs/default')
+    if FLAGS.mode == 'report':
+        return _report(FLAGS.workdir)
     path = _config_path(argv)
     if path is None:
         return _fail('--config is required, e.g. --config configs/default.py')
@@ -129,32 +142,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.keys()  # config_flags defers errors of loading the file until here.
     except Exception as e:  # pylint: disable=broad-except
         return _fail(f'could not load config file {path}: {str(e).splitlines()[-1]}')
-    if not FLAGS.workdir:
-        return _fail('--workdir is required, e.g. --workdir runs/default')
     _setup_logging()
 
     # Imported after flag parsing so that `--help` and usage errors are instant.
-    from resnet_jax import (
-        input_pipeline,  # pylint: disable=g-import-not-at-top
-        train,  # pylint: disable=g-import-not-at-top
-        validation,  # pylint: disable=g-import-not-at-top
-    )
+    from resnet_jax import input_pipeline, sweep, train, validation, workdir
 
     try:
         if FLAGS.mode == 'eval':
-            data_path = config.data.path or None
-            result = train.evaluate_workdir(FLAGS.workdir, data_path)
-            print(
-                f'test accuracy {100 * result["accuracy"]:.2f}% '
-                f'(loss {result["loss"]:.4f}) from {FLAGS.workdir}'
-            )
-        else:
-            train.train_and_evaluate(config, FLAGS.workdir)
-    except (validation.ConfigError, input_pipeline.DataError, FileNotFoundError) as e:
+            return _evaluate(config)
+        if sweep.is_sweep(config):
+            statuses = sweep.run_sweep(config, FLAGS.workdir, sweep.parse_shard(FLAGS.sweep_shard))
+            bad = {k: v for k, v in statuses.items() if v != 'completed'}
+            for name, status in bad.items():
+                print(f'run {name}: {status}', file=sys.stderr)
+            return EXIT_RUNS_FAILED if bad else 0
+        _, summary = train.train_and_evaluate(config, FLAGS.workdir)
+        if summary['status'] == 'diverged':
+            print(f'error: run diverged: {summary["error"]}', file=sys.stderr)
+            return EXIT_DIVERGED
+    except (
+        validation.ConfigError,
+        input_pipeline.DataError,
+        workdir.WorkdirBusy,
+        FileNotFoundError,
+    ) as e:
         return _fail(e)
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
+    return 0
+
+
+def _evaluate(config) -> int:
+    from resnet_jax import train
+
+    result = train.evaluate_workdir(FLAGS.workdir, config.data.path or None)
+    print(
+        f'test accuracy {100 * result["accuracy"]:.2f}% '
+        f'(loss {result["loss"]:.4f}) from {FLAGS.workdir}'
+    )
+    return 0
+
+
+def _report(sweep_dir: str) -> int:
+    from resnet_jax import sweep
+
+    if not os.path.exists(os.path.join(sweep_dir, sweep.MANIFEST_FILE)):
+        return _fail(f'{sweep_dir} holds no sweep ({sweep.MANIFEST_FILE} not found)')
+    _setup_logging()
+    for kind, path in sweep.write_report(sweep_dir).items():
+        print(f'{kind}: {path}')
     return 0
 
 

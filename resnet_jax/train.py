@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax import augment, input_pipeline, models, validation, writers
+from resnet_jax import workdir as workdir_lib
 
 logger = logging.getLogger('resnet_jax')
 
@@ -373,6 +374,38 @@ def pad_test_set(
     return images, labels, mask
 
 
+def _train_epoch(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    order: jax.Array,
+    sizes: list[int],
+    prep: Preprocess,
+    sharding: NamedSharding,
+    progress: 'Progress',
+) -> tuple[TrainState, dict[str, float]]:
+    """One pass over ``order`` in batches of ``sizes``; returns the running metrics."""
+    total: Metrics | None = None
+    start = 0
+    for i, size in enumerate(sizes):
+        batch = train_batch(
+            images,
+            labels,
+            order,
+            jnp.int32(start),
+            state.rng,
+            state.step,
+            size=size,
+            prep=prep,
+            sharding=sharding,
+        )
+        state, m = train_step(state, batch)
+        total = m if total is None else _merge(total, m)
+        start += size
+        progress.maybe_report(i + 1, total)
+    return state, {k: float(v) for k, v in total.compute().items()}
+
+
 # --------------------------------------------------------------------------
 # Evaluation.
 
@@ -511,23 +544,15 @@ def restore(
 # The loop.
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write('\n')
-    os.replace(tmp, path)
-
-
 def _save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     path = os.path.join(workdir, CONFIG_FILE)
-    new = json.loads(config.to_json())
+    new = workdir_lib.config_json(config)
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         if old != new:
             logger.warning("%s differs from this run's config; overwriting it", path)
-    _write_json(path, new)
+    workdir_lib.write_json(path, new)
 
 
 def _check_data_fits(config: ml_collections.ConfigDict, num_train: int, num_devices: int) -> None:
@@ -556,11 +581,27 @@ def train_and_evaluate(
     Batches are sharded over ``mesh`` (default: all local devices). Returns the
     final state and the summary also written to ``workdir/summary.json``.
     """
-    t_start = time.time()
     validation.validate_config(config)
     os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.lock(workdir):
+        return _train_and_evaluate(config, workdir, mesh)
 
-    data = input_pipeline.load_dataset(config.data, config.seed)
+
+@functools.lru_cache(maxsize=1)
+def _load_dataset_cached(data_json: str, seed: int) -> input_pipeline.Dataset:
+    return input_pipeline.load_dataset(ml_collections.ConfigDict(json.loads(data_json)), seed)
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> input_pipeline.Dataset:
+    """``config``'s dataset; the last one loaded is reused (runs of a sweep)."""
+    return _load_dataset_cached(config.data.to_json(sort_keys=True), config.seed)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None
+) -> tuple[TrainState, dict[str, Any]]:
+    t_start = time.time()
+    data = load_dataset(config)
     mesh = make_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
     _check_data_fits(config, len(data.train_labels), num_devices)
@@ -621,32 +662,22 @@ def train_and_evaluate(
     metric_logger = writers.MetricLogger(workdir)
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
 
+    status, error = 'incomplete', None
     try:
         for epoch in range(start_epoch + 1, config.num_epochs + 1):
             t0 = time.time()
             order = epoch_order(order_rng, epoch, len(data.train_labels), config.shuffle)
             progress = Progress(epoch, steps_per_epoch, config.progress_every_seconds)
-            epoch_metrics: Metrics | None = None
-            start = 0
-            for i, size in enumerate(sizes):
-                batch = train_batch(
-                    train_images,
-                    train_labels,
-                    order,
-                    jnp.int32(start),
-                    state.rng,
-                    state.step,
-                    size=size,
-                    prep=prep,
-                    sharding=batch_sharding,
-                )
-                state, m = train_step(state, batch)
-                epoch_metrics = m if epoch_metrics is None else _merge(epoch_metrics, m)
-                start += size
-                progress.maybe_report(i + 1, epoch_metrics)
-            train_result = epoch_metrics.compute()
-            train_result = {k: float(v) for k, v in train_result.items()}
+            state, train_result = _train_epoch(
+                state, train_images, train_labels, order, sizes, prep, batch_sharding, progress
+            )
             train_seconds = time.time() - t0
+            if not math.isfinite(train_result['loss']):
+                # Keep the last good checkpoint; do not log or save NaNs.
+                status = 'diverged'
+                error = f'non-finite training loss in epoch {epoch}'
+                logger.error('%s; stopping (last good checkpoint kept)', error)
+                break
             test_result = evaluate(state, test, eval_bs, prep, batch_sharding)
             record = {
                 'epoch': epoch,
@@ -656,7 +687,7 @@ def train_and_evaluate(
                 'test_accuracy': test_result['accuracy'],
                 'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
                 'epoch_seconds': train_seconds,
-                'images_per_second': start / train_seconds,
+                'images_per_second': sum(sizes) / train_seconds,
             }
             records.append(record)
             metric_logger.write(record)
@@ -672,17 +703,24 @@ def train_and_evaluate(
         manager.close()
         metric_logger.close()
 
+    if status != 'diverged' and records and records[-1]['epoch'] == config.num_epochs:
+        status = 'completed'
     summary = _summary(
         config, records, num_params, flops, data, prior_seconds + time.time() - t_start, mesh
     )
-    _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-    logger.info(
-        'done: final test accuracy %.2f%%, best %.2f%% (epoch %s), %.0fs',
-        100 * summary['test_accuracy'],
-        100 * summary['best_test_accuracy'],
-        summary['best_epoch'],
-        summary['wall_seconds'],
-    )
+    summary['status'] = status
+    if error:
+        summary['error'] = error
+    workdir_lib.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    if records:
+        logger.info(
+            '%s: final test accuracy %.2f%%, best %.2f%% (epoch %s), %.0fs',
+            status,
+            100 * summary['test_accuracy'],
+            100 * summary['best_test_accuracy'],
+            summary['best_epoch'],
+            summary['wall_seconds'],
+        )
     return state, summary
 
 
@@ -698,7 +736,7 @@ def _summary(
     last = records[-1] if records else {}
     best = max(records, key=lambda r: r['test_accuracy']) if records else {}
     return {
-        'config': json.loads(config.to_json()),
+        'config': workdir_lib.config_json(config),
         'num_params': num_params,
         'flops_per_image': flops,
         'epochs_completed': last.get('epoch', 0),
@@ -716,7 +754,6 @@ def _summary(
             'num_test': int(len(data.test_labels)),
         },
         'devices': [str(d) for d in mesh.devices.flat],
-        'status': 'completed' if last.get('epoch') == config.num_epochs else 'incomplete',
     }
 
 
@@ -725,7 +762,7 @@ def evaluate_workdir(workdir: str, data_path: str | None = None) -> dict[str, fl
     model, variables, config = restore(workdir)
     if data_path:
         config.data.path = data_path
-    data = input_pipeline.load_dataset(config.data, config.seed)
+    data = load_dataset(config)
     mesh = make_mesh()
     eval_bs = _eval_batch_size(config, mesh.devices.size)
     state = TrainState(

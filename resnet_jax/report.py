@@ -1,0 +1,1110 @@
+"""Sweep reports: results tables, the comparison with the study, training curves.
+
+    from resnet_jax import report
+    results = report.collect('runs/paper')          # one RunResult per manifest run
+    paths = report.write_report('runs/paper')       # {kind: path} of the files written
+
+or from the shell (no training, works on a partly finished sweep)::
+
+    python -m resnet_jax.report runs/paper [--paper-csv other_results.csv]
+
+Everything is read from disk: the sweep's manifest ``sweep.json`` (``axes``,
+``runs`` with ``name`` and ``overrides``, ``base_config``) and, in each run's
+folder ``<sweep_dir>/<name>/``, ``metrics.jsonl`` (one record per epoch),
+``summary.json`` (written when a run ends) and ``config.json``. A run without a
+folder or records is 'pending', one with records but no summary 'incomplete'.
+
+``write_report`` writes into the sweep dir, each file atomically (a unique
+temporary file in the same dir, then ``os.replace``), so concurrent writers of
+the same report never leave a torn file:
+
+* ``results.csv`` / ``results.md``: one row per run in manifest order in the
+  study's column layout (``epochs``, the axes, final train and test accuracy in
+  %), then best test accuracy and its epoch, wall time, images/s and status; the
+  best run is starred. ``read_results_csv`` parses the csv back.
+* ``comparison.csv`` (and a section of ``results.md``): ours vs the study's
+  final accuracies for the runs whose (batch_size, learning_rate, shuffle) is a
+  row of the study's table.
+* ``curves.png`` (the study's Figure 3: test and train accuracy and loss per
+  epoch, one line per run) and ``heatmap.png`` (final test accuracy over batch
+  size x learning rate, one panel per shuffle setting). Plots need matplotlib;
+  without it they are skipped and ``results.md`` says so.
+
+The study's table ships as ``resnet_jax/data/paper_results.csv``: Rane,
+Jathar, Yadav, "ResNet with Hyper Parameters Tuning", NYU; results table (final
+train and test accuracy in % of 18 runs: batch size x learning rate x shuffle,
+50 epochs, Adam, original CIFAR-10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import importlib.resources
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+# File names shared with resnet_jax.sweep / resnet_jax.train / resnet_jax.writers.
+MANIFEST_FILE = 'sweep.json'
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+CONFIG_FILE = 'config.json'
+
+RESULTS_CSV = 'results.csv'
+RESULTS_MD = 'results.md'
+COMPARISON_CSV = 'comparison.csv'
+CURVES_PNG = 'curves.png'
+HEATMAP_PNG = 'heatmap.png'
+
+STATUSES = ('completed', 'incomplete', 'failed', 'diverged', 'pending')
+STUDY_AXES = ('batch_size', 'learning_rate', 'shuffle')
+PAPER_CSV = 'paper_results.csv'
+PAPER_SOURCE = (
+    'Rane, Jathar, Yadav, "ResNet with Hyper Parameters Tuning", NYU; '
+    'results table, 50 epochs, Adam, original CIFAR-10'
+)
+
+# results.csv: 'epochs', the axis columns, then these.
+RESULT_COLUMNS = (
+    'train_accuracy',
+    'test_accuracy',
+    'best_test_accuracy',
+    'best_epoch',
+    'wall_seconds',
+    'images_per_second',
+    'status',
+    'best',
+    'error',
+)
+COMPARISON_COLUMNS = (
+    'batch_size',
+    'learning_rate',
+    'shuffle',
+    'epochs',
+    'paper_epochs',
+    'train_accuracy',
+    'paper_train_accuracy',
+    'train_difference',
+    'test_accuracy',
+    'paper_test_accuracy',
+    'test_difference',
+    'status',
+    'note',
+    'name',
+)
+MISSING = '—'  # Markdown cell of a value that does not exist (yet).
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What one run of a sweep has produced so far; accuracies in %.
+
+    Attributes:
+      name: the run's folder name in the sweep dir.
+      overrides: the run's values of the sweep axes (dotted config names).
+      status: 'completed' | 'incomplete' | 'failed' | 'diverged' | 'pending'.
+      epochs: the ``metrics.jsonl`` records, one per epoch, in epoch order
+        (accuracies there are fractions).
+      config: the run's full config (its summary's or ``config.json``, else the
+        manifest's base config with the overrides applied).
+      num_epochs: the configured number of epochs.
+      epochs_completed: the last epoch with results (0 if none).
+      train_accuracy, test_accuracy: after the last completed epoch.
+      best_test_accuracy, best_epoch: the best test accuracy over epochs.
+      wall_seconds: the run's wall time (the sum of epoch times while there is
+        no summary).
+      images_per_second: the median training throughput over epochs, without
+        epoch 1 (which includes compilation) when there are 2 or more.
+      error: why a failed or diverged run stopped.
+      data: ``{'source', 'path', ...}`` of the dataset copy (the summary's
+        ``data``; for runs without a summary the configured ``data`` section).
+    """
+
+    name: str
+    overrides: dict[str, Any]
+    status: str
+    epochs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_epochs: int | None = None
+    epochs_completed: int = 0
+    train_accuracy: float | None = None
+    test_accuracy: float | None = None
+    best_test_accuracy: float | None = None
+    best_epoch: int | None = None
+    wall_seconds: float | None = None
+    images_per_second: float | None = None
+    error: str | None = None
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def has_results(self) -> bool:
+        """Whether the run has a final test accuracy to show."""
+        return self.test_accuracy is not None
+
+
+# ----------------------------------------------------------------------------
+# Reading runs.
+
+
+def read_manifest(sweep_dir: str) -> dict[str, Any]:
+    """The sweep's ``sweep.json`` with ``axes``, ``runs`` and ``base_config``."""
+    path = os.path.join(sweep_dir, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{sweep_dir} holds no sweep ({MANIFEST_FILE} not found)')
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest.setdefault('axes', {})
+    manifest.setdefault('runs', [])
+    manifest.setdefault('base_config', {})
+    return manifest
+
+
+def collect(sweep_dir: str) -> list[RunResult]:
+    """One ``RunResult`` per manifest run, in manifest order, read from disk only."""
+    manifest = read_manifest(sweep_dir)
+    return [
+        load_run(
+            os.path.join(sweep_dir, run['name']),
+            run['name'],
+            dict(run.get('overrides', {})),
+            manifest['base_config'],
+        )
+        for run in manifest['runs']
+    ]
+
+
+def load_run(
+    run_dir: str,
+    name: str,
+    overrides: Mapping[str, Any],
+    base_config: Mapping[str, Any] | None = None,
+) -> RunResult:
+    """Reads one run folder (which may not exist yet) into a ``RunResult``."""
+    records = read_metrics(os.path.join(run_dir, METRICS_FILE))
+    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE))
+    last_epoch = int(records[-1]['epoch']) if records else 0
+    if summary is not None and int(summary.get('epochs_completed') or 0) < last_epoch:
+        summary = _without_stale_numbers(summary)
+    config = (
+        (summary or {}).get('config')
+        or _read_json(os.path.join(run_dir, CONFIG_FILE))
+        or apply_overrides(base_config or {}, overrides)
+    )
+    return derive_result(name, dict(overrides), records, summary, config)
+
+
+def _without_stale_numbers(summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What still holds of a summary older than the run's last epoch record.
+
+    A run resumed after its summary was written is running again (None: it is
+    'incomplete'), unless it has since failed or diverged: the sweep records
+    that by updating the old summary's status and error, so those are kept and
+    the numbers come from the epoch records.
+    """
+    if summary.get('status') not in ('failed', 'diverged'):
+        return None
+    return {k: summary[k] for k in ('status', 'error', 'config') if k in summary}
+
+
+def derive_result(
+    name: str,
+    overrides: dict[str, Any],
+    records: list[dict[str, Any]],
+    summary: Mapping[str, Any] | None,
+    config: Mapping[str, Any],
+) -> RunResult:
+    """A ``RunResult`` from a run's epoch records, summary (or None) and config."""
+    s = summary or {}
+    num_epochs = config.get('num_epochs')
+    epochs_completed = s.get('epochs_completed')
+    if epochs_completed is None:
+        epochs_completed = int(records[-1]['epoch']) if records else 0
+    last = records[-1] if records else {}
+    best = _best_record(records)
+    train_acc = _first_not_none(s.get('train_accuracy'), last.get('train_accuracy'))
+    test_acc = _first_not_none(s.get('test_accuracy'), last.get('test_accuracy'))
+    best_acc = _first_not_none(s.get('best_test_accuracy'), best.get('test_accuracy'))
+    best_epoch = _first_not_none(s.get('best_epoch'), best.get('epoch'))
+    wall = s.get('wall_seconds')
+    if wall is None and records:
+        wall = sum(float(r.get('epoch_seconds') or 0.0) for r in records)
+    data = s.get('data') or dict(config.get('data') or {})
+    return RunResult(
+        name=name,
+        overrides=overrides,
+        status=run_status(summary, records, num_epochs),
+        epochs=records,
+        config=dict(config),
+        num_epochs=None if num_epochs is None else int(num_epochs),
+        epochs_completed=int(epochs_completed),
+        train_accuracy=_percent(train_acc),
+        test_accuracy=_percent(test_acc),
+        best_test_accuracy=_percent(best_acc),
+        best_epoch=None if best_epoch is None else int(best_epoch),
+        wall_seconds=_finite(wall),
+        images_per_second=median_images_per_second(records),
+        error=s.get('error') or None,
+        data=data,
+    )
+
+
+def run_status(
+    summary: Mapping[str, Any] | None, records: Sequence[Mapping[str, Any]], num_epochs: Any
+) -> str:
+    """'pending' without records or summary, 'incomplete' with records only,
+    else the summary's status."""
+    if summary is None:
+        return 'incomplete' if records else 'pending'
+    status = summary.get('status')
+    if status:
+        return str(status)
+    done = summary.get('epochs_completed')
+    return 'completed' if done is not None and done == num_epochs else 'incomplete'
+
+
+def median_images_per_second(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """Median throughput over epochs, without epoch 1 (compilation) if others exist."""
+    if len(records) >= 2:
+        records = [r for r in records if r.get('epoch') != 1]
+    values = [_finite(r.get('images_per_second')) for r in records]
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, one per epoch in epoch order.
+
+    Tolerates a file being appended to: an unparsable (half-written) line is
+    skipped, and of two records of the same epoch the later one is kept.
+    """
+    if not os.path.isfile(path):
+        return []
+    by_epoch: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and 'epoch' in record:
+                by_epoch[int(record['epoch'])] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``config`` with dotted ``overrides`` ('data.path': ...) set."""
+    out = copy.deepcopy(dict(config))
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split('.')
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def config_value(config: Mapping[str, Any], key: str) -> Any:
+    """The value of a dotted ``key`` in a nested config dict (None if absent)."""
+    node: Any = config
+    for part in key.split('.'):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing or (being) written badly."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _best_record(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    scored = [r for r in records if _finite(r.get('test_accuracy')) is not None]
+    return max(scored, key=lambda r: r['test_accuracy']) if scored else {}
+
+
+def _first_not_none(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _finite(x: Any) -> float | None:
+    """``x`` as a float, or None if it is missing or not finite."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _percent(fraction: Any) -> float | None:
+    x = _finite(fraction)
+    return None if x is None else 100.0 * x
+
+
+# ----------------------------------------------------------------------------
+# CSV files.
+
+
+def load_paper_results(path: str | None = None) -> list[dict[str, Any]]:
+    """The study's results table (default: the packaged ``paper_results.csv``).
+
+    Rows have ``epochs, batch_size, learning_rate, shuffle, train_accuracy,
+    test_accuracy`` (accuracies in %).
+    """
+    if path is None:
+        resource = importlib.resources.files('resnet_jax') / 'data' / PAPER_CSV
+        return _parse_rows(resource.read_text())
+    return read_results_csv(path)
+
+
+def read_results_csv(path: str) -> list[dict[str, Any]]:
+    """The rows of a ``results.csv`` (or ``comparison.csv``) as dicts.
+
+    Integers and floats come back as numbers, 'True'/'False' as bools, empty
+    cells as None, everything else as strings.
+    """
+    with open(path, newline='') as f:
+        return _parse_rows(f.read())
+
+
+def _parse_rows(text: str) -> list[dict[str, Any]]:
+    return [{k: parse_cell(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+
+
+def parse_cell(text: str | None) -> Any:
+    """The value of a csv cell: int, float, bool, None ('') or str."""
+    if text is None or text == '':
+        return None
+    if text in ('True', 'False'):
+        return text == 'True'
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def format_cell(value: Any, digits: int | None = None) -> str:
+    """A csv cell: '' for None, 'True'/'False', ``digits`` decimals for floats."""
+    if value is None:
+        return ''
+    if isinstance(value, bool | int | str):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return ''
+        return f'{value:.{digits}f}' if digits is not None else repr(value)
+    return json.dumps(value, sort_keys=True)
+
+
+def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------
+# Tables.
+
+
+def axis_columns(axes: Iterable[str]) -> list[str]:
+    """The axes as table columns: the study's three first (when axes), then the rest."""
+    axes = list(axes)
+    return [a for a in STUDY_AXES if a in axes] + [a for a in axes if a not in STUDY_AXES]
+
+
+def best_run_index(results: Sequence[RunResult]) -> int | None:
+    """The index of the best run: the highest final test accuracy (first on ties).
+
+    Completed runs rank before incomplete ones; failed and diverged runs are
+    never the best.
+    """
+    scored = [
+        (r.status == 'completed', r.test_accuracy, -i)
+        for i, r in enumerate(results)
+        if r.has_results and r.status in ('completed', 'incomplete')
+    ]
+    return -max(scored)[2] if scored else None
+
+
+def result_rows(results: Sequence[RunResult], axes: Sequence[str]) -> list[dict[str, str]]:
+    """The formatted rows of ``results.csv``."""
+    best = best_run_index(results)
+    return [
+        {
+            'epochs': format_cell(r.epochs_completed),
+            **{a: format_cell(config_value(r.config, a)) for a in axes},
+            'train_accuracy': format_cell(r.train_accuracy, 2),
+            'test_accuracy': format_cell(r.test_accuracy, 2),
+            'best_test_accuracy': format_cell(r.best_test_accuracy, 2),
+            'best_epoch': format_cell(r.best_epoch),
+            'wall_seconds': format_cell(r.wall_seconds, 1),
+            'images_per_second': format_cell(r.images_per_second, 1),
+            'status': r.status,
+            'best': '*' if i == best else '',
+            'error': one_line(r.error or ''),
+        }
+        for i, r in enumerate(results)
+    ]
+
+
+def _paper_key(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    return row.get('batch_size'), row.get('learning_rate'), row.get('shuffle')
+
+
+def _same_study_row(config: Mapping[str, Any], paper_row: Mapping[str, Any]) -> bool:
+    bs, lr, shuffle = (config.get(k) for k in STUDY_AXES)
+    pbs, plr, pshuffle = _paper_key(paper_row)
+    if bs is None or lr is None or shuffle is None:
+        return False
+    return (
+        int(bs) == int(pbs)
+        and math.isclose(float(lr), float(plr), rel_tol=1e-9)
+        and bool(shuffle) == bool(pshuffle)
+    )
+
+
+def compare_with_paper(
+    results: Sequence[RunResult], paper: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Ours vs the study's accuracies for each run that matches a study row.
+
+    Runs match on (batch_size, learning_rate, shuffle) only; a difference in
+    epochs is stated in the row's ``note``. Differences are ours minus theirs,
+    in percentage points, of the accuracies as shown (2 decimals).
+    """
+    rows = []
+    for r in results:
+        match = next((p for p in paper if _same_study_row(r.config, p)), None)
+        if match is None:
+            continue
+        train = _round2(r.train_accuracy)
+        test = _round2(r.test_accuracy)
+        paper_epochs = match.get('epochs')
+        notes = []
+        if r.status != 'completed':
+            notes.append(r.status)
+        if r.status != 'pending' and r.epochs_completed != paper_epochs:
+            notes.append(f'ours: {r.epochs_completed} epochs, theirs: {paper_epochs}')
+        rows.append(
+            {
+                'batch_size': match['batch_size'],
+                'learning_rate': match['learning_rate'],
+                'shuffle': match['shuffle'],
+                'epochs': r.epochs_completed if r.status != 'pending' else None,
+                'paper_epochs': paper_epochs,
+                'train_accuracy': train,
+                'paper_train_accuracy': match['train_accuracy'],
+                'train_difference': _difference(train, match['train_accuracy']),
+                'test_accuracy': test,
+                'paper_test_accuracy': match['test_accuracy'],
+                'test_difference': _difference(test, match['test_accuracy']),
+                'status': r.status,
+                'note': '; '.join(notes),
+                'name': r.name,
+            }
+        )
+    return rows
+
+
+def _round2(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def _difference(ours: float | None, theirs: Any) -> float | None:
+    if ours is None or theirs is None:
+        return None
+    return round(ours - float(theirs), 2)
+
+
+def _comparison_csv_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    two = {
+        'train_accuracy',
+        'paper_train_accuracy',
+        'train_difference',
+        'test_accuracy',
+        'paper_test_accuracy',
+        'test_difference',
+    }
+    return [
+        {k: format_cell(row[k], 2 if k in two else None) for k in COMPARISON_COLUMNS}
+        for row in rows
+    ]
+
+
+# ----------------------------------------------------------------------------
+# Labels and statements.
+
+
+def run_label(overrides: Mapping[str, Any], name: str = 'run') -> str:
+    """A short legend label: 'bs100 lr0.01 shuf', other axes as 'name=value'."""
+    parts = []
+    for key in axis_columns(overrides):
+        value = overrides[key]
+        if key == 'batch_size':
+            parts.append(f'bs{value}')
+        elif key == 'learning_rate':
+            parts.append(f'lr{value:g}' if isinstance(value, int | float) else f'lr{value}')
+        elif key == 'shuffle':
+            parts.append('shuf' if value else 'noshuf')
+        else:
+            parts.append(f'{key}={format_cell(value)}')
+    return ' '.join(parts) or name
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """``text`` on one line (whitespace collapsed), cut to ``limit`` characters."""
+    text = ' '.join(str(text).split())
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + '…'
+    return text
+
+
+def describe_data(data: Mapping[str, Any]) -> str:
+    """Which dataset copy a run used, in words."""
+    source = str(data.get('source') or '')
+    path = str(data.get('path') or '')
+    sizes = ''
+    if data.get('num_train') is not None and data.get('num_test') is not None:
+        sizes = f', {data["num_train"]} train / {data["num_test"]} test images'
+    caveat = (
+        'accuracies are comparable only with runs on this copy, not with published CIFAR-10 numbers'
+    )
+    if 'jpeg' in path.lower() or 'jpg' in path.lower():
+        kind = 'image folder' if source in ('folder', 'auto', '') else f'{source} source at'
+        return f'{kind} {path} (JPEG re-encoding of CIFAR-10{sizes}: {caveat})'
+    if source == 'folder':
+        return f'image folder {path} (a re-encoded copy of CIFAR-10{sizes}: {caveat})'
+    if source == 'cifar':
+        return f'official CIFAR-10 files at {path}{sizes and f" ({sizes[2:]})"}'
+    if source == 'tfds':
+        where = f' (data dir {path})' if path else ''
+        return f'TFDS cifar10{where}{sizes and f" ({sizes[2:]})"}'
+    return f'source {source or "?"}, path {path or "?"} (as configured; no run has finished yet)'
+
+
+def data_statement(results: Sequence[RunResult]) -> str:
+    """'Data: ...': the dataset copy the runs used (one line per copy if several).
+
+    Runs are grouped by data path (by source when there is no path); a group is
+    described by its most detailed record (a summary's, with the source
+    detected and the image counts). Pending runs count only if nothing ran.
+    """
+    started = [r for r in results if r.status != 'pending'] or list(results)
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in started:
+        key = (
+            os.path.normpath(str(r.data.get('path')))
+            if r.data.get('path')
+            else r.data.get('source')
+        )
+        groups.setdefault(str(key), []).append(r.data)
+    texts = [describe_data(max(g, key=len)) for g in groups.values()]
+    if not texts:
+        return 'Data: unknown (no runs).'
+    if len(texts) == 1:
+        return f'Data: {texts[0]}.'
+    lines = [f'Data: the runs used {len(texts)} dataset copies:']
+    lines += [f'  - {len(g)} run(s): {t}' for g, t in zip(groups.values(), texts, strict=True)]
+    return '\n'.join(lines)
+
+
+def status_counts(results: Sequence[RunResult]) -> dict[str, int]:
+    """Number of runs by status, the known statuses first, zero counts left out."""
+    counts: dict[str, int] = {}
+    for status in [*STATUSES, *(r.status for r in results)]:
+        n = sum(r.status == status for r in results)
+        if n:
+            counts[status] = n
+    return counts
+
+
+# ----------------------------------------------------------------------------
+# Markdown.
+
+
+def _md_escape(text: str) -> str:
+    return one_line(text).replace('|', '\\|')
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(_md_escape(c) for c in row) + ' |' for row in rows]
+    return lines
+
+
+def _md_status(r: RunResult) -> str:
+    if r.status == 'incomplete' and r.num_epochs:
+        return f'incomplete ({r.epochs_completed}/{r.num_epochs})'
+    if r.status in ('failed', 'diverged') and r.error:
+        return f'{r.status}: {one_line(r.error, 60)}'
+    return r.status
+
+
+def results_markdown(
+    sweep_dir: str,
+    manifest: Mapping[str, Any],
+    results: Sequence[RunResult],
+    comparison: Sequence[Mapping[str, Any]] | None,
+    plots: Mapping[str, str | None],
+) -> str:
+    """The text of ``results.md``.
+
+    Args:
+      comparison: the rows of ``compare_with_paper`` (empty: no run matches the
+        study's grid).
+      plots: file name ('curves.png', 'heatmap.png') -> None if drawn, else why not.
+    """
+    axes = axis_columns(manifest['axes'])
+    counts = status_counts(results)
+    lines = [
+        '# Sweep report',
+        '',
+        f'- Sweep: `{os.path.abspath(sweep_dir)}`',
+        f'- Runs: {len(results)} ({", ".join(f"{n} {s}" for s, n in counts.items()) or "none"})',
+        '- Axes: '
+        + (
+            '; '.join(
+                f'{a} ({", ".join(format_cell(v) for v in manifest["axes"][a])})' for a in axes
+            )
+            or 'none'
+        ),
+        '- ' + data_statement(results),
+        '',
+        '## Results',
+        '',
+        'Final accuracies after the last completed epoch (`epochs`), in %; '
+        '`images/s` is the median over the epochs after the first (which includes compilation).',
+        '',
+    ]
+    best = best_run_index(results)
+    header = ['', 'epochs', *axes, 'train acc', 'test acc', 'best test acc', 'best epoch']
+    header += ['wall s', 'images/s', 'status']
+    body = []
+    for i, (r, row) in enumerate(zip(results, result_rows(results, axes), strict=True)):
+        cells = [row['epochs'] if r.status != 'pending' else '', *(row[a] for a in axes)]
+        cells += [row[c] for c in RESULT_COLUMNS[:6]]
+        cells = [c if c != '' else MISSING for c in cells]
+        if i == best:
+            cells = [f'**{c}**' for c in cells]
+        body.append(['★' if i == best else '', *cells, _md_status(r)])
+    lines += _md_table(header, body)
+    if best is not None:
+        r = results[best]
+        lines += [
+            '',
+            f'★ Best run: {run_label(r.overrides, r.name)}: final test accuracy '
+            f'{r.test_accuracy:.2f}% after {r.epochs_completed} epoch(s) ({r.status}).',
+        ]
+    problems = [r for r in results if r.status in ('failed', 'diverged')]
+    if problems:
+        lines += ['', '### Failed and diverged runs', '']
+        lines += [
+            f'- `{r.name}` ({r.status}, {r.epochs_completed} epoch(s)): '
+            f'{one_line(r.error or "no reason recorded", 500)}'
+            for r in problems
+        ]
+    lines += ['', '## Comparison with the study', '', f'Study: {PAPER_SOURCE}.', '']
+    lines += _comparison_markdown(results, comparison)
+    lines += ['', '## Plots', '']
+    titles = {CURVES_PNG: 'Accuracy and loss per epoch', HEATMAP_PNG: 'Final test accuracy'}
+    for file, reason in plots.items():
+        if reason is None:
+            lines += [f'![{titles.get(file, file)}]({file})', '']
+        else:
+            lines += [f'{file} not drawn: {reason}', '']
+    return '\n'.join(lines).rstrip('\n') + '\n'
+
+
+def _comparison_markdown(
+    results: Sequence[RunResult], comparison: Sequence[Mapping[str, Any]] | None
+) -> list[str]:
+    if comparison is None:
+        return ['Not compared: the study table could not be read.']
+    if not comparison:
+        return [
+            'Not compared: no run of this sweep has the (batch_size, learning_rate, shuffle) '
+            "of a row of the study's table."
+        ]
+    lines = []
+    unmatched = len(results) - len(comparison)
+    if unmatched:
+        lines += [f"{unmatched} run(s) have no counterpart in the study's table.", '']
+    if any('jpeg' in describe_data(r.data).lower() for r in results if r.status != 'pending'):
+        lines += [
+            'Caveat: our runs use a JPEG re-encoding of CIFAR-10 and the study the original '
+            'files; the differences include the effect of the data copy.',
+            '',
+        ]
+    header = ['batch_size', 'learning_rate', 'shuffle', 'train ours', 'train study', 'Δ train']
+    header += ['test ours', 'test study', 'Δ test', 'note']
+
+    def cell(x: Any, signed: bool = False) -> str:
+        if x is None:
+            return MISSING
+        return f'{x:+.2f}' if signed else f'{x:.2f}'
+
+    body = [
+        [
+            format_cell(row['batch_size']),
+            format_cell(row['learning_rate']),
+            format_cell(row['shuffle']),
+            cell(row['train_accuracy']),
+            cell(row['paper_train_accuracy']),
+            cell(row['train_difference'], signed=True),
+            cell(row['test_accuracy']),
+            cell(row['paper_test_accuracy']),
+            cell(row['test_difference'], signed=True),
+            row['note'],
+        ]
+        for row in comparison
+    ]
+    lines += _md_table(header, body)
+    lines += ['', 'Δ = ours minus the study, in percentage points.']
+    diffs = [
+        row['test_difference']
+        for row in comparison
+        if row['test_difference'] is not None and row['status'] == 'completed'
+    ]
+    if diffs:
+        lines[-1] += (
+            f' Over the {len(diffs)} completed run(s): mean Δ test '
+            f'{statistics.fmean(diffs):+.2f}, mean |Δ test| '
+            f'{statistics.fmean(abs(d) for d in diffs):.2f}.'
+        )
+    return lines
+
+
+# ----------------------------------------------------------------------------
+# Plots.
+
+
+def _new_figure(width: float, height: float, layout: str | None = None) -> Any:
+    """A matplotlib Figure on the Agg canvas (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png_bytes(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', bbox_inches='tight', metadata={'Software': None})
+    return buf.getvalue()
+
+
+def _run_colors(n: int) -> list[Any]:
+    import matplotlib
+
+    if n <= 10:
+        cmap = matplotlib.colormaps['tab10']
+        return [cmap(i) for i in range(n)]
+    if n <= 20:
+        # tab20 pairs a dark and a light shade; dark ones first keeps neighbours distinct.
+        cmap = matplotlib.colormaps['tab20']
+        order = [*range(0, 20, 2), *range(1, 20, 2)]
+        return [cmap(order[i]) for i in range(n)]
+    cmap = matplotlib.colormaps['turbo']
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0) -> list[float]:
+    values = [_finite(r.get(key)) for r in records]
+    return [math.nan if v is None else scale * v for v in values]
+
+
+def render_curves(results: Sequence[RunResult], title: str = '') -> bytes:
+    """PNG of the study's Figure 3: test accuracy, train accuracy and loss per epoch.
+
+    One line (one colour) per run with epochs; train loss solid, test loss
+    dashed. The legend sits outside the axes.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [r for r in results if r.epochs]
+    fig = _new_figure(16, 4.8)
+    ax_test, ax_train, ax_loss = fig.subplots(1, 3)
+    colors = _run_colors(len(runs))
+    handles = []
+    for r, color in zip(runs, colors, strict=True):
+        epochs = [int(e['epoch']) for e in r.epochs]
+        style = dict(color=color, linewidth=1.3, marker='o' if len(epochs) == 1 else None, ms=3)
+        ax_test.plot(epochs, _series(r.epochs, 'test_accuracy', 100), **style)
+        ax_train.plot(epochs, _series(r.epochs, 'train_accuracy', 100), **style)
+        ax_loss.plot(epochs, _series(r.epochs, 'train_loss'), **style)
+        ax_loss.plot(epochs, _series(r.epochs, 'test_loss'), linestyle='--', **style)
+        label = run_label(r.overrides, r.name)
+        if r.status != 'completed':
+            label += f' ({r.status})'
+        handles.append(Line2D([], [], color=color, linewidth=2, label=label))
+    for ax, name in ((ax_test, 'Test accuracy (%)'), (ax_train, 'Train accuracy (%)')):
+        ax.set_title(name)
+        ax.set_xlabel('epoch')
+        ax.grid(alpha=0.3)
+    ax_loss.set_title('Loss (train solid, test dashed)')
+    ax_loss.set_xlabel('epoch')
+    ax_loss.grid(alpha=0.3)
+    for ax in (ax_test, ax_train, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    losses = [
+        v
+        for r in runs
+        for v in _series(r.epochs, 'train_loss') + _series(r.epochs, 'test_loss')
+        if v > 0
+    ]
+    if losses:
+        ax_loss.set_yscale('log')
+    if not runs:
+        for ax in (ax_test, ax_train, ax_loss):
+            ax.text(0.5, 0.5, 'no epochs yet', ha='center', va='center', transform=ax.transAxes)
+    else:
+        style_handles = [
+            Line2D([], [], color='0.3', label='train'),
+            Line2D([], [], color='0.3', linestyle='--', label='test'),
+        ]
+        legend = ax_loss.legend(handles=style_handles, loc='upper right', fontsize='small')
+        ax_loss.add_artist(legend)
+        ncol = math.ceil(len(handles) / 24)
+        ax_loss.legend(
+            handles=handles,
+            loc='upper left',
+            bbox_to_anchor=(1.03, 1.0),
+            borderaxespad=0.0,
+            fontsize='small',
+            ncol=ncol,
+            title=f'{len(handles)} run(s)',
+        )
+    if title:
+        fig.suptitle(title)
+    return _png_bytes(fig)
+
+
+def _grid_cell(
+    results: Sequence[RunResult], values: Mapping[str, Any]
+) -> tuple[float | None, list[RunResult]]:
+    """Mean final test accuracy of the runs with these axis values, and the runs."""
+    runs = [
+        r
+        for r in results
+        if all(_same_value(config_value(r.config, k), v) for k, v in values.items())
+    ]
+    accs = [r.test_accuracy for r in runs if r.test_accuracy is not None]
+    return (statistics.fmean(accs) if accs else None), runs
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any]]) -> bytes:
+    """PNG of final test accuracy over batch size (rows) x learning rate (columns).
+
+    One panel per shuffle value (one panel if shuffle is not an axis); cells
+    without results show '—'. With other axes, a cell is the mean over them.
+    """
+    import numpy as np
+
+    batch_sizes = list(axes['batch_size'])
+    rates = list(axes['learning_rate'])
+    shuffles = list(axes['shuffle']) if 'shuffle' in axes else [None]
+    configured = {bool(r.config.get('shuffle')) for r in results if 'shuffle' in r.config}
+    others = [a for a in axes if a not in STUDY_AXES]
+    grids = []
+    for s in shuffles:
+        grid = np.full((len(batch_sizes), len(rates)), np.nan)
+        notes = [['' for _ in rates] for _ in batch_sizes]
+        for i, bs in enumerate(batch_sizes):
+            for j, lr in enumerate(rates):
+                values = {'batch_size': bs, 'learning_rate': lr}
+                if s is not None:
+                    values['shuffle'] = s
+                acc, runs = _grid_cell(results, values)
+                if acc is not None:
+                    grid[i, j] = acc
+                unfinished = [r for r in runs if r.status != 'completed' and r.has_results]
+                if unfinished and len(runs) == 1:
+                    r = runs[0]
+                    notes[i][j] = f'{r.status} {r.epochs_completed}/{r.num_epochs or "?"}'
+                elif unfinished:
+                    notes[i][j] = f'{len(unfinished)} unfinished'
+        grids.append((s, grid, notes))
+    finite = np.concatenate([g[np.isfinite(g)] for _, g, _ in grids])
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
+    if vmax - vmin < 1e-6:
+        vmin, vmax = vmin - 1.0, vmax + 1.0
+
+    import matplotlib
+
+    cmap = matplotlib.colormaps['viridis'].with_extremes(bad='0.92')
+    width = 1.5 + len(shuffles) * (1.2 + 1.4 * len(rates))
+    fig = _new_figure(width, 1.6 + 0.9 * len(batch_sizes), layout='constrained')
+    panels = fig.subplots(1, len(shuffles), squeeze=False)[0]
+    image = None
+    for k, (ax, (s, grid, notes)) in enumerate(zip(panels, grids, strict=True)):
+        image = ax.imshow(
+            np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect='auto'
+        )
+        ax.set_xticks(range(len(rates)), [format_cell(r) for r in rates])
+        ax.set_yticks(range(len(batch_sizes)), [format_cell(b) for b in batch_sizes])
+        ax.set_xlabel('learning rate')
+        if k == 0:
+            ax.set_ylabel('batch size')
+        shown = s if s is not None else (configured.pop() if len(configured) == 1 else None)
+        ax.set_title({True: 'shuffle', False: 'no shuffle', None: 'all runs'}[shown])
+        for i in range(len(batch_sizes)):
+            for j in range(len(rates)):
+                value = grid[i, j]
+                if np.isfinite(value):
+                    dark = (value - vmin) / (vmax - vmin) < 0.6
+                    text = f'{value:.2f}' + (f'\n{notes[i][j]}' if notes[i][j] else '')
+                    color = 'white' if dark else 'black'
+                else:
+                    text, color = MISSING, '0.4'
+                ax.text(j, i, text, ha='center', va='center', color=color, fontsize=8.5)
+    if image is not None:
+        fig.colorbar(image, ax=list(panels), label='final test accuracy (%)', shrink=0.85)
+    title = 'Final test accuracy (%)'
+    if others:
+        title += f' (mean over {", ".join(others)})'
+    fig.suptitle(title)
+    return _png_bytes(fig)
+
+
+# ----------------------------------------------------------------------------
+# Writing.
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+    """Writes ``path`` via a unique temporary file in its dir and ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str, str]:
+    """Writes the sweep's report files into ``sweep_dir``; returns ``{kind: path}``.
+
+    Kinds: 'results_csv', 'results_md', and when they apply 'comparison_csv'
+    (some run matches a row of the study's table), 'curves' and 'heatmap'
+    (batch_size and learning_rate are axes) when matplotlib is installed.
+    Reads only what is on disk, never trains; a comparison or heatmap that no
+    longer applies is removed.
+
+    Args:
+      sweep_dir: the sweep's workdir (holding ``sweep.json``).
+      paper_csv: the study's results table (default: the packaged one).
+    """
+    manifest = read_manifest(sweep_dir)
+    results = collect(sweep_dir)
+    axes = axis_columns(manifest['axes'])
+    paths = {
+        'results_csv': os.path.join(sweep_dir, RESULTS_CSV),
+        'results_md': os.path.join(sweep_dir, RESULTS_MD),
+    }
+    written: dict[str, str] = {}
+
+    columns = ['epochs', *axes, *RESULT_COLUMNS]
+    write_atomic(paths['results_csv'], _csv_text(columns, result_rows(results, axes)))
+    written['results_csv'] = paths['results_csv']
+
+    comparison = compare_with_paper(results, load_paper_results(paper_csv))
+    comparison_path = os.path.join(sweep_dir, COMPARISON_CSV)
+    if comparison:
+        write_atomic(
+            comparison_path, _csv_text(COMPARISON_COLUMNS, _comparison_csv_rows(comparison))
+        )
+        written['comparison_csv'] = comparison_path
+    else:
+        _remove(comparison_path)
+
+    plots = _write_plots(sweep_dir, manifest, results, written)
+    markdown = results_markdown(sweep_dir, manifest, results, comparison, plots)
+    write_atomic(paths['results_md'], markdown)
+    written['results_md'] = paths['results_md']
+    return written
+
+
+def _write_plots(
+    sweep_dir: str,
+    manifest: Mapping[str, Any],
+    results: Sequence[RunResult],
+    written: dict[str, str],
+) -> dict[str, str | None]:
+    """Draws the plots into ``sweep_dir``; returns file -> None if drawn, else why not."""
+    curves = os.path.join(sweep_dir, CURVES_PNG)
+    heatmap = os.path.join(sweep_dir, HEATMAP_PNG)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        reason = 'matplotlib is not installed (pip install matplotlib)'
+        return {CURVES_PNG: reason, HEATMAP_PNG: reason}
+    write_atomic(curves, render_curves(results, os.path.basename(os.path.abspath(sweep_dir))))
+    written['curves'] = curves
+    axes = manifest['axes']
+    if 'batch_size' in axes and 'learning_rate' in axes:
+        write_atomic(heatmap, render_heatmap(results, axes))
+        written['heatmap'] = heatmap
+        return {CURVES_PNG: None, HEATMAP_PNG: None}
+    _remove(heatmap)
+    return {CURVES_PNG: None, HEATMAP_PNG: 'batch_size and learning_rate are not both sweep axes'}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m resnet_jax.report SWEEP_DIR [--paper-csv PATH]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('sweep_dir', help='the sweep workdir (holding sweep.json)')
+    parser.add_argument('--paper-csv', default=None, help="the study's results table")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_report(args.sweep_dir, args.paper_csv)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return 2
+    for kind, path in paths.items():
+        print(f'{kind}: {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

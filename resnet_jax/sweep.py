@@ -1,0 +1,249 @@
+"""Sweeps: the product of value lists over config fields, one run per point.
+
+A sweep is a config with a ``sweep`` section whose list (or tuple) entries are
+the axes; nested sections name nested fields::
+
+    config.sweep = ml_collections.ConfigDict()
+    config.sweep.batch_size = (100, 500, 1000)
+    config.sweep.learning_rate = (0.1, 0.01, 0.001)
+    config.sweep.shuffle = (True, False)
+    config.sweep.data = ml_collections.ConfigDict({'train_subset': (5000, 0)})
+
+    runs = sweep.expand(config)                       # 18 x 2 Run objects
+    failed = sweep.run_sweep(config, 'runs/paper')    # trains, then writes the report
+
+Axes are taken in sorted name order (how ``ConfigDict`` lists its keys), values
+in the order given. Each run trains in ``workdir/<name>`` where the name lists
+its overrides (``batch_size=100,learning_rate=0.01,shuffle=True``). Finished
+runs are skipped, interrupted ones resume from their checkpoints, a failing or
+diverging run is recorded in its ``summary.json`` and the sweep goes on.
+``shard=(i, n)`` runs only every n-th run starting at i, so n processes can
+share one sweep workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+from typing import Any
+
+import ml_collections
+
+from resnet_jax import input_pipeline, validation
+from resnet_jax import workdir as workdir_lib
+
+logger = logging.getLogger('resnet_jax')
+
+MANIFEST_FILE = 'sweep.json'
+# Entries of config.sweep that are options of the sweep, not axes.
+OPTIONS = ('vectorize',)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One point of a sweep."""
+
+    index: int
+    name: str
+    overrides: dict[str, Any]
+    config: ml_collections.ConfigDict
+
+
+def is_sweep(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` has a ``sweep`` section with at least one axis."""
+    return 'sweep' in config and bool(axes(config))
+
+
+def axes(config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
+    """``{dotted field name: values}`` of the sweep section, in sorted order."""
+    found: dict[str, list[Any]] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            name = prefix + key
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, name + '.')
+            elif isinstance(value, (list, tuple)):
+                found[name] = list(value)
+            elif name not in OPTIONS:
+                raise validation.ConfigError(
+                    f'config.sweep.{name} must be a list of values, got {value!r}'
+                )
+
+    walk(config.get('sweep', ml_collections.ConfigDict()), '')
+    for name, values in found.items():
+        if not values:
+            raise validation.ConfigError(f'config.sweep.{name} is empty')
+    return found
+
+
+def _format(value: Any) -> str:
+    text = repr(value) if isinstance(value, float) else str(value)
+    return text.replace(os.sep, '_').replace(',', '_')
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+    """The folder name of a run: ``name=value`` pairs joined by commas."""
+    return ','.join(f'{k}={_format(v)}' for k, v in overrides.items())
+
+
+def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """An unlocked copy of ``config`` without its sweep section."""
+    base = ml_collections.ConfigDict(config.to_dict())
+    if 'sweep' in base:
+        del base['sweep']
+    return base
+
+
+def _override(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
+    node = config
+    *parents, leaf = field.split('.')
+    for part in parents:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise validation.ConfigError(f'config.sweep.{field}: config has no field {field}')
+        node = node[part]
+    if leaf not in node:
+        raise validation.ConfigError(f'config.sweep.{field}: config has no field {field}')
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise validation.ConfigError(f'config.sweep.{field}={value!r}: {e}') from None
+
+
+def expand(config: ml_collections.ConfigDict) -> list[Run]:
+    """Every run of the sweep, each config validated."""
+    grid = axes(config)
+    base = base_config(config)
+    runs = []
+    for index, values in enumerate(itertools.product(*grid.values())):
+        overrides = dict(zip(grid, values, strict=True))
+        run_config = ml_collections.ConfigDict(base.to_dict())
+        for field, value in overrides.items():
+            _override(run_config, field, value)
+        try:
+            validation.validate_config(run_config)
+        except validation.ConfigError as e:
+            raise validation.ConfigError(f'run {run_name(overrides)}: {e}') from None
+        runs.append(Run(index, run_name(overrides), overrides, run_config))
+    return runs
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``'i/n'`` -> ``(i, n)`` with ``0 <= i < n``."""
+    try:
+        i, n = (int(part) for part in text.split('/'))
+    except ValueError:
+        raise validation.ConfigError(f'--sweep_shard must look like i/n, got {text!r}') from None
+    if n < 1 or not 0 <= i < n:
+        raise validation.ConfigError(f'--sweep_shard={text}: need 0 <= i < n')
+    return i, n
+
+
+def shard_runs(runs: list[Run], shard: tuple[int, int]) -> list[Run]:
+    """The runs of shard ``i`` of ``n``: every n-th run starting at i."""
+    i, n = shard
+    return [run for run in runs if run.index % n == i]
+
+
+def write_manifest(config: ml_collections.ConfigDict, workdir: str, runs: list[Run]) -> None:
+    """``workdir/sweep.json``: the axes, every run and the base config."""
+    os.makedirs(workdir, exist_ok=True)
+    manifest = {
+        'axes': axes(config),
+        'runs': [{'name': r.name, 'overrides': r.overrides} for r in runs],
+        'base_config': base_config(config).to_dict(),
+    }
+    workdir_lib.write_json(os.path.join(workdir, MANIFEST_FILE), manifest)
+
+
+def _finished(run: Run, run_dir: str) -> bool:
+    """Completed earlier with the same config."""
+    path = os.path.join(run_dir, 'summary.json')
+    if not os.path.exists(path):
+        return False
+    try:
+        summary = workdir_lib.read_json(path)
+    except (OSError, ValueError):
+        return False
+    same = summary.get('config') == workdir_lib.config_json(run.config)
+    return summary.get('status') == 'completed' and same
+
+
+def _record_failure(run: Run, run_dir: str, status: str, error: str) -> None:
+    summary_path = os.path.join(run_dir, 'summary.json')
+    summary = {}
+    if os.path.exists(summary_path):
+        try:
+            summary = workdir_lib.read_json(summary_path)
+        except (OSError, ValueError):
+            summary = {}
+    summary.update(status=status, error=error, config=workdir_lib.config_json(run.config))
+    workdir_lib.write_json(summary_path, summary)
+
+
+def run_one(run: Run, workdir: str) -> str:
+    """Trains one run (or skips it); returns its status."""
+    from resnet_jax import train  # pylint: disable=g-import-not-at-top  # Heavy.
+
+    run_dir = os.path.join(workdir, run.name)
+    if _finished(run, run_dir):
+        logger.info('run %d %s: already completed, skipped', run.index, run.name)
+        return 'completed'
+    logger.info('run %d %s: training', run.index, run.name)
+    try:
+        _, summary = train.train_and_evaluate(run.config, run_dir)
+    except workdir_lib.WorkdirBusy as e:
+        logger.warning('run %d %s: skipped, %s', run.index, run.name, e)
+        return 'busy'
+    except KeyboardInterrupt:
+        raise
+    except (validation.ConfigError, input_pipeline.DataError) as e:
+        message = str(e)  # Bad input: one line is the whole story.
+        logger.error('run %d %s failed: %s', run.index, run.name, message)
+        _record_failure(run, run_dir, 'failed', message)
+        return 'failed'
+    except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
+        message = f'{type(e).__name__}: {e}'
+        logger.exception('run %d %s failed: %s', run.index, run.name, message)
+        _record_failure(run, run_dir, 'failed', message)
+        return 'failed'
+    return summary['status']
+
+
+def run_sweep(
+    config: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] = (0, 1)
+) -> dict[str, str]:
+    """Runs this shard's runs of the sweep, then writes the report.
+
+    Returns ``{run name: status}`` for this shard's runs.
+    """
+    runs = expand(config)
+    write_manifest(config, workdir, runs)
+    mine = shard_runs(runs, shard)
+    logger.info(
+        'sweep of %d runs over %s; shard %d/%d runs %d of them',
+        len(runs),
+        ', '.join(axes(config)),
+        shard[0],
+        shard[1],
+        len(mine),
+    )
+    statuses = {run.name: run_one(run, workdir) for run in mine}
+    write_report(workdir)
+    return statuses
+
+
+def write_report(workdir: str) -> dict[str, str]:
+    """Writes the sweep report; a failure to plot is a warning, not an error."""
+    from resnet_jax import report  # pylint: disable=g-import-not-at-top
+
+    try:
+        paths = report.write_report(workdir)
+    except ImportError as e:
+        logger.warning('report not written: %s', e)
+        return {}
+    for kind, path in paths.items():
+        logger.info('report %s: %s', kind, path)
+    return paths

@@ -1,0 +1,191 @@
+"""Sweeps: grid expansion, sharding, resume, failures, two processes at once."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from configs import paper_sweep
+from resnet_jax import report, sweep, validation, writers
+from tests.conftest import REPO, make_tiny_config
+
+
+def _grid_config(data_path, **axes):
+    config = make_tiny_config(data_path)
+    config.num_epochs = 2
+    config.sweep = ml_collections.ConfigDict()
+    for name, values in axes.items():
+        node = config.sweep
+        *parents, leaf = name.split('__')
+        for part in parents:
+            if part not in node:
+                node[part] = ml_collections.ConfigDict()
+            node = node[part]
+        node[leaf] = tuple(values)
+    return config
+
+
+def test_paper_sweep_is_the_studys_18_runs():
+    runs = sweep.expand(paper_sweep.get_config())
+    assert len(runs) == 18 and len({r.name for r in runs}) == 18
+    assert runs[0].name == 'batch_size=100,learning_rate=0.1,shuffle=True'
+    triples = {(r.config.batch_size, r.config.learning_rate, r.config.shuffle) for r in runs}
+    assert triples == {
+        (b, lr, s) for b in (100, 500, 1000) for lr in (0.1, 0.01, 0.001) for s in (True, False)
+    }
+    assert all(r.config.num_epochs == 50 and r.config.optimizer == 'adam' for r in runs)
+    assert all('sweep' not in r.config for r in runs)
+
+
+def test_nested_axes_and_readable_names():
+    config = _grid_config('', data__train_subset=[10, 20], seed=[0])
+    runs = sweep.expand(config)
+    assert [r.name for r in runs] == ['data.train_subset=10,seed=0', 'data.train_subset=20,seed=0']
+    assert runs[1].config.data.train_subset == 20
+
+
+@pytest.mark.parametrize(
+    'axes,fragment',
+    [
+        ({'no_such_field': [1]}, 'no_such_field'),
+        ({'batch_size': [0, 32]}, 'batch_size'),
+        ({'learning_rate': ['fast']}, 'learning_rate'),
+        ({'batch_size': []}, 'empty'),
+    ],
+)
+def test_bad_sweeps_fail_before_training(axes, fragment):
+    with pytest.raises(validation.ConfigError, match=fragment):
+        sweep.expand(_grid_config('', **axes))
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 7, 18, 25])
+def test_shards_cover_every_run_exactly_once(n):
+    runs = sweep.expand(paper_sweep.get_config())
+    seen = [r.name for i in range(n) for r in sweep.shard_runs(runs, (i, n))]
+    assert sorted(seen) == sorted(r.name for r in runs)
+    assert sweep.parse_shard('1/3') == (1, 3)
+    for bad in ('3/3', '-1/2', 'a/b', '1'):
+        with pytest.raises(validation.ConfigError):
+            sweep.parse_shard(bad)
+
+
+def _mtime(path):
+    return os.stat(path).st_mtime_ns
+
+
+def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
+    config = _grid_config(cifar_py.path, seed=[0, 1], shuffle=[True, False])
+    workdir = str(tmp_path)
+    statuses = sweep.run_sweep(config, workdir)
+    assert list(statuses.values()) == ['completed'] * 4
+    manifest = json.loads((tmp_path / 'sweep.json').read_text())
+    names = [r['name'] for r in manifest['runs']]
+    assert names == list(statuses) and manifest['axes'] == {
+        'seed': [0, 1],
+        'shuffle': [True, False],
+    }
+    for name in names:
+        assert json.loads((tmp_path / name / 'summary.json').read_text())['status'] == 'completed'
+        assert len(writers.read_metrics(str(tmp_path / name))) == 2
+    assert (tmp_path / 'results.csv').exists() and (tmp_path / 'results.md').exists()
+    accuracy_columns = ('train_accuracy', 'test_accuracy', 'best_test_accuracy', 'status')
+    rows_before = [
+        {k: row[k] for k in accuracy_columns}
+        for row in report.read_results_csv(str(tmp_path / 'results.csv'))
+    ]
+
+    # Shuffle on and off train on different orders; different seeds differ too.
+    finals = [writers.read_metrics(str(tmp_path / n))[-1]['train_loss'] for n in names]
+    assert len(set(finals)) == 4
+
+    deleted, cut, kept = names[0], names[1], names[2:]
+    expected_cut = writers.read_metrics(str(tmp_path / cut))
+    shutil.rmtree(tmp_path / deleted)
+    shutil.rmtree(tmp_path / cut / 'checkpoints' / '2')  # Killed before epoch 2's checkpoint.
+    os.remove(tmp_path / cut / 'summary.json')
+    kept_mtimes = [_mtime(tmp_path / k / 'summary.json') for k in kept]
+
+    statuses = sweep.run_sweep(config, workdir)
+    assert list(statuses.values()) == ['completed'] * 4
+    assert [_mtime(tmp_path / k / 'summary.json') for k in kept] == kept_mtimes  # Skipped.
+    resumed = writers.read_metrics(str(tmp_path / cut))
+    keys = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy')
+    assert [{k: r[k] for k in keys} for r in resumed] == [
+        {k: r[k] for k in keys} for r in expected_cut
+    ]
+    # The report is rewritten at the end: same accuracies (timings differ).
+    rows_after = [
+        {k: row[k] for k in accuracy_columns}
+        for row in report.read_results_csv(str(tmp_path / 'results.csv'))
+    ]
+    assert rows_after == rows_before
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    return subprocess.Popen(
+        [sys.executable, '-m', 'resnet_jax.main', *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def test_two_shards_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py):
+    """Runs: (60, 0.01) completes, (60, 3e38) diverges, (1000, *) fail: subset too big."""
+    workdir = str(tmp_path / 'sweep')
+    # A sweep config of one's own, outside the repository, built on smoke.py.
+    cfg = tmp_path / 'configs' / 'grid.py'
+    cfg.parent.mkdir()
+    cfg.write_text(
+        'import sys\n'
+        'import ml_collections\n'
+        f'sys.path.insert(0, {REPO!r})\n'
+        'from configs import smoke\n'
+        'def get_config():\n'
+        '    c = smoke.get_config()\n'
+        '    c.sweep = ml_collections.ConfigDict()\n'
+        '    c.sweep.data = ml_collections.ConfigDict({"train_subset": (60, 1000)})\n'
+        '    c.sweep.learning_rate = (0.01, 3e38)\n'
+        '    return c\n'
+    )
+    common = [
+        '--config',
+        str(cfg),
+        '--workdir',
+        workdir,
+        f'--config.data.path={cifar_py.path}',
+        '--config.num_epochs=1',
+        '--config.optimizer=sgd',
+        '--config.batch_size=20',
+    ]
+    procs = [_cli([*common, f'--sweep_shard={i}/2']) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 1, err[-2000:]
+        assert 'Traceback' not in err
+    statuses = {}
+    manifest = json.loads(open(os.path.join(workdir, 'sweep.json')).read())
+    for run in manifest['runs']:
+        summary = json.loads(open(os.path.join(workdir, run['name'], 'summary.json')).read())
+        statuses[run['name']] = (summary['status'], summary.get('error', ''))
+    assert statuses['data.train_subset=60,learning_rate=0.01'][0] == 'completed'
+    assert statuses['data.train_subset=60,learning_rate=3e+38'][0] == 'diverged'
+    for name in (
+        'data.train_subset=1000,learning_rate=0.01',
+        'data.train_subset=1000,learning_rate=3e+38',
+    ):
+        assert statuses[name][0] == 'failed' and 'train_subset' in statuses[name][1]
+    # The report lists every run with its status; regenerating it needs no training.
+    report = _cli(['--workdir', workdir, '--mode=report'])
+    out, err = report.communicate(timeout=120)
+    assert report.returncode == 0, err
+    md = open(os.path.join(workdir, 'results.md')).read()
+    assert 'diverged' in md and 'failed' in md
