@@ -6,7 +6,7 @@
 
 or from the shell (no training, works on a partly finished sweep)::
 
-    python -m resnet_jax.report runs/paper [--paper-csv other_results.csv]
+    python -m resnet_jax.main --workdir runs/paper --mode=report
 
 Everything is read from disk: the sweep's manifest ``sweep.json`` (``axes``,
 ``runs`` with ``name`` and ``overrides``, ``base_config``) and, in each run's
@@ -38,7 +38,6 @@ train and test accuracy in % of 18 runs: batch size x learning rate x shuffle,
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -48,16 +47,17 @@ import json
 import math
 import os
 import statistics
-import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-# File names shared with resnet_jax.sweep / resnet_jax.train / resnet_jax.writers.
-MANIFEST_FILE = 'sweep.json'
-METRICS_FILE = 'metrics.jsonl'
-SUMMARY_FILE = 'summary.json'
-CONFIG_FILE = 'config.json'
+from resnet_jax.workdir import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    SUMMARY_FILE,
+    read_json_object,
+    write_atomic,
+)
+from resnet_jax.writers import read_metrics
 
 RESULTS_CSV = 'results.csv'
 RESULTS_MD = 'results.md'
@@ -189,14 +189,14 @@ def load_run(
     base_config: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Reads one run folder (which may not exist yet) into a ``RunResult``."""
-    records = read_metrics(os.path.join(run_dir, METRICS_FILE))
-    summary = _read_json(os.path.join(run_dir, SUMMARY_FILE))
+    records = read_metrics(run_dir)
+    summary = read_json_object(os.path.join(run_dir, SUMMARY_FILE))
     last_epoch = int(records[-1]['epoch']) if records else 0
     if summary is not None and int(summary.get('epochs_completed') or 0) < last_epoch:
         summary = _without_stale_numbers(summary)
     config = (
         (summary or {}).get('config')
-        or _read_json(os.path.join(run_dir, CONFIG_FILE))
+        or read_json_object(os.path.join(run_dir, CONFIG_FILE))
         or apply_overrides(base_config or {}, overrides)
     )
     return derive_result(name, dict(overrides), records, summary, config)
@@ -280,26 +280,6 @@ def median_images_per_second(records: Sequence[Mapping[str, Any]]) -> float | No
     return statistics.median(values) if values else None
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``, one per epoch in epoch order.
-
-    Tolerates a file being appended to: an unparsable (half-written) line is
-    skipped, and of two records of the same epoch the later one is kept.
-    """
-    if not os.path.isfile(path):
-        return []
-    by_epoch: dict[int, dict[str, Any]] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and 'epoch' in record:
-                by_epoch[int(record['epoch'])] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy of ``config`` with dotted ``overrides`` ('data.path': ...) set."""
     out = copy.deepcopy(dict(config))
@@ -320,16 +300,6 @@ def config_value(config: Mapping[str, Any], key: str) -> Any:
             return None
         node = node[part]
     return node
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    """A JSON object file, or None when it is missing or (being) written badly."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def _best_record(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -998,23 +968,6 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
 # Writing.
 
 
-def write_atomic(path: str, data: bytes | str) -> None:
-    """Writes ``path`` via a unique temporary file in its dir and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -1088,23 +1041,3 @@ def _write_plots(
         return {CURVES_PNG: None, HEATMAP_PNG: None}
     _remove(heatmap)
     return {CURVES_PNG: None, HEATMAP_PNG: 'batch_size and learning_rate are not both sweep axes'}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m resnet_jax.report SWEEP_DIR [--paper-csv PATH]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('sweep_dir', help='the sweep workdir (holding sweep.json)')
-    parser.add_argument('--paper-csv', default=None, help="the study's results table")
-    args = parser.parse_args(argv)
-    try:
-        paths = write_report(args.sweep_dir, args.paper_csv)
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        print(f'error: {one_line(e)}', file=sys.stderr)
-        return 2
-    for kind, path in paths.items():
-        print(f'{kind}: {path}')
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

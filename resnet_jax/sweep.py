@@ -36,7 +36,7 @@ from resnet_jax import workdir as workdir_lib
 
 logger = logging.getLogger('resnet_jax')
 
-MANIFEST_FILE = 'sweep.json'
+MANIFEST_FILE = workdir_lib.MANIFEST_FILE
 # Entries of config.sweep that are options of the sweep, not axes.
 OPTIONS = ('vectorize',)
 
@@ -160,7 +160,7 @@ def write_manifest(config: ml_collections.ConfigDict, workdir: str, runs: list[R
 
 def _finished(run: Run, run_dir: str) -> bool:
     """Completed earlier with the same config."""
-    path = os.path.join(run_dir, 'summary.json')
+    path = os.path.join(run_dir, workdir_lib.SUMMARY_FILE)
     if not os.path.exists(path):
         return False
     try:
@@ -172,7 +172,7 @@ def _finished(run: Run, run_dir: str) -> bool:
 
 
 def _record_failure(run: Run, run_dir: str, status: str, error: str) -> None:
-    summary_path = os.path.join(run_dir, 'summary.json')
+    summary_path = os.path.join(run_dir, workdir_lib.SUMMARY_FILE)
     summary = {}
     if os.path.exists(summary_path):
         try:

@@ -56,8 +56,6 @@ METRIC_KEYS = (
     'epoch_seconds',
     'images_per_second',
 )
-CONFIG_FILE = 'config.json'
-SUMMARY_FILE = 'summary.json'
 CHECKPOINT_DIR = 'checkpoints'
 
 
@@ -517,7 +515,7 @@ def restore_checkpoint(
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained with."""
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
         return ml_collections.ConfigDict(json.load(f))
 
 
@@ -545,7 +543,7 @@ def restore(
 
 
 def _save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    path = os.path.join(workdir, CONFIG_FILE)
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
     new = workdir_lib.config_json(config)
     if os.path.exists(path):
         with open(path) as f:
@@ -711,7 +709,7 @@ def _train_and_evaluate(
     summary['status'] = status
     if error:
         summary['error'] = error
-    workdir_lib.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
     if records:
         logger.info(
             '%s: final test accuracy %.2f%%, best %.2f%% (epoch %s), %.0fs',

@@ -18,6 +18,11 @@ from collections.abc import Iterator
 from typing import Any
 
 LOCK_FILE = '.lock'
+# The files of a run's workdir and of a sweep's workdir.
+CONFIG_FILE = 'config.json'
+SUMMARY_FILE = 'summary.json'
+METRICS_FILE = 'metrics.jsonl'
+MANIFEST_FILE = 'sweep.json'
 
 
 class WorkdirBusy(RuntimeError):
@@ -25,28 +30,41 @@ class WorkdirBusy(RuntimeError):
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as JSON through a unique temporary file and a rename."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + '\n'
-    write_text(path, text)
+    """Writes ``obj`` as JSON, atomically."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
 
 
-def write_text(path: str, text: str) -> None:
-    """Atomically replaces ``path`` (safe with concurrent writers)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
+def write_atomic(path: str, data: bytes | str) -> None:
+    """Writes ``path`` via a unique temporary file in its dir and ``os.replace``.
+
+    Readers never see a torn file, and concurrent writers of the same file
+    (two sweep shards writing the report) do not collide.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
     try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
         raise
 
 
 def read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def read_json_object(path: str) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing or (being) written badly."""
+    try:
+        obj = read_json(path)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -17,9 +17,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-logger = logging.getLogger('resnet_jax')
+from resnet_jax.workdir import METRICS_FILE, write_atomic
 
-METRICS_FILE = 'metrics.jsonl'
+logger = logging.getLogger('resnet_jax')
 
 
 def _tensorboard_writer(logdir: str) -> Any:
@@ -52,12 +52,25 @@ class _TensorboardXWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of ``workdir/metrics.jsonl`` (empty if there is none)."""
+    """The records of ``workdir/metrics.jsonl``, one per epoch in epoch order.
+
+    Tolerates a file being appended to or cut by a kill: an unparsable
+    (half-written) line is skipped, and of two records of the same epoch the
+    later one is kept. Empty if there is no file.
+    """
     path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         return []
+    by_epoch: dict[int, dict[str, Any]] = {}
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and 'epoch' in record:
+                by_epoch[int(record['epoch'])] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def truncate_metrics(workdir: str, last_epoch: int) -> list[dict[str, Any]]:
@@ -65,10 +78,7 @@ def truncate_metrics(workdir: str, last_epoch: int) -> list[dict[str, Any]]:
     records = [r for r in read_metrics(workdir) if r['epoch'] <= last_epoch]
     path = os.path.join(workdir, METRICS_FILE)
     if os.path.exists(path):
-        tmp = path + '.tmp'
-        with open(tmp, 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in records)
-        os.replace(tmp, path)
+        write_atomic(path, ''.join(json.dumps(r) + '\n' for r in records))
     return records
 
 

@@ -104,3 +104,4 @@ def test_missing_flags_and_eval_without_checkpoint(tmp_path):
     _assert_usage_error(_run(['--config', 'configs/no_such.py', '--workdir', str(tmp_path)]))
     proc = _run(['--config', 'configs/smoke.py', '--workdir', str(tmp_path), '--mode=eval'])
     _assert_usage_error(proc)
+    _assert_usage_error(_run(['--workdir', str(tmp_path), '--mode=report']), 'holds no sweep')
