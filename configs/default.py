@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 3
     config.progress_every_seconds = 30.0
+    # Check the running loss for NaN/inf every this many steps (0: at epoch ends).
+    config.check_finite_every_steps = 50
 
     config.data = ml_collections.ConfigDict()
     # 'auto' (detect from path), 'tfds', 'cifar' (official python/binary batches),

@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -34,6 +35,18 @@ flags.DEFINE_enum(
     'exists; eval: evaluate the latest checkpoint of --workdir on the test set; '
     'report: (re)write the report of the sweep in --workdir, without training.',
 )
+flags.DEFINE_bool(
+    'overwrite',
+    False,
+    'Delete the run (checkpoints, metrics, summary, events) that --workdir holds '
+    'and start over, even if its config differs.',
+)
+flags.DEFINE_bool(
+    'new_run',
+    False,
+    'If --workdir already holds a run, train into the first free WORKDIR-2, '
+    'WORKDIR-3, ... instead.',
+)
 flags.DEFINE_string(
     'sweep_shard',
     '0/1',
@@ -44,7 +57,8 @@ flags.DEFINE_string(
 EXIT_RUNS_FAILED = 1  # A sweep finished but some of its runs failed or diverged.
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def _fail(message: str) -> int:
@@ -121,6 +135,7 @@ def _setup_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the process exit code."""
     argv = list(sys.argv if argv is None else argv)
+    sys.argv = argv  # config_flags finds --config.* overrides in sys.argv.
     _config_root_on_path(argv)
     try:
         FLAGS(argv)
@@ -156,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, status in bad.items():
                 print(f'run {name}: {status}', file=sys.stderr)
             return EXIT_RUNS_FAILED if bad else 0
-        _, summary = train.train_and_evaluate(config, FLAGS.workdir)
+        run_dir = _new_workdir(FLAGS.workdir) if FLAGS.new_run else FLAGS.workdir
+        _, summary = train.train_and_evaluate(config, run_dir, overwrite=FLAGS.overwrite)
         if summary['status'] == 'diverged':
             print(f'error: run diverged: {summary["error"]}', file=sys.stderr)
             return EXIT_DIVERGED
@@ -164,13 +180,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         validation.ConfigError,
         input_pipeline.DataError,
         workdir.WorkdirBusy,
+        train.CheckpointError,
         FileNotFoundError,
     ) as e:
         return _fail(e)
+    except OSError as e:  # Disk full, permissions, ...: the saved state is intact.
+        return _fail(f'{e.strerror or e}: {e.filename or ""}'.rstrip(': '))
+    except train.Interrupted as e:
+        print(f'interrupted: {e}', file=sys.stderr)
+        return EXIT_TERMINATED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def _new_workdir(path: str) -> str:
+    """``path`` if it holds no run yet, else the first free ``path-N``."""
+    candidate, n = path, 1
+    while os.path.exists(os.path.join(candidate, 'config.json')):
+        n += 1
+        candidate = f'{path.rstrip(os.sep)}-{n}'
+    if candidate != path:
+        print(f'{path} holds a run: training into {candidate}', file=sys.stderr)
+    return candidate
 
 
 def _evaluate(config) -> int:

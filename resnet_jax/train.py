@@ -24,6 +24,10 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -65,6 +69,18 @@ class Metrics(clu_metrics.Collection):
 
     loss: clu_metrics.Average.from_output('loss')
     accuracy: clu_metrics.Accuracy
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    """:class:`Metrics` plus the mean global gradient norm (NaN once a gradient is).
+
+    (clu reads a collection's fields from its own annotations: no subclassing.)
+    """
+
+    loss: clu_metrics.Average.from_output('loss')
+    accuracy: clu_metrics.Accuracy
+    grad_norm: clu_metrics.Average.from_output('grad_norm')
 
 
 @flax.struct.dataclass
@@ -214,8 +230,14 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def _global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
 @functools.partial(jax.jit, donate_argnums=0)
-def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
+def train_step(
+    state: TrainState, batch: Mapping[str, jax.Array]
+) -> tuple[TrainState, TrainMetrics]:
     """One optimiser step on ``batch`` (``image``: float NHWC, ``label``: int32).
 
     Pure and jit-compiled; ``state`` is donated. BatchNorm uses the statistics
@@ -235,7 +257,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[Train
     grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = Metrics.single_from_model_output(loss=losses, logits=logits, labels=batch['label'])
+    metrics = TrainMetrics.single_from_model_output(
+        loss=losses, logits=logits, labels=batch['label'], grad_norm=_global_norm(grads)
+    )
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
@@ -381,11 +405,20 @@ def _train_epoch(
     prep: Preprocess,
     sharding: NamedSharding,
     progress: 'Progress',
-) -> tuple[TrainState, dict[str, float]]:
-    """One pass over ``order`` in batches of ``sizes``; returns the running metrics."""
-    total: Metrics | None = None
-    start = 0
-    for i, size in enumerate(sizes):
+    *,
+    first: int = 0,
+    total: TrainMetrics | None = None,
+    stop: '_StopSignals | None' = None,
+    check_every: int = 0,
+) -> tuple[TrainState, TrainMetrics | None, int]:
+    """Trains on batches ``first..`` of the epoch's ``order``.
+
+    Returns the state, the running metrics (merged into ``total``) and the
+    number of batches done: less than ``len(sizes)`` when a stop was requested
+    or, checked every ``check_every`` steps, the loss stopped being finite.
+    """
+    start = sum(sizes[:first])
+    for i in range(first, len(sizes)):
         batch = train_batch(
             images,
             labels,
@@ -393,15 +426,32 @@ def _train_epoch(
             jnp.int32(start),
             state.rng,
             state.step,
-            size=size,
+            size=sizes[i],
             prep=prep,
             sharding=sharding,
         )
         state, m = train_step(state, batch)
         total = m if total is None else _merge(total, m)
-        start += size
+        start += sizes[i]
         progress.maybe_report(i + 1, total)
-    return state, {k: float(v) for k, v in total.compute().items()}
+        if check_every and (i + 1) % check_every == 0 and not _metrics_finite(total):
+            return state, total, i + 1
+        if stop is not None and stop.signum is not None:
+            return state, total, i + 1
+    return state, total, len(sizes)
+
+
+def _metrics_finite(metrics: TrainMetrics) -> bool:
+    """Whether every loss and gradient norm summed so far is finite (one host sync)."""
+    return bool(jnp.isfinite(metrics.loss.total) & jnp.isfinite(metrics.grad_norm.total))
+
+
+def _tree_finite(tree: Any) -> bool:
+    return bool(
+        jax.tree_util.tree_reduce(
+            jnp.logical_and, jax.tree_util.tree_map(lambda x: jnp.isfinite(x).all(), tree)
+        )
+    )
 
 
 # --------------------------------------------------------------------------
@@ -468,7 +518,7 @@ class Progress:
 def checkpoint_manager(
     workdir: str, keep: int = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
-    """Orbax manager of ``workdir/checkpoints``; steps are completed epochs."""
+    """Orbax manager of ``workdir/checkpoints``; checkpoints are named by global step."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only
     )
@@ -487,30 +537,111 @@ def _state_tree(state: TrainState) -> dict[str, Any]:
     }
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a workdir can be read, or one cannot be written."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _metrics_tree(metrics: TrainMetrics | None) -> dict[str, Any]:
+    return flax.serialization.to_state_dict(TrainMetrics.empty() if metrics is None else metrics)
+
+
 def save_checkpoint(
-    manager: ocp.CheckpointManager, epoch: int, state: TrainState, meta: Mapping[str, Any]
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    meta: Mapping[str, Any],
+    metrics: TrainMetrics | None = None,
 ) -> None:
-    manager.save(
-        epoch,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_state_tree(state)), meta=ocp.args.JsonSave(dict(meta))
-        ),
-    )
+    """Saves ``state`` under its global step, with ``meta`` and partial metrics.
+
+    ``meta['epoch']`` counts completed epochs and ``meta['position']`` the
+    batches of the next epoch already trained (0 at an epoch boundary), whose
+    running ``metrics`` are saved too. Writing goes to a temporary folder that
+    orbax renames when complete, so a kill never leaves a half checkpoint.
+    """
+    step = int(state.step)
+    if step in manager.all_steps():  # Superseded (an interrupt saved this very step).
+        manager.delete(step)
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_state_tree(state)),
+                train_metrics=ocp.args.StandardSave(_metrics_tree(metrics)),
+                meta=ocp.args.JsonSave(dict(meta)),
+            ),
+        )
+        manager.wait_until_finished()
+    except OSError as e:
+        raise CheckpointError(
+            f'could not write the checkpoint of step {step} in {manager.directory}: '
+            f'{e.strerror or e}; the earlier checkpoints are intact'
+        ) from e
 
 
 def restore_checkpoint(
-    manager: ocp.CheckpointManager, state: TrainState, epoch: int | None = None
-) -> tuple[TrainState, dict[str, Any]]:
-    """Restores ``epoch`` (default: the latest) into the structure of ``state``."""
-    epoch = manager.latest_step() if epoch is None else epoch
+    manager: ocp.CheckpointManager, state: TrainState, step: int | None = None
+) -> tuple[TrainState, dict[str, Any], Metrics]:
+    """Restores ``step`` (default: the latest) into the structure of ``state``."""
+    step = manager.latest_step() if step is None else step
     restored = manager.restore(
-        epoch,
+        step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_state_tree(state)), meta=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(_state_tree(state)),
+            train_metrics=ocp.args.StandardRestore(_metrics_tree(None)),
+            meta=ocp.args.JsonRestore(),
         ),
     )
-    tree = restored['state']
-    return state.replace(**tree), dict(restored['meta'])
+    metrics = flax.serialization.from_state_dict(TrainMetrics.empty(), restored['train_metrics'])
+    return state.replace(**restored['state']), dict(restored['meta']), metrics
+
+
+def restore_latest_good(
+    workdir: str, manager: ocp.CheckpointManager, state: TrainState
+) -> tuple[TrainState, dict[str, Any], Metrics] | None:
+    """Restores the newest readable checkpoint; None if there are none.
+
+    Unreadable newer checkpoints are moved to ``workdir/checkpoints_corrupt/``
+    (kept, not deleted) with a warning. If no checkpoint is readable,
+    :class:`CheckpointError` names the folder and nothing is moved.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    bad = []
+    for step in steps:
+        try:
+            restored = restore_checkpoint(manager, state, step)
+        except Exception as e:  # pylint: disable=broad-except  # Any corruption.
+            logger.warning('checkpoint %d in %s is unreadable (%s)', step, manager.directory, e)
+            bad.append(step)
+            continue
+        for b in bad:
+            _quarantine(workdir, b)
+        if bad:
+            manager.reload()
+            logger.warning('resuming from the older checkpoint of step %d', step)
+        return restored
+    raise CheckpointError(
+        f'no readable checkpoint in {manager.directory} (steps {", ".join(map(str, steps))}); '
+        'fix or remove them, or rerun with --overwrite to start over'
+    )
+
+
+def _quarantine(workdir: str, step: int) -> None:
+    source = os.path.join(workdir, CHECKPOINT_DIR, str(step))
+    target_dir = os.path.join(workdir, CHECKPOINT_DIR + '_corrupt')
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, f'{step}-{int(time.time())}')
+    os.rename(source, target)
+    logger.warning('moved the unreadable checkpoint to %s', target)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -520,9 +651,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore(
-    workdir: str, epoch: int | None = None
+    workdir: str, step: int | None = None
 ) -> tuple[flax.linen.Module, dict[str, Any], ml_collections.ConfigDict]:
     """Returns ``(model, variables, config)`` from a workdir's latest checkpoint.
+
+    ``step`` picks another checkpoint (they are named by global step).
 
     ``model.apply(variables, x, train=False)`` gives logits for float NHWC ``x``
     preprocessed like the training data (see ``config.data``).
@@ -532,7 +665,7 @@ def restore(
     if manager.latest_step() is None:
         raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}')
     state = create_train_state(config, jax.random.PRNGKey(config.seed), 1)
-    state, _ = restore_checkpoint(manager, state, epoch)
+    state, _, _ = restore_checkpoint(manager, state, step)
     manager.close()
     model = models.create_model(config.model, config.num_classes, config.dtype)
     return model, state.variables(), config
@@ -542,15 +675,118 @@ def restore(
 # The loop.
 
 
-def _save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+# Fields that may change when a run is resumed: they do not change its result.
+RESUMABLE_CHANGES = (
+    'num_epochs',
+    'eval_batch_size',
+    'checkpoint_every_epochs',
+    'keep_checkpoints',
+    'progress_every_seconds',
+    'check_finite_every_steps',
+    'data.path',
+    'data.download',
+)
+# The outputs of a run, removed by ``overwrite=True``.
+RUN_OUTPUTS = (
+    CHECKPOINT_DIR,
+    workdir_lib.METRICS_FILE,
+    workdir_lib.SUMMARY_FILE,
+    workdir_lib.CONFIG_FILE,
+)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``'field: old -> new'`` for each field that differs, resumable ones excluded."""
+    a, b = _flatten(old), _flatten(new)
+    allowed = set(RESUMABLE_CHANGES)
+    if b.get('schedule') == 'cosine':  # Its shape depends on the run's length.
+        allowed.discard('num_epochs')
+    return [
+        f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}'
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in allowed
+    ]
+
+
+def _has_run(workdir: str) -> bool:
+    return os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)) or os.path.exists(
+        os.path.join(workdir, workdir_lib.METRICS_FILE)
+    )
+
+
+def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
+    """Refuses a workdir holding another config's run, or clears it on request."""
     path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
-    new = workdir_lib.config_json(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != new:
-            logger.warning("%s differs from this run's config; overwriting it", path)
-    workdir_lib.write_json(path, new)
+    if overwrite:
+        for name in RUN_OUTPUTS:
+            target = os.path.join(workdir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+        for name in os.listdir(workdir):
+            if name.startswith('events.out.tfevents.'):
+                os.remove(os.path.join(workdir, name))
+    elif _has_run(workdir) and os.path.exists(path):
+        diffs = config_differences(workdir_lib.read_json(path), workdir_lib.config_json(config))
+        if diffs:
+            raise validation.ConfigError(
+                f'{workdir} holds a run of a different config ({"; ".join(diffs)}); rerun '
+                'with --overwrite to replace it, or --new_run to train into a new workdir'
+            )
+    workdir_lib.write_json(path, workdir_lib.config_json(config))
+
+
+def _check_writable(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise validation.ConfigError(
+            f'workdir {workdir} is not writable: {e.strerror or e}'
+        ) from None
+
+
+class _StopSignals:
+    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop.
+
+    A second signal acts as usual (Ctrl-C twice stops at once).
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signum = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        logger.warning(
+            '%s received: saving a checkpoint, then stopping', signal.Signals(signum).name
+        )
+
+    def __enter__(self) -> '_StopSignals':
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.signum is None:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
 
 
 def _check_data_fits(config: ml_collections.ConfigDict, num_train: int, num_devices: int) -> None:
@@ -572,17 +808,25 @@ def _eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: Mesh | None = None,
+    *,
+    overwrite: bool = False,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """Trains ``config`` into ``workdir`` (resuming if it holds checkpoints).
+    """Trains ``config`` into ``workdir``, resuming from its latest checkpoint.
 
-    Batches are sharded over ``mesh`` (default: all local devices). Returns the
-    final state and the summary also written to ``workdir/summary.json``.
+    Batches are sharded over ``mesh`` (default: all local devices). A workdir
+    holding a run of another config is refused unless ``overwrite``, which
+    deletes that run's outputs first. SIGINT/SIGTERM save a checkpoint (mid-epoch
+    if need be) and raise :class:`Interrupted`; a non-finite loss stops the run
+    with status ``diverged``, keeping the last good checkpoint. Returns the final
+    state and the summary also written to ``workdir/summary.json``.
     """
     validation.validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    _check_writable(workdir)
     with workdir_lib.lock(workdir):
-        return _train_and_evaluate(config, workdir, mesh)
+        return _train_and_evaluate(config, workdir, mesh, overwrite)
 
 
 @functools.lru_cache(maxsize=1)
@@ -596,7 +840,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> input_pipeline.Dataset:
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None, overwrite: bool
 ) -> tuple[TrainState, dict[str, Any]]:
     t_start = time.time()
     data = load_dataset(config)
@@ -608,7 +852,7 @@ def _train_and_evaluate(
             f'the dataset has {data.num_classes} classes but config.num_classes='
             f'{config.num_classes}'
         )
-    _save_config(workdir, config)
+    _prepare_workdir(workdir, config, overwrite)
 
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P('data'))
@@ -626,10 +870,8 @@ def _train_and_evaluate(
         for a in pad_test_set(data.test_images, data.test_labels, eval_bs)
     )
 
-    root = jax.random.PRNGKey(config.seed)
-    init_rng, order_rng = jax.random.split(root)
-    state = create_train_state(config, init_rng, steps_per_epoch)
-    state = jax.device_put(state, replicated)
+    init_rng, order_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    state = jax.device_put(create_train_state(config, init_rng, steps_per_epoch), replicated)
     num_params = models.count_params(state.params)
     model = models.create_model(config.model, config.num_classes, config.dtype)
     flops = models.flops_per_image(model, state.variables(), config.image_size)
@@ -651,51 +893,90 @@ def _train_and_evaluate(
     )
 
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    start_epoch, prior_seconds = 0, 0.0
-    if manager.latest_step() is not None:
-        state, meta = restore_checkpoint(manager, state)
-        start_epoch, prior_seconds = int(meta['epoch']), float(meta['wall_seconds'])
-        logger.info('resuming from the checkpoint of epoch %d', start_epoch)
+    start_epoch, position, partial, meta = 0, 0, None, {}
+    restored = restore_latest_good(workdir, manager, state)
+    if restored is not None:
+        state, meta, partial = restored
+        start_epoch, position = int(meta['epoch']), int(meta.get('position', 0))
+        where = f' (step {position} of epoch {start_epoch + 1})' if position else ''
+        logger.info('resuming after epoch %d%s', start_epoch, where)
+    prior_seconds = float(meta.get('wall_seconds', 0.0))
     records = writers.truncate_metrics(workdir, start_epoch)
     metric_logger = writers.MetricLogger(workdir)
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
 
+    def checkpoint(epoch_done: int, pos: int, metrics: TrainMetrics | None, seconds: float) -> None:
+        if not _tree_finite(state.params):
+            raise _NonFinite('non-finite parameters')
+        save_checkpoint(
+            manager,
+            state,
+            {
+                'epoch': epoch_done,
+                'position': pos,
+                'partial_seconds': seconds,
+                'wall_seconds': prior_seconds + time.time() - t_start,
+            },
+            metrics,
+        )
+
     status, error = 'incomplete', None
+    stop = _StopSignals()
     try:
-        for epoch in range(start_epoch + 1, config.num_epochs + 1):
-            t0 = time.time()
-            order = epoch_order(order_rng, epoch, len(data.train_labels), config.shuffle)
-            progress = Progress(epoch, steps_per_epoch, config.progress_every_seconds)
-            state, train_result = _train_epoch(
-                state, train_images, train_labels, order, sizes, prep, batch_sharding, progress
-            )
-            train_seconds = time.time() - t0
-            if not math.isfinite(train_result['loss']):
-                # Keep the last good checkpoint; do not log or save NaNs.
-                status = 'diverged'
-                error = f'non-finite training loss in epoch {epoch}'
-                logger.error('%s; stopping (last good checkpoint kept)', error)
-                break
-            test_result = evaluate(state, test, eval_bs, prep, batch_sharding)
-            record = {
-                'epoch': epoch,
-                'train_loss': train_result['loss'],
-                'train_accuracy': train_result['accuracy'],
-                'test_loss': test_result['loss'],
-                'test_accuracy': test_result['accuracy'],
-                'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
-                'epoch_seconds': train_seconds,
-                'images_per_second': sum(sizes) / train_seconds,
-            }
-            records.append(record)
-            metric_logger.write(record)
-            if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
-                save_checkpoint(
-                    manager,
-                    epoch,
+        with stop:
+            for epoch in range(start_epoch + 1, config.num_epochs + 1):
+                first = position if epoch == start_epoch + 1 else 0
+                seconds_before = float(meta.get('partial_seconds', 0.0)) if first else 0.0
+                t0 = time.time()
+                order = epoch_order(order_rng, epoch, len(data.train_labels), config.shuffle)
+                progress = Progress(epoch, steps_per_epoch, config.progress_every_seconds)
+                state, total, done = _train_epoch(
                     state,
-                    {'epoch': epoch, 'wall_seconds': prior_seconds + time.time() - t_start},
+                    train_images,
+                    train_labels,
+                    order,
+                    sizes,
+                    prep,
+                    batch_sharding,
+                    progress,
+                    first=first,
+                    total=partial if first else None,
+                    stop=stop,
+                    check_every=config.check_finite_every_steps,
                 )
+                train_seconds = seconds_before + time.time() - t0
+                if not _metrics_finite(total):
+                    raise _NonFinite(
+                        f'non-finite loss or gradients in epoch {epoch} (by step {done})'
+                    )
+                if stop.signum is None:  # Training stopped early only on a signal.
+                    test_result = evaluate(state, test, eval_bs, prep, batch_sharding)
+                if stop.signum is not None:  # Also when it came during evaluation.
+                    checkpoint(epoch - 1, done, total, train_seconds)
+                    raise Interrupted(
+                        stop.signum,
+                        f'stopped in epoch {epoch} after {done}/{steps_per_epoch} steps; '
+                        f'checkpoint saved in {manager.directory}; rerun the same command '
+                        'to resume',
+                    )
+                train_result = {k: float(v) for k, v in total.compute().items()}
+                record = {
+                    'epoch': epoch,
+                    'train_loss': train_result['loss'],
+                    'train_accuracy': train_result['accuracy'],
+                    'test_loss': test_result['loss'],
+                    'test_accuracy': test_result['accuracy'],
+                    'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
+                    'epoch_seconds': train_seconds,
+                    'images_per_second': sum(sizes) / train_seconds,
+                }
+                records.append(record)
+                metric_logger.write(record)
+                if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs:
+                    checkpoint(epoch, 0, None, 0.0)
+    except _NonFinite as e:
+        status, error = 'diverged', str(e)
+        logger.error('%s: stopping; the last good checkpoint is kept', error)
     finally:
         manager.wait_until_finished()
         manager.close()
@@ -720,6 +1001,10 @@ def _train_and_evaluate(
             summary['wall_seconds'],
         )
     return state, summary
+
+
+class _NonFinite(Exception):
+    """The loss or the parameters stopped being finite."""
 
 
 def _summary(

@@ -83,7 +83,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         'keep_checkpoints',
     ):
         _check_int(config, field, 1)
-    for field in ('data.train_subset', 'data.pad', 'seed'):
+    for field in ('data.train_subset', 'data.pad', 'seed', 'check_finite_every_steps'):
         _check_int(config, field, 0)
     for field in (
         'learning_rate',

@@ -2,16 +2,18 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
 import pytest
 
+from tests import fake_data
 from tests.conftest import REPO
 
 
-def _run(args, cwd=REPO, timeout=600):
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
+def _run(args, cwd=REPO, timeout=600, env=None):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', **(env or {}))
     return subprocess.run(
         [sys.executable, '-m', 'resnet_jax.main', *args],
         cwd=cwd,
@@ -105,3 +107,76 @@ def test_missing_flags_and_eval_without_checkpoint(tmp_path):
     proc = _run(['--config', 'configs/smoke.py', '--workdir', str(tmp_path), '--mode=eval'])
     _assert_usage_error(proc)
     _assert_usage_error(_run(['--workdir', str(tmp_path), '--mode=report']), 'holds no sweep')
+
+
+class _Exploit:
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def _damaged_copies(root):
+    """Official-format copies, each damaged one way: {name: (path, expected error)}."""
+    copies = {}
+    truncated = fake_data.write_cifar_py(root / 'truncated')
+    with open(os.path.join(truncated.path, 'data_batch_3'), 'r+b') as f:
+        f.truncate(1000)
+    copies['truncated'] = (truncated.path, 'data_batch_3')
+    binary = fake_data.write_cifar_bin(root / 'bin')
+    with open(os.path.join(binary.path, 'test_batch.bin'), 'ab') as f:
+        f.write(b'\0' * 10)
+    copies['bin'] = (binary.path, 'test_batch.bin')
+    evil = fake_data.write_cifar_py(root / 'evil')
+    exploit = _Exploit()
+    exploit.marker = root / 'pwned'
+    with open(os.path.join(evil.path, 'data_batch_1'), 'wb') as f:
+        pickle.dump({'data': exploit, 'labels': []}, f, protocol=2)
+    copies['evil'] = (evil.path, 'refusing to load')
+    folder = fake_data.write_image_folder(root / 'folder', n_train_per_class=2, n_test_per_class=1)
+    with open(os.path.join(folder.path, 'train', 'cat', 'notes.txt'), 'w') as f:
+        f.write('not an image')
+    copies['folder'] = (folder.path, 'notes.txt')
+    empty = root / 'empty'
+    empty.mkdir()
+    copies['empty'] = (str(empty), 'empty')
+    return copies
+
+
+def test_damaged_data_is_one_error_line_and_runs_nothing(tmp_path):
+    for name, (path, fragment) in _damaged_copies(tmp_path).items():
+        workdir = tmp_path / f'w-{name}'
+        proc = _run(
+            [
+                '--config',
+                'configs/smoke.py',
+                '--workdir',
+                str(workdir),
+                f'--config.data.path={path}',
+            ]
+        )
+        _assert_usage_error(proc, fragment)
+        assert not (workdir / 'checkpoints').exists()
+    assert not (tmp_path / 'pwned').exists()  # The pickle's code never ran.
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    proc = _run(['--config', 'configs/smoke.py', '--workdir', str(blocker / 'run')])
+    _assert_usage_error(proc, 'is not writable')
+
+
+def test_batch_not_divisible_by_the_devices(tmp_path, cifar_py):
+    env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+    proc = _run(
+        [
+            '--config',
+            'configs/smoke.py',
+            '--workdir',
+            str(tmp_path / 'w'),
+            f'--config.data.path={cifar_py.path}',
+            '--config.data.train_subset=0',
+            '--config.batch_size=20',
+        ],
+        env=env,
+    )
+    _assert_usage_error(proc, 'not divisible by the 8 devices')

@@ -43,7 +43,8 @@ def test_run_writes_every_output(finished_run):
     assert on_disk['config']['batch_size'] == 32 and on_disk['wall_seconds'] > 0
     assert int(state.step) == 3 * 4  # 120 images / 32: 3 full batches + 1 of 24.
     assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
-    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2', '3']
+    # Named by global step: 4 steps per epoch.
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [4, 8, 12]
 
 
 def test_tensorboard_file_holds_the_scalars(finished_run):
