@@ -58,6 +58,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Check the running loss for NaN/inf every this many steps (0: at epoch ends).
     config.check_finite_every_steps = 50
 
+    # Multi-process training (jax.distributed); see resnet_jax/distributed.py.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.enabled = False
+    config.distributed.coordinator_address = ''  # '' = detect (SLURM, ...)
+    config.distributed.num_processes = 1
+    config.distributed.process_id = 0
+    config.distributed.cpu_collectives = 'gloo'  # For CPU devices.
+
     config.data = ml_collections.ConfigDict()
     # 'auto' (detect from path), 'tfds', 'cifar' (official python/binary batches),
     # 'folder' (split/class/*.png|jpg).

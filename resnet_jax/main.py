@@ -160,8 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
 
     # Imported after flag parsing so that `--help` and usage errors are instant.
-    from resnet_jax import input_pipeline, sweep, train, validation, workdir
+    from resnet_jax import distributed, input_pipeline, sweep, train, validation, workdir
 
+    distributed.initialize(config.distributed)
+    if not distributed.is_primary():
+        logging.getLogger('resnet_jax').setLevel(logging.WARNING)
     try:
         if FLAGS.mode == 'eval':
             return _evaluate(config)

@@ -172,6 +172,10 @@ def _finished(run: Run, run_dir: str) -> bool:
 
 
 def _record_failure(run: Run, run_dir: str, status: str, error: str) -> None:
+    from resnet_jax import distributed  # pylint: disable=g-import-not-at-top
+
+    if not distributed.is_primary():
+        return
     summary_path = os.path.join(run_dir, workdir_lib.SUMMARY_FILE)
     summary = {}
     if os.path.exists(summary_path):
@@ -219,8 +223,11 @@ def run_sweep(
 
     Returns ``{run name: status}`` for this shard's runs.
     """
+    from resnet_jax import distributed  # pylint: disable=g-import-not-at-top
+
     runs = expand(config)
-    write_manifest(config, workdir, runs)
+    if distributed.is_primary():
+        write_manifest(config, workdir, runs)
     mine = shard_runs(runs, shard)
     logger.info(
         'sweep of %d runs over %s; shard %d/%d runs %d of them',
@@ -231,7 +238,8 @@ def run_sweep(
         len(mine),
     )
     statuses = {run.name: run_one(run, workdir) for run in mine}
-    write_report(workdir)
+    if distributed.is_primary():
+        write_report(workdir)
     return statuses
 
 

@@ -44,7 +44,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import augment, input_pipeline, models, validation, writers
+from resnet_jax import augment, distributed, input_pipeline, models, validation, writers
 from resnet_jax import workdir as workdir_lib
 
 logger = logging.getLogger('resnet_jax')
@@ -288,8 +288,8 @@ def _merge(a: Metrics, b: Metrics) -> Metrics:
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: all local devices) named ``data``."""
-    devices = jax.local_devices() if devices is None else devices
+    """A 1-D mesh over ``devices`` (default: every device of every process) named ``data``."""
+    devices = jax.devices() if devices is None else devices
     return Mesh(np.array(devices), ('data',))
 
 
@@ -550,7 +550,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _metrics_tree(metrics: TrainMetrics | None) -> dict[str, Any]:
-    return flax.serialization.to_state_dict(TrainMetrics.empty() if metrics is None else metrics)
+    """Running metrics as host numpy scalars (the same on every process)."""
+    metrics = TrainMetrics.empty() if metrics is None else metrics
+    return jax.tree_util.tree_map(np.asarray, flax.serialization.to_state_dict(metrics))
 
 
 def save_checkpoint(
@@ -685,6 +687,7 @@ RESUMABLE_CHANGES = (
     'check_finite_every_steps',
     'data.path',
     'data.download',
+    'distributed.*',  # How many processes train it, and where they meet.
 )
 # The outputs of a run, removed by ``overwrite=True``.
 RUN_OUTPUTS = (
@@ -714,7 +717,9 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     return [
         f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}'
         for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and k not in allowed
+        if a.get(k) != b.get(k)
+        and k not in allowed
+        and not any(p.endswith('.*') and k.startswith(p[:-1]) for p in allowed)
     ]
 
 
@@ -825,7 +830,7 @@ def train_and_evaluate(
     """
     validation.validate_config(config)
     _check_writable(workdir)
-    with workdir_lib.lock(workdir):
+    with distributed.primary_only(workdir_lib.lock(workdir)):
         return _train_and_evaluate(config, workdir, mesh, overwrite)
 
 
@@ -852,7 +857,9 @@ def _train_and_evaluate(
             f'the dataset has {data.num_classes} classes but config.num_classes='
             f'{config.num_classes}'
         )
-    _prepare_workdir(workdir, config, overwrite)
+    if distributed.is_primary():
+        _prepare_workdir(workdir, config, overwrite)
+    distributed.sync('workdir prepared')
 
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P('data'))
@@ -901,8 +908,8 @@ def _train_and_evaluate(
         where = f' (step {position} of epoch {start_epoch + 1})' if position else ''
         logger.info('resuming after epoch %d%s', start_epoch, where)
     prior_seconds = float(meta.get('wall_seconds', 0.0))
-    records = writers.truncate_metrics(workdir, start_epoch)
-    metric_logger = writers.MetricLogger(workdir)
+    records = writers.truncate_metrics(workdir, start_epoch, write=distributed.is_primary())
+    metric_logger = writers.MetricLogger(workdir, enabled=distributed.is_primary())
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
 
     def checkpoint(epoch_done: int, pos: int, metrics: TrainMetrics | None, seconds: float) -> None:
@@ -944,8 +951,9 @@ def _train_and_evaluate(
                     stop=stop,
                     check_every=config.check_finite_every_steps,
                 )
+                finite = _metrics_finite(total)  # Waits for the epoch's last step.
                 train_seconds = seconds_before + time.time() - t0
-                if not _metrics_finite(total):
+                if not finite:
                     raise _NonFinite(
                         f'non-finite loss or gradients in epoch {epoch} (by step {done})'
                     )
@@ -990,7 +998,8 @@ def _train_and_evaluate(
     summary['status'] = status
     if error:
         summary['error'] = error
-    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
+    if distributed.is_primary():
+        workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY_FILE), summary)
     if records:
         logger.info(
             '%s: final test accuracy %.2f%%, best %.2f%% (epoch %s), %.0fs',

@@ -73,11 +73,14 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def truncate_metrics(workdir: str, last_epoch: int) -> list[dict[str, Any]]:
-    """Drops records after ``last_epoch`` (written after the last checkpoint)."""
+def truncate_metrics(workdir: str, last_epoch: int, write: bool = True) -> list[dict[str, Any]]:
+    """Drops records after ``last_epoch`` (written after the last checkpoint).
+
+    Returns the records kept; ``write=False`` only reads (processes other than 0).
+    """
     records = [r for r in read_metrics(workdir) if r['epoch'] <= last_epoch]
     path = os.path.join(workdir, METRICS_FILE)
-    if os.path.exists(path):
+    if write and os.path.exists(path):
         write_atomic(path, ''.join(json.dumps(r) + '\n' for r in records))
     return records
 
@@ -94,21 +97,28 @@ def format_record(record: Mapping[str, Any]) -> str:
 
 
 class MetricLogger:
-    """Writes each epoch's record to TensorBoard, ``metrics.jsonl`` and the log."""
+    """Writes each epoch's record to TensorBoard, ``metrics.jsonl`` and the log.
 
-    def __init__(self, workdir: str):
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
-        self._tb = _tensorboard_writer(workdir)
+    ``enabled=False`` (processes other than 0 of a multi-process run) only logs.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self._enabled = enabled
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
+            self._tb = _tensorboard_writer(workdir)
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._jsonl.write(json.dumps(dict(record)) + '\n')
-        self._jsonl.flush()
-        scalars = {k: v for k, v in record.items() if k != 'epoch'}
-        self._tb.write_scalars(int(record['epoch']), scalars)
-        self._tb.flush()
+        if self._enabled:
+            self._jsonl.write(json.dumps(dict(record)) + '\n')
+            self._jsonl.flush()
+            scalars = {k: v for k, v in record.items() if k != 'epoch'}
+            self._tb.write_scalars(int(record['epoch']), scalars)
+            self._tb.flush()
         logger.info(format_record(record))
 
     def close(self) -> None:
-        self._jsonl.close()
-        self._tb.close()
+        if self._enabled:
+            self._jsonl.close()
+            self._tb.close()

@@ -1,0 +1,101 @@
+"""Two processes with one CPU device each (jax.distributed, gloo) match one process
+with two devices, and resume in that setting."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from resnet_jax import writers
+from tests.conftest import REPO
+
+KEYS = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy')
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _args(data, workdir, epochs):
+    # SGD: Adam's first steps (about lr * sign(g)) would amplify the float noise of a
+    # different reduction order across processes.
+    return [
+        '--config',
+        'configs/default.py',
+        '--workdir',
+        str(workdir),
+        f'--config.num_epochs={epochs}',
+        '--config.batch_size=32',
+        '--config.eval_batch_size=32',
+        '--config.optimizer=sgd',
+        '--config.learning_rate=0.1',
+        f'--config.data.path={data}',
+    ]
+
+
+def _launch(args, devices=1, extra_env=None):
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS='cpu',
+        XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+        **(extra_env or {}),
+    )
+    return subprocess.Popen(
+        [sys.executable, '-m', 'resnet_jax.main', *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _two_processes(args):
+    port = _free_port()
+    procs = [
+        _launch(
+            [
+                *args,
+                '--config.distributed.enabled=True',
+                f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+                '--config.distributed.num_processes=2',
+                f'--config.distributed.process_id={i}',
+            ]
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+def _metrics(workdir):
+    return np.array([[r[k] for k in KEYS] for r in writers.read_metrics(str(workdir))])
+
+
+def test_two_processes_match_two_devices_and_resume(cifar_py, tmp_path):
+    single = _launch(_args(cifar_py.path, tmp_path / 'single', 2), devices=2)
+    out, err = single.communicate(timeout=600)
+    assert single.returncode == 0, err[-3000:]
+    assert '4 steps/epoch on 2 device(s)' in out
+
+    outs = _two_processes(_args(cifar_py.path, tmp_path / 'multi', 2))
+    assert '4 steps/epoch on 2 device(s)' in outs[0][0]  # One global mesh.
+    assert 'epoch   2' in outs[0][0] and 'epoch   2' not in outs[1][0]  # Process 0 logs.
+    np.testing.assert_allclose(
+        _metrics(tmp_path / 'multi'), _metrics(tmp_path / 'single'), rtol=1e-4, atol=1e-5
+    )
+
+    # Resume: one epoch, then the same command extended to two.
+    _two_processes(_args(cifar_py.path, tmp_path / 'resumed', 1))
+    outs = _two_processes(_args(cifar_py.path, tmp_path / 'resumed', 2))
+    assert 'resuming after epoch 1' in outs[0][0]
+    np.testing.assert_allclose(
+        _metrics(tmp_path / 'resumed'), _metrics(tmp_path / 'single'), rtol=1e-4, atol=1e-5
+    )
+    assert sorted(os.listdir(tmp_path / 'resumed' / 'checkpoints')) == ['4', '8']
