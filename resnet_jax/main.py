@@ -1,12 +1,17 @@
-"""Command line: train a config into a workdir, or evaluate a workdir.
+"""Command line: train a config (or a sweep) into a workdir, evaluate it, report.
 
     python -m resnet_jax.main --config configs/default.py --workdir runs/default \
         [--config.learning_rate=0.001 --config.data.path=data/cifar10-jpeg ...]
     python -m resnet_jax.main --config configs/default.py --workdir runs/default --mode=eval
+    python -m resnet_jax.main --config configs/paper_sweep.py --workdir runs/paper \
+        [--sweep_shard=0/4]
+    python -m resnet_jax.main --workdir runs/paper --mode=report
 
 Rerunning a training command on the same workdir resumes from its latest
 checkpoint. Invalid input stops with one ``error:`` line on stderr and exit
-code 2, before anything is compiled.
+code 2, before anything is compiled. Exit codes: 0 done, 1 some sweep runs
+failed, 2 bad input, 3 diverged, 130/143 interrupted by SIGINT/SIGTERM (after
+saving a checkpoint).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from collections.abc import Sequence
 
 from absl import flags
 from ml_collections import config_flags
+
+from resnet_jax.workdir import CONFIG_FILE
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -201,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _new_workdir(path: str) -> str:
     """``path`` if it holds no run yet, else the first free ``path-N``."""
     candidate, n = path, 1
-    while os.path.exists(os.path.join(candidate, 'config.json')):
+    while os.path.exists(os.path.join(candidate, CONFIG_FILE)):
         n += 1
         candidate = f'{path.rstrip(os.sep)}-{n}'
     if candidate != path:

@@ -6,6 +6,8 @@ must produce).
 """
 
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -14,6 +16,25 @@ from configs import default
 from tests import fake_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_cli(args, cwd=REPO, env=None) -> subprocess.Popen:
+    """Starts ``python -m resnet_jax.main ARGS`` on the CPU; ``env`` adds variables."""
+    return subprocess.Popen(
+        [sys.executable, '-m', 'resnet_jax.main', *args],
+        cwd=cwd,
+        env=dict(os.environ, JAX_PLATFORMS='cpu', **(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_cli(args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Runs ``python -m resnet_jax.main ARGS`` to the end."""
+    proc = start_cli(args, cwd, env)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def make_tiny_config(data_path: str) -> ml_collections.ConfigDict:

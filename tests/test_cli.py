@@ -3,25 +3,11 @@
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 
 from tests import fake_data
-from tests.conftest import REPO
-
-
-def _run(args, cwd=REPO, timeout=600, env=None):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', **(env or {}))
-    return subprocess.run(
-        [sys.executable, '-m', 'resnet_jax.main', *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.conftest import REPO, run_cli
 
 
 def _assert_usage_error(proc, *fragments):
@@ -36,7 +22,7 @@ def _assert_usage_error(proc, *fragments):
 def test_smoke_config_trains_and_evaluates(tmp_path, cifar_py):
     workdir = tmp_path / 'smoke'
     # Run from another directory: the config must still find configs/default.py.
-    proc = _run(
+    proc = run_cli(
         [
             '--config',
             os.path.join(REPO, 'configs/smoke.py'),
@@ -56,7 +42,7 @@ def test_smoke_config_trains_and_evaluates(tmp_path, cifar_py):
     assert summary['data']['num_train'] == 100
     assert summary['config']['data']['train_subset'] == 100
 
-    proc = _run(['--config', 'configs/smoke.py', '--workdir', str(workdir), '--mode=eval'])
+    proc = run_cli(['--config', 'configs/smoke.py', '--workdir', str(workdir), '--mode=eval'])
     assert proc.returncode == 0, proc.stderr
     expected = f'test accuracy {100 * summary["test_accuracy"]:.2f}%'
     assert expected in proc.stdout
@@ -80,13 +66,13 @@ def test_smoke_config_trains_and_evaluates(tmp_path, cifar_py):
 )
 def test_invalid_config_is_one_error_line(tmp_path, override, fragment):
     workdir = tmp_path / 'w'
-    proc = _run(['--config', 'configs/smoke.py', '--workdir', str(workdir), override])
+    proc = run_cli(['--config', 'configs/smoke.py', '--workdir', str(workdir), override])
     _assert_usage_error(proc, fragment)
     assert not (workdir / 'checkpoints').exists()
 
 
 def test_batch_larger_than_dataset(tmp_path, cifar_py):
-    proc = _run(
+    proc = run_cli(
         [
             '--config',
             'configs/smoke.py',
@@ -101,12 +87,12 @@ def test_batch_larger_than_dataset(tmp_path, cifar_py):
 
 
 def test_missing_flags_and_eval_without_checkpoint(tmp_path):
-    _assert_usage_error(_run(['--workdir', str(tmp_path)]), '--config')
-    _assert_usage_error(_run(['--config', 'configs/smoke.py']), '--workdir')
-    _assert_usage_error(_run(['--config', 'configs/no_such.py', '--workdir', str(tmp_path)]))
-    proc = _run(['--config', 'configs/smoke.py', '--workdir', str(tmp_path), '--mode=eval'])
+    _assert_usage_error(run_cli(['--workdir', str(tmp_path)]), '--config')
+    _assert_usage_error(run_cli(['--config', 'configs/smoke.py']), '--workdir')
+    _assert_usage_error(run_cli(['--config', 'configs/no_such.py', '--workdir', str(tmp_path)]))
+    proc = run_cli(['--config', 'configs/smoke.py', '--workdir', str(tmp_path), '--mode=eval'])
     _assert_usage_error(proc)
-    _assert_usage_error(_run(['--workdir', str(tmp_path), '--mode=report']), 'holds no sweep')
+    _assert_usage_error(run_cli(['--workdir', str(tmp_path), '--mode=report']), 'holds no sweep')
 
 
 class _Exploit:
@@ -144,7 +130,7 @@ def _damaged_copies(root):
 def test_damaged_data_is_one_error_line_and_runs_nothing(tmp_path):
     for name, (path, fragment) in _damaged_copies(tmp_path).items():
         workdir = tmp_path / f'w-{name}'
-        proc = _run(
+        proc = run_cli(
             [
                 '--config',
                 'configs/smoke.py',
@@ -161,13 +147,13 @@ def test_damaged_data_is_one_error_line_and_runs_nothing(tmp_path):
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('')
-    proc = _run(['--config', 'configs/smoke.py', '--workdir', str(blocker / 'run')])
+    proc = run_cli(['--config', 'configs/smoke.py', '--workdir', str(blocker / 'run')])
     _assert_usage_error(proc, 'is not writable')
 
 
 def test_batch_not_divisible_by_the_devices(tmp_path, cifar_py):
     env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-    proc = _run(
+    proc = run_cli(
         [
             '--config',
             'configs/smoke.py',

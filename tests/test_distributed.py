@@ -3,13 +3,11 @@ with two devices, and resume in that setting."""
 
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 
 from resnet_jax import writers
-from tests.conftest import REPO
+from tests.conftest import start_cli
 
 KEYS = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy')
 
@@ -37,21 +35,8 @@ def _args(data, workdir, epochs):
     ]
 
 
-def _launch(args, devices=1, extra_env=None):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS='cpu',
-        XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-        **(extra_env or {}),
-    )
-    return subprocess.Popen(
-        [sys.executable, '-m', 'resnet_jax.main', *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _launch(args, devices=1):
+    return start_cli(args, env={'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'})
 
 
 def _two_processes(args):

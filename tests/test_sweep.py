@@ -3,15 +3,13 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import ml_collections
 import pytest
 
 from configs import paper_sweep
 from resnet_jax import report, sweep, validation, writers
-from tests.conftest import REPO, make_tiny_config
+from tests.conftest import REPO, make_tiny_config, start_cli
 
 
 def _grid_config(data_path, **axes):
@@ -126,19 +124,6 @@ def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     assert rows_after == rows_before
 
 
-def _cli(args, **kw):
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
-    return subprocess.Popen(
-        [sys.executable, '-m', 'resnet_jax.main', *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
 def test_two_shards_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py):
     """Runs: (60, 0.01) completes, (60, 3e38) diverges, (1000, *) fail: subset too big."""
     workdir = str(tmp_path / 'sweep')
@@ -167,7 +152,7 @@ def test_two_shards_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py):
         '--config.optimizer=sgd',
         '--config.batch_size=20',
     ]
-    procs = [_cli([*common, f'--sweep_shard={i}/2']) for i in range(2)]
+    procs = [start_cli([*common, f'--sweep_shard={i}/2']) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 1, err[-2000:]
@@ -185,7 +170,7 @@ def test_two_shards_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py):
     ):
         assert statuses[name][0] == 'failed' and 'train_subset' in statuses[name][1]
     # The report lists every run with its status; regenerating it needs no training.
-    report = _cli(['--workdir', workdir, '--mode=report'])
+    report = start_cli(['--workdir', workdir, '--mode=report'])
     out, err = report.communicate(timeout=120)
     assert report.returncode == 0, err
     md = open(os.path.join(workdir, 'results.md')).read()
