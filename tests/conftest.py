@@ -8,6 +8,7 @@ must produce).
 import os
 import subprocess
 import sys
+import tempfile
 
 import ml_collections
 import pytest
@@ -16,6 +17,14 @@ from configs import default
 from tests import fake_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent XLA compilation cache for this test session, shared by the
+# subprocesses the tests start (they inherit the environment): the same small
+# programs are compiled once instead of once per process. Set before JAX starts.
+_CACHE = tempfile.mkdtemp(prefix='resnet_jax_test_xla_cache_')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 
 def start_cli(args, cwd=REPO, env=None) -> subprocess.Popen:

@@ -69,18 +69,17 @@ def test_two_processes_match_two_devices_and_resume(cifar_py, tmp_path):
     assert single.returncode == 0, err[-3000:]
     assert '4 steps/epoch on 2 device(s)' in out
 
-    outs = _two_processes(_args(cifar_py.path, tmp_path / 'multi', 2))
-    assert '4 steps/epoch on 2 device(s)' in outs[0][0]  # One global mesh.
-    assert 'epoch   2' in outs[0][0] and 'epoch   2' not in outs[1][0]  # Process 0 logs.
-    np.testing.assert_allclose(
-        _metrics(tmp_path / 'multi'), _metrics(tmp_path / 'single'), rtol=1e-4, atol=1e-5
-    )
+    single_metrics = _metrics(tmp_path / 'single')
 
-    # Resume: one epoch, then the same command extended to two.
-    _two_processes(_args(cifar_py.path, tmp_path / 'resumed', 1))
-    outs = _two_processes(_args(cifar_py.path, tmp_path / 'resumed', 2))
-    assert 'resuming after epoch 1' in outs[0][0]
+    # One epoch on two processes, then the same command extended to two epochs
+    # (it resumes from the first epoch's checkpoint).
+    outs = _two_processes(_args(cifar_py.path, tmp_path / 'multi', 1))
+    assert '4 steps/epoch on 2 device(s)' in outs[0][0]  # One global mesh.
+    assert 'epoch   1' in outs[0][0] and 'epoch   1' not in outs[1][0]  # Process 0 logs.
     np.testing.assert_allclose(
-        _metrics(tmp_path / 'resumed'), _metrics(tmp_path / 'single'), rtol=1e-4, atol=1e-5
+        _metrics(tmp_path / 'multi'), single_metrics[:1], rtol=1e-4, atol=1e-5
     )
-    assert sorted(os.listdir(tmp_path / 'resumed' / 'checkpoints')) == ['4', '8']
+    outs = _two_processes(_args(cifar_py.path, tmp_path / 'multi', 2))
+    assert 'resuming after epoch 1' in outs[0][0]
+    np.testing.assert_allclose(_metrics(tmp_path / 'multi'), single_metrics, rtol=1e-4, atol=1e-5)
+    assert sorted(os.listdir(tmp_path / 'multi' / 'checkpoints')) == ['4', '8']

@@ -67,8 +67,9 @@ def test_stride2_padding_matches_pytorch_by_hand():
 def test_batchnorm_settings_match_pytorch():
     model = models.create_model('paper')
     x = jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3))
-    v = model.init(jax.random.PRNGKey(0), x, train=False)
-    _, updates = model.apply(v, x, train=True, mutable=['batch_stats'])
+    v = models.init_variables(model, jax.random.PRNGKey(0))
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
+    _, updates = apply(v, x)
     # Stem BN running mean after one step: 0.9 * 0 + 0.1 * batch mean (PyTorch momentum 0.1).
     stem = nn.Conv(16, (3, 3), padding=models._pad(3), use_bias=False)
     h = stem.apply({'params': v['params']['stem_conv']}, x)
@@ -85,7 +86,7 @@ def test_forward_shapes_and_dtype():
     model = models.create_model('paper', num_classes=7, dtype='bfloat16')
     v = models.init_variables(model, jax.random.PRNGKey(0))
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(v['params']))
-    logits = model.apply(v, jnp.zeros((2, 32, 32, 3)), train=False)
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, jnp.zeros((2, 32, 32, 3)))
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32
 
 
