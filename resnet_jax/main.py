@@ -137,6 +137,8 @@ def _setup_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    # Libraries' own warnings (tfds, orbax) would clutter one-line errors.
+    logging.getLogger('absl').setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

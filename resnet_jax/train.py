@@ -841,7 +841,8 @@ def _load_dataset_cached(data_json: str, seed: int) -> input_pipeline.Dataset:
 
 def load_dataset(config: ml_collections.ConfigDict) -> input_pipeline.Dataset:
     """``config``'s dataset; the last one loaded is reused (runs of a sweep)."""
-    return _load_dataset_cached(config.data.to_json(sort_keys=True), config.seed)
+    data = dict(workdir_lib.config_json(config.data), image_size=config.image_size)
+    return _load_dataset_cached(json.dumps(data, sort_keys=True), config.seed)
 
 
 def _train_and_evaluate(
@@ -985,13 +986,16 @@ def _train_and_evaluate(
     except _NonFinite as e:
         status, error = 'diverged', str(e)
         logger.error('%s: stopping; the last good checkpoint is kept', error)
+    else:
+        if records and records[-1]['epoch'] == config.num_epochs:
+            status = 'completed'
+            if start_epoch < config.num_epochs:  # Finished in this invocation.
+                metric_logger.write_hparams(_hparams(config), _final_metrics(records))
     finally:
         manager.wait_until_finished()
         manager.close()
         metric_logger.close()
 
-    if status != 'diverged' and records and records[-1]['epoch'] == config.num_epochs:
-        status = 'completed'
     summary = _summary(
         config, records, num_params, flops, data, prior_seconds + time.time() - t_start, mesh
     )
@@ -1010,6 +1014,21 @@ def _train_and_evaluate(
             summary['wall_seconds'],
         )
     return state, summary
+
+
+def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config's scalar fields, dotted (``data.train_subset``), for TensorBoard."""
+    flat = _flatten(workdir_lib.config_json(config))
+    return {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str))}
+
+
+def _final_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    last = records[-1]
+    return {
+        'hparam/train_accuracy': last['train_accuracy'],
+        'hparam/test_accuracy': last['test_accuracy'],
+        'hparam/best_test_accuracy': max(r['test_accuracy'] for r in records),
+    }
 
 
 class _NonFinite(Exception):

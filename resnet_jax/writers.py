@@ -44,6 +44,10 @@ class _TensorboardXWriter:
         for key, value in scalars.items():
             self._writer.add_scalar(key, value, global_step=step)
 
+    def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        # Written into ``logdir/hparams`` (tensorboardX's layout for the HParams tab).
+        self._writer.add_hparams(dict(hparams), dict(metrics), name='hparams')
+
     def flush(self) -> None:
         self._writer.flush()
 
@@ -117,6 +121,15 @@ class MetricLogger:
             self._tb.write_scalars(int(record['epoch']), scalars)
             self._tb.flush()
         logger.info(format_record(record))
+
+    def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """A run's hyperparameters and final metrics for TensorBoard's HParams tab."""
+        if not self._enabled:
+            return
+        if isinstance(self._tb, _TensorboardXWriter):
+            self._tb.write_hparams(hparams, metrics)
+        else:  # clu's writer: hparams only, the metrics are the run's scalars.
+            self._tb.write_hparams(dict(hparams))
 
     def close(self) -> None:
         if self._enabled:

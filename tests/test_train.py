@@ -56,6 +56,14 @@ def test_tensorboard_file_holds_the_scalars(finished_run):
     assert set(train.METRIC_KEYS[1:]) <= set(acc.Tags()['scalars'])
     steps = [e.step for e in acc.Scalars('test_accuracy')]
     assert steps == [1, 2, 3]
+    # The HParams tab: the config's scalars and the final accuracies.
+    hp = event_accumulator.EventAccumulator(os.path.join(workdir, 'hparams'))
+    hp.Reload()
+    final = hp.Scalars('hparam/test_accuracy')[-1].value
+    assert final == pytest.approx(writers.read_metrics(workdir)[-1]['test_accuracy'])
+    assert b'learning_rate' in b''.join(
+        open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, 'hparams', 'events*'))
+    )
 
 
 def test_eval_counts_every_test_image_once(finished_run, cifar_py):
