@@ -519,9 +519,12 @@ def checkpoint_manager(
     workdir: str, keep: int = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
     """Orbax manager of ``workdir/checkpoints``; checkpoints are named by global step."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only
-    )
+    if read_only:  # (Options that only matter for saving would be warned about.)
+        options = ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0, max_to_keep=None
+        )
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options
     )
