@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Keep (False) or drop (True) the last partial training batch of an epoch.
     config.drop_remainder = False
     config.eval_batch_size = 1000
+    # Training steps per compiled call (lax.scan on the device; 0: a whole
+    # epoch, 1: step by step). Signals and NaN checks are seen between calls.
+    config.steps_per_call = 50
 
     # Optimiser: 'adam' (the study's), 'sgd', 'adagrad', 'adamw'.
     config.optimizer = 'adam'

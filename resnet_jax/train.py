@@ -234,14 +234,14 @@ def _global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def train_step(
+def _train_step(
     state: TrainState, batch: Mapping[str, jax.Array]
 ) -> tuple[TrainState, TrainMetrics]:
     """One optimiser step on ``batch`` (``image``: float NHWC, ``label``: int32).
 
-    Pure and jit-compiled; ``state`` is donated. BatchNorm uses the statistics
-    of the whole (global) batch and updates its running averages.
+    Pure and jit-compiled as :func:`train_step`, with ``state`` donated.
+    BatchNorm uses the statistics of the whole (global) batch and updates its
+    running averages.
     """
 
     def loss_fn(params):
@@ -264,6 +264,9 @@ def train_step(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
     return new_state, metrics
+
+
+train_step = jax.jit(_train_step, donate_argnums=0)
 
 
 @jax.jit
@@ -322,8 +325,7 @@ def epoch_order(order_rng: jax.Array, epoch: int, num_examples: int, shuffle: bo
     )
 
 
-@functools.partial(jax.jit, static_argnames=('size', 'prep', 'sharding'))
-def train_batch(
+def _train_batch(
     images: jax.Array,
     labels: jax.Array,
     order: jax.Array,
@@ -342,6 +344,47 @@ def train_batch(
     if sharding is not None:
         batch = jax.lax.with_sharding_constraint(batch, sharding)
     return batch
+
+
+train_batch = jax.jit(_train_batch, static_argnames=('size', 'prep', 'sharding'))
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=('size', 'count', 'prep', 'sharding'))
+def train_steps(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    order: jax.Array,
+    start: jax.Array,
+    *,
+    size: int,
+    count: int,
+    prep: Preprocess,
+    sharding: NamedSharding | None = None,
+) -> tuple[TrainState, TrainMetrics]:
+    """``count`` steps on batches ``order[start + i*size:][:size]`` in one call.
+
+    The same gather, augmentation and step as :func:`train_batch` followed by
+    :func:`train_step`, run by ``lax.scan`` on the device: one dispatch and no
+    host work for the whole chunk. Returns the state and the chunk's metrics.
+    """
+
+    def body(state, i):
+        batch = _train_batch(
+            images,
+            labels,
+            order,
+            start + i * size,
+            state.rng,
+            state.step,
+            size=size,
+            prep=prep,
+            sharding=sharding,
+        )
+        return _train_step(state, batch)
+
+    state, metrics = jax.lax.scan(body, state, jnp.arange(count, dtype=jnp.int32))
+    return state, metrics.reduce()
 
 
 @functools.partial(jax.jit, static_argnames=('size', 'prep', 'sharding'))
@@ -396,6 +439,26 @@ def pad_test_set(
     return images, labels, mask
 
 
+def _chunks(sizes: list[int], first: int, steps_per_call: int) -> list[tuple[int, int, int]]:
+    """``(first batch, batch size, count)`` of the compiled calls of an epoch.
+
+    Runs of equal-size batches from ``first`` on, at most ``steps_per_call``
+    long (0: unbounded); a last partial batch is a call of its own.
+    """
+    chunks, i = [], first
+    while i < len(sizes):
+        n = 1
+        while (
+            i + n < len(sizes)
+            and sizes[i + n] == sizes[i]
+            and (steps_per_call == 0 or n < steps_per_call)
+        ):
+            n += 1
+        chunks.append((i, sizes[i], n))
+        i += n
+    return chunks
+
+
 def _train_epoch(
     state: TrainState,
     images: jax.Array,
@@ -410,34 +473,53 @@ def _train_epoch(
     total: TrainMetrics | None = None,
     stop: '_StopSignals | None' = None,
     check_every: int = 0,
+    steps_per_call: int = 1,
 ) -> tuple[TrainState, TrainMetrics | None, int]:
     """Trains on batches ``first..`` of the epoch's ``order``.
 
-    Returns the state, the running metrics (merged into ``total``) and the
-    number of batches done: less than ``len(sizes)`` when a stop was requested
-    or, checked every ``check_every`` steps, the loss stopped being finite.
+    Steps run ``steps_per_call`` at a time in one compiled call
+    (:func:`train_steps`), or one by one (:func:`train_batch` then
+    :func:`train_step`) when it is 1. Returns the state, the running metrics
+    (merged into ``total``) and the number of batches done: less than
+    ``len(sizes)`` when a stop was requested or the loss or gradients stopped
+    being finite (checked every ``check_every`` steps, at call boundaries).
     """
     start = sum(sizes[:first])
-    for i in range(first, len(sizes)):
-        batch = train_batch(
-            images,
-            labels,
-            order,
-            jnp.int32(start),
-            state.rng,
-            state.step,
-            size=sizes[i],
-            prep=prep,
-            sharding=sharding,
-        )
-        state, m = train_step(state, batch)
+    for i, size, count in _chunks(sizes, first, steps_per_call):
+        if count == 1:
+            batch = train_batch(
+                images,
+                labels,
+                order,
+                jnp.int32(start),
+                state.rng,
+                state.step,
+                size=size,
+                prep=prep,
+                sharding=sharding,
+            )
+            state, m = train_step(state, batch)
+        else:
+            state, m = train_steps(
+                state,
+                images,
+                labels,
+                order,
+                jnp.int32(start),
+                size=size,
+                count=count,
+                prep=prep,
+                sharding=sharding,
+            )
         total = m if total is None else _merge(total, m)
-        start += sizes[i]
-        progress.maybe_report(i + 1, total)
-        if check_every and (i + 1) % check_every == 0 and not _metrics_finite(total):
-            return state, total, i + 1
+        start += size * count
+        done = i + count
+        progress.maybe_report(done, total)
+        crossed = check_every and done // check_every != i // check_every
+        if crossed and not _metrics_finite(total):
+            return state, total, done
         if stop is not None and stop.signum is not None:
-            return state, total, i + 1
+            return state, total, done
     return state, total, len(sizes)
 
 
@@ -688,6 +770,7 @@ RESUMABLE_CHANGES = (
     'keep_checkpoints',
     'progress_every_seconds',
     'check_finite_every_steps',
+    'steps_per_call',
     'data.path',
     'data.download',
     'distributed.*',  # How many processes train it, and where they meet.
@@ -954,6 +1037,7 @@ def _train_and_evaluate(
                     total=partial if first else None,
                     stop=stop,
                     check_every=config.check_finite_every_steps,
+                    steps_per_call=config.steps_per_call,
                 )
                 finite = _metrics_finite(total)  # Waits for the epoch's last step.
                 train_seconds = seconds_before + time.time() - t0

@@ -83,7 +83,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         'keep_checkpoints',
     ):
         _check_int(config, field, 1)
-    for field in ('data.train_subset', 'data.pad', 'seed', 'check_finite_every_steps'):
+    for field in (
+        'data.train_subset',
+        'data.pad',
+        'seed',
+        'check_finite_every_steps',
+        'steps_per_call',
+    ):
         _check_int(config, field, 0)
     for field in (
         'learning_rate',

@@ -50,7 +50,7 @@ def make_tiny_config(data_path: str) -> ml_collections.ConfigDict:
     """The default config shrunk for CPU tests on ``cifar_py``.
 
     3 epochs of batch 32; the learning rate starts at 0.01 and halves every
-    epoch; a checkpoint every epoch.
+    epoch; a checkpoint every epoch; one step per compiled call.
     """
     config = default.get_config()
     config.num_epochs = 3
@@ -60,6 +60,7 @@ def make_tiny_config(data_path: str) -> ml_collections.ConfigDict:
     config.decay_factor = 2.0
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 3
+    config.steps_per_call = 1  # The step-by-step path (tests count its calls).
     config.data.path = data_path
     return config
 

@@ -70,7 +70,7 @@ KILLER = textwrap.dedent("""
     sys.exit(main.main([
         'main', '--config', 'configs/default.py', '--workdir', workdir,
         '--config.num_epochs=3', '--config.batch_size=32', '--config.eval_batch_size=32',
-        '--config.decay_every_epochs=1', '--config.decay_factor=2.0',
+        '--config.decay_every_epochs=1', '--config.decay_factor=2.0', '--config.steps_per_call=1',
         f'--config.data.path={data}',
     ]))
 """)

@@ -136,3 +136,63 @@ def test_train_batch_gathers_in_order_and_augments_on_device():
         images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
     )
     assert not np.allclose(aug['image'], batch['image'])
+
+
+@pytest.fixture(scope='module')
+def sgd_step_by_step(tmp_path_factory, cifar_py):
+    """The tiny run with plain SGD, step by step: the reference for scanned steps."""
+    workdir = str(tmp_path_factory.mktemp('sgd'))
+    train.train_and_evaluate(_sgd(make_tiny_config(cifar_py.path)), workdir)
+    return writers.read_metrics(workdir)
+
+
+def _sgd(config):
+    # SGD at a small rate: Adam's first steps (about lr * sign(g)) would amplify the
+    # float noise between two compilations of the same step into visible differences.
+    config.optimizer, config.learning_rate = 'sgd', 0.01
+    return config
+
+
+@pytest.mark.parametrize('steps_per_call', [2, 0])
+def test_scanned_steps_match_the_step_path(
+    steps_per_call, sgd_step_by_step, cifar_py, tmp_path, monkeypatch
+):
+    """Several steps per compiled call (lax.scan): same results, compiled once."""
+    config = _sgd(make_tiny_config(cifar_py.path))
+    config.steps_per_call = steps_per_call
+    cache_sizes = []
+    real_write = writers.MetricLogger.write
+
+    def write(self, record):
+        cache_sizes.append(train.train_steps._cache_size())
+        real_write(self, record)
+
+    monkeypatch.setattr(writers.MetricLogger, 'write', write)
+    train.train_and_evaluate(config, str(tmp_path))
+    assert cache_sizes[0] >= 1 and cache_sizes == cache_sizes[:1] * 3  # No recompiles.
+    scanned = writers.read_metrics(str(tmp_path))
+    for a, b in zip(scanned, sgd_step_by_step, strict=True):
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_chunks_of_an_epoch():
+    assert train._chunks([32, 32, 32, 24], 0, 1) == [(0, 32, 1), (1, 32, 1), (2, 32, 1), (3, 24, 1)]
+    assert train._chunks([32, 32, 32, 24], 0, 2) == [(0, 32, 2), (2, 32, 1), (3, 24, 1)]
+    assert train._chunks([32, 32, 32, 24], 1, 0) == [(1, 32, 2), (3, 24, 1)]
+    assert train._chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
+
+
+def test_bfloat16_computes_in_bf16_and_keeps_float32_state(cifar_py, tmp_path):
+    config = make_tiny_config(cifar_py.path)
+    config.dtype, config.num_epochs = 'bfloat16', 1
+    state, summary = train.train_and_evaluate(config, str(tmp_path))
+    leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state))
+    assert {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {
+        np.dtype('float32')
+    }
+    assert summary['status'] == 'completed' and np.isfinite(summary['train_loss'])
+    hlo = jax.jit(lambda v, x: state.apply_fn(v, x, train=False)).lower(
+        state.variables(), jnp.zeros((2, 32, 32, 3))
+    )
+    assert 'bf16' in hlo.as_text()  # The convolutions run in bfloat16.
