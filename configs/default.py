@@ -32,7 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 1000
     # Training steps per compiled call (lax.scan on the device; 0: a whole
     # epoch, 1: step by step). Signals and NaN checks are seen between calls.
-    config.steps_per_call = 50
+    # 1 on CPUs: XLA's CPU backend runs the scanned steps ~30x slower
+    # (BENCHMARKS.md); larger values are for accelerators (not yet measured).
+    config.steps_per_call = 1
 
     # Optimiser: 'adam' (the study's), 'sgd', 'adagrad', 'adamw'.
     config.optimizer = 'adam'
