@@ -160,12 +160,8 @@ def write_manifest(config: ml_collections.ConfigDict, workdir: str, runs: list[R
 
 def _finished(run: Run, run_dir: str) -> bool:
     """Completed earlier with the same config."""
-    path = os.path.join(run_dir, workdir_lib.SUMMARY_FILE)
-    if not os.path.exists(path):
-        return False
-    try:
-        summary = workdir_lib.read_json(path)
-    except (OSError, ValueError):
+    summary = workdir_lib.read_json_object(os.path.join(run_dir, workdir_lib.SUMMARY_FILE))
+    if summary is None:
         return False
     same = summary.get('config') == workdir_lib.config_json(run.config)
     return summary.get('status') == 'completed' and same
@@ -177,12 +173,7 @@ def _record_failure(run: Run, run_dir: str, status: str, error: str) -> None:
     if not distributed.is_primary():
         return
     summary_path = os.path.join(run_dir, workdir_lib.SUMMARY_FILE)
-    summary = {}
-    if os.path.exists(summary_path):
-        try:
-            summary = workdir_lib.read_json(summary_path)
-        except (OSError, ValueError):
-            summary = {}
+    summary = workdir_lib.read_json_object(summary_path) or {}
     summary.update(status=status, error=error, config=workdir_lib.config_json(run.config))
     workdir_lib.write_json(summary_path, summary)
 

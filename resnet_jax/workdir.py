@@ -59,10 +59,10 @@ def read_json(path: str) -> Any:
 
 
 def read_json_object(path: str) -> dict[str, Any] | None:
-    """A JSON object file, or None when it is missing or (being) written badly."""
+    """A JSON object file, or None when it is missing, unreadable or (being) written badly."""
     try:
         obj = read_json(path)
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
 
