@@ -754,7 +754,7 @@ def restore(
     state = create_train_state(config, jax.random.PRNGKey(config.seed), 1)
     state, _, _ = restore_checkpoint(manager, state, step)
     manager.close()
-    model = models.create_model(config.model, config.num_classes, config.dtype)
+    model, _ = _cached_model(config.model, config.num_classes, config.dtype, config.image_size)
     return model, state.variables(), config
 
 
@@ -967,7 +967,7 @@ def _train_and_evaluate(
     init_rng, order_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state = jax.device_put(create_train_state(config, init_rng, steps_per_epoch), replicated)
     num_params = models.count_params(state.params)
-    model = models.create_model(config.model, config.num_classes, config.dtype)
+    model, _ = _cached_model(config.model, config.num_classes, config.dtype, config.image_size)
     flops = models.flops_per_image(model, state.variables(), config.image_size)
     logger.info(
         'model %s: %s trainable parameters, %.1f MFLOPs/image forward',
