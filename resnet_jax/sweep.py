@@ -37,7 +37,9 @@ from resnet_jax import workdir as workdir_lib
 logger = logging.getLogger('resnet_jax')
 
 MANIFEST_FILE = workdir_lib.MANIFEST_FILE
-# Entries of config.sweep that are options of the sweep, not axes.
+# Entries of config.sweep that are options of the sweep, not axes:
+# vectorize=True trains runs that differ only in learning rate, shuffle or seed
+# together as one vmapped program (resnet_jax/vectorize.py).
 OPTIONS = ('vectorize',)
 
 
@@ -63,11 +65,16 @@ def axes(config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
     def walk(node: Any, prefix: str) -> None:
         for key, value in node.items():
             name = prefix + key
-            if isinstance(value, ml_collections.ConfigDict):
+            if name in OPTIONS:
+                if not isinstance(value, bool):
+                    raise validation.ConfigError(
+                        f'config.sweep.{name} must be True or False, got {value!r}'
+                    )
+            elif isinstance(value, ml_collections.ConfigDict):
                 walk(value, name + '.')
             elif isinstance(value, (list, tuple)):
                 found[name] = list(value)
-            elif name not in OPTIONS:
+            else:
                 raise validation.ConfigError(
                     f'config.sweep.{name} must be a list of values, got {value!r}'
                 )
@@ -207,6 +214,62 @@ def run_one(run: Run, workdir: str) -> str:
     return summary['status']
 
 
+def run_group(runs: list[Run], workdir: str) -> dict[str, str]:
+    """Trains ``runs`` together (:mod:`resnet_jax.vectorize`); returns their statuses.
+
+    If one of their workdirs is busy (another shard trains it), the runs are
+    trained one by one instead, which skips the busy one.
+    """
+    from resnet_jax import vectorize  # pylint: disable=g-import-not-at-top  # Heavy.
+
+    names = ', '.join(run.name for run in runs)
+    logger.info('runs %s: training together (vectorised)', names)
+    run_dirs = [os.path.join(workdir, run.name) for run in runs]
+    try:
+        summaries = vectorize.train_group([run.config for run in runs], run_dirs)
+    except workdir_lib.WorkdirBusy as e:
+        logger.warning('runs %s: %s; training them one by one', names, e)
+        return {run.name: run_one(run, workdir) for run in runs}
+    except KeyboardInterrupt:
+        raise
+    except (validation.ConfigError, input_pipeline.DataError) as e:
+        return _record_group_failure(runs, run_dirs, str(e), traceback=False)
+    except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
+        return _record_group_failure(runs, run_dirs, f'{type(e).__name__}: {e}', traceback=True)
+    return {run.name: summary['status'] for run, summary in zip(runs, summaries, strict=True)}
+
+
+def _record_group_failure(
+    runs: list[Run], run_dirs: list[str], message: str, traceback: bool
+) -> dict[str, str]:
+    log = logger.exception if traceback else logger.error
+    log('vectorised runs %s failed: %s', ', '.join(run.name for run in runs), message)
+    for run, run_dir in zip(runs, run_dirs, strict=True):
+        _record_failure(run, run_dir, 'failed', message)
+    return {run.name: 'failed' for run in runs}
+
+
+def _run_vectorized(runs: list[Run], workdir: str) -> dict[str, str]:
+    """Runs ``runs``, those differing only in vectorisable fields together."""
+    from resnet_jax import vectorize  # pylint: disable=g-import-not-at-top  # Heavy.
+
+    statuses: dict[str, str] = {}
+    pending = []
+    for run in runs:
+        if _finished(run, os.path.join(workdir, run.name)):
+            logger.info('run %d %s: already completed, skipped', run.index, run.name)
+            statuses[run.name] = 'completed'
+        else:
+            pending.append(run)
+    for group in vectorize.group_runs([run.config for run in pending]):
+        members = [pending[i] for i in group]
+        if len(members) == 1:
+            statuses[members[0].name] = run_one(members[0], workdir)
+        else:
+            statuses.update(run_group(members, workdir))
+    return {run.name: statuses[run.name] for run in runs}
+
+
 def run_sweep(
     config: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] = (0, 1)
 ) -> dict[str, str]:
@@ -228,7 +291,10 @@ def run_sweep(
         shard[1],
         len(mine),
     )
-    statuses = {run.name: run_one(run, workdir) for run in mine}
+    if config.sweep.get('vectorize', False):
+        statuses = _run_vectorized(mine, workdir)
+    else:
+        statuses = {run.name: run_one(run, workdir) for run in mine}
     if distributed.is_primary():
         write_report(workdir)
     return statuses

@@ -235,13 +235,15 @@ def _global_norm(tree: Any) -> jax.Array:
 
 
 def _train_step(
-    state: TrainState, batch: Mapping[str, jax.Array]
+    state: TrainState, batch: Mapping[str, jax.Array], lr_scale: jax.Array | None = None
 ) -> tuple[TrainState, TrainMetrics]:
     """One optimiser step on ``batch`` (``image``: float NHWC, ``label``: int32).
 
     Pure and jit-compiled as :func:`train_step`, with ``state`` donated.
     BatchNorm uses the statistics of the whole (global) batch and updates its
-    running averages.
+    running averages. ``lr_scale`` multiplies the optimiser's update: the
+    vectorised sweeps give every run one optimiser built for learning rate 1
+    and their own learning rate here (every optimiser's update is linear in it).
     """
 
     def loss_fn(params):
@@ -256,6 +258,8 @@ def _train_step(
 
     grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    if lr_scale is not None:
+        updates = jax.tree_util.tree_map(lambda u: u * lr_scale, updates)
     params = optax.apply_updates(state.params, updates)
     metrics = TrainMetrics.single_from_model_output(
         loss=losses, logits=logits, labels=batch['label'], grad_norm=_global_norm(grads)

@@ -1,0 +1,191 @@
+"""Vectorised sweeps: lanes match runs trained one by one, resume, diverge alone."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import paper_sweep
+from resnet_jax import sweep, train, vectorize, writers
+from tests.conftest import make_tiny_config
+
+# (learning_rate, shuffle, seed) of three lanes: every vectorisable field varies.
+LANES = ((0.05, True, 0), (0.01, False, 0), (0.02, True, 1))
+KEYS = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate')
+
+
+def _configs(data_path, num_epochs=2):
+    configs = []
+    for lr, shuffle, seed in LANES:
+        config = make_tiny_config(data_path)
+        config.num_epochs = num_epochs
+        # SGD: Adam turns last-bit float differences into visible ones within
+        # steps (see test_sharding.py), and vmapped convolutions round differently.
+        config.optimizer = 'sgd'
+        config.learning_rate, config.shuffle, config.seed = lr, shuffle, seed
+        configs.append(config)
+    return configs
+
+
+def _records(workdir):
+    return [{k: r[k] for k in KEYS} for r in writers.read_metrics(workdir)]
+
+
+@pytest.fixture(scope='module')
+def together(tmp_path_factory, cifar_py):
+    """The three lanes trained as one group, uninterrupted; the compiles it took."""
+    root = tmp_path_factory.mktemp('together')
+    workdirs = [str(root / f'lane{i}') for i in range(len(LANES))]
+    before = vectorize.train_lanes._cache_size()
+    summaries = vectorize.train_group(_configs(cifar_py.path), workdirs)
+    return workdirs, summaries, vectorize.train_lanes._cache_size() - before
+
+
+def test_groups_of_the_paper_sweep():
+    runs = sweep.expand(paper_sweep.get_config())
+    groups = vectorize.group_runs([r.config for r in runs])
+    assert sorted(len(g) for g in groups) == [6, 6, 6]  # One per batch size.
+    for group in groups:
+        assert len({runs[i].config.batch_size for i in group}) == 1
+
+
+def test_lanes_match_runs_trained_one_by_one(together, cifar_py, tmp_path):
+    workdirs, summaries, compiles = together
+    # 120 images in batches of 32: one program for the full and one for the last
+    # batch, compiled in epoch 1 and reused in epoch 2.
+    assert compiles <= 2
+    for config, workdir, summary in zip(_configs(cifar_py.path), workdirs, summaries, strict=True):
+        assert summary['status'] == 'completed' and summary['vectorized_lanes'] == 3
+        alone_dir = str(tmp_path / os.path.basename(workdir))
+        _, alone = train.train_and_evaluate(config, alone_dir)
+        got, want = _records(workdir), _records(alone_dir)
+        assert len(got) == len(want) == 2
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(
+                [g['train_loss'], g['test_loss'], g['learning_rate']],
+                [w['train_loss'], w['test_loss'], w['learning_rate']],
+                rtol=2e-3,
+            )
+            assert abs(g['test_accuracy'] - w['test_accuracy']) <= 0.041  # 2 of 50 images.
+        # A lane's workdir is a run's workdir: its config, restore and evaluation.
+        saved = json.loads(open(os.path.join(workdir, 'config.json')).read())
+        assert saved['learning_rate'] == config.learning_rate
+        result = train.evaluate_workdir(workdir)
+        assert result['accuracy'] == pytest.approx(summary['test_accuracy'])
+    # Different learning rates, orders and seeds give different runs.
+    assert len({s['train_loss'] for s in summaries}) == 3
+
+
+def test_one_step_of_three_lanes_is_three_single_steps():
+    """Per step, lanes equal the plain step up to rounding (runs then drift apart
+    chaotically, hence the looser tolerances over whole runs above)."""
+    config = make_tiny_config('')
+    config.optimizer, config.learning_rate = 'sgd', 0.05
+    prep = train.Preprocess.from_config(config)
+    images = jax.random.randint(jax.random.PRNGKey(1), (1, 64, 32, 32, 3), 0, 256, jnp.int32)
+    images = images.astype(jnp.uint8)
+    labels = jax.random.randint(jax.random.PRNGKey(2), (1, 64), 0, 10, jnp.int32)
+    orders = jnp.stack([jax.random.permutation(jax.random.PRNGKey(i), 64) for i in range(3)])
+    lrs = jnp.asarray([0.05, 0.01, 0.2], jnp.float32)
+    state, _ = vectorize.create_lane_state(config, 2)
+    states, metrics = vectorize.train_lanes(
+        vectorize.stack([state] * 3),
+        lrs,
+        jnp.zeros((3,), jnp.int32),
+        orders.astype(jnp.int32),
+        images,
+        labels,
+        jnp.int32(0),
+        size=32,
+        count=1,
+        prep=prep,
+    )
+    for r in range(3):
+        config.learning_rate = float(lrs[r])
+        alone = train.create_train_state(config, jax.random.split(jax.random.PRNGKey(0))[0], 2)
+        batch = train.train_batch(
+            images[0],
+            labels[0],
+            orders[r].astype(jnp.int32),
+            jnp.int32(0),
+            alone.rng,
+            alone.step,
+            size=32,
+            prep=prep,
+        )
+        alone, m = train.train_step(alone, batch)
+        lane = vectorize.unstack(states, r)
+        leaves = (jax.tree_util.tree_leaves(s.params) for s in (lane, alone, state))
+        for a, b, init in zip(*leaves, strict=True):  # The updates agree to rounding.
+            assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b - init)
+        assert float(vectorize.unstack(metrics, r).compute()['loss']) == pytest.approx(
+            float(m.compute()['loss']), rel=1e-5
+        )
+
+
+def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, monkeypatch):
+    """SIGTERM at step 2 of epoch 2 checkpoints every lane; rerunning finishes them
+    with the very numbers of the uninterrupted group."""
+    workdirs = [str(tmp_path / f'lane{i}') for i in range(len(LANES))]
+    calls = []
+    real = vectorize.train_lanes
+
+    def train_lanes(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # 4 steps per epoch: step 2 of epoch 2.
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vectorize, 'train_lanes', train_lanes)
+    with pytest.raises(train.Interrupted):
+        vectorize.train_group(_configs(cifar_py.path), workdirs)
+    for workdir in workdirs:
+        assert len(writers.read_metrics(workdir)) == 1
+        manager = train.checkpoint_manager(workdir, read_only=True)
+        assert manager.latest_step() == 6  # 4 steps of epoch 1, 2 of epoch 2.
+        manager.close()
+    monkeypatch.setattr(vectorize, 'train_lanes', real)
+    summaries = vectorize.train_group(_configs(cifar_py.path), workdirs)
+    assert [s['status'] for s in summaries] == ['completed'] * 3
+    for workdir, reference in zip(workdirs, together[0], strict=True):
+        assert _records(workdir) == _records(reference)
+
+
+def test_vectorized_sweep_isolates_a_diverging_lane(tmp_path, cifar_py):
+    config = make_tiny_config(cifar_py.path)
+    config.num_epochs = 1
+    config.optimizer = 'sgd'
+    config.check_finite_every_steps = 1
+    config.sweep = ml_collections.ConfigDict()
+    config.sweep.learning_rate = (0.01, 3e38)
+    config.sweep.shuffle = (True, False)
+    config.sweep.vectorize = True
+    statuses = sweep.run_sweep(config, str(tmp_path))
+    assert statuses == {
+        'learning_rate=0.01,shuffle=True': 'completed',
+        'learning_rate=0.01,shuffle=False': 'completed',
+        'learning_rate=3e+38,shuffle=True': 'diverged',
+        'learning_rate=3e+38,shuffle=False': 'diverged',
+    }
+    for name, status in statuses.items():
+        summary = json.loads((tmp_path / name / 'summary.json').read_text())
+        assert summary['status'] == status and summary['vectorized_lanes'] == 4
+        assert len(writers.read_metrics(str(tmp_path / name))) == (status == 'completed')
+        if status == 'diverged':
+            assert 'non-finite' in summary['error']
+    assert (tmp_path / 'results.md').exists()
+    # Rerunning skips the completed runs and retrains only the diverged ones.
+    statuses = sweep.run_sweep(config, str(tmp_path))
+    assert sorted(statuses.values()) == ['completed', 'completed', 'diverged', 'diverged']
+
+
+def test_bad_vectorize_option_is_a_config_error():
+    config = paper_sweep.get_config()
+    config.sweep.vectorize = 'yes'
+    with pytest.raises(sweep.validation.ConfigError, match='vectorize'):
+        sweep.expand(config)
