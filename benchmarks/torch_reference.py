@@ -570,6 +570,14 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     """Peak bytes: CUDA max allocated, else this process's max RSS."""
     if device.type == 'cuda':
         return int(torch.cuda.max_memory_allocated(device)), 'cuda_max_memory_allocated'
+    # VmHWM, unlike ru_maxrss, is not inherited from the parent across exec.
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024, 'vm_hwm'
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == 'darwin' else rss * 1024), 'max_rss'
 

@@ -1,0 +1,430 @@
+"""Training-speed benchmark: JAX and, in the same run, the PyTorch references.
+
+    python -m resnet_jax.bench                                   # paper, batch 100/500, fp32
+    python -m resnet_jax.bench --models paper,resnet18 --batch_sizes 100,500,1000 \
+        --dtypes float32,bfloat16 --torch study,tuned --lanes 6 --json bench.json
+
+For each model x batch size x dtype it measures the training path that
+``train_and_evaluate`` runs (on-device gather and augmentation, ``train_step``
+or ``config.steps_per_call`` scanned steps): images/s at steady state, time per
+epoch (measured with ``--epochs``, else extrapolated and marked so), compile
+time and peak memory. ``--torch`` runs ``benchmarks/torch_reference.py`` (the
+study-style and the tuned PyTorch implementations, each in its own process) on
+the same cases and prints JAX/PyTorch ratios. ``--lanes R`` also times R runs
+vectorised into one program (:mod:`resnet_jax.vectorize`) against one run.
+
+Images are random uint8 unless ``--data`` names a dataset (speed does not
+depend on pixel values). Every setting not given here comes from ``--config``
+(default ``configs/default.py``). Timings belong in BENCHMARKS.md, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax import input_pipeline, models, train, validation, vectorize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_REFERENCE = os.path.join(REPO, 'benchmarks', 'torch_reference.py')
+DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'default.py')
+SYNTHETIC_TRAIN = 50_000  # CIFAR-10's training set size.
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # One line, exit code 2.
+        sys.stderr.write(f'error: {message}\n')
+        raise SystemExit(2)
+
+
+def _list(kind: type, choices: Sequence[Any] | None = None):
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [kind(v) for v in text.split(',') if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'not a list of {kind.__name__}: {text!r}') from None
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(
+                f'{text!r}: choose from {", ".join(map(str, choices or ()))}'
+            )
+        return values
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = _Parser(prog='python -m resnet_jax.bench', description=__doc__.split('\n')[0])
+    p.add_argument('--config', default=DEFAULT_CONFIG, help='config file (get_config())')
+    p.add_argument('--models', type=_list(str, sorted(models.MODELS)), default=['paper'])
+    p.add_argument('--batch_sizes', type=_list(int), default=[100, 500])
+    p.add_argument('--dtypes', type=_list(str, sorted(models.DTYPES)), default=['float32'])
+    p.add_argument('--steps', type=int, default=20, help='timed steps per case')
+    p.add_argument(
+        '--epochs',
+        type=int,
+        default=0,
+        help='>= 2: also time whole epochs (the mean after the first)',
+    )
+    p.add_argument('--steps_per_call', type=int, default=None, help='overrides the config')
+    p.add_argument('--lanes', type=int, default=0, help='also time this many vectorised runs')
+    p.add_argument('--data', default='', help='a dataset path (default: random images)')
+    p.add_argument(
+        '--torch',
+        type=_list(str, ('study', 'tuned', 'none')),
+        default=['study', 'tuned'],
+        help='PyTorch references to run alongside (none: skip)',
+    )
+    p.add_argument('--torch_workers', type=int, default=2, help='study-style DataLoader workers')
+    p.add_argument('--json', default='', help='write every result to this JSON file')
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.epochs < 0 or args.lanes < 0 or args.epochs == 1:
+        p.error('--steps must be >= 1, --epochs 0 or >= 2, --lanes >= 0')
+    if any(b < 1 for b in args.batch_sizes):
+        p.error('--batch_sizes must be positive')
+    if not os.path.isfile(args.config):
+        p.error(f'--config {args.config}: no such file')
+    return args
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file."""
+    spec = importlib.util.spec_from_file_location('_bench_config', path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    return module.get_config()
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    device = jax.devices()[0]
+    return {
+        'platform': device.platform,
+        'device': getattr(device, 'device_kind', str(device)),
+        'num_devices': jax.device_count(),
+        'cpu_count': os.cpu_count(),
+        'processor': platform.processor() or platform.machine(),
+        'python': platform.python_version(),
+        'jax': jax.__version__,
+    }
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    """The accelerator's peak allocation, or the process's peak RSS on CPUs."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+        return int(stats['peak_bytes_in_use']), 'device_peak_bytes_in_use'
+    try:  # VmHWM, unlike ru_maxrss, is not inherited from a parent across exec.
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024, 'vm_hwm'
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'max_rss'
+
+
+def _case_config(
+    base: ml_collections.ConfigDict, model: str, batch_size: int, dtype: str, spc: int | None
+) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.model, config.batch_size, config.dtype = model, batch_size, dtype
+    if spc is not None:
+        config.steps_per_call = spc
+    validation.validate_config(config)
+    return config
+
+
+def _timed(fn, *args) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    return out, time.perf_counter() - t0
+
+
+def bench_jax(
+    config: ml_collections.ConfigDict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    steps: int,
+    epochs: int = 0,
+) -> dict[str, Any]:
+    """Times ``steps`` training steps (twice: the first call compiles) and whole epochs."""
+    mesh = train.make_mesh()
+    replicated = NamedSharding(mesh, P())
+    sharding = NamedSharding(mesh, P('data'))
+    prep = train.Preprocess.from_config(config)
+    bs = config.batch_size
+    n = len(labels)
+    steps = min(steps, n // bs)
+    x = jax.device_put(images, replicated)
+    y = jax.device_put(labels, replicated)
+    state = jax.device_put(
+        train.create_train_state(config, jax.random.PRNGKey(0), max(n // bs, 1)), replicated
+    )
+    order = train.epoch_order(jax.random.PRNGKey(1), 1, n, True)
+    quiet = train.Progress(0, 1, float('inf'))
+
+    def run(state, sizes):
+        state, total, _ = train._train_epoch(  # pylint: disable=protected-access
+            state, x, y, order, sizes, prep, sharding, quiet, steps_per_call=config.steps_per_call
+        )
+        return state, total
+
+    (state, _), first = _timed(run, state, [bs] * steps)
+    (state, _), steady = _timed(run, state, [bs] * steps)
+    result = {
+        'framework': 'jax',
+        'impl': 'jax',
+        'model': config.model,
+        'batch_size': bs,
+        'dtype': config.dtype,
+        'steps_per_call': config.steps_per_call,
+        'steps': steps,
+        'images_per_second': steps * bs / steady,
+        'step_seconds': steady / steps,
+        'compile_seconds': max(first - steady, 0.0),
+        'epoch_seconds': n / (steps * bs / steady),
+        'epoch_seconds_estimated': True,
+        'num_train_images': n,
+    }
+    if epochs >= 2:
+        sizes = train.train_batch_sizes(n, bs, config.drop_remainder, mesh.devices.size)
+        times = []
+        for _ in range(epochs):
+            (state, _), seconds = _timed(run, state, sizes)
+            times.append(seconds)
+        result.update(
+            epoch_seconds=float(np.mean(times[1:])),
+            epoch_seconds_estimated=False,
+            first_epoch_seconds=times[0],
+            images_per_second_epoch=n / float(np.mean(times[1:])),
+        )
+    result['peak_memory_bytes'], result['peak_memory_kind'] = peak_memory_bytes()
+    flops = models.flops_per_image(
+        train._cached_model(config.model, config.num_classes, config.dtype, config.image_size)[0],  # pylint: disable=protected-access
+        state.variables(),
+        config.image_size,
+    )
+    # Forward + backward is about 3x the forward's multiply-adds.
+    result['train_tflops_per_second'] = 3 * flops * result['images_per_second'] / 1e12
+    return result
+
+
+def bench_lanes(
+    config: ml_collections.ConfigDict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    lanes: int,
+    steps: int,
+) -> dict[str, Any]:
+    """Times ``lanes`` vectorised runs (:func:`vectorize.train_lanes`) for ``steps`` steps."""
+    mesh = train.make_mesh()
+    replicated = NamedSharding(mesh, P())
+    sharding = NamedSharding(mesh, P('data'))
+    prep = train.Preprocess.from_config(config)
+    bs, n = config.batch_size, len(labels)
+    steps = min(steps, n // bs)
+    x = jax.device_put(images[None], replicated)
+    y = jax.device_put(labels[None], replicated)
+    state, _ = vectorize.create_lane_state(config, max(n // bs, 1))
+    states = jax.device_put(vectorize.stack([state] * lanes), replicated)
+    lrs = jnp.full((lanes,), config.learning_rate, jnp.float32)
+    datasets = jnp.zeros((lanes,), jnp.int32)
+    orders = jnp.stack([train.epoch_order(jax.random.PRNGKey(r), 1, n, True) for r in range(lanes)])
+
+    def run(states):
+        start = 0
+        for _, size, count in train._chunks([bs] * steps, 0, config.steps_per_call):  # pylint: disable=protected-access
+            states, _ = vectorize.train_lanes(
+                states,
+                lrs,
+                datasets,
+                orders,
+                x,
+                y,
+                jnp.int32(start),
+                size=size,
+                count=count,
+                prep=prep,
+                sharding=sharding,
+            )
+            start += size * count
+        return states
+
+    states, first = _timed(run, states)
+    states, steady = _timed(run, states)
+    ips = lanes * steps * bs / steady
+    return {
+        'framework': 'jax',
+        'impl': 'jax-vectorized',
+        'model': config.model,
+        'batch_size': bs,
+        'dtype': config.dtype,
+        'lanes': lanes,
+        'steps_per_call': config.steps_per_call,
+        'steps': steps,
+        'images_per_second': ips,  # All lanes together.
+        'step_seconds': steady / steps,
+        'compile_seconds': max(first - steady, 0.0),
+        'epoch_seconds': n * lanes / ips,  # One epoch of every lane.
+        'epoch_seconds_estimated': True,
+    }
+
+
+def bench_torch(
+    impl: str,
+    model: str,
+    batch_size: int,
+    dtype: str,
+    steps: int,
+    data: str,
+    workers: int,
+    epochs: int = 0,
+) -> dict[str, Any]:
+    """Runs ``benchmarks/torch_reference.py`` in its own process; its JSON result."""
+    if impl == 'study' and dtype != 'float32':
+        return {'framework': 'torch', 'impl': impl, 'skipped': 'the study ran in float32'}
+    if not os.path.exists(TORCH_REFERENCE):
+        return {'framework': 'torch', 'impl': impl, 'skipped': f'{TORCH_REFERENCE} not found'}
+    command = [
+        sys.executable,
+        TORCH_REFERENCE,
+        '--impl',
+        impl,
+        '--model',
+        model,
+        '--batch_size',
+        str(batch_size),
+        '--dtype',
+        dtype,
+        '--num_workers',
+        str(workers),
+    ]
+    command += ['--epochs', str(epochs)] if epochs else ['--steps', str(steps)]
+    if data:
+        command += ['--data', data]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
+    if proc.returncode or not lines:
+        reason = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+        return {'framework': 'torch', 'impl': impl, 'skipped': reason}
+    result = json.loads(lines[-1])
+    result['framework'] = 'torch'
+    return result
+
+
+def _load_data(path: str, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    if not path:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (SYNTHETIC_TRAIN, 32, 32, 3), dtype=np.uint8)
+        return images, rng.integers(0, 10, SYNTHETIC_TRAIN).astype(np.int32)
+    data_config = ml_collections.ConfigDict(config.data.to_dict())
+    data_config.path = path
+    data_config.image_size = config.image_size
+    data = input_pipeline.load_dataset(data_config, config.seed)
+    return data.train_images, data.train_labels.astype(np.int32)
+
+
+def _row(r: dict[str, Any], reference: dict[str, Any] | None = None) -> str:
+    if 'skipped' in r:
+        return f'| {r["impl"]} | | | | | | skipped: {r["skipped"]} |'
+    epoch = f'{r["epoch_seconds"]:.1f}' + (' (est.)' if r.get('epoch_seconds_estimated') else '')
+    mem = r.get('peak_memory_bytes')
+    ratio = ''
+    if reference is not None and 'images_per_second' in reference:
+        ratio = f'{reference["images_per_second"] / r["images_per_second"]:.2f}x'
+    lanes = f' x{r["lanes"]}' if r.get('lanes') else ''
+    return (
+        f'| {r["impl"]}{lanes} | {r["model"]} | {r["batch_size"]} | {r["dtype"]} | '
+        f'{r["images_per_second"]:.0f} | {epoch} | {r.get("compile_seconds", 0):.1f} | '
+        f'{(mem or 0) / 2**20:.0f} | {ratio} |'
+    )
+
+
+HEADER = (
+    '| impl | model | batch | dtype | images/s | epoch s | compile s | peak MiB | JAX speed-up |\n'
+    '|---|---|---|---|---|---|---|---|---|'
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        base = load_config(args.config)
+        images, labels = _load_data(args.data, base)
+    except (validation.ConfigError, input_pipeline.DataError, OSError) as e:
+        sys.stderr.write(f'error: {e}\n')
+        return 2
+    info = machine()
+    print(f'# {json.dumps(info)}', flush=True)
+    print(HEADER, flush=True)
+    results: list[dict[str, Any]] = []
+    for model in args.models:
+        for dtype in args.dtypes:
+            for bs in args.batch_sizes:
+                try:
+                    config = _case_config(base, model, bs, dtype, args.steps_per_call)
+                except validation.ConfigError as e:
+                    sys.stderr.write(f'error: {e}\n')
+                    return 2
+                mine = bench_jax(config, images, labels, args.steps, args.epochs)
+                results.append(mine)
+                print(_row(mine), flush=True)
+                for impl in (i for i in args.torch if i != 'none'):
+                    theirs = bench_torch(
+                        impl,
+                        model,
+                        bs,
+                        dtype,
+                        args.steps,
+                        args.data,
+                        args.torch_workers,
+                        args.epochs,
+                    )
+                    theirs.update(model=model, batch_size=bs, dtype=dtype)
+                    if 'images_per_second' in theirs:
+                        theirs['jax_speedup'] = (
+                            mine['images_per_second'] / theirs['images_per_second']
+                        )
+                    results.append(theirs)
+                    print(
+                        _row(theirs, mine) if 'skipped' not in theirs else _row(theirs), flush=True
+                    )
+                if args.lanes:
+                    together = bench_lanes(config, images, labels, args.lanes, args.steps)
+                    together['speedup_vs_one_run'] = (
+                        together['images_per_second'] / mine['images_per_second']
+                    )
+                    results.append(together)
+                    print(_row(together, None), f'{together["speedup_vs_one_run"]:.2f}x vs 1 run')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'machine': info, 'results': results}, f, indent=2)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

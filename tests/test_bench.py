@@ -1,0 +1,49 @@
+"""The benchmark's plumbing (no timings are asserted: those live in BENCHMARKS.md)."""
+
+import json
+
+import pytest
+
+from resnet_jax import bench
+
+
+def test_bench_writes_every_case(tmp_path, cifar_py, capsys):
+    out = tmp_path / 'bench.json'
+    args = ['--data', cifar_py.path, '--batch_sizes', '24', '--steps', '2', '--epochs', '2']
+    args += ['--torch', 'none', '--lanes', '2', '--json', str(out)]
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report['machine']['platform'] == 'cpu'
+    single = [r for r in report['results'] if r['impl'] == 'jax']
+    lanes = [r for r in report['results'] if r['impl'] == 'jax-vectorized']
+    assert [r['batch_size'] for r in single] == [24] and len(lanes) == 1
+    for r in single:
+        assert r['images_per_second'] > 0 and r['compile_seconds'] >= 0
+        assert r['epoch_seconds_estimated'] is False and r['num_train_images'] == 120
+        assert r['peak_memory_bytes'] > 0
+    assert all(r['lanes'] == 2 and r['speedup_vs_one_run'] > 0 for r in lanes)
+    assert '| jax | paper | 24 | float32 |' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    'args,fragment',
+    [
+        (['--models', 'vgg'], 'vgg'),
+        (['--batch_sizes', '0'], 'positive'),
+        (['--epochs', '1'], '--epochs'),
+        (['--config', '/no/such.py'], 'no such file'),
+        (['--torch', 'tensorflow'], 'tensorflow'),
+    ],
+)
+def test_bad_arguments_are_one_error_line(args, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_data_is_one_error_line(tmp_path, capsys):
+    assert bench.main(['--data', str(tmp_path / 'nothing'), '--torch', 'none']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and len(err.strip().splitlines()) == 1
