@@ -19,14 +19,16 @@ from resnet_jax import conv, models, train
         (32, 16, 16, 3, 1, 1),
         (32, 16, 32, 3, 2, 1),  # The paper net's stride-2 convs and shortcuts.
         (9, 4, 6, 3, 2, 1),  # Odd size: the last row is not reached by the stride.
+        (16, 64, 8, 3, 2, 1),  # 64 channels: dx by phases, dw in 6 chunks.
         (8, 3, 5, 1, 2, 0),  # ResNet-18's 1x1 shortcuts.
         (7, 2, 3, 3, 1, 0),
     ],
 )
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_values_and_gradients_equal_lax(size, cin, cout, k, stride, padding, dtype):
+def test_values_and_gradients_equal_lax(size, cin, cout, k, stride, padding, dtype, monkeypatch):
+    monkeypatch.setattr(conv, 'DW_CHUNK_ELEMENTS', 1 << 16)  # Several chunks at batch 6.
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (3, size, size, cin), dtype)
+    x = jax.random.normal(kx, (6, size, size, cin), dtype)
     w = (jax.random.normal(kw, (k, k, cin, cout)) * 0.2).astype(dtype)
 
     def reference(x, w):
@@ -65,8 +67,7 @@ def test_scanned_train_steps_have_only_canonical_convolutions():
         prep=train.Preprocess.from_config(config),
     ).compile()
     found = re.findall(r'convolution\(.*?dim_labels=([^,}\s]+)', compiled.as_text())
-    # 15 convolutions forward, 14 input and 15 weight gradients (not the stem's input).
-    assert collections.Counter(found) == {'b01f_01io->b01f': 44}
+    assert found and set(found) == {'b01f_01io->b01f'}, collections.Counter(found)
 
 
 def test_parameter_names_are_flax_convs():
