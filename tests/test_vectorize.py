@@ -186,6 +186,6 @@ def test_vectorized_sweep_isolates_a_diverging_lane(tmp_path, cifar_py):
 
 def test_bad_vectorize_option_is_a_config_error():
     config = paper_sweep.get_config()
-    config.sweep.vectorize = 'yes'
+    config.sweep = ml_collections.ConfigDict({'batch_size': (100,), 'vectorize': 'yes'})
     with pytest.raises(sweep.validation.ConfigError, match='vectorize'):
         sweep.expand(config)
