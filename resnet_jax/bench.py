@@ -276,7 +276,10 @@ def bench_lanes(
     states, first = _timed(run, states)
     states, steady = _timed(run, states)
     ips = lanes * steps * bs / steady
+    memory, kind = peak_memory_bytes()
     return {
+        'peak_memory_bytes': memory,
+        'peak_memory_kind': kind,
         'framework': 'jax',
         'impl': 'jax-vectorized',
         'model': config.model,
