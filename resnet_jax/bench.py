@@ -187,7 +187,7 @@ def bench_jax(
     quiet = train.Progress(0, 1, float('inf'))
 
     def run(state, sizes):
-        state, total, _ = train._train_epoch(  # pylint: disable=protected-access
+        state, total, _ = train.train_epoch(
             state, x, y, order, sizes, prep, sharding, quiet, steps_per_call=config.steps_per_call
         )
         return state, total
@@ -223,7 +223,7 @@ def bench_jax(
         )
     result['peak_memory_bytes'], result['peak_memory_kind'] = peak_memory_bytes()
     flops = models.flops_per_image(
-        train._cached_model(config.model, config.num_classes, config.dtype, config.image_size)[0],  # pylint: disable=protected-access
+        train.cached_model(config.model, config.num_classes, config.dtype, config.image_size)[0],
         state.variables(),
         config.image_size,
     )
@@ -256,7 +256,7 @@ def bench_lanes(
 
     def run(states):
         start = 0
-        for _, size, count in train._chunks([bs] * steps, 0, config.steps_per_call):  # pylint: disable=protected-access
+        for _, size, count in train.call_chunks([bs] * steps, 0, config.steps_per_call):
             states, _ = vectorize.train_lanes(
                 states,
                 lrs,

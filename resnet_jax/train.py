@@ -183,7 +183,7 @@ def _cached_optimizer(
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_model(
+def cached_model(
     name: str, num_classes: int, dtype: str, image_size: int
 ) -> tuple[models.ResNet, Callable[[jax.Array], Any]]:
     model = models.create_model(name, num_classes, dtype)
@@ -206,7 +206,7 @@ def create_train_state(
     Runs of one process that share a model and an optimiser config share the
     same ``apply_fn`` and ``tx``, so ``train_step`` is compiled once for all.
     """
-    model, init = _cached_model(config.model, config.num_classes, config.dtype, config.image_size)
+    model, init = cached_model(config.model, config.num_classes, config.dtype, config.image_size)
     tx = _cached_optimizer(tuple((k, config[k]) for k in _OPTIMIZER_FIELDS), steps_per_epoch)
     init_rng, aug_rng = jax.random.split(rng)
     variables = init(init_rng)
@@ -443,7 +443,7 @@ def pad_test_set(
     return images, labels, mask
 
 
-def _chunks(sizes: list[int], first: int, steps_per_call: int) -> list[tuple[int, int, int]]:
+def call_chunks(sizes: list[int], first: int, steps_per_call: int) -> list[tuple[int, int, int]]:
     """``(first batch, batch size, count)`` of the compiled calls of an epoch.
 
     Runs of equal-size batches from ``first`` on, at most ``steps_per_call``
@@ -463,7 +463,7 @@ def _chunks(sizes: list[int], first: int, steps_per_call: int) -> list[tuple[int
     return chunks
 
 
-def _train_epoch(
+def train_epoch(
     state: TrainState,
     images: jax.Array,
     labels: jax.Array,
@@ -475,7 +475,7 @@ def _train_epoch(
     *,
     first: int = 0,
     total: TrainMetrics | None = None,
-    stop: '_StopSignals | None' = None,
+    stop: 'StopSignals | None' = None,
     check_every: int = 0,
     steps_per_call: int = 1,
 ) -> tuple[TrainState, TrainMetrics | None, int]:
@@ -489,7 +489,7 @@ def _train_epoch(
     being finite (checked every ``check_every`` steps, at call boundaries).
     """
     start = sum(sizes[:first])
-    for i, size, count in _chunks(sizes, first, steps_per_call):
+    for i, size, count in call_chunks(sizes, first, steps_per_call):
         if count == 1:
             batch = train_batch(
                 images,
@@ -758,7 +758,7 @@ def restore(
     state = create_train_state(config, jax.random.PRNGKey(config.seed), 1)
     state, _, _ = restore_checkpoint(manager, state, step)
     manager.close()
-    model, _ = _cached_model(config.model, config.num_classes, config.dtype, config.image_size)
+    model, _ = cached_model(config.model, config.num_classes, config.dtype, config.image_size)
     return model, state.variables(), config
 
 
@@ -819,7 +819,7 @@ def _has_run(workdir: str) -> bool:
     )
 
 
-def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
     """Refuses a workdir holding another config's run, or clears it on request."""
     path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
     if overwrite:
@@ -842,7 +842,7 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite:
     workdir_lib.write_json(path, workdir_lib.config_json(config))
 
 
-def _check_writable(workdir: str) -> None:
+def check_writable(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.TemporaryFile(dir=workdir):
@@ -853,7 +853,7 @@ def _check_writable(workdir: str) -> None:
         ) from None
 
 
-class _StopSignals:
+class StopSignals:
     """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop.
 
     A second signal acts as usual (Ctrl-C twice stops at once).
@@ -872,7 +872,7 @@ class _StopSignals:
             '%s received: saving a checkpoint, then stopping', signal.Signals(signum).name
         )
 
-    def __enter__(self) -> '_StopSignals':
+    def __enter__(self) -> 'StopSignals':
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -884,7 +884,7 @@ class _StopSignals:
                 signal.signal(sig, handler)
 
 
-def _check_data_fits(config: ml_collections.ConfigDict, num_train: int, num_devices: int) -> None:
+def check_data_fits(config: ml_collections.ConfigDict, num_train: int, num_devices: int) -> None:
     if config.batch_size > num_train:
         raise validation.ConfigError(
             f'config.batch_size={config.batch_size} is larger than the training set '
@@ -897,7 +897,7 @@ def _check_data_fits(config: ml_collections.ConfigDict, num_train: int, num_devi
         )
 
 
-def _eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
+def device_eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
     """``config.eval_batch_size`` rounded up to a multiple of the device count."""
     return -(-config.eval_batch_size // num_devices) * num_devices
 
@@ -919,7 +919,7 @@ def train_and_evaluate(
     state and the summary also written to ``workdir/summary.json``.
     """
     validation.validate_config(config)
-    _check_writable(workdir)
+    check_writable(workdir)
     with distributed.primary_only(workdir_lib.lock(workdir)):
         return _train_and_evaluate(config, workdir, mesh, overwrite)
 
@@ -942,14 +942,14 @@ def _train_and_evaluate(
     data = load_dataset(config)
     mesh = make_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
-    _check_data_fits(config, len(data.train_labels), num_devices)
+    check_data_fits(config, len(data.train_labels), num_devices)
     if data.num_classes > config.num_classes:
         raise validation.ConfigError(
             f'the dataset has {data.num_classes} classes but config.num_classes='
             f'{config.num_classes}'
         )
     if distributed.is_primary():
-        _prepare_workdir(workdir, config, overwrite)
+        prepare_workdir(workdir, config, overwrite)
     distributed.sync('workdir prepared')
 
     replicated = NamedSharding(mesh, P())
@@ -959,7 +959,7 @@ def _train_and_evaluate(
         len(data.train_labels), config.batch_size, config.drop_remainder, num_devices
     )
     steps_per_epoch = len(sizes)
-    eval_bs = _eval_batch_size(config, num_devices)
+    eval_bs = device_eval_batch_size(config, num_devices)
 
     train_images = jax.device_put(data.train_images, replicated)
     train_labels = jax.device_put(data.train_labels, replicated)
@@ -971,7 +971,7 @@ def _train_and_evaluate(
     init_rng, order_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state = jax.device_put(create_train_state(config, init_rng, steps_per_epoch), replicated)
     num_params = models.count_params(state.params)
-    model, _ = _cached_model(config.model, config.num_classes, config.dtype, config.image_size)
+    model, _ = cached_model(config.model, config.num_classes, config.dtype, config.image_size)
     flops = models.flops_per_image(model, state.variables(), config.image_size)
     logger.info(
         'model %s: %s trainable parameters, %.1f MFLOPs/image forward',
@@ -1019,7 +1019,7 @@ def _train_and_evaluate(
         )
 
     status, error = 'incomplete', None
-    stop = _StopSignals()
+    stop = StopSignals()
     try:
         with stop:
             for epoch in range(start_epoch + 1, config.num_epochs + 1):
@@ -1028,7 +1028,7 @@ def _train_and_evaluate(
                 t0 = time.time()
                 order = epoch_order(order_rng, epoch, len(data.train_labels), config.shuffle)
                 progress = Progress(epoch, steps_per_epoch, config.progress_every_seconds)
-                state, total, done = _train_epoch(
+                state, total, done = train_epoch(
                     state,
                     train_images,
                     train_labels,
@@ -1081,13 +1081,13 @@ def _train_and_evaluate(
         if records and records[-1]['epoch'] == config.num_epochs:
             status = 'completed'
             if start_epoch < config.num_epochs:  # Finished in this invocation.
-                metric_logger.write_hparams(_hparams(config), _final_metrics(records))
+                metric_logger.write_hparams(hparams(config), final_metrics(records))
     finally:
         manager.wait_until_finished()
         manager.close()
         metric_logger.close()
 
-    summary = _summary(
+    summary = run_summary(
         config, records, num_params, flops, data, prior_seconds + time.time() - t_start, mesh
     )
     summary['status'] = status
@@ -1107,13 +1107,13 @@ def _train_and_evaluate(
     return state, summary
 
 
-def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config's scalar fields, dotted (``data.train_subset``), for TensorBoard."""
     flat = _flatten(workdir_lib.config_json(config))
     return {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str))}
 
 
-def _final_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+def final_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     last = records[-1]
     return {
         'hparam/train_accuracy': last['train_accuracy'],
@@ -1126,7 +1126,7 @@ class _NonFinite(Exception):
     """The loss or the parameters stopped being finite."""
 
 
-def _summary(
+def run_summary(
     config: ml_collections.ConfigDict,
     records: list[dict[str, Any]],
     num_params: int,
@@ -1166,7 +1166,7 @@ def evaluate_workdir(workdir: str, data_path: str | None = None) -> dict[str, fl
         config.data.path = data_path
     data = load_dataset(config)
     mesh = make_mesh()
-    eval_bs = _eval_batch_size(config, mesh.devices.size)
+    eval_bs = device_eval_batch_size(config, mesh.devices.size)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables['params'],

@@ -273,7 +273,7 @@ def train_group(
             f'vectorised runs may differ only in {", ".join(VECTORIZABLE)}'
         )
     for workdir in workdirs:
-        train._check_writable(workdir)  # pylint: disable=protected-access
+        train.check_writable(workdir)
     with contextlib.ExitStack() as locks:
         for workdir in workdirs:
             locks.enter_context(distributed.primary_only(workdir_lib.lock(workdir)))
@@ -318,7 +318,7 @@ def _train_group(
     data, config = datasets[0], configs[0]
     mesh = train.make_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
-    train._check_data_fits(config, len(data.train_labels), num_devices)  # pylint: disable=protected-access
+    train.check_data_fits(config, len(data.train_labels), num_devices)
     if data.num_classes > config.num_classes:
         raise validation.ConfigError(
             f'the dataset has {data.num_classes} classes but config.num_classes='
@@ -326,14 +326,14 @@ def _train_group(
         )
     if distributed.is_primary():
         for c, w in zip(configs, workdirs, strict=True):
-            train._prepare_workdir(w, c, overwrite)  # pylint: disable=protected-access
+            train.prepare_workdir(w, c, overwrite)
     distributed.sync('workdirs prepared')
 
     replicated = NamedSharding(mesh, P())
     sizes = train.train_batch_sizes(
         len(data.train_labels), config.batch_size, config.drop_remainder, num_devices
     )
-    eval_bs = train._eval_batch_size(config, num_devices)  # pylint: disable=protected-access
+    eval_bs = train.device_eval_batch_size(config, num_devices)
     test = tuple(
         jax.device_put(a, replicated)
         for a in train.pad_test_set(data.test_images, data.test_labels, eval_bs)
@@ -354,9 +354,7 @@ def _train_group(
     lanes = [
         _restore_lane(c, w, d, len(sizes)) for c, w, d in zip(configs, workdirs, index, strict=True)
     ]
-    model, _ = train._cached_model(  # pylint: disable=protected-access
-        config.model, config.num_classes, config.dtype, config.image_size
-    )
+    model, _ = train.cached_model(config.model, config.num_classes, config.dtype, config.image_size)
     num_params = models.count_params(lanes[0].state.params)
     flops = models.flops_per_image(model, lanes[0].state.variables(), config.image_size)
     logger.info(
@@ -374,7 +372,7 @@ def _train_group(
     by_point: dict[tuple[int, int], list[_Lane]] = {}
     for lane in lanes:
         by_point.setdefault((lane.epoch, lane.position), []).append(lane)
-    stop = train._StopSignals()  # pylint: disable=protected-access
+    stop = train.StopSignals()
     shared.stop = stop
     try:
         with stop:
@@ -468,9 +466,7 @@ def _run_lanes(lanes: list[_Lane], shared: _Shared) -> None:
         total = partial if first else None
         start = sum(shared.sizes[:first])
         done = first
-        for i, size, count in train._chunks(  # pylint: disable=protected-access
-            shared.sizes, first, config.steps_per_call
-        ):
+        for i, size, count in train.call_chunks(shared.sizes, first, config.steps_per_call):
             states, m = train_lanes(
                 states,
                 lrs,
@@ -546,8 +542,8 @@ def _run_lanes(lanes: list[_Lane], shared: _Shared) -> None:
             lane.status = 'completed'
             if start_epoch < config.num_epochs:
                 lane.logger.write_hparams(
-                    train._hparams(lane.config),  # pylint: disable=protected-access
-                    train._final_metrics(lane.records),  # pylint: disable=protected-access
+                    train.hparams(lane.config),
+                    train.final_metrics(lane.records),
                 )
 
 
@@ -562,9 +558,7 @@ def _finish_lane(
 ) -> dict[str, Any]:
     """Writes a lane's ``summary.json`` and returns it."""
     wall = float(lane.meta.get('wall_seconds', 0.0)) + time.time() - t_start
-    summary = train._summary(  # pylint: disable=protected-access
-        lane.config, lane.records, num_params, flops, data, wall, mesh
-    )
+    summary = train.run_summary(lane.config, lane.records, num_params, flops, data, wall, mesh)
     summary['status'] = lane.status
     summary['vectorized_lanes'] = group_size
     if lane.error:

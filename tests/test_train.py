@@ -177,10 +177,15 @@ def test_scanned_steps_match_the_step_path(
 
 
 def test_chunks_of_an_epoch():
-    assert train._chunks([32, 32, 32, 24], 0, 1) == [(0, 32, 1), (1, 32, 1), (2, 32, 1), (3, 24, 1)]
-    assert train._chunks([32, 32, 32, 24], 0, 2) == [(0, 32, 2), (2, 32, 1), (3, 24, 1)]
-    assert train._chunks([32, 32, 32, 24], 1, 0) == [(1, 32, 2), (3, 24, 1)]
-    assert train._chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
+    assert train.call_chunks([32, 32, 32, 24], 0, 1) == [
+        (0, 32, 1),
+        (1, 32, 1),
+        (2, 32, 1),
+        (3, 24, 1),
+    ]
+    assert train.call_chunks([32, 32, 32, 24], 0, 2) == [(0, 32, 2), (2, 32, 1), (3, 24, 1)]
+    assert train.call_chunks([32, 32, 32, 24], 1, 0) == [(1, 32, 2), (3, 24, 1)]
+    assert train.call_chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
 
 
 def test_bfloat16_computes_in_bf16_and_keeps_float32_state(cifar_py, tmp_path):
