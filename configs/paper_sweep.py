@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sweep.learning_rate = (0.1, 0.01, 0.001)
     config.sweep.shuffle = (True, False)
     # True: the 6 runs of each batch size train together as one vmapped program
-    # (resnet_jax/vectorize.py); faster on accelerators, slower on CPUs
+    # (resnet_jax/vectorize.py); meant for accelerators, 4-7x slower on CPUs
     # (BENCHMARKS.md).
     config.sweep.vectorize = False
     return config
