@@ -246,12 +246,11 @@ def bench_lanes(
     prep = train.Preprocess.from_config(config)
     bs, n = config.batch_size, len(labels)
     steps = min(steps, n // bs)
-    x = jax.device_put(images[None], replicated)
-    y = jax.device_put(labels[None], replicated)
+    x = jax.device_put(images, replicated)
+    y = jax.device_put(labels, replicated)
     state, _ = vectorize.create_lane_state(config, max(n // bs, 1))
     states = jax.device_put(vectorize.stack([state] * lanes), replicated)
     lrs = jnp.full((lanes,), config.learning_rate, jnp.float32)
-    datasets = jnp.zeros((lanes,), jnp.int32)
     orders = jnp.stack([train.epoch_order(jax.random.PRNGKey(r), 1, n, True) for r in range(lanes)])
 
     def run(states):
@@ -260,7 +259,6 @@ def bench_lanes(
             states, _ = vectorize.train_lanes(
                 states,
                 lrs,
-                datasets,
                 orders,
                 x,
                 y,

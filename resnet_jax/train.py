@@ -286,7 +286,8 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> Metrics:
 
 
 @jax.jit
-def _merge(a: Metrics, b: Metrics) -> Metrics:
+def merge_metrics(a: Metrics, b: Metrics) -> Metrics:
+    """``a.merge(b)``; elementwise, so stacked (per-run) metrics merge too."""
     return a.merge(b)
 
 
@@ -515,7 +516,7 @@ def train_epoch(
                 prep=prep,
                 sharding=sharding,
             )
-        total = m if total is None else _merge(total, m)
+        total = m if total is None else merge_metrics(total, m)
         start += size * count
         done = i + count
         progress.maybe_report(done, total)
@@ -544,6 +545,27 @@ def _tree_finite(tree: Any) -> bool:
 # Evaluation.
 
 
+def evaluate_metrics(
+    state: TrainState,
+    test: tuple[jax.Array, jax.Array, jax.Array],
+    batch_size: int,
+    prep: Preprocess,
+    sharding: NamedSharding | None = None,
+    step: Callable[[TrainState, dict[str, jax.Array]], Metrics] | None = None,
+) -> Metrics:
+    """``step``'s metrics (default :func:`eval_step`) merged over every test image exactly once."""
+    step = eval_step if step is None else step  # Looked up per call: it can be replaced.
+    images, labels, mask = test
+    total: Metrics | None = None
+    for start in range(0, len(labels), batch_size):
+        batch = eval_batch(
+            images, labels, mask, jnp.int32(start), size=batch_size, prep=prep, sharding=sharding
+        )
+        m = step(state, batch)
+        total = m if total is None else merge_metrics(total, m)
+    return total
+
+
 def evaluate(
     state: TrainState,
     test: tuple[jax.Array, jax.Array, jax.Array],
@@ -552,14 +574,7 @@ def evaluate(
     sharding: NamedSharding | None = None,
 ) -> dict[str, float]:
     """Loss and accuracy over every test image exactly once."""
-    images, labels, mask = test
-    total: Metrics | None = None
-    for start in range(0, len(labels), batch_size):
-        batch = eval_batch(
-            images, labels, mask, jnp.int32(start), size=batch_size, prep=prep, sharding=sharding
-        )
-        m = eval_step(state, batch)
-        total = m if total is None else _merge(total, m)
+    total = evaluate_metrics(state, test, batch_size, prep, sharding)
     return {k: float(v) for k, v in total.compute().items()}
 
 

@@ -44,7 +44,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import augment, distributed, input_pipeline, models, train, validation, writers
+from resnet_jax import distributed, input_pipeline, models, train, validation, writers
 from resnet_jax import workdir as workdir_lib
 
 logger = logging.getLogger('resnet_jax')
@@ -103,7 +103,6 @@ def create_lane_state(
 def _lane_step(
     state: train.TrainState,
     lr: jax.Array,
-    dataset: jax.Array,
     order: jax.Array,
     images: jax.Array,
     labels: jax.Array,
@@ -113,13 +112,11 @@ def _lane_step(
     prep: train.Preprocess,
     sharding: NamedSharding | None,
 ) -> tuple[train.TrainState, train.TrainMetrics]:
-    """One lane's step: batch ``order[start:start+size]`` of training set ``dataset``."""
-    idx = jax.lax.dynamic_slice(order, (start,), (size,))
-    key = jax.random.fold_in(state.rng, state.step)
-    x = augment.random_crop_flip(key, images[dataset, idx], prep.pad, prep.flip)
-    batch = {'image': augment.to_float(x, prep.mean, prep.std), 'label': labels[dataset, idx]}
-    if sharding is not None:
-        batch = jax.lax.with_sharding_constraint(batch, sharding)
+    """One lane's step on batch ``order[start:start+size]``: the plain path's
+    :func:`train.train_batch` and :func:`train.train_step`, at learning rate ``lr``."""
+    batch = train._train_batch(  # pylint: disable=protected-access
+        images, labels, order, start, state.rng, state.step, size=size, prep=prep, sharding=sharding
+    )
     return train._train_step(state, batch, lr)  # pylint: disable=protected-access
 
 
@@ -127,7 +124,6 @@ def _lane_step(
 def train_lanes(
     states: train.TrainState,
     lrs: jax.Array,
-    datasets: jax.Array,
     orders: jax.Array,
     images: jax.Array,
     labels: jax.Array,
@@ -140,27 +136,22 @@ def train_lanes(
 ) -> tuple[train.TrainState, train.TrainMetrics]:
     """``count`` steps of every lane (``lax.scan`` when more than one) in one call.
 
-    ``states``, ``lrs`` (base learning rates), ``datasets`` (indices into the
-    leading axis of ``images``/``labels``) and ``orders`` have a leading lane
-    axis. Returns the states and each lane's metrics over the ``count`` steps.
+    ``states``, ``lrs`` (base learning rates) and ``orders`` (indices into
+    ``images``/``labels``, which all lanes share) have a leading lane axis.
+    Returns the states and each lane's metrics over the ``count`` steps.
     """
     step = jax.vmap(
         functools.partial(_lane_step, size=size, prep=prep, sharding=sharding),
-        in_axes=(0, 0, 0, 0, None, None, None),
+        in_axes=(0, 0, 0, None, None, None),
     )
     if count == 1:
-        return step(states, lrs, datasets, orders, images, labels, start)
+        return step(states, lrs, orders, images, labels, start)
 
     def body(states, i):
-        return step(states, lrs, datasets, orders, images, labels, start + i * size)
+        return step(states, lrs, orders, images, labels, start + i * size)
 
     states, metrics = jax.lax.scan(body, states, jnp.arange(count, dtype=jnp.int32))
     return states, metrics.reduce()
-
-
-@jax.jit
-def _merge(a: Any, b: Any) -> Any:
-    return jax.vmap(lambda x, y: x.merge(y))(a, b)
 
 
 @jax.jit
@@ -190,14 +181,7 @@ def evaluate_lanes(
     sharding: NamedSharding | None = None,
 ) -> list[dict[str, float]]:
     """Every lane's loss and accuracy over the (padded) test set."""
-    images, labels, mask = test
-    total = None
-    for start in range(0, len(labels), batch_size):
-        batch = train.eval_batch(
-            images, labels, mask, jnp.int32(start), size=batch_size, prep=prep, sharding=sharding
-        )
-        m = _eval_lanes(states, batch)
-        total = m if total is None else _merge(total, m)
+    total = train.evaluate_metrics(states, test, batch_size, prep, sharding, step=_eval_lanes)
     lanes = jax.tree_util.tree_leaves(states.step)[0].shape[0]
     return [{k: float(v) for k, v in unstack(total, r).compute().items()} for r in range(lanes)]
 
@@ -234,8 +218,9 @@ class _Lane:
 class _Shared:
     """What all lanes of a group share: data, sharding, sizes and the stop flag."""
 
-    images: jax.Array  # (datasets, N, H, W, C) uint8
-    labels: jax.Array  # (datasets, N)
+    images: jax.Array  # The distinct training sets, concatenated: (datasets x N, H, W, C) uint8.
+    labels: jax.Array  # (datasets x N,)
+    num_train: int  # N: a lane with training set d reads images[d * N + order].
     test: tuple[jax.Array, jax.Array, jax.Array]
     sizes: list[int]
     eval_bs: int
@@ -339,8 +324,9 @@ def _train_group(
         for a in train.pad_test_set(data.test_images, data.test_labels, eval_bs)
     )
     shared = _Shared(
-        images=jax.device_put(np.stack([d.train_images for d in datasets]), replicated),
-        labels=jax.device_put(np.stack([d.train_labels for d in datasets]), replicated),
+        images=jax.device_put(np.concatenate([d.train_images for d in datasets]), replicated),
+        labels=jax.device_put(np.concatenate([d.train_labels for d in datasets]), replicated),
+        num_train=len(data.train_labels),
         test=test,
         sizes=sizes,
         eval_bs=eval_bs,
@@ -437,10 +423,8 @@ def _run_lanes(lanes: list[_Lane], shared: _Shared) -> None:
     config = lanes[0].config
     start_epoch, position = lanes[0].epoch, lanes[0].position
     n = len(shared.sizes)
-    num_train = shared.images.shape[1]
     states = jax.device_put(stack([lane.state for lane in lanes]), shared.replicated)
     lrs = jnp.asarray([lane.config.learning_rate for lane in lanes], jnp.float32)
-    datasets = jnp.asarray([lane.dataset for lane in lanes], jnp.int32)
     partial = stack([lane.partial for lane in lanes]) if position else None
     seconds_before = float(lanes[0].meta.get('partial_seconds', 0.0)) if position else 0.0
     stop = shared.stop
@@ -458,7 +442,8 @@ def _run_lanes(lanes: list[_Lane], shared: _Shared) -> None:
         t0 = time.time()
         orders = jnp.stack(
             [
-                train.epoch_order(lane.order_rng, epoch, num_train, lane.config.shuffle)
+                train.epoch_order(lane.order_rng, epoch, shared.num_train, lane.config.shuffle)
+                + lane.dataset * shared.num_train
                 for lane in lanes
             ]
         )
@@ -470,7 +455,6 @@ def _run_lanes(lanes: list[_Lane], shared: _Shared) -> None:
             states, m = train_lanes(
                 states,
                 lrs,
-                datasets,
                 orders,
                 shared.images,
                 shared.labels,
@@ -480,7 +464,7 @@ def _run_lanes(lanes: list[_Lane], shared: _Shared) -> None:
                 prep=shared.prep,
                 sharding=shared.batch_sharding,
             )
-            total = m if total is None else _merge(total, m)
+            total = m if total is None else train.merge_metrics(total, m)
             start += size * count
             done = i + count
             progress.maybe_report(done, total)

@@ -28,6 +28,8 @@ def _configs(data_path, num_epochs=2):
         # steps (see test_sharding.py), and vmapped convolutions round differently.
         config.optimizer = 'sgd'
         config.learning_rate, config.shuffle, config.seed = lr, shuffle, seed
+        # A seeded subset: seeds 0 and 1 train on different images (two datasets).
+        config.data.train_subset = 104
         configs.append(config)
     return configs
 
@@ -56,9 +58,11 @@ def test_groups_of_the_paper_sweep():
 
 def test_lanes_match_runs_trained_one_by_one(together, cifar_py, tmp_path):
     workdirs, summaries, compiles = together
-    # 120 images in batches of 32: one program for the full and one for the last
+    # 104 images in batches of 32: one program for the full and one for the last
     # batch, compiled in epoch 1 and reused in epoch 2.
     assert compiles <= 2
+    # Seeds 0, 0, 1 draw two different subsets: lanes index two stacked training sets.
+    assert vectorize._load_datasets(_configs(cifar_py.path))[1] == [0, 0, 1]
     for config, workdir, summary in zip(_configs(cifar_py.path), workdirs, summaries, strict=True):
         assert summary['status'] == 'completed' and summary['vectorized_lanes'] == 3
         alone_dir = str(tmp_path / os.path.basename(workdir))
@@ -87,16 +91,15 @@ def test_one_step_of_three_lanes_is_three_single_steps():
     config = make_tiny_config('')
     config.optimizer, config.learning_rate = 'sgd', 0.05
     prep = train.Preprocess.from_config(config)
-    images = jax.random.randint(jax.random.PRNGKey(1), (1, 64, 32, 32, 3), 0, 256, jnp.int32)
+    images = jax.random.randint(jax.random.PRNGKey(1), (64, 32, 32, 3), 0, 256, jnp.int32)
     images = images.astype(jnp.uint8)
-    labels = jax.random.randint(jax.random.PRNGKey(2), (1, 64), 0, 10, jnp.int32)
+    labels = jax.random.randint(jax.random.PRNGKey(2), (64,), 0, 10, jnp.int32)
     orders = jnp.stack([jax.random.permutation(jax.random.PRNGKey(i), 64) for i in range(3)])
     lrs = jnp.asarray([0.05, 0.01, 0.2], jnp.float32)
     state, _ = vectorize.create_lane_state(config, 2)
     states, metrics = vectorize.train_lanes(
         vectorize.stack([state] * 3),
         lrs,
-        jnp.zeros((3,), jnp.int32),
         orders.astype(jnp.int32),
         images,
         labels,
@@ -109,8 +112,8 @@ def test_one_step_of_three_lanes_is_three_single_steps():
         config.learning_rate = float(lrs[r])
         alone = train.create_train_state(config, jax.random.split(jax.random.PRNGKey(0))[0], 2)
         batch = train.train_batch(
-            images[0],
-            labels[0],
+            images,
+            labels,
             orders[r].astype(jnp.int32),
             jnp.int32(0),
             alone.rng,
