@@ -19,6 +19,11 @@ runs are skipped, interrupted ones resume from their checkpoints, a failing or
 diverging run is recorded in its ``summary.json`` and the sweep goes on.
 ``shard=(i, n)`` runs only every n-th run starting at i, so n processes can
 share one sweep workdir.
+
+``config.sweep.repeats = k`` repeats every point with k seeds: it is a ``seed``
+axis of ``config.seed, config.seed + 1, ..., config.seed + k - 1`` (so run names
+list ``seed=...``), and the report gives each cell (the other axes' values) as
+mean ± sd over its seeds with a 95% interval (:mod:`resnet_jax.report`).
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ logger = logging.getLogger('resnet_jax')
 MANIFEST_FILE = workdir_lib.MANIFEST_FILE
 # Entries of config.sweep that are options of the sweep, not axes:
 # vectorize=True trains runs that differ only in learning rate, shuffle or seed
-# together as one vmapped program (resnet_jax/vectorize.py).
-OPTIONS = ('vectorize',)
+# together as one vmapped program (resnet_jax/vectorize.py); repeats=k adds a
+# seed axis of k seeds counted from config.seed.
+OPTIONS = ('vectorize', 'repeats')
+SEED_AXIS = 'seed'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,17 +66,17 @@ def is_sweep(config: ml_collections.ConfigDict) -> bool:
 
 
 def axes(config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
-    """``{dotted field name: values}`` of the sweep section, in sorted order."""
+    """``{dotted field name: values}`` of the sweep section, in sorted order.
+
+    ``repeats=k`` is the axis ``seed`` (``config.seed`` ... ``config.seed + k - 1``).
+    """
     found: dict[str, list[Any]] = {}
 
     def walk(node: Any, prefix: str) -> None:
         for key, value in node.items():
             name = prefix + key
             if name in OPTIONS:
-                if not isinstance(value, bool):
-                    raise validation.ConfigError(
-                        f'config.sweep.{name} must be True or False, got {value!r}'
-                    )
+                check_option(name, value)
             elif isinstance(value, ml_collections.ConfigDict):
                 walk(value, name + '.')
             elif isinstance(value, (list, tuple)):
@@ -79,11 +86,45 @@ def axes(config: ml_collections.ConfigDict) -> dict[str, list[Any]]:
                     f'config.sweep.{name} must be a list of values, got {value!r}'
                 )
 
-    walk(config.get('sweep', ml_collections.ConfigDict()), '')
+    sweep = config.get('sweep', ml_collections.ConfigDict())
+    walk(sweep, '')
     for name, values in found.items():
         if not values:
             raise validation.ConfigError(f'config.sweep.{name} is empty')
+    repeats = sweep.get('repeats')
+    if repeats is not None:
+        if SEED_AXIS in found:
+            raise validation.ConfigError(
+                f'config.sweep.repeats={repeats} and config.sweep.seed are both set: '
+                'repeats already sweeps the seeds config.seed, config.seed + 1, ...; keep one'
+            )
+        found[SEED_AXIS] = repeat_seeds(config.get('seed', 0), repeats)
+        found = dict(sorted(found.items(), key=lambda item: item[0].split('.')[0]))
     return found
+
+
+def check_option(name: str, value: Any) -> None:
+    """Raises ``ConfigError`` unless ``value`` is valid for the sweep option ``name``."""
+    if name == 'repeats':  # None (e.g. config_dict.placeholder(int)): not set.
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise validation.ConfigError(
+                f'config.sweep.repeats must be an integer >= 1 (runs per point, one per '
+                f'seed), got {value!r}'
+            )
+    elif not isinstance(value, bool):
+        raise validation.ConfigError(f'config.sweep.{name} must be True or False, got {value!r}')
+
+
+def repeat_seeds(base_seed: Any, repeats: int) -> list[int]:
+    """The seed axis of ``config.sweep.repeats``: ``base_seed, ..., base_seed + repeats - 1``."""
+    if not isinstance(base_seed, int) or isinstance(base_seed, bool) or base_seed < 0:
+        raise validation.ConfigError(
+            f'config.sweep.repeats counts seeds from config.seed, which must be an '
+            f'integer >= 0, got {base_seed!r}'
+        )
+    return [base_seed + i for i in range(repeats)]
 
 
 def _format(value: Any) -> str:
@@ -155,10 +196,13 @@ def shard_runs(runs: list[Run], shard: tuple[int, int]) -> list[Run]:
 
 
 def write_manifest(config: ml_collections.ConfigDict, workdir: str, runs: list[Run]) -> None:
-    """``workdir/sweep.json``: the axes, every run and the base config."""
+    """``workdir/sweep.json``: the axes (with ``seed`` for ``repeats``), the sweep's
+    options, every run and the base config."""
     os.makedirs(workdir, exist_ok=True)
+    sweep = config.get('sweep', ml_collections.ConfigDict())
     manifest = {
         'axes': axes(config),
+        'options': {name: sweep[name] for name in OPTIONS if name in sweep},
         'runs': [{'name': r.name, 'overrides': r.overrides} for r in runs],
         'base_config': base_config(config).to_dict(),
     }

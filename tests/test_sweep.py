@@ -175,3 +175,43 @@ def test_two_shards_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py):
     assert report.returncode == 0, err
     md = open(os.path.join(workdir, 'results.md')).read()
     assert 'diverged' in md and 'failed' in md
+
+
+def test_repeats_are_a_seed_axis_recorded_in_the_manifest(tmp_path):
+    config = _grid_config('', learning_rate=[0.1, 0.01])
+    config.sweep.repeats = 2
+    runs = sweep.expand(config)
+    assert [r.name for r in runs] == [
+        'learning_rate=0.1,seed=0',
+        'learning_rate=0.1,seed=1',
+        'learning_rate=0.01,seed=0',
+        'learning_rate=0.01,seed=1',
+    ]
+    assert [r.config.seed for r in runs] == [0, 1, 0, 1]
+    assert all('sweep' not in r.config for r in runs)
+    sweep.write_manifest(config, str(tmp_path), runs)
+    manifest = json.loads((tmp_path / 'sweep.json').read_text())
+    assert manifest['axes'] == {'learning_rate': [0.1, 0.01], 'seed': [0, 1]}
+    assert manifest['options'] == {'repeats': 2}
+    assert manifest['runs'][1]['overrides'] == {'learning_rate': 0.1, 'seed': 1}
+    # Counted from config.seed; repeats alone make a sweep.
+    config = _grid_config('')
+    config.seed = 5
+    config.sweep.repeats = 3
+    assert sweep.is_sweep(config)
+    assert [r.name for r in sweep.expand(config)] == ['seed=5', 'seed=6', 'seed=7']
+
+
+@pytest.mark.parametrize('repeats', [0, -1, 1.5, True, '2', (1, 2)])
+def test_bad_repeats(repeats):
+    config = _grid_config('', learning_rate=[0.1])
+    config.sweep.repeats = repeats
+    with pytest.raises(validation.ConfigError, match=r'config\.sweep\.repeats must be an integer'):
+        sweep.expand(config)
+
+
+def test_repeats_with_a_seed_axis_is_an_error():
+    config = _grid_config('', seed=[0, 1])
+    config.sweep.repeats = 2
+    with pytest.raises(validation.ConfigError, match='repeats=2 and config.sweep.seed are both'):
+        sweep.expand(config)
