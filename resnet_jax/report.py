@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import functools
 import importlib.resources
 import io
 import json
@@ -64,6 +65,9 @@ RESULTS_MD = 'results.md'
 COMPARISON_CSV = 'comparison.csv'
 CURVES_PNG = 'curves.png'
 HEATMAP_PNG = 'heatmap.png'
+CELLS_CSV = 'cells.csv'
+PAIRED_CSV = 'paired.csv'
+SEED_AXIS = 'seed'  # Runs differing only in it form a cell of the statistics over seeds.
 
 STATUSES = ('completed', 'incomplete', 'failed', 'diverged', 'pending')
 STUDY_AXES = ('batch_size', 'learning_rate', 'shuffle')
@@ -100,6 +104,31 @@ COMPARISON_COLUMNS = (
     'status',
     'note',
     'name',
+)
+# comparison.csv of a sweep over seeds: one row per cell, ours the mean over its seeds.
+CELL_COMPARISON_COLUMNS = (*COMPARISON_COLUMNS[:-3], 'n', 'test_sd', *COMPARISON_COLUMNS[-3:])
+# cells.csv: the axes but the seed, then these.
+CELL_COLUMNS = (
+    'n',
+    'excluded',
+    'unfinished',
+    'seeds',
+    *(
+        f'{field}_{stat}'
+        for field in ('test_accuracy', 'train_accuracy')
+        for stat in ('mean', 'sd', 'ci95_low', 'ci95_high')
+    ),
+)
+# paired.csv: 'axis', 'first', 'second', 'scope' ('cell' or 'all'), the axes but
+# the seed (the compared one left empty), then these; differences first - second.
+PAIRED_COLUMNS = (
+    'pairs',
+    'unpaired',
+    'mean_difference',
+    'sd',
+    'ci95_low',
+    'ci95_high',
+    'excludes_zero',
 )
 MISSING = '—'  # Markdown cell of a value that does not exist (yet).
 
@@ -393,6 +422,245 @@ def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
 
 
 # ----------------------------------------------------------------------------
+# Statistics over seeds.
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(df: int, probability: float = 0.975) -> float:
+    """The ``probability`` quantile (>= 0.5) of Student's t with ``df`` degrees of freedom.
+
+    Bisects the closed-form distribution function for integer ``df``
+    (Abramowitz & Stegun 26.7.3-4): 12.706 for df 1, 4.303 for df 2, 2.262 for
+    df 9, tending to the normal 1.960.
+    """
+    if not isinstance(df, int) or df < 1 or not 0.5 <= probability < 1:
+        raise ValueError(
+            f't_quantile needs an integer df >= 1 and 0.5 <= p < 1, got {df}, {probability}'
+        )
+    central = 2.0 * probability - 1.0  # P(|T| <= t).
+    low, high = 0.0, 1.0
+    while _t_central_probability(high, df) < central:
+        low, high = high, 2.0 * high
+    while low < (mid := 0.5 * (low + high)) < high:
+        if _t_central_probability(mid, df) < central:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def _t_central_probability(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer ``df`` (A&S 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2 = math.cos(theta) ** 2
+    if df % 2 == 0:  # sin θ (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(df-2)θ)
+        term, total = 1.0, 1.0
+        for j in range(1, df // 2):
+            term *= cos2 * (2 * j - 1) / (2 * j)
+            total += term
+        return math.sin(theta) * total
+    # 2/π (θ + sin θ (cos θ + 2/3 cos³θ + ... up to cos^(df-2)θ)); 2θ/π for df 1.
+    term, total = math.cos(theta), 0.0
+    for j in range(1, (df - 1) // 2 + 1):
+        total += term
+        term *= cos2 * (2 * j) / (2 * j + 1)
+    return 2.0 / math.pi * (theta + math.sin(theta) * total)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """The mean of ``n`` values, their sample sd and the 95% Student t interval.
+
+    ``mean`` is None without values; ``sd``, ``low`` and ``high`` are None for
+    fewer than 2 values. The interval is mean ± t(0.975, n-1) sd / sqrt(n).
+    """
+
+    n: int
+    mean: float | None = None
+    sd: float | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def excludes_zero(self) -> bool | None:
+        """Whether the interval lies wholly above or below 0 (None: no interval)."""
+        if self.low is None or self.high is None:
+            return None
+        return self.low > 0 or self.high < 0
+
+
+def estimate(values: Iterable[float]) -> Estimate:
+    """Mean, sample sd (ddof=1) and 95% t interval of ``values``."""
+    xs = [float(v) for v in values]
+    if not xs:
+        return Estimate(0)
+    mean = statistics.fmean(xs)
+    if len(xs) == 1:
+        return Estimate(1, mean)
+    sd = statistics.stdev(xs)
+    half = t_quantile(len(xs) - 1) * sd / math.sqrt(len(xs))
+    return Estimate(len(xs), mean, sd, mean - half, mean + half)
+
+
+def format_estimate(e: Estimate, signed: bool = False) -> str:
+    """'85.12 ± 0.34' (several values), '85.12' (one) or '—' (none)."""
+    if e.mean is None:
+        return MISSING
+    mean = f'{e.mean:+.2f}' if signed else f'{e.mean:.2f}'
+    return mean if e.sd is None else f'{mean} ± {e.sd:.2f}'
+
+
+def format_interval(e: Estimate, signed: bool = False) -> str:
+    """'[84.50, 85.74]', or '—' without an interval."""
+    if e.low is None or e.high is None:
+        return MISSING
+    spec = '+.2f' if signed else '.2f'
+    return f'[{e.low:{spec}}, {e.high:{spec}}]'
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """The runs of a sweep that differ only in their seed.
+
+    Attributes:
+      values: the cell's values of the other axes.
+      runs: its runs (one per seed) in manifest order.
+    """
+
+    values: dict[str, Any]
+    runs: tuple[RunResult, ...]
+
+    @property
+    def used(self) -> list[RunResult]:
+        """The runs the statistics are over: the completed ones."""
+        return [r for r in self.runs if r.status == 'completed' and r.has_results]
+
+    @property
+    def excluded(self) -> int:
+        """How many runs failed or diverged (left out of the statistics)."""
+        return sum(r.status in ('failed', 'diverged') for r in self.runs)
+
+    @property
+    def unfinished(self) -> int:
+        """How many runs are pending or incomplete (not in the statistics yet)."""
+        return sum(r.status in ('pending', 'incomplete') for r in self.runs)
+
+    def estimate(self, field: str = 'test_accuracy') -> Estimate:
+        """``field`` of the completed runs ('test_accuracy', 'train_accuracy')."""
+        return estimate(getattr(r, field) for r in self.used if getattr(r, field) is not None)
+
+
+def _key(overrides: Mapping[str, Any], leave_out: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """A hashable key of ``overrides`` without the fields ``leave_out``."""
+    dropped = set(leave_out)
+    return tuple(
+        (k, json.dumps(v, sort_keys=True)) for k, v in sorted(overrides.items()) if k not in dropped
+    )
+
+
+def group_cells(results: Sequence[RunResult], seed_axis: str = SEED_AXIS) -> list[Cell]:
+    """The runs grouped by their values of every axis but ``seed_axis``, in manifest order."""
+    groups: dict[tuple[tuple[str, str], ...], list[RunResult]] = {}
+    for r in results:
+        groups.setdefault(_key(r.overrides, [seed_axis]), []).append(r)
+    return [
+        Cell({k: v for k, v in runs[0].overrides.items() if k != seed_axis}, tuple(runs))
+        for runs in groups.values()
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+    """Paired differences of final test accuracy between two levels of an axis.
+
+    Attributes:
+      axis: the compared axis; ``levels`` its two values (difference: first
+        minus second, in percentage points).
+      values: the cell (the other non-seed axes' values); {} for all cells.
+      differences: one per seed (and cell) where both runs completed.
+      unpaired: seeds (of the cell) where a run is missing, unfinished, failed
+        or diverged, so there is no difference.
+    """
+
+    axis: str
+    levels: tuple[Any, Any]
+    values: dict[str, Any]
+    differences: tuple[float, ...]
+    unpaired: int = 0
+
+    @property
+    def estimate(self) -> Estimate:
+        """Mean difference with its 95% t interval over the pairs."""
+        return estimate(self.differences)
+
+
+def two_level_axes(axes: Mapping[str, Sequence[Any]], seed_axis: str = SEED_AXIS) -> list[str]:
+    """The axes other than the seed with exactly two values (e.g. shuffle)."""
+    return [a for a, values in axes.items() if a != seed_axis and len(values) == 2]
+
+
+def paired_differences(
+    results: Sequence[RunResult],
+    axis: str,
+    levels: Sequence[Any],
+    seed_axis: str = SEED_AXIS,
+) -> list[Paired]:
+    """Per cell of the other axes: ``levels[0]`` minus ``levels[1]`` of test accuracy.
+
+    Runs pair up when they have the same seed and the same value of every
+    other axis; only completed runs count.
+    """
+    first, second = levels
+    by_cell: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+    for r in results:
+        if axis not in r.overrides:
+            continue
+        cell = by_cell.setdefault(
+            _key(r.overrides, [axis, seed_axis]),
+            {'values': {k: v for k, v in r.overrides.items() if k not in (axis, seed_axis)}},
+        )
+        seeds = cell.setdefault('seeds', {})
+        level = seeds.setdefault(_key(r.overrides, [axis]), {})
+        completed = r.status == 'completed' and r.test_accuracy is not None
+        for name, value in (('first', first), ('second', second)):
+            if _same_value(r.overrides[axis], value) and completed:
+                level[name] = r.test_accuracy
+    out = []
+    for cell in by_cell.values():
+        pairs = [s for s in cell['seeds'].values() if 'first' in s and 'second' in s]
+        out.append(
+            Paired(
+                axis,
+                (first, second),
+                cell['values'],
+                tuple(s['first'] - s['second'] for s in pairs),
+                unpaired=len(cell['seeds']) - len(pairs),
+            )
+        )
+    return out
+
+
+def pooled(axis: str, levels: Sequence[Any], cells: Sequence[Paired]) -> Paired:
+    """The differences of all ``cells`` (of ``axis``) as one sample."""
+    return Paired(
+        axis,
+        (levels[0], levels[1]),
+        {},
+        tuple(d for c in cells for d in c.differences),
+        unpaired=sum(c.unpaired for c in cells),
+    )
+
+
+def noise_verdict(e: Estimate) -> str:
+    """Whether a 95% interval of a difference excludes 0, in words."""
+    if e.excludes_zero is None:
+        return f'no interval ({e.n} pair(s))'
+    if e.excludes_zero:
+        return 'yes: the interval excludes 0'
+    return 'no: the interval includes 0'
+
+
+# ----------------------------------------------------------------------------
 # Tables.
 
 
@@ -454,14 +722,20 @@ def _same_study_row(config: Mapping[str, Any], paper_row: Mapping[str, Any]) -> 
 
 
 def compare_with_paper(
-    results: Sequence[RunResult], paper: Sequence[Mapping[str, Any]]
+    results: Sequence[RunResult],
+    paper: Sequence[Mapping[str, Any]],
+    seed_axis: str | None = None,
 ) -> list[dict[str, Any]]:
     """Ours vs the study's accuracies for each run that matches a study row.
 
     Runs match on (batch_size, learning_rate, shuffle) only; a difference in
     epochs is stated in the row's ``note``. Differences are ours minus theirs,
-    in percentage points, of the accuracies as shown (2 decimals).
+    in percentage points, of the accuracies as shown (2 decimals). With
+    ``seed_axis`` (a sweep over seeds) there is one row per cell instead
+    (:func:`compare_cells_with_paper`).
     """
+    if seed_axis is not None:
+        return compare_cells_with_paper(group_cells(results, seed_axis), paper)
     rows = []
     for r in results:
         match = next((p for p in paper if _same_study_row(r.config, p)), None)
@@ -496,6 +770,108 @@ def compare_with_paper(
     return rows
 
 
+def compare_cells_with_paper(
+    cells: Sequence[Cell], paper: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Ours vs the study's accuracies for each cell that matches a study row.
+
+    Ours is the mean over the cell's completed runs (``n`` of them, ``test_sd``
+    their sample sd); the ``note`` counts failed or diverged runs left out and
+    unfinished ones.
+    """
+    rows = []
+    for cell in cells:
+        match = next((p for p in paper if _same_study_row(cell.runs[0].config, p)), None)
+        if match is None:
+            continue
+        test, train = cell.estimate('test_accuracy'), cell.estimate('train_accuracy')
+        epochs = max((r.epochs_completed for r in cell.used), default=None)
+        paper_epochs = match.get('epochs')
+        notes = [f'mean of {test.n} seeds' if test.n > 1 else f'{test.n} completed run(s)']
+        if cell.excluded:
+            notes.append(f'{cell.excluded} failed/diverged left out')
+        if cell.unfinished:
+            notes.append(f'{cell.unfinished} unfinished')
+        if epochs is not None and epochs != paper_epochs:
+            notes.append(f'ours: {epochs} epochs, theirs: {paper_epochs}')
+        rows.append(
+            {
+                'batch_size': match['batch_size'],
+                'learning_rate': match['learning_rate'],
+                'shuffle': match['shuffle'],
+                'epochs': epochs,
+                'paper_epochs': paper_epochs,
+                'train_accuracy': _round2(train.mean),
+                'paper_train_accuracy': match['train_accuracy'],
+                'train_difference': _difference(_round2(train.mean), match['train_accuracy']),
+                'test_accuracy': _round2(test.mean),
+                'paper_test_accuracy': match['test_accuracy'],
+                'test_difference': _difference(_round2(test.mean), match['test_accuracy']),
+                'n': test.n,
+                'test_sd': _round2(test.sd),
+                'status': 'completed' if test.n else _cell_status(cell),
+                'note': '; '.join(notes),
+                'name': cell_name(cell.values),
+            }
+        )
+    return rows
+
+
+def _cell_status(cell: Cell) -> str:
+    """The status of a cell without completed runs: its runs' one status, or counts."""
+    counts = status_counts(cell.runs)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ', '.join(f'{n} {status}' for status, n in counts.items())
+
+
+def cell_name(values: Mapping[str, Any]) -> str:
+    """A cell's values as 'name=value' pairs joined by commas (as run names are)."""
+    return ','.join(f'{k}={format_cell(v)}' for k, v in values.items())
+
+
+def cell_rows(cells: Sequence[Cell], axes: Sequence[str]) -> list[dict[str, str]]:
+    """The formatted rows of ``cells.csv``: statistics over each cell's seeds."""
+    rows = []
+    for cell in cells:
+        row = {a: format_cell(cell.values.get(a)) for a in axes}
+        row['n'] = format_cell(len(cell.used))
+        row['excluded'] = format_cell(cell.excluded)
+        row['unfinished'] = format_cell(cell.unfinished)
+        row['seeds'] = ' '.join(format_cell(r.overrides.get(SEED_AXIS)) for r in cell.used)
+        for field in ('test_accuracy', 'train_accuracy'):
+            e = cell.estimate(field)
+            row[f'{field}_mean'] = format_cell(e.mean, 3)
+            row[f'{field}_sd'] = format_cell(e.sd, 3)
+            row[f'{field}_ci95_low'] = format_cell(e.low, 3)
+            row[f'{field}_ci95_high'] = format_cell(e.high, 3)
+        rows.append(row)
+    return rows
+
+
+def paired_rows(comparisons: Sequence[Paired], axes: Sequence[str]) -> list[dict[str, str]]:
+    """The formatted rows of ``paired.csv``; ``{}`` values make a 'scope=all' row."""
+    rows = []
+    for p in comparisons:
+        e = p.estimate
+        row = {
+            'axis': p.axis,
+            'first': format_cell(p.levels[0]),
+            'second': format_cell(p.levels[1]),
+            'scope': 'cell' if p.values else 'all',
+            **{a: format_cell(p.values.get(a)) for a in axes},
+            'pairs': format_cell(e.n),
+            'unpaired': format_cell(p.unpaired),
+            'mean_difference': format_cell(e.mean, 3),
+            'sd': format_cell(e.sd, 3),
+            'ci95_low': format_cell(e.low, 3),
+            'ci95_high': format_cell(e.high, 3),
+            'excludes_zero': format_cell(e.excludes_zero),
+        }
+        rows.append(row)
+    return rows
+
+
 def _round2(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
@@ -506,7 +882,9 @@ def _difference(ours: float | None, theirs: Any) -> float | None:
     return round(ours - float(theirs), 2)
 
 
-def _comparison_csv_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+def _comparison_csv_rows(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = COMPARISON_COLUMNS
+) -> list[dict[str, str]]:
     two = {
         'train_accuracy',
         'paper_train_accuracy',
@@ -514,11 +892,9 @@ def _comparison_csv_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, st
         'test_accuracy',
         'paper_test_accuracy',
         'test_difference',
+        'test_sd',
     }
-    return [
-        {k: format_cell(row[k], 2 if k in two else None) for k in COMPARISON_COLUMNS}
-        for row in rows
-    ]
+    return [{k: format_cell(row[k], 2 if k in two else None) for k in columns} for row in rows]
 
 
 # ----------------------------------------------------------------------------
@@ -693,6 +1069,8 @@ def results_markdown(
             f'{one_line(r.error or "no reason recorded", 500)}'
             for r in problems
         ]
+    if SEED_AXIS in manifest['axes']:
+        lines += ['', *seeds_markdown(results, manifest['axes'])]
     lines += ['', '## Comparison with the study', '', f'Study: {PAPER_SOURCE}.', '']
     lines += _comparison_markdown(results, comparison)
     lines += ['', '## Plots', '']
@@ -703,6 +1081,105 @@ def results_markdown(
         else:
             lines += [f'{file} not drawn: {reason}', '']
     return '\n'.join(lines).rstrip('\n') + '\n'
+
+
+def seeds_markdown(
+    results: Sequence[RunResult], axes: Mapping[str, Sequence[Any]], seed_axis: str = SEED_AXIS
+) -> list[str]:
+    """The sections of ``results.md`` on statistics over seeds and paired comparisons."""
+    columns = [a for a in axis_columns(axes) if a != seed_axis]
+    cells = group_cells(results, seed_axis)
+    lines = [
+        '## Over seeds',
+        '',
+        f'One row per cell (a value of every axis but `{seed_axis}`), over its completed runs '
+        '(`n`, seeds listed): mean ± sample sd (n − 1) of the final accuracy in %, and the '
+        '95% interval mean ± t(0.975, n − 1)·sd/√n (none for n = 1). Failed and diverged '
+        'runs are left out (`excluded`), as are pending and incomplete ones (`unfinished`).',
+        '',
+    ]
+    header = [*columns, 'n', 'seeds', 'test acc', 'test 95% CI', 'train acc', 'train 95% CI']
+    header += ['excluded', 'unfinished']
+    body = []
+    for cell in cells:
+        test, train = cell.estimate('test_accuracy'), cell.estimate('train_accuracy')
+        body.append(
+            [
+                *(format_cell(cell.values.get(a)) for a in columns),
+                str(len(cell.used)),
+                ' '.join(format_cell(r.overrides.get(seed_axis)) for r in cell.used) or MISSING,
+                format_estimate(test),
+                format_interval(test),
+                format_estimate(train),
+                format_interval(train),
+                str(cell.excluded),
+                str(cell.unfinished),
+            ]
+        )
+    lines += _md_table(header, body)
+    for axis in two_level_axes(axes, seed_axis):
+        lines += ['', *paired_markdown(results, axis, axes[axis], columns, seed_axis)]
+    return lines
+
+
+def paired_markdown(
+    results: Sequence[RunResult],
+    axis: str,
+    levels: Sequence[Any],
+    columns: Sequence[str],
+    seed_axis: str = SEED_AXIS,
+) -> list[str]:
+    """A section of ``results.md``: ``levels[0]`` minus ``levels[1]`` of ``axis``, paired on seeds."""
+    cells = paired_differences(results, axis, levels, seed_axis)
+    first, second = (f'{axis}={format_cell(v)}' for v in levels)
+    others = [c for c in columns if c != axis]
+    lines = [
+        f'### Paired comparison: {first} − {second}',
+        '',
+        f'Δ = final test accuracy at {first} minus at {second}, in percentage points, for '
+        f'runs with the same `{seed_axis}` and the same value of every other axis (both '
+        'completed); per cell, the mean Δ ± sd over its pairs and the 95% t interval. An '
+        'interval that excludes 0 means the difference is distinguishable from seed noise.',
+        '',
+    ]
+    header = [*others, 'pairs', 'mean Δ', '95% CI', 'distinguishable from seed noise']
+    header += ['unpaired seeds']
+    body = [
+        [
+            *(format_cell(p.values.get(a)) for a in others),
+            str(p.estimate.n),
+            format_estimate(p.estimate, signed=True),
+            format_interval(p.estimate, signed=True),
+            noise_verdict(p.estimate),
+            str(p.unpaired),
+        ]
+        for p in cells
+    ]
+    lines += _md_table(header, body)
+    lines += ['', paired_statement(pooled(axis, levels, cells), len(cells))]
+    return lines
+
+
+def paired_statement(overall: Paired, num_cells: int) -> str:
+    """A sentence on the pooled paired comparison of all cells and seeds."""
+    first, second = (f'{overall.axis}={format_cell(v)}' for v in overall.levels)
+    e = overall.estimate
+    where = f'over {e.n} pair(s) from {num_cells} cell(s)'
+    if e.mean is None:
+        return f'Overall: no pairs of completed runs yet ({overall.unpaired} unpaired seeds).'
+    if e.low is None:
+        return f'Overall, {where}: Δ = {e.mean:+.2f} points; one pair gives no interval.'
+    if e.excludes_zero:
+        verdict = f'the interval excludes 0: {first} vs {second} is distinguishable from seed noise'
+    else:
+        verdict = (
+            f'the interval includes 0: {first} vs {second} is not distinguishable from seed noise'
+        )
+    return (
+        f'Overall, {where}: mean Δ {format_estimate(e, signed=True)} points, 95% interval '
+        f'{format_interval(e, signed=True)}; {verdict}. (All pairs pooled as one sample; '
+        'cells can differ by more than seed noise.)'
+    )
 
 
 def _comparison_markdown(
@@ -716,9 +1193,17 @@ def _comparison_markdown(
             "of a row of the study's table."
         ]
     lines = []
-    unmatched = len(results) - len(comparison)
+    by_cell = 'n' in comparison[0]
+    unit = 'cell' if by_cell else 'run'
+    unmatched = (len(group_cells(results)) if by_cell else len(results)) - len(comparison)
     if unmatched:
-        lines += [f"{unmatched} run(s) have no counterpart in the study's table.", '']
+        lines += [f"{unmatched} {unit}(s) have no counterpart in the study's table.", '']
+    if by_cell:
+        lines += [
+            "Ours: the mean (± sd) over a cell's completed runs, one per seed; the note "
+            'says how many.',
+            '',
+        ]
     if any('jpeg' in describe_data(r.data).lower() for r in results if r.status != 'pending'):
         lines += [
             'Caveat: our runs use a JPEG re-encoding of CIFAR-10 and the study the original '
@@ -741,7 +1226,8 @@ def _comparison_markdown(
             cell(row['train_accuracy']),
             cell(row['paper_train_accuracy']),
             cell(row['train_difference'], signed=True),
-            cell(row['test_accuracy']),
+            cell(row['test_accuracy'])
+            + (f' ± {row["test_sd"]:.2f}' if row.get('test_sd') is not None else ''),
             cell(row['paper_test_accuracy']),
             cell(row['test_difference'], signed=True),
             row['note'],
@@ -757,7 +1243,7 @@ def _comparison_markdown(
     ]
     if diffs:
         lines[-1] += (
-            f' Over the {len(diffs)} completed run(s): mean Δ test '
+            f' Over the {len(diffs)} completed {unit}(s): mean Δ test '
             f'{statistics.fmean(diffs):+.2f}, mean |Δ test| '
             f'{statistics.fmean(abs(d) for d in diffs):.2f}.'
         )
@@ -804,30 +1290,91 @@ def _series(records: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0) 
     return [math.nan if v is None else scale * v for v in values]
 
 
-def render_curves(results: Sequence[RunResult], title: str = '') -> bytes:
+def epoch_band(
+    runs: Sequence[RunResult], key: str, scale: float = 1.0
+) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per epoch of any run: the mean, min and max of ``key`` over ``runs`` (NaN if none)."""
+    by_epoch: dict[int, list[float]] = {}
+    for r in runs:
+        for record in r.epochs:
+            value = _finite(record.get(key))
+            values = by_epoch.setdefault(int(record['epoch']), [])
+            if value is not None:
+                values.append(scale * value)
+    epochs = sorted(by_epoch)
+    stats = [by_epoch[e] for e in epochs]
+    mean = [statistics.fmean(v) if v else math.nan for v in stats]
+    low = [min(v) if v else math.nan for v in stats]
+    high = [max(v) if v else math.nan for v in stats]
+    return epochs, mean, low, high
+
+
+def curve_groups(
+    results: Sequence[RunResult], seed_axis: str | None = None
+) -> list[tuple[str, list[RunResult]]]:
+    """(legend label, runs) per line of the curves: each run, or each cell's seeds.
+
+    With ``seed_axis``, a cell's line is over its runs with epochs that did not
+    fail or diverge; its label counts them and those left out.
+    """
+    if seed_axis is None:
+        return [
+            (
+                run_label(r.overrides, r.name)
+                + ('' if r.status == 'completed' else f' ({r.status})'),
+                [r],
+            )
+            for r in results
+            if r.epochs
+        ]
+    groups = []
+    for cell in group_cells(results, seed_axis):
+        runs = [r for r in cell.runs if r.epochs and r.status not in ('failed', 'diverged')]
+        if not runs:
+            continue
+        notes = [f'{len(runs)} seed(s)']
+        if cell.excluded:
+            notes.append(f'{cell.excluded} failed/diverged left out')
+        unfinished = sum(r.status != 'completed' for r in runs)
+        if unfinished:
+            notes.append(f'{unfinished} unfinished')
+        groups.append((f'{run_label(cell.values, "all")} ({", ".join(notes)})', runs))
+    return groups
+
+
+def render_curves(
+    results: Sequence[RunResult], title: str = '', seed_axis: str | None = None
+) -> bytes:
     """PNG of the study's Figure 3: test accuracy, train accuracy and loss per epoch.
 
     One line (one colour) per run with epochs; train loss solid, test loss
-    dashed. The legend sits outside the axes.
+    dashed. With ``seed_axis``, one line per cell instead: the mean over its
+    seeds, in a band from their minimum to their maximum. The legend sits
+    outside the axes.
     """
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    runs = [r for r in results if r.epochs]
+    groups = curve_groups(results, seed_axis)
     fig = _new_figure(16, 4.8)
     ax_test, ax_train, ax_loss = fig.subplots(1, 3)
-    colors = _run_colors(len(runs))
+    colors = _run_colors(len(groups))
     handles = []
-    for r, color in zip(runs, colors, strict=True):
-        epochs = [int(e['epoch']) for e in r.epochs]
-        style = dict(color=color, linewidth=1.3, marker='o' if len(epochs) == 1 else None, ms=3)
-        ax_test.plot(epochs, _series(r.epochs, 'test_accuracy', 100), **style)
-        ax_train.plot(epochs, _series(r.epochs, 'train_accuracy', 100), **style)
-        ax_loss.plot(epochs, _series(r.epochs, 'train_loss'), **style)
-        ax_loss.plot(epochs, _series(r.epochs, 'test_loss'), linestyle='--', **style)
-        label = run_label(r.overrides, r.name)
-        if r.status != 'completed':
-            label += f' ({r.status})'
+    panels = (
+        (ax_test, 'test_accuracy', 100.0, '-'),
+        (ax_train, 'train_accuracy', 100.0, '-'),
+        (ax_loss, 'train_loss', 1.0, '-'),
+        (ax_loss, 'test_loss', 1.0, '--'),
+    )
+    for (label, runs), color in zip(groups, colors, strict=True):
+        for ax, key, scale, linestyle in panels:
+            epochs, mean, low, high = epoch_band(runs, key, scale)
+            marker = 'o' if len(epochs) == 1 else None
+            ax.plot(
+                epochs, mean, color=color, linewidth=1.3, marker=marker, ms=3, linestyle=linestyle
+            )
+            if len(runs) > 1:
+                ax.fill_between(epochs, low, high, color=color, alpha=0.18, linewidth=0)
         handles.append(Line2D([], [], color=color, linewidth=2, label=label))
     for ax, name in ((ax_test, 'Test accuracy (%)'), (ax_train, 'Train accuracy (%)')):
         ax.set_title(name)
@@ -840,13 +1387,14 @@ def render_curves(results: Sequence[RunResult], title: str = '') -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     losses = [
         v
+        for _, runs in groups
         for r in runs
         for v in _series(r.epochs, 'train_loss') + _series(r.epochs, 'test_loss')
         if v > 0
     ]
     if losses:
         ax_loss.set_yscale('log')
-    if not runs:
+    if not groups:
         for ax in (ax_test, ax_train, ax_loss):
             ax.text(0.5, 0.5, 'no epochs yet', ha='center', va='center', transform=ax.transAxes)
     else:
@@ -857,6 +1405,12 @@ def render_curves(results: Sequence[RunResult], title: str = '') -> bytes:
         legend = ax_loss.legend(handles=style_handles, loc='upper right', fontsize='small')
         ax_loss.add_artist(legend)
         ncol = math.ceil(len(handles) / 24)
+        legend_title = f'{len(handles)} run(s)'
+        if seed_axis is not None:
+            legend_title = (
+                f'{len(handles)} cell(s): line = mean over {seed_axis}s,\n'
+                f'band = min–max over {seed_axis}s'
+            )
         ax_loss.legend(
             handles=handles,
             loc='upper left',
@@ -864,24 +1418,53 @@ def render_curves(results: Sequence[RunResult], title: str = '') -> bytes:
             borderaxespad=0.0,
             fontsize='small',
             ncol=ncol,
-            title=f'{len(handles)} run(s)',
+            title=legend_title,
         )
+    if seed_axis is not None:
+        title = f'{title}: ' if title else ''
+        title += f'mean over {seed_axis}s (line) and their min–max (band)'
     if title:
         fig.suptitle(title)
     return _png_bytes(fig)
 
 
-def _grid_cell(
-    results: Sequence[RunResult], values: Mapping[str, Any]
-) -> tuple[float | None, list[RunResult]]:
-    """Mean final test accuracy of the runs with these axis values, and the runs."""
-    runs = [
+def _grid_runs(results: Sequence[RunResult], values: Mapping[str, Any]) -> list[RunResult]:
+    """The runs with these axis values."""
+    return [
         r
         for r in results
         if all(_same_value(config_value(r.config, k), v) for k, v in values.items())
     ]
+
+
+def heatmap_cell(runs: Sequence[RunResult], over_seeds: bool = False) -> tuple[float | None, str]:
+    """The value and the text of one heatmap cell.
+
+    By default the mean final test accuracy of the runs with results, noting
+    unfinished ones. ``over_seeds``: mean ± sd over the completed runs, with
+    their number and the failed, diverged or unfinished runs left out.
+    """
+    if over_seeds:
+        cell = Cell({}, tuple(runs))
+        e = cell.estimate()
+        lines = [format_estimate(e)] + ([f'n={e.n}'] if e.n else [])
+        if cell.excluded:
+            lines.append(f'{cell.excluded} excluded')
+        if cell.unfinished:
+            lines.append(f'{cell.unfinished} unfinished')
+        return e.mean, '\n'.join(lines)
     accs = [r.test_accuracy for r in runs if r.test_accuracy is not None]
-    return (statistics.fmean(accs) if accs else None), runs
+    if not accs:
+        return None, MISSING
+    acc = statistics.fmean(accs)
+    unfinished = [r for r in runs if r.status != 'completed' and r.has_results]
+    note = ''
+    if unfinished and len(runs) == 1:
+        r = runs[0]
+        note = f'\n{r.status} {r.epochs_completed}/{r.num_epochs or "?"}'
+    elif unfinished:
+        note = f'\n{len(unfinished)} unfinished'
+    return acc, f'{acc:.2f}{note}'
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -894,7 +1477,9 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
     """PNG of final test accuracy over batch size (rows) x learning rate (columns).
 
     One panel per shuffle value (one panel if shuffle is not an axis); cells
-    without results show '—'. With other axes, a cell is the mean over them.
+    without results show '—'. With other axes, a cell is the mean over them;
+    when ``seed`` is one of them, mean ± sd over the completed runs
+    (:func:`heatmap_cell`).
     """
     import numpy as np
 
@@ -903,25 +1488,20 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
     shuffles = list(axes['shuffle']) if 'shuffle' in axes else [None]
     configured = {bool(r.config.get('shuffle')) for r in results if 'shuffle' in r.config}
     others = [a for a in axes if a not in STUDY_AXES]
+    over_seeds = SEED_AXIS in axes
     grids = []
     for s in shuffles:
         grid = np.full((len(batch_sizes), len(rates)), np.nan)
-        notes = [['' for _ in rates] for _ in batch_sizes]
+        texts = [['' for _ in rates] for _ in batch_sizes]
         for i, bs in enumerate(batch_sizes):
             for j, lr in enumerate(rates):
                 values = {'batch_size': bs, 'learning_rate': lr}
                 if s is not None:
                     values['shuffle'] = s
-                acc, runs = _grid_cell(results, values)
-                if acc is not None:
-                    grid[i, j] = acc
-                unfinished = [r for r in runs if r.status != 'completed' and r.has_results]
-                if unfinished and len(runs) == 1:
-                    r = runs[0]
-                    notes[i][j] = f'{r.status} {r.epochs_completed}/{r.num_epochs or "?"}'
-                elif unfinished:
-                    notes[i][j] = f'{len(unfinished)} unfinished'
-        grids.append((s, grid, notes))
+                value, texts[i][j] = heatmap_cell(_grid_runs(results, values), over_seeds)
+                if value is not None:
+                    grid[i, j] = value
+        grids.append((s, grid, texts))
     finite = np.concatenate([g[np.isfinite(g)] for _, g, _ in grids])
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
     if vmax - vmin < 1e-6:
@@ -934,7 +1514,7 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
     fig = _new_figure(width, 1.6 + 0.9 * len(batch_sizes), layout='constrained')
     panels = fig.subplots(1, len(shuffles), squeeze=False)[0]
     image = None
-    for k, (ax, (s, grid, notes)) in enumerate(zip(panels, grids, strict=True)):
+    for k, (ax, (s, grid, texts)) in enumerate(zip(panels, grids, strict=True)):
         image = ax.imshow(
             np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect='auto'
         )
@@ -949,16 +1529,18 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
             for j in range(len(rates)):
                 value = grid[i, j]
                 if np.isfinite(value):
-                    dark = (value - vmin) / (vmax - vmin) < 0.6
-                    text = f'{value:.2f}' + (f'\n{notes[i][j]}' if notes[i][j] else '')
-                    color = 'white' if dark else 'black'
+                    color = 'white' if (value - vmin) / (vmax - vmin) < 0.6 else 'black'
                 else:
-                    text, color = MISSING, '0.4'
-                ax.text(j, i, text, ha='center', va='center', color=color, fontsize=8.5)
+                    color = '0.4'
+                ax.text(j, i, texts[i][j], ha='center', va='center', color=color, fontsize=8.5)
     if image is not None:
         fig.colorbar(image, ax=list(panels), label='final test accuracy (%)', shrink=0.85)
     title = 'Final test accuracy (%)'
-    if others:
+    if over_seeds:
+        pooled_axes = [a for a in others if a != SEED_AXIS]
+        title += ': mean ± sd over seeds (n completed runs)'
+        title += f', pooling {", ".join(pooled_axes)}' if pooled_axes else ''
+    elif others:
         title += f' (mean over {", ".join(others)})'
     fig.suptitle(title)
     return _png_bytes(fig)
@@ -979,8 +1561,10 @@ def write_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str, str]
     """Writes the sweep's report files into ``sweep_dir``; returns ``{kind: path}``.
 
     Kinds: 'results_csv', 'results_md', and when they apply 'comparison_csv'
-    (some run matches a row of the study's table), 'curves' and 'heatmap'
-    (batch_size and learning_rate are axes) when matplotlib is installed.
+    (some run matches a row of the study's table), 'cells_csv' (``seed`` is an
+    axis), 'paired_csv' (``seed`` and a two-valued axis), 'curves' and
+    'heatmap' (batch_size and learning_rate are axes) when matplotlib is
+    installed.
     Reads only what is on disk, never trains; a comparison or heatmap that no
     longer applies is removed.
 
@@ -1001,21 +1585,51 @@ def write_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str, str]
     write_atomic(paths['results_csv'], _csv_text(columns, result_rows(results, axes)))
     written['results_csv'] = paths['results_csv']
 
-    comparison = compare_with_paper(results, load_paper_results(paper_csv))
+    seed_axis = SEED_AXIS if SEED_AXIS in manifest['axes'] else None
+    comparison = compare_with_paper(results, load_paper_results(paper_csv), seed_axis)
     comparison_path = os.path.join(sweep_dir, COMPARISON_CSV)
     if comparison:
-        write_atomic(
-            comparison_path, _csv_text(COMPARISON_COLUMNS, _comparison_csv_rows(comparison))
-        )
+        columns = CELL_COMPARISON_COLUMNS if seed_axis else COMPARISON_COLUMNS
+        write_atomic(comparison_path, _csv_text(columns, _comparison_csv_rows(comparison, columns)))
         written['comparison_csv'] = comparison_path
     else:
         _remove(comparison_path)
+    _write_seed_tables(sweep_dir, manifest['axes'], results, written)
 
     plots = _write_plots(sweep_dir, manifest, results, written)
     markdown = results_markdown(sweep_dir, manifest, results, comparison, plots)
     write_atomic(paths['results_md'], markdown)
     written['results_md'] = paths['results_md']
     return written
+
+
+def _write_seed_tables(
+    sweep_dir: str,
+    axes: Mapping[str, Sequence[Any]],
+    results: Sequence[RunResult],
+    written: dict[str, str],
+) -> None:
+    """``cells.csv`` and ``paired.csv`` of a sweep over seeds (removed when they no longer apply)."""
+    cells_path = os.path.join(sweep_dir, CELLS_CSV)
+    paired_path = os.path.join(sweep_dir, PAIRED_CSV)
+    if SEED_AXIS not in axes:
+        _remove(cells_path)
+        _remove(paired_path)
+        return
+    columns = [a for a in axis_columns(axes) if a != SEED_AXIS]
+    rows = cell_rows(group_cells(results), columns)
+    write_atomic(cells_path, _csv_text([*columns, *CELL_COLUMNS], rows))
+    written['cells_csv'] = cells_path
+    comparisons: list[Paired] = []
+    for axis in two_level_axes(axes):
+        cells = paired_differences(results, axis, axes[axis])
+        comparisons += [*cells, pooled(axis, axes[axis], cells)]
+    if not comparisons:
+        _remove(paired_path)
+        return
+    header = ['axis', 'first', 'second', 'scope', *columns, *PAIRED_COLUMNS]
+    write_atomic(paired_path, _csv_text(header, paired_rows(comparisons, columns)))
+    written['paired_csv'] = paired_path
 
 
 def _write_plots(
@@ -1032,7 +1646,9 @@ def _write_plots(
     except ImportError:
         reason = 'matplotlib is not installed (pip install matplotlib)'
         return {CURVES_PNG: reason, HEATMAP_PNG: reason}
-    write_atomic(curves, render_curves(results, os.path.basename(os.path.abspath(sweep_dir))))
+    seed_axis = SEED_AXIS if SEED_AXIS in manifest['axes'] else None
+    title = os.path.basename(os.path.abspath(sweep_dir))
+    write_atomic(curves, render_curves(results, title, seed_axis))
     written['curves'] = curves
     axes = manifest['axes']
     if 'batch_size' in axes and 'learning_rate' in axes:
