@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.sweep.batch_size = (100, 500, 1000)
     config.sweep.learning_rate = (0.1, 0.01, 0.001)
     config.sweep.shuffle = (True, False)
+    # Seeds as statistics: config.sweep.repeats = 3 (in a config built on this
+    # one; the field is not here to override) runs every point with seeds 0, 1, 2
+    # and reports each as mean ± sd with a 95% interval (README, "Seeds as statistics").
     # True: the 6 runs of each batch size train together as one vmapped program
     # (resnet_jax/vectorize.py); meant for accelerators, 4-7x slower on CPUs
     # (BENCHMARKS.md).

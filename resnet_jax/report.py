@@ -29,6 +29,15 @@ the same report never leave a torn file:
   epoch, one line per run) and ``heatmap.png`` (final test accuracy over batch
   size x learning rate, one panel per shuffle setting). Plots need matplotlib;
   without it they are skipped and ``results.md`` says so.
+* With a ``seed`` axis (``config.sweep.seed`` or ``config.sweep.repeats``), the
+  runs differing only in their seed form a cell: ``cells.csv`` (and a section
+  of ``results.md``) gives per cell n, mean ± sample sd and the 95% Student t
+  interval of final test and train accuracy over the completed runs (failed and
+  diverged ones counted and left out); ``paired.csv`` (and a section) the
+  differences between the two values of each two-valued axis, paired on seed
+  and the other axes, per cell and pooled, and whether their interval excludes
+  0. The comparison with the study then uses cell means, the heatmap shows
+  mean ± sd and the curves one mean line per cell in a min–max band.
 
 The study's table ships as ``resnet_jax/data/paper_results.csv``: Rane,
 Jathar, Yadav, "ResNet with Hyper Parameters Tuning", NYU; results table (final
