@@ -16,7 +16,7 @@
   numpy arrays, so a tampered file cannot run code.
 * ``'folder'``: ``path/{train,test}/<class>/*.{png,jpg,jpeg}``; classes are the
   sorted subfolder names. Images must be ``data.image_size`` pixels square and
-  are converted to RGB. Large folders are decoded in spawned processes (a
+  are converted to 8-bit RGB (see ``_to_rgb8``). Large folders are decoded in spawned processes (a
   script calling this needs the ``if __name__ == '__main__':`` guard), then
   cached as ``.npz`` under ``$RESNET_JAX_CACHE`` (default
   ``~/.cache/resnet_jax``), keyed on the folder's path and its files' names,
@@ -89,7 +89,7 @@ _ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 _DECODE_CHUNK = 1000  # Images per decoding task; fewer decode in-process.
 _MAX_DECODE_PROCESSES = 32
-_CACHE_FORMAT = 1  # Bump when the cached arrays change meaning.
+_CACHE_FORMAT = 2  # Bump when the cached arrays change meaning.
 _TFDS_NAME = 'cifar10'
 _DOWNLOAD_HOST = ('www.cs.toronto.edu', 443)  # Where tfds fetches cifar10.
 _NETWORK_TIMEOUT_S = 3.0
@@ -570,11 +570,32 @@ def _decode_image(path: str, image_size: int) -> np.ndarray:
                     f'{path} is {image.size[0]}x{image.size[1]} pixels, '
                     f'not {image_size}x{image_size} (data.image_size)'
                 )
-            return np.asarray(image.convert('RGB'))
+            return _to_rgb8(image, path)
     except DataError:
         raise
     except Exception as e:  # PIL raises many types for broken files.
         raise DataError(f'{path} is not a readable image ({e})') from e
+
+
+def _to_rgb8(image: Image.Image, path: str) -> np.ndarray:
+    """8-bit RGB pixels of a decoded image.
+
+    Grayscale is repeated over the three channels, palette images are
+    expanded, the alpha channel of RGBA/LA is dropped (not composited), and
+    16-bit grayscale is scaled to 8 bits (PIL's own conversion would clip it
+    to nearly white). 32-bit integer and float images are refused: their
+    range is unknown.
+    """
+    if image.mode.startswith('I;16'):
+        wide = np.asarray(image).astype(np.uint32)
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if image.mode in ('I', 'F'):
+        raise DataError(
+            f'{path} has 32-bit {"float" if image.mode == "F" else "integer"} pixels '
+            f'(mode {image.mode}); convert it to 8-bit RGB or grayscale'
+        )
+    return np.asarray(image.convert('RGB'))
 
 
 def _decode_chunk(paths: list[str], image_size: int) -> np.ndarray:

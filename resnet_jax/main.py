@@ -61,6 +61,9 @@ flags.DEFINE_string(
     'so n processes can share one sweep workdir.',
 )
 
+HELP_FLAGS = ('-h', '--help', '-help', '--helpshort', '--helpfull', '-?')
+OWN_FLAGS = ('config', 'workdir', 'mode', 'overwrite', 'new_run', 'sweep_shard')
+
 EXIT_RUNS_FAILED = 1  # A sweep finished but some of its runs failed or diverged.
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -130,6 +133,20 @@ def _parse_error(error: Exception, argv: Sequence[str]) -> str:
     return f'invalid flags: {type(error).__name__}: {error}'
 
 
+def usage() -> str:
+    """The ``--help`` text: this module's docstring and the flags."""
+    lines = [__doc__.strip(), '', 'Flags:']
+    for name in OWN_FLAGS:
+        flag = FLAGS[name]
+        default = '' if flag.default is None else f' (default: {flag.default_as_str})'
+        lines.append(f'  --{name}: {flag.help}{default}')
+    lines.append(
+        '  --config.FIELD=VALUE: override one field of the config, e.g. '
+        '--config.learning_rate=0.001 (the fields are listed in configs/default.py)'
+    )
+    return '\n'.join(lines)
+
+
 def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
@@ -137,25 +154,33 @@ def _setup_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
-    # Libraries' own warnings (tfds, orbax) would clutter one-line errors.
-    logging.getLogger('absl').setLevel(logging.ERROR)
+    # Libraries' own messages (tfds, orbax) would clutter one-line errors: every
+    # failure they report reaches the user as this tool's own `error:` line.
+    logging.getLogger('absl').setLevel(logging.CRITICAL)
+    logging.getLogger('asyncio').setLevel(logging.CRITICAL)  # Orbax's failed writes.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the process exit code."""
     argv = list(sys.argv if argv is None else argv)
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(usage())
+        return 0
     sys.argv = argv  # config_flags finds --config.* overrides in sys.argv.
     _config_root_on_path(argv)
     try:
-        FLAGS(argv)
+        rest = FLAGS(argv)
     except flags.Error as e:
         return _fail(e)
     except Exception as e:  # pylint: disable=broad-except  # User input: no traceback.
         return _fail(_parse_error(e, argv))
+    if len(rest) > 1:
+        return _fail(f'unexpected argument(s): {" ".join(rest[1:])} (flags start with --)')
     if not FLAGS.workdir:
         return _fail('--workdir is required, e.g. --workdir runs/default')
+    workdir = os.path.expanduser(FLAGS.workdir)
     if FLAGS.mode == 'report':
-        return _report(FLAGS.workdir)
+        return _report(workdir)
     path = _config_path(argv)
     if path is None:
         return _fail('--config is required, e.g. --config configs/default.py')
@@ -169,21 +194,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
 
     # Imported after flag parsing so that `--help` and usage errors are instant.
-    from resnet_jax import distributed, input_pipeline, sweep, train, validation, workdir
+    from resnet_jax import distributed, input_pipeline, sweep, train, validation
+    from resnet_jax import workdir as workdir_lib
 
-    distributed.initialize(config.distributed)
-    if not distributed.is_primary():
-        logging.getLogger('resnet_jax').setLevel(logging.WARNING)
+    train.quiet_orbax_noise()
     try:
+        validation.validate_distributed(config)  # Read before anything else.
+        distributed.initialize(config.distributed)
+        if not distributed.is_primary():
+            logging.getLogger('resnet_jax').setLevel(logging.WARNING)
         if FLAGS.mode == 'eval':
-            return _evaluate(config)
+            return _evaluate(config, workdir)
         if sweep.is_sweep(config):
-            statuses = sweep.run_sweep(config, FLAGS.workdir, sweep.parse_shard(FLAGS.sweep_shard))
+            statuses = sweep.run_sweep(config, workdir, sweep.parse_shard(FLAGS.sweep_shard))
             bad = {k: v for k, v in statuses.items() if v != 'completed'}
             for name, status in bad.items():
                 print(f'run {name}: {status}', file=sys.stderr)
             return EXIT_RUNS_FAILED if bad else 0
-        run_dir = _new_workdir(FLAGS.workdir) if FLAGS.new_run else FLAGS.workdir
+        run_dir = _new_workdir(workdir) if FLAGS.new_run else workdir
         _, summary = train.train_and_evaluate(config, run_dir, overwrite=FLAGS.overwrite)
         if summary['status'] == 'diverged':
             print(f'error: run diverged: {summary["error"]}', file=sys.stderr)
@@ -191,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         validation.ConfigError,
         input_pipeline.DataError,
-        workdir.WorkdirBusy,
+        workdir_lib.WorkdirBusy,
         train.CheckpointError,
         FileNotFoundError,
     ) as e:
@@ -218,13 +246,12 @@ def _new_workdir(path: str) -> str:
     return candidate
 
 
-def _evaluate(config) -> int:
+def _evaluate(config, workdir: str) -> int:
     from resnet_jax import train
 
-    result = train.evaluate_workdir(FLAGS.workdir, config.data.path or None)
+    result = train.evaluate_workdir(workdir, config.data.path or None)
     print(
-        f'test accuracy {100 * result["accuracy"]:.2f}% '
-        f'(loss {result["loss"]:.4f}) from {FLAGS.workdir}'
+        f'test accuracy {100 * result["accuracy"]:.2f}% (loss {result["loss"]:.4f}) from {workdir}'
     )
     return 0
 

@@ -19,6 +19,7 @@ orbax and resumes from the latest checkpoint when rerun on the same workdir.
 """
 
 # No `from __future__ import annotations`: clu reads Metrics annotations at run time.
+import contextlib
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -624,8 +626,10 @@ def checkpoint_manager(
         options = ocp.CheckpointManagerOptions(
             read_only=True, create=False, save_interval_steps=0, max_to_keep=None
         )
-    else:
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    else:  # Temporary folders of saves that a kill or a full disk cut short are removed.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        )
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options
     )
@@ -685,11 +689,56 @@ def save_checkpoint(
             ),
         )
         manager.wait_until_finished()
-    except OSError as e:
+    except Exception as e:  # OSError, or TensorStore's ValueError (RESOURCE_EXHAUSTED, ...).
+        remove_partial_checkpoints(str(manager.directory))
         raise CheckpointError(
             f'could not write the checkpoint of step {step} in {manager.directory}: '
-            f'{e.strerror or e}; the earlier checkpoints are intact'
+            f'{short_error(e)}; the earlier checkpoints are intact'
         ) from e
+
+
+def short_error(error: BaseException, limit: int = 200) -> str:
+    """One short line for an exception (TensorStore's messages span kilobytes)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error)
+    if 'No space left on device' in text or 'RESOURCE_EXHAUSTED' in text:
+        return 'No space left on device'
+    text = ' '.join(text.split()).split(' [tensorstore_spec')[0]
+    text = text or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + '...'
+
+
+def remove_partial_checkpoints(directory: str) -> None:
+    """Deletes orbax's temporary folders of unfinished saves in ``directory``."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            if '.orbax-checkpoint-tmp' in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` dropping orbax's noise after a failed read or write.
+
+    A restore that fails part-way leaves TensorStore callbacks that fire into
+    orbax's closed event loop, and a failed save leaves coroutines that die at
+    interpreter exit: hundreds of traceback lines about nothing actionable.
+    """
+
+    def hook(unraisable: Any) -> None:
+        text = str(unraisable.exc_value)
+        if 'Event loop is closed' in text or 'Python is likely shutting down' in text:
+            return
+        previous(unraisable)
+
+    hook.quiet_orbax = True
+    return hook
+
+
+def quiet_orbax_noise() -> None:
+    """Installs :func:`_quiet_unraisable` (once; other unraisables still print)."""
+    if not getattr(sys.unraisablehook, 'quiet_orbax', False):
+        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
 
 def restore_checkpoint(
@@ -718,42 +767,61 @@ def restore_latest_good(
     (kept, not deleted) with a warning. If no checkpoint is readable,
     :class:`CheckpointError` names the folder and nothing is moved.
     """
-    steps = sorted(manager.all_steps(), reverse=True)
-    if not steps:
+    step, restored, bad = _newest_readable(manager, state)
+    if step is None and not bad:
         return None
+    for b, error in bad:
+        target = _quarantine(workdir, b) if step is not None else None
+        moved = f'; moved to {target}' if target else ''
+        logger.warning('checkpoint %d is unreadable (%s)%s', b, error, moved)
+    if bad and step is not None:
+        manager.reload()
+        logger.warning('resuming from the older checkpoint of step %d', step)
+    return restored
+
+
+def _newest_readable(
+    manager: ocp.CheckpointManager, state: TrainState
+) -> tuple[int | None, Any, list[tuple[int, str]]]:
+    """``(step, restored, [(unreadable step, why), ...])`` trying newest first.
+
+    Raises :class:`CheckpointError` when checkpoints exist but none is readable.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
     bad = []
     for step in steps:
         try:
-            restored = restore_checkpoint(manager, state, step)
+            return step, restore_checkpoint(manager, state, step), bad
         except Exception as e:  # pylint: disable=broad-except  # Any corruption.
-            logger.warning('checkpoint %d in %s is unreadable (%s)', step, manager.directory, e)
-            bad.append(step)
-            continue
-        for b in bad:
-            _quarantine(workdir, b)
-        if bad:
-            manager.reload()
-            logger.warning('resuming from the older checkpoint of step %d', step)
-        return restored
-    raise CheckpointError(
-        f'no readable checkpoint in {manager.directory} (steps {", ".join(map(str, steps))}); '
-        'fix or remove them, or rerun with --overwrite to start over'
-    )
+            quiet_orbax_noise()
+            bad.append((step, short_error(e)))
+    if steps:
+        raise CheckpointError(
+            f'no readable checkpoint in {manager.directory} (steps {", ".join(map(str, steps))}: '
+            f'{bad[0][1]}); fix or remove them, or rerun with --overwrite to start over'
+        )
+    return None, None, bad
 
 
-def _quarantine(workdir: str, step: int) -> None:
+def _quarantine(workdir: str, step: int) -> str:
+    """Moves an unreadable checkpoint out of the way (kept); returns where."""
     source = os.path.join(workdir, CHECKPOINT_DIR, str(step))
     target_dir = os.path.join(workdir, CHECKPOINT_DIR + '_corrupt')
     os.makedirs(target_dir, exist_ok=True)
     target = os.path.join(target_dir, f'{step}-{int(time.time())}')
     os.rename(source, target)
-    logger.warning('moved the unreadable checkpoint to %s', target)
+    return target
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained with."""
-    with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{workdir} holds no run ({workdir_lib.CONFIG_FILE} not found)')
+    config = workdir_lib.read_json_object(path)
+    if not is_run_config(config):
+        raise CheckpointError(f'{path} is not the config of a resnet_jax run')
+    return ml_collections.ConfigDict(config)
 
 
 def restore(
@@ -768,11 +836,20 @@ def restore(
     """
     config = load_config(workdir)
     manager = checkpoint_manager(workdir, read_only=True)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}')
-    state = create_train_state(config, jax.random.PRNGKey(config.seed), 1)
-    state, _, _ = restore_checkpoint(manager, state, step)
-    manager.close()
+    try:
+        if manager.latest_step() is None:
+            raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}')
+        state = create_train_state(config, jax.random.PRNGKey(config.seed), 1)
+        if step is not None:
+            state, _, _ = restore_checkpoint(manager, state, step)
+        else:  # The newest readable one; nothing is moved (this may be read-only use).
+            found, (state, _, _), bad = _newest_readable(manager, state)
+            for b, error in bad:
+                logger.warning(
+                    'checkpoint %d is unreadable (%s); using checkpoint %d', b, error, found
+                )
+    finally:
+        manager.close()
     model, _ = cached_model(config.model, config.num_classes, config.dtype, config.image_size)
     return model, state.variables(), config
 
@@ -834,9 +911,28 @@ def _has_run(workdir: str) -> bool:
     )
 
 
+# Fields every run config of this tool has: a config.json without them is not ours.
+_RUN_CONFIG_FIELDS = ('model', 'optimizer', 'learning_rate', 'batch_size', 'seed', 'data')
+
+
+def is_run_config(obj: Any) -> bool:
+    """Whether ``obj`` (a workdir's parsed config.json) is a run config of this tool."""
+    return isinstance(obj, Mapping) and all(k in obj for k in _RUN_CONFIG_FIELDS)
+
+
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-    """Refuses a workdir holding another config's run, or clears it on request."""
+    """Refuses a workdir holding another config's run, or clears it on request.
+
+    A ``config.json`` that is not a run config of this tool is never replaced,
+    not even with ``overwrite``. The config itself is written by
+    :func:`write_config` once the run's checkpoint has been read.
+    """
     path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    if os.path.exists(path) and not is_run_config(workdir_lib.read_json_object(path)):
+        raise validation.ConfigError(
+            f'{path} exists and is not the config of a resnet_jax run; choose another '
+            '--workdir (nothing was changed)'
+        )
     if overwrite:
         for name in RUN_OUTPUTS:
             target = os.path.join(workdir, name)
@@ -854,7 +950,13 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: 
                 f'{workdir} holds a run of a different config ({"; ".join(diffs)}); rerun '
                 'with --overwrite to replace it, or --new_run to train into a new workdir'
             )
-    workdir_lib.write_json(path, workdir_lib.config_json(config))
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Records ``config`` as the workdir's run config (``config.json``)."""
+    workdir_lib.write_json(
+        os.path.join(workdir, workdir_lib.CONFIG_FILE), workdir_lib.config_json(config)
+    )
 
 
 def check_writable(workdir: str) -> None:
@@ -871,7 +973,9 @@ def check_writable(workdir: str) -> None:
 class StopSignals:
     """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop.
 
-    A second signal acts as usual (Ctrl-C twice stops at once).
+    A second signal stops the process at once (the default action, at kernel
+    level: it does not wait for a compiled call or a save in flight). An
+    unfinished save is then never taken as a checkpoint.
     """
 
     def __init__(self):
@@ -881,10 +985,11 @@ class StopSignals:
     def _handle(self, signum, frame):
         del frame
         self.signum = signum
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_DFL)
         logger.warning(
-            '%s received: saving a checkpoint, then stopping', signal.Signals(signum).name
+            '%s received: saving a checkpoint, then stopping (again: stop at once)',
+            signal.Signals(signum).name,
         )
 
     def __enter__(self) -> 'StopSignals':
@@ -894,9 +999,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.signum is None:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def check_data_fits(config: ml_collections.ConfigDict, num_train: int, num_devices: int) -> None:
@@ -1007,7 +1111,13 @@ def _train_and_evaluate(
 
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
     start_epoch, position, partial, meta = 0, 0, None, {}
-    restored = restore_latest_good(workdir, manager, state)
+    try:
+        restored = restore_latest_good(workdir, manager, state)
+    except BaseException:
+        manager.close()
+        raise
+    if distributed.is_primary():
+        write_config(workdir, config)
     if restored is not None:
         state, meta, partial = restored
         start_epoch, position = int(meta['epoch']), int(meta.get('position', 0))
@@ -1019,8 +1129,8 @@ def _train_and_evaluate(
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
 
     def checkpoint(epoch_done: int, pos: int, metrics: TrainMetrics | None, seconds: float) -> None:
-        if not _tree_finite(state.params):
-            raise _NonFinite('non-finite parameters')
+        if not _tree_finite((state.params, state.batch_stats)):
+            raise _NonFinite('non-finite parameters or batch statistics')
         save_checkpoint(
             manager,
             state,
@@ -1074,6 +1184,8 @@ def _train_and_evaluate(
                         f'checkpoint saved in {manager.directory}; rerun the same command '
                         'to resume',
                     )
+                if not math.isfinite(test_result['loss']):
+                    raise _NonFinite(f'non-finite test loss in epoch {epoch}')
                 train_result = {k: float(v) for k, v in total.compute().items()}
                 record = {
                     'epoch': epoch,
@@ -1098,8 +1210,7 @@ def _train_and_evaluate(
             if start_epoch < config.num_epochs:  # Finished in this invocation.
                 metric_logger.write_hparams(hparams(config), final_metrics(records))
     finally:
-        manager.wait_until_finished()
-        manager.close()
+        close_quietly(manager)
         metric_logger.close()
 
     summary = run_summary(
@@ -1135,6 +1246,16 @@ def final_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
         'hparam/test_accuracy': last['test_accuracy'],
         'hparam/best_test_accuracy': max(r['test_accuracy'] for r in records),
     }
+
+
+def close_quietly(manager: ocp.CheckpointManager) -> None:
+    """Finishes and closes ``manager``; a failed save was already reported."""
+    try:
+        manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  # save_checkpoint raised it.
+        remove_partial_checkpoints(str(manager.directory))
+    with contextlib.suppress(Exception):
+        manager.close()
 
 
 class _NonFinite(Exception):

@@ -8,6 +8,7 @@ and exit code 2.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Any
@@ -54,9 +55,9 @@ def _check_positive(config, field: str, allow_zero: bool = False) -> None:
     value = _get(config, field)
     if not _is_number(value):
         raise ConfigError(f'config.{field} must be a number, got {value!r}')
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = '>= 0' if allow_zero else '> 0'
-        raise ConfigError(f'config.{field} must be {bound}, got {value}')
+        raise ConfigError(f'config.{field} must be a finite number {bound}, got {value}')
 
 
 def _check_choice(config, field: str, choices) -> None:
@@ -65,8 +66,31 @@ def _check_choice(config, field: str, choices) -> None:
         raise ConfigError(f'config.{field}={value!r} is not one of {", ".join(map(str, choices))}')
 
 
+def check_is_config(config: Any) -> None:
+    """Raises :class:`ConfigError` unless ``config`` is a ConfigDict (what get_config returns)."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            f'get_config() must return an ml_collections.ConfigDict, got {type(config).__name__}'
+        )
+
+
+def validate_distributed(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.distributed``, which is read before anything else."""
+    check_is_config(config)
+    value = _get(config, 'distributed.enabled')
+    if not isinstance(value, bool):
+        raise ConfigError(f'config.distributed.enabled must be True or False, got {value!r}')
+    for field in ('distributed.coordinator_address', 'distributed.cpu_collectives'):
+        value = _get(config, field)
+        if not isinstance(value, str):
+            raise ConfigError(f'config.{field} must be a string, got {value!r}')
+    _check_int(config, 'distributed.num_processes', 1)
+    _check_int(config, 'distributed.process_id', 0)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` on the first invalid field."""
+    validate_distributed(config)
     _check_choice(config, 'model', sorted(models.MODELS))
     _check_choice(config, 'dtype', sorted(models.DTYPES))
     _check_choice(config, 'optimizer', OPTIMIZERS)

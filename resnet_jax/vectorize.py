@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -366,8 +367,7 @@ def _train_group(
                 _run_lanes(by_point[point], shared)
     finally:
         for lane in lanes:
-            lane.manager.wait_until_finished()
-            lane.manager.close()
+            train.close_quietly(lane.manager)
             if lane.logger is not None:
                 lane.logger.close()
     return [
@@ -381,7 +381,13 @@ def _restore_lane(
     state, order_rng = create_lane_state(config, steps_per_epoch)
     manager = train.checkpoint_manager(workdir, config.keep_checkpoints)
     lane = _Lane(config, workdir, manager, state, order_rng, dataset)
-    restored = train.restore_latest_good(workdir, manager, state)
+    try:
+        restored = train.restore_latest_good(workdir, manager, state)
+    except BaseException:
+        manager.close()
+        raise
+    if distributed.is_primary():
+        train.write_config(workdir, config)
     if restored is not None:
         lane.state, lane.meta, partial = restored
         lane.epoch, lane.position = int(lane.meta['epoch']), int(lane.meta.get('position', 0))
@@ -499,8 +505,12 @@ def _run_lanes(lanes: list[_Lane], shared: _Shared) -> None:
                 'run; rerun the same command to resume',
             )
         save = epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs
-        params_ok = np.asarray(_params_finite(states.params)) if save else None
+        params_ok = (
+            np.asarray(_params_finite((states.params, states.batch_stats))) if save else None
+        )
         for r, lane in enumerate(lanes):
+            if lane.active and not math.isfinite(tests[r]['loss']):
+                _diverge(lane, f'non-finite test loss in epoch {epoch}')
             if not lane.active:
                 continue
             result = {k: float(v) for k, v in unstack(total, r).compute().items()}

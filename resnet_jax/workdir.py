@@ -3,14 +3,17 @@
     with workdir.lock(path):          # raises WorkdirBusy if another process holds it
         workdir.write_json(os.path.join(path, 'summary.json'), summary)
 
-The lock is a file created exclusively (``O_EXCL``) holding the owner's host
-and process id; a lock left by a dead process of this host is taken over.
+The lock is a file holding the owner's host and process id, linked into place
+whole; a lock left by a dead process of this host, or an empty or unreadable
+one, is taken over. JSON is written strictly: NaN and infinities become
+``null`` (see :func:`json_safe`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -29,9 +32,29 @@ class WorkdirBusy(RuntimeError):
     """Another live process is writing into the same workdir."""
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON ``null``).
+
+    ``json.dumps`` would write them as bare ``NaN``/``Infinity``, which strict
+    JSON parsers reject.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``obj`` (non-finite floats as ``null``)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as JSON, atomically."""
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
+    """Writes ``obj`` as strict JSON, atomically."""
+    write_atomic(path, dumps(obj, indent=2, sort_keys=True) + '\n')
 
 
 def write_atomic(path: str, data: bytes | str) -> None:
@@ -45,6 +68,8 @@ def write_atomic(path: str, data: bytes | str) -> None:
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # On disk before it replaces the old file.
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -81,40 +106,92 @@ def _owner() -> str:
     return f'{socket.gethostname()} {os.getpid()}'
 
 
-def _stale(text: str) -> bool:
-    """A lock of a dead process on this host (other hosts cannot be checked)."""
+def _stale(text: str | None) -> bool:
+    """A lock nobody holds: of a dead process on this host, empty, or unreadable.
+
+    Locks are written whole before they appear (:func:`_create_lock`), so an
+    empty or garbled one was left by a failed write. A live process of
+    another host cannot be checked and is taken as holding it.
+    """
     try:
-        host, pid = text.split()
+        host, pid = (text or '').split()
         return host == socket.gethostname() and not _pid_alive(int(pid))
     except ValueError:
-        return False
+        return True
+
+
+def _create_lock(path: str) -> bool:
+    """Creates ``path`` holding this process's owner line; False if it exists.
+
+    The owner is written to a temporary file first and hard-linked into
+    place, so the lock never exists empty; a failed write (disk full) leaves
+    nothing behind and raises an ``OSError`` naming ``path``.
+    """
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.lock.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(_owner())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # No hard links on this filesystem: exclusive create.
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                with os.fdopen(fd, 'w') as f:
+                    f.write(_owner())
+            except BaseException:
+                os.unlink(path)
+                raise
+        return True
+    except OSError as e:
+        raise OSError(e.errno, f'could not create the lock: {e.strerror or e}', path) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _read_lock(path: str) -> str | None:
+    """The lock's owner line; '' if it is unreadable, None if it is gone."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return ''
 
 
 @contextlib.contextmanager
 def lock(folder: str) -> Iterator[None]:
-    """Holds ``folder/.lock`` for the duration of the block."""
+    """Holds ``folder/.lock`` for the duration of the block.
+
+    Raises :class:`WorkdirBusy` while a live process holds it; a stale lock
+    (see :func:`_stale`) is taken over.
+    """
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_FILE)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    for _ in range(3):
+        if _create_lock(path):
             break
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    holder = f.read().strip()
-            except FileNotFoundError:
-                continue  # Released meanwhile: try again.
-            if not _stale(holder):
-                raise WorkdirBusy(
-                    f'{folder} is in use by process {holder!r} (remove {path} if it is not)'
-                ) from None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        holder = _read_lock(path)
+        if holder is None:
+            continue  # Released meanwhile: try again.
+        if not _stale(holder):
+            raise WorkdirBusy(
+                f'{folder} is in use by process {holder!r} (remove {path} if it is not)'
+            )
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise WorkdirBusy(f'could not remove the stale lock {path}: {e.strerror}') from None
     else:
         raise WorkdirBusy(f'could not lock {folder}')
-    with os.fdopen(fd, 'w') as f:
-        f.write(_owner())
     try:
         yield
     finally:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from resnet_jax.workdir import METRICS_FILE, write_atomic
+from resnet_jax.workdir import METRICS_FILE, dumps, write_atomic
 
 logger = logging.getLogger('resnet_jax')
 
@@ -85,7 +85,7 @@ def truncate_metrics(workdir: str, last_epoch: int, write: bool = True) -> list[
     records = [r for r in read_metrics(workdir) if r['epoch'] <= last_epoch]
     path = os.path.join(workdir, METRICS_FILE)
     if write and os.path.exists(path):
-        write_atomic(path, ''.join(json.dumps(r) + '\n' for r in records))
+        write_atomic(path, ''.join(dumps(r) + '\n' for r in records))
     return records
 
 
@@ -115,7 +115,7 @@ class MetricLogger:
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._enabled:
-            self._jsonl.write(json.dumps(dict(record)) + '\n')
+            self._jsonl.write(dumps(dict(record)) + '\n')
             self._jsonl.flush()
             scalars = {k: v for k, v in record.items() if k != 'epoch'}
             self._tb.write_scalars(int(record['epoch']), scalars)

@@ -319,6 +319,19 @@ def test_image_modes_and_sizes(tmp_path):
     np.testing.assert_array_equal(dataset.test_images[0], np.full((32, 32, 3), 77))
 
 
+def test_16_bit_grayscale_is_scaled_and_32_bit_pixels_are_refused(tmp_path):
+    fake = fake_data.write_image_folder(tmp_path / 'a', 2, 1)
+    path = os.path.join(fake.path, 'test', 'airplane', '0000.png')
+    Image.fromarray(np.full((32, 32), 20000, np.uint16)).save(path)
+    assert Image.open(path).mode == 'I;16'  # PIL's convert('RGB') makes it 255.
+    dataset = _load(fake.path)
+    np.testing.assert_array_equal(dataset.test_images[0], np.full((32, 32, 3), 78))  # 20000/257
+    # A float TIFF under a .png name: PIL reads content, not names.
+    Image.fromarray(np.full((32, 32), 0.5, np.float32)).save(path, format='TIFF')
+    with pytest.raises(DataError, match=r'0000.png has 32-bit float pixels \(mode F\)'):
+        _load(fake.path)
+
+
 @pytest.mark.parametrize(
     'damage,message',
     [
