@@ -21,9 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.sweep.batch_size = (100, 500, 1000)
     config.sweep.learning_rate = (0.1, 0.01, 0.001)
     config.sweep.shuffle = (True, False)
-    # Seeds as statistics: config.sweep.repeats = 3 (in a config built on this
-    # one; the field is not here to override) runs every point with seeds 0, 1, 2
-    # and reports each as mean ± sd with a 95% interval (README, "Seeds as statistics").
+    # Seeds as statistics: --config.sweep.repeats=3 runs every point with seeds
+    # 0, 1, 2 and reports each as mean ± sd with a 95% interval (README, "Seeds
+    # as statistics"). None: one run per point, named without a seed.
+    config.sweep.repeats = ml_collections.config_dict.placeholder(int)
     # True: the 6 runs of each batch size train together as one vmapped program
     # (resnet_jax/vectorize.py); meant for accelerators, 4-7x slower on CPUs
     # (BENCHMARKS.md).

@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import input_pipeline, models, train, validation, vectorize
+from resnet_jax import input_pipeline, models, train, validation, vectorize, workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REFERENCE = os.path.join(REPO, 'benchmarks', 'torch_reference.py')
@@ -422,8 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.append(together)
                     print(_row(together, None), f'{together["speedup_vs_one_run"]:.2f}x vs 1 run')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'machine': info, 'results': results}, f, indent=2)
+        workdir.write_json(args.json, {'machine': info, 'results': results})
     return 0
 
 
