@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Training steps per compiled call (lax.scan on the device; 0: a whole
     # epoch, 1: step by step): fewer dispatches and host syncs. SIGINT/SIGTERM
     # and the NaN checks are seen between calls, so keep a call short enough to
-    # wait for (50 steps of the paper net at batch 100: ~15 s on 2 CPU cores).
+    # wait for (seconds on CPUs, milliseconds on GPUs: BENCHMARKS.md).
     config.steps_per_call = 50
 
     # Optimiser: 'adam' (the study's), 'sgd', 'adagrad', 'adamw'.

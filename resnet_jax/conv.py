@@ -9,8 +9,8 @@ dimension labels (``f01b_i01o->01bf``: the batch is the contracted feature, the
 output gradient the 32x32 "kernel"). XLA's CPU backend rewrites such a
 convolution into the canonical NHWC/HWIO form (transposes around it) and runs
 it with a library kernel — except inside a ``while`` loop (``lax.scan``), where
-it is left as is and emitted as a naive element-by-element loop: 30-45x slower
-(BENCHMARKS.md). Here both gradients are stated in the canonical form from the
+it is left as is and emitted as a naive element-by-element loop, many times
+slower (BENCHMARKS.md). Here both gradients are stated in the canonical form from the
 start, with the transposes explicit, so the same fast kernels run with or
 without a loop around the step:
 
@@ -23,7 +23,7 @@ without a loop around the step:
 Two shapes get faster forms still (measured in BENCHMARKS.md): the weight
 gradient of 3x3 kernels as im2col patches times the output gradient, one matrix
 product per cache-sized batch chunk (XLA's convolution kernel for it scales
-badly with the batch: 1.7-1.9x faster steps at batch 500), and the input
+badly with the batch, most at large batches), and the input
 gradient of 3x3 stride-2 convolutions as four small stride-1 convolutions, one
 per output phase, instead of one over a gradient dilated with zeros.
 """

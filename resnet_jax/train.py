@@ -193,7 +193,7 @@ def cached_model(
     lowered = jax.jit(lambda rng: model.init(rng, x, train=False)).lower(jax.random.PRNGKey(0))
     try:
         # Init runs once: skipping XLA's backend optimisations cuts its CPU
-        # compile from ~6 s to ~1 s for the paper model.
+        # compile several-fold (BENCHMARKS.md) at no cost that matters.
         init = lowered.compile(compiler_options={'xla_backend_optimization_level': 0})
     except Exception:  # pylint: disable=broad-except  # Option unknown to a backend.
         init = lowered.compile()
@@ -232,10 +232,6 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def _global_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
-
-
 def _train_step(
     state: TrainState, batch: Mapping[str, jax.Array], lr_scale: jax.Array | None = None
 ) -> tuple[TrainState, TrainMetrics]:
@@ -264,7 +260,7 @@ def _train_step(
         updates = jax.tree_util.tree_map(lambda u: u * lr_scale, updates)
     params = optax.apply_updates(state.params, updates)
     metrics = TrainMetrics.single_from_model_output(
-        loss=losses, logits=logits, labels=batch['label'], grad_norm=_global_norm(grads)
+        loss=losses, logits=logits, labels=batch['label'], grad_norm=optax.global_norm(grads)
     )
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
@@ -525,7 +521,7 @@ def train_epoch(
         crossed = check_every and done // check_every != i // check_every
         if crossed and not _metrics_finite(total):
             return state, total, done
-        if stop is not None and stop.signum is not None:
+        if stop is not None and stop.agreed() is not None:
             return state, total, done
     return state, total, len(sizes)
 
@@ -880,14 +876,9 @@ RUN_OUTPUTS = (
 )
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[prefix + key] = value
-    return flat
+def _flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``{'data': {'path': p}}`` -> ``{'data.path': p}``."""
+    return flax.traverse_util.flatten_dict(dict(tree), sep='.')
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -991,6 +982,27 @@ class StopSignals:
             '%s received: saving a checkpoint, then stopping (again: stop at once)',
             signal.Signals(signum).name,
         )
+
+    def agreed(self) -> int | None:
+        """The signal to stop on, as every process of the run sees it.
+
+        A signal reaches the processes of a multi-process run at different
+        moments. Every process asks here at the same points (call boundaries,
+        around evaluation); all stop if any was signalled, so they enter the
+        collective checkpoint save at the same step instead of hanging in it.
+        One all-gather of a scalar per call; no cost with one process.
+        """
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+            if self.signum is None and int(np.max(signums)):
+                self.signum = int(np.max(signums))
+                logger.warning(
+                    'another process received %s: saving a checkpoint, then stopping',
+                    signal.Signals(self.signum).name,
+                )
+        return self.signum
 
     def __enter__(self) -> 'StopSignals':
         if threading.current_thread() is threading.main_thread():
@@ -1174,9 +1186,9 @@ def _train_and_evaluate(
                     raise _NonFinite(
                         f'non-finite loss or gradients in epoch {epoch} (by step {done})'
                     )
-                if stop.signum is None:  # Training stopped early only on a signal.
+                if stop.agreed() is None:  # Training stopped early only on a signal.
                     test_result = evaluate(state, test, eval_bs, prep, batch_sharding)
-                if stop.signum is not None:  # Also when it came during evaluation.
+                if stop.agreed() is not None:  # Also when it came during evaluation.
                     checkpoint(epoch - 1, done, total, train_seconds)
                     raise Interrupted(
                         stop.signum,

@@ -479,15 +479,15 @@ def _run_lanes(lanes: list[_Lane], shared: _Shared) -> None:
                 check(total, epoch, done)
                 if not any(lane.active for lane in lanes):
                     return
-            if stop.signum is not None:
+            if stop.agreed() is not None:
                 break
         check(total, epoch, done)  # Waits for the epoch's last step.
         train_seconds = (seconds_before if first else 0.0) + time.time() - t0
-        if stop.signum is None and any(lane.active for lane in lanes):
+        if stop.agreed() is None and any(lane.active for lane in lanes):
             tests = evaluate_lanes(
                 states, shared.test, shared.eval_bs, shared.prep, shared.batch_sharding
             )
-        if stop.signum is not None:
+        if stop.agreed() is not None:
             for r, lane in enumerate(lanes):
                 if lane.active:
                     _save(

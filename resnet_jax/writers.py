@@ -4,9 +4,9 @@
     logger.write(record)      # one dict per epoch, see train.METRIC_KEYS
     logger.close()
 
-TensorBoard files are written by ``clu.metric_writers`` when TensorFlow is
-installed and by ``tensorboardX`` (no TensorFlow needed) otherwise; both produce
-standard event files that ``tensorboard --logdir`` reads.
+TensorBoard event files are written by ``tensorboardX`` (no TensorFlow needed,
+whether or not it is installed): standard files that ``tensorboard --logdir``
+reads, with the run's hyperparameters under ``hparams/`` for the HParams tab.
 """
 
 from __future__ import annotations
@@ -22,18 +22,13 @@ from resnet_jax.workdir import METRICS_FILE, dumps, write_atomic
 logger = logging.getLogger('resnet_jax')
 
 
-def _tensorboard_writer(logdir: str) -> Any:
-    """A writer with ``write_scalars(step, scalars)``, ``flush()``, ``close()``."""
-    try:
-        from clu import metric_writers  # pylint: disable=g-import-not-at-top
+class TensorboardWriter:
+    """TensorBoard event files through tensorboardX (no TensorFlow needed).
 
-        return metric_writers.SummaryWriter(logdir)
-    except ImportError:  # clu.metric_writers imports TensorFlow.
-        return _TensorboardXWriter(logdir)
-
-
-class _TensorboardXWriter:
-    """The part of clu's MetricWriter interface we use, over tensorboardX."""
+    One writer whatever is installed: scalars per epoch in ``logdir``, the
+    run's hyperparameters and final metrics in ``logdir/hparams`` (the layout
+    of TensorBoard's HParams tab).
+    """
 
     def __init__(self, logdir: str):
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -45,7 +40,6 @@ class _TensorboardXWriter:
             self._writer.add_scalar(key, value, global_step=step)
 
     def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        # Written into ``logdir/hparams`` (tensorboardX's layout for the HParams tab).
         self._writer.add_hparams(dict(hparams), dict(metrics), name='hparams')
 
     def flush(self) -> None:
@@ -111,7 +105,7 @@ class MetricLogger:
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
-            self._tb = _tensorboard_writer(workdir)
+            self._tb = TensorboardWriter(workdir)
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._enabled:
@@ -124,12 +118,8 @@ class MetricLogger:
 
     def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """A run's hyperparameters and final metrics for TensorBoard's HParams tab."""
-        if not self._enabled:
-            return
-        if isinstance(self._tb, _TensorboardXWriter):
+        if self._enabled:
             self._tb.write_hparams(hparams, metrics)
-        else:  # clu's writer: hparams only, the metrics are the run's scalars.
-            self._tb.write_hparams(dict(hparams))
 
     def close(self) -> None:
         if self._enabled:

@@ -3,11 +3,14 @@ with two devices, and resume in that setting."""
 
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 
 from resnet_jax import writers
-from tests.conftest import start_cli
+from tests.conftest import REPO, start_cli
 
 KEYS = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy')
 
@@ -83,3 +86,61 @@ def test_two_processes_match_two_devices_and_resume(cifar_py, tmp_path):
     assert 'resuming after epoch 1' in outs[0][0]
     np.testing.assert_allclose(_metrics(tmp_path / 'multi'), single_metrics, rtol=1e-4, atol=1e-5)
     assert sorted(os.listdir(tmp_path / 'multi' / 'checkpoints')) == ['4', '8']
+
+
+# A process of a two-process run that sends itself SIGTERM at its 6th step
+# (epoch 2, step 2) when its process id is 1; the other one gets no signal.
+SIGNALLED = textwrap.dedent("""
+    import os, signal, sys
+    from resnet_jax import main, train
+    if '--config.distributed.process_id=1' in sys.argv:
+        real, calls = train.train_step, [0]
+        def step(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+        train.train_step = step
+    sys.exit(main.main(['main', *sys.argv[1:]]))
+""")
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(cifar_py, tmp_path):
+    port = _free_port()
+    args = [*_args(cifar_py.path, tmp_path, 2), '--config.steps_per_call=1']
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                '-c',
+                SIGNALLED,
+                *args,
+                '--config.distributed.enabled=True',
+                f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+                '--config.distributed.num_processes=2',
+                f'--config.distributed.process_id={i}',
+            ],
+            cwd=REPO,
+            env=dict(os.environ, JAX_PLATFORMS='cpu'),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:  # Without agreement they would save at different steps and hang.
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 143, err[-3000:]
+        assert 'interrupted: stopped in epoch 2 after 2/4 steps' in err
+    assert 'another process received SIGTERM' in outs[0][1] + outs[0][0]
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4', '6']
+
+    _two_processes(args)  # Resumes at the saved batch and finishes.
+    reference = tmp_path.parent / (tmp_path.name + '-single')
+    single = _launch(_args(cifar_py.path, reference, 2), devices=2)
+    assert single.communicate(timeout=600) and single.returncode == 0
+    np.testing.assert_allclose(_metrics(tmp_path), _metrics(reference), rtol=1e-4, atol=1e-5)
