@@ -40,7 +40,8 @@ flags.DEFINE_enum(
     ['train', 'eval', 'report'],
     'train: train the config (a sweep if it has a sweep section), resuming what '
     'exists; eval: evaluate the latest checkpoint of --workdir on the test set; '
-    'report: (re)write the report of the sweep in --workdir, without training.',
+    'report: (re)write the report of the sweep in --workdir (or the curves of the '
+    'run in --workdir), without training.',
 )
 flags.DEFINE_bool(
     'overwrite',
@@ -256,13 +257,23 @@ def _evaluate(config, workdir: str) -> int:
     return 0
 
 
-def _report(sweep_dir: str) -> int:
-    from resnet_jax import sweep
+def _report(workdir: str) -> int:
+    """The sweep's report, or the curves of a single run's workdir."""
+    from resnet_jax import report, sweep
 
-    if not os.path.exists(os.path.join(sweep_dir, sweep.MANIFEST_FILE)):
-        return _fail(f'{sweep_dir} holds no sweep ({sweep.MANIFEST_FILE} not found)')
     _setup_logging()
-    for kind, path in sweep.write_report(sweep_dir).items():
+    if os.path.exists(os.path.join(workdir, sweep.MANIFEST_FILE)):
+        written = sweep.write_report(workdir)
+    elif os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        try:
+            written = report.write_run_report(workdir)
+        except FileNotFoundError as e:
+            return _fail(e)
+    else:
+        return _fail(
+            f'{workdir} holds neither a sweep ({sweep.MANIFEST_FILE}) nor a run ({CONFIG_FILE})'
+        )
+    for kind, path in written.items():
         print(f'{kind}: {path}')
     return 0
 

@@ -63,6 +63,7 @@ from typing import Any
 from resnet_jax.workdir import (
     CONFIG_FILE,
     MANIFEST_FILE,
+    METRICS_FILE,
     SUMMARY_FILE,
     read_json_object,
     write_atomic,
@@ -1564,6 +1565,21 @@ def _remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def write_run_report(run_dir: str) -> dict[str, str]:
+    """Writes ``curves.png`` of one run's workdir (not a sweep); returns ``{kind: path}``.
+
+    The curves of a single run: test and train accuracy and loss per epoch,
+    as far as its ``metrics.jsonl`` goes (a run in progress too).
+    """
+    result = load_run(run_dir, os.path.basename(os.path.abspath(run_dir)), {})
+    if not result.epochs:
+        raise FileNotFoundError(f'{run_dir} has no epoch records ({METRICS_FILE}) yet')
+    path = os.path.join(run_dir, CURVES_PNG)
+    title = f'{result.name}: {result.epochs_completed} of {result.num_epochs} epochs'
+    write_atomic(path, render_curves([result], title=title))
+    return {'curves': path}
 
 
 def write_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str, str]:

@@ -47,6 +47,11 @@ def test_smoke_config_trains_and_evaluates(tmp_path, cifar_py):
     expected = f'test accuracy {100 * summary["test_accuracy"]:.2f}%'
     assert expected in proc.stdout
 
+    proc = run_cli(['--workdir', str(workdir), '--mode=report'])  # A run's curves.
+    assert proc.returncode == 0, proc.stderr
+    assert f'curves: {workdir}/curves.png' in proc.stdout
+    assert (workdir / 'curves.png').read_bytes().startswith(b'\x89PNG')
+
 
 @pytest.mark.parametrize(
     'override,fragment',
@@ -92,7 +97,9 @@ def test_missing_flags_and_eval_without_checkpoint(tmp_path):
     _assert_usage_error(run_cli(['--config', 'configs/no_such.py', '--workdir', str(tmp_path)]))
     proc = run_cli(['--config', 'configs/smoke.py', '--workdir', str(tmp_path), '--mode=eval'])
     _assert_usage_error(proc)
-    _assert_usage_error(run_cli(['--workdir', str(tmp_path), '--mode=report']), 'holds no sweep')
+    _assert_usage_error(
+        run_cli(['--workdir', str(tmp_path), '--mode=report']), 'holds neither a sweep'
+    )
 
 
 class _Exploit:
