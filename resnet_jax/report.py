@@ -439,42 +439,15 @@ def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
 def t_quantile(df: int, probability: float = 0.975) -> float:
     """The ``probability`` quantile (>= 0.5) of Student's t with ``df`` degrees of freedom.
 
-    Bisects the closed-form distribution function for integer ``df``
-    (Abramowitz & Stegun 26.7.3-4): 12.706 for df 1, 4.303 for df 2, 2.262 for
-    df 9, tending to the normal 1.960.
+    12.706 for df 1, 4.303 for df 2, 2.262 for df 9, tending to the normal 1.960.
     """
     if not isinstance(df, int) or df < 1 or not 0.5 <= probability < 1:
         raise ValueError(
             f't_quantile needs an integer df >= 1 and 0.5 <= p < 1, got {df}, {probability}'
         )
-    central = 2.0 * probability - 1.0  # P(|T| <= t).
-    low, high = 0.0, 1.0
-    while _t_central_probability(high, df) < central:
-        low, high = high, 2.0 * high
-    while low < (mid := 0.5 * (low + high)) < high:
-        if _t_central_probability(mid, df) < central:
-            low = mid
-        else:
-            high = mid
-    return high
+    from scipy import stats  # pylint: disable=g-import-not-at-top  # (A JAX dependency.)
 
-
-def _t_central_probability(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer ``df`` (A&S 26.7.3-4)."""
-    theta = math.atan(t / math.sqrt(df))
-    cos2 = math.cos(theta) ** 2
-    if df % 2 == 0:  # sin θ (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(df-2)θ)
-        term, total = 1.0, 1.0
-        for j in range(1, df // 2):
-            term *= cos2 * (2 * j - 1) / (2 * j)
-            total += term
-        return math.sin(theta) * total
-    # 2/π (θ + sin θ (cos θ + 2/3 cos³θ + ... up to cos^(df-2)θ)); 2θ/π for df 1.
-    term, total = math.cos(theta), 0.0
-    for j in range(1, (df - 1) // 2 + 1):
-        total += term
-        term *= cos2 * (2 * j) / (2 * j + 1)
-    return 2.0 / math.pi * (theta + math.sin(theta) * total)
+    return float(stats.t.ppf(probability, df))
 
 
 @dataclasses.dataclass(frozen=True)
