@@ -260,7 +260,10 @@ def _train_step(
         updates = jax.tree_util.tree_map(lambda u: u * lr_scale, updates)
     params = optax.apply_updates(state.params, updates)
     metrics = TrainMetrics.single_from_model_output(
-        loss=losses, logits=logits, labels=batch['label'], grad_norm=optax.global_norm(grads)
+        loss=losses,
+        logits=logits,
+        labels=batch['label'],
+        grad_norm=optax.tree_utils.tree_norm(grads),
     )
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
