@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -735,7 +736,14 @@ def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
 
 
 def quiet_orbax_noise() -> None:
-    """Installs :func:`_quiet_unraisable` (once; other unraisables still print)."""
+    """Installs :func:`_quiet_unraisable` (once; other unraisables still print).
+
+    A failed read also abandons orbax coroutines; Python reports each as a
+    ``RuntimeWarning`` when it is collected, so those warnings are ignored too.
+    """
+    warnings.filterwarnings(
+        'ignore', message=r'coroutine .* was never awaited', category=RuntimeWarning
+    )
     if not getattr(sys.unraisablehook, 'quiet_orbax', False):
         sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
