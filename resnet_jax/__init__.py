@@ -4,9 +4,11 @@
     model = resnet_jax.create_model('paper')            # the study's network
     model, variables, config = resnet_jax.restore('runs/default')
 
-Modules: ``models`` (the networks), ``input_pipeline`` (datasets on disk),
-``augment`` (on-device augmentation), ``train`` (state, steps, loop,
-checkpoints), ``main`` (the command line).
+Modules: ``models`` (the networks), ``datasets`` (CIFAR-10 from disk),
+``augment`` (on-device batching and augmentation), ``train`` (state, optimiser,
+steps, metrics), ``loop`` (the training loop over one or more runs),
+``checkpoints``, ``workdir`` (a run's files), ``sweep`` and ``report``, ``main``
+(the command line).
 """
 
 import importlib
@@ -18,8 +20,8 @@ _EXPORTS = {
     'create_train_state': 'resnet_jax.train',
     'train_step': 'resnet_jax.train',
     'eval_step': 'resnet_jax.train',
-    'train_and_evaluate': 'resnet_jax.train',
-    'restore': 'resnet_jax.train',
+    'train_and_evaluate': 'resnet_jax.loop',
+    'restore': 'resnet_jax.checkpoints',
 }
 
 

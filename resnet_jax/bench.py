@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import input_pipeline, models, train, validation, vectorize, workdir
+from resnet_jax import datasets, models, train, validation, vectorize, workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REFERENCE = os.path.join(REPO, 'benchmarks', 'torch_reference.py')
@@ -344,7 +344,7 @@ def _load_data(path: str, config: ml_collections.ConfigDict) -> tuple[np.ndarray
     data_config = ml_collections.ConfigDict(config.data.to_dict())
     data_config.path = path
     data_config.image_size = config.image_size
-    data = input_pipeline.load_dataset(data_config, config.seed)
+    data = datasets.load_dataset(data_config, config.seed)
     return data.train_images, data.train_labels.astype(np.int32)
 
 
@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         base = load_config(args.config)
         images, labels = _load_data(args.data, base)
-    except (validation.ConfigError, input_pipeline.DataError, OSError) as e:
+    except (validation.ConfigError, datasets.DataError, OSError) as e:
         sys.stderr.write(f'error: {e}\n')
         return 2
     info = machine()

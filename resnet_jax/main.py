@@ -195,10 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
 
     # Imported after flag parsing so that `--help` and usage errors are instant.
-    from resnet_jax import distributed, input_pipeline, sweep, train, validation
+    from resnet_jax import checkpoints, datasets, distributed, loop, sweep, validation
     from resnet_jax import workdir as workdir_lib
 
-    train.quiet_orbax_noise()
+    checkpoints.quiet_orbax_noise()
     try:
         validation.validate_distributed(config)  # Read before anything else.
         distributed.initialize(config.distributed)
@@ -213,21 +213,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f'run {name}: {status}', file=sys.stderr)
             return EXIT_RUNS_FAILED if bad else 0
         run_dir = _new_workdir(workdir) if FLAGS.new_run else workdir
-        _, summary = train.train_and_evaluate(config, run_dir, overwrite=FLAGS.overwrite)
+        _, summary = loop.train_and_evaluate(config, run_dir, overwrite=FLAGS.overwrite)
         if summary['status'] == 'diverged':
             print(f'error: run diverged: {summary["error"]}', file=sys.stderr)
             return EXIT_DIVERGED
     except (
         validation.ConfigError,
-        input_pipeline.DataError,
+        datasets.DataError,
         workdir_lib.WorkdirBusy,
-        train.CheckpointError,
+        checkpoints.CheckpointError,
         FileNotFoundError,
     ) as e:
         return _fail(e)
     except OSError as e:  # Disk full, permissions, ...: the saved state is intact.
         return _fail(f'{e.strerror or e}: {e.filename or ""}'.rstrip(': '))
-    except train.Interrupted as e:
+    except loop.Interrupted as e:
         print(f'interrupted: {e}', file=sys.stderr)
         return EXIT_TERMINATED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
     except KeyboardInterrupt:
@@ -248,9 +248,9 @@ def _new_workdir(path: str) -> str:
 
 
 def _evaluate(config, workdir: str) -> int:
-    from resnet_jax import train
+    from resnet_jax import loop
 
-    result = train.evaluate_workdir(workdir, config.data.path or None)
+    result = loop.evaluate_workdir(workdir, config.data.path or None)
     print(
         f'test accuracy {100 * result["accuracy"]:.2f}% (loss {result["loss"]:.4f}) from {workdir}'
     )

@@ -53,6 +53,7 @@ import dataclasses
 import functools
 import importlib.resources
 import io
+import itertools
 import json
 import math
 import os
@@ -60,6 +61,8 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from resnet_jax import writers
+from resnet_jax.validation import get_field, set_field
 from resnet_jax.workdir import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -68,7 +71,6 @@ from resnet_jax.workdir import (
     read_json_object,
     write_atomic,
 )
-from resnet_jax.writers import read_metrics
 
 RESULTS_CSV = 'results.csv'
 RESULTS_MD = 'results.md'
@@ -89,57 +91,27 @@ PAPER_SOURCE = (
 
 # results.csv: 'epochs', the axis columns, then these.
 RESULT_COLUMNS = (
-    'train_accuracy',
-    'test_accuracy',
-    'best_test_accuracy',
-    'best_epoch',
-    'wall_seconds',
-    'images_per_second',
-    'status',
-    'best',
-    'error',
+    *('train_accuracy', 'test_accuracy', 'best_test_accuracy', 'best_epoch', 'wall_seconds'),
+    *('images_per_second', 'status', 'best', 'error'),
 )
 COMPARISON_COLUMNS = (
-    'batch_size',
-    'learning_rate',
-    'shuffle',
-    'epochs',
-    'paper_epochs',
-    'train_accuracy',
-    'paper_train_accuracy',
-    'train_difference',
-    'test_accuracy',
-    'paper_test_accuracy',
-    'test_difference',
-    'status',
-    'note',
-    'name',
+    *(*STUDY_AXES, 'epochs', 'paper_epochs'),
+    *('train_accuracy', 'paper_train_accuracy', 'train_difference'),
+    *('test_accuracy', 'paper_test_accuracy', 'test_difference'),
+    *('status', 'note', 'name'),
 )
 # comparison.csv of a sweep over seeds: one row per cell, ours the mean over its seeds.
 CELL_COMPARISON_COLUMNS = (*COMPARISON_COLUMNS[:-3], 'n', 'test_sd', *COMPARISON_COLUMNS[-3:])
+# An estimate's csv columns: the mean, the sample sd and the 95% interval.
+_STATS = ('mean', 'sd', 'ci95_low', 'ci95_high')
 # cells.csv: the axes but the seed, then these.
 CELL_COLUMNS = (
-    'n',
-    'excluded',
-    'unfinished',
-    'seeds',
-    *(
-        f'{field}_{stat}'
-        for field in ('test_accuracy', 'train_accuracy')
-        for stat in ('mean', 'sd', 'ci95_low', 'ci95_high')
-    ),
+    *('n', 'excluded', 'unfinished', 'seeds'),
+    *(f'{field}_{stat}' for field in ('test_accuracy', 'train_accuracy') for stat in _STATS),
 )
 # paired.csv: 'axis', 'first', 'second', 'scope' ('cell' or 'all'), the axes but
 # the seed (the compared one left empty), then these; differences first - second.
-PAIRED_COLUMNS = (
-    'pairs',
-    'unpaired',
-    'mean_difference',
-    'sd',
-    'ci95_low',
-    'ci95_high',
-    'excludes_zero',
-)
+PAIRED_COLUMNS = ('pairs', 'unpaired', 'mean_difference', *_STATS[1:], 'excludes_zero')
 MISSING = '—'  # Markdown cell of a value that does not exist (yet).
 
 
@@ -156,11 +128,10 @@ class RunResult:
       config: the run's full config (its summary's or ``config.json``, else the
         manifest's base config with the overrides applied).
       num_epochs: the configured number of epochs.
-      epochs_completed: the last epoch with results (0 if none).
-      train_accuracy, test_accuracy: after the last completed epoch.
-      best_test_accuracy, best_epoch: the best test accuracy over epochs.
-      wall_seconds: the run's wall time (the sum of epoch times while there is
-        no summary).
+      epochs_completed, train_accuracy, test_accuracy, best_test_accuracy,
+        best_epoch, wall_seconds: the run's ``summary.json`` numbers, or while
+        it has none (or an outdated one) :func:`resnet_jax.writers.summarize`
+        of its records.
       images_per_second: the median training throughput over epochs, without
         epoch 1 (which includes compilation) when there are 2 or more.
       error: why a failed or diverged run stopped.
@@ -228,30 +199,21 @@ def load_run(
     base_config: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Reads one run folder (which may not exist yet) into a ``RunResult``."""
-    records = read_metrics(run_dir)
+    records = writers.read_metrics(run_dir)
     summary = read_json_object(os.path.join(run_dir, SUMMARY_FILE))
     last_epoch = int(records[-1]['epoch']) if records else 0
     if summary is not None and int(summary.get('epochs_completed') or 0) < last_epoch:
-        summary = _without_stale_numbers(summary)
+        # A summary older than the records: the run was resumed and is running again
+        # ('incomplete'), unless it has since failed or diverged (the sweep then updates the
+        # old summary's status and error): those hold, the numbers come from the records.
+        kept = {k: summary[k] for k in ('status', 'error', 'config') if k in summary}
+        summary = kept if summary.get('status') in ('failed', 'diverged') else None
     config = (
         (summary or {}).get('config')
         or read_json_object(os.path.join(run_dir, CONFIG_FILE))
         or apply_overrides(base_config or {}, overrides)
     )
     return derive_result(name, dict(overrides), records, summary, config)
-
-
-def _without_stale_numbers(summary: Mapping[str, Any]) -> dict[str, Any] | None:
-    """What still holds of a summary older than the run's last epoch record.
-
-    A run resumed after its summary was written is running again (None: it is
-    'incomplete'), unless it has since failed or diverged: the sweep records
-    that by updating the old summary's status and error, so those are kept and
-    the numbers come from the epoch records.
-    """
-    if summary.get('status') not in ('failed', 'diverged'):
-        return None
-    return {k: summary[k] for k in ('status', 'error', 'config') if k in summary}
 
 
 def derive_result(
@@ -261,22 +223,16 @@ def derive_result(
     summary: Mapping[str, Any] | None,
     config: Mapping[str, Any],
 ) -> RunResult:
-    """A ``RunResult`` from a run's epoch records, summary (or None) and config."""
+    """A ``RunResult`` from a run's epoch records, summary (or None) and config.
+
+    Each number is the summary's, else what ``writers.summarize`` (which the
+    training loop writes the summary with) makes of the records.
+    """
     s = summary or {}
+    numbers = writers.summarize(records) if records else {}
+    numbers.update((k, v) for k, v in s.items() if v is not None)
     num_epochs = config.get('num_epochs')
-    epochs_completed = s.get('epochs_completed')
-    if epochs_completed is None:
-        epochs_completed = int(records[-1]['epoch']) if records else 0
-    last = records[-1] if records else {}
-    best = _best_record(records)
-    train_acc = _first_not_none(s.get('train_accuracy'), last.get('train_accuracy'))
-    test_acc = _first_not_none(s.get('test_accuracy'), last.get('test_accuracy'))
-    best_acc = _first_not_none(s.get('best_test_accuracy'), best.get('test_accuracy'))
-    best_epoch = _first_not_none(s.get('best_epoch'), best.get('epoch'))
-    wall = s.get('wall_seconds')
-    if wall is None and records:
-        wall = sum(float(r.get('epoch_seconds') or 0.0) for r in records)
-    data = s.get('data') or dict(config.get('data') or {})
+    best_epoch = numbers.get('best_epoch')
     return RunResult(
         name=name,
         overrides=overrides,
@@ -284,15 +240,15 @@ def derive_result(
         epochs=records,
         config=dict(config),
         num_epochs=None if num_epochs is None else int(num_epochs),
-        epochs_completed=int(epochs_completed),
-        train_accuracy=_percent(train_acc),
-        test_accuracy=_percent(test_acc),
-        best_test_accuracy=_percent(best_acc),
+        epochs_completed=int(numbers.get('epochs_completed', 0)),
+        train_accuracy=_percent(numbers.get('train_accuracy')),
+        test_accuracy=_percent(numbers.get('test_accuracy')),
+        best_test_accuracy=_percent(numbers.get('best_test_accuracy')),
         best_epoch=None if best_epoch is None else int(best_epoch),
-        wall_seconds=_finite(wall),
+        wall_seconds=_finite(numbers.get('wall_seconds')),
         images_per_second=median_images_per_second(records),
         error=s.get('error') or None,
-        data=data,
+        data=s.get('data') or dict(config.get('data') or {}),
     )
 
 
@@ -314,8 +270,7 @@ def median_images_per_second(records: Sequence[Mapping[str, Any]]) -> float | No
     """Median throughput over epochs, without epoch 1 (compilation) if others exist."""
     if len(records) >= 2:
         records = [r for r in records if r.get('epoch') != 1]
-    values = [_finite(r.get('images_per_second')) for r in records]
-    values = [v for v in values if v is not None]
+    values = [v for v in (_finite(r.get('images_per_second')) for r in records) if v is not None]
     return statistics.median(values) if values else None
 
 
@@ -323,31 +278,8 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     """A deep copy of ``config`` with dotted ``overrides`` ('data.path': ...) set."""
     out = copy.deepcopy(dict(config))
     for key, value in overrides.items():
-        node = out
-        *parents, leaf = key.split('.')
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        set_field(out, key, value, create=True)
     return out
-
-
-def config_value(config: Mapping[str, Any], key: str) -> Any:
-    """The value of a dotted ``key`` in a nested config dict (None if absent)."""
-    node: Any = config
-    for part in key.split('.'):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _best_record(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    scored = [r for r in records if _finite(r.get('test_accuracy')) is not None]
-    return max(scored, key=lambda r: r['test_accuracy']) if scored else {}
-
-
-def _first_not_none(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
 
 
 def _finite(x: Any) -> float | None:
@@ -383,11 +315,8 @@ def load_paper_results(path: str | None = None) -> list[dict[str, Any]]:
 
 
 def read_results_csv(path: str) -> list[dict[str, Any]]:
-    """The rows of a ``results.csv`` (or ``comparison.csv``) as dicts.
-
-    Integers and floats come back as numbers, 'True'/'False' as bools, empty
-    cells as None, everything else as strings.
-    """
+    """The rows of a ``results.csv`` (or another csv of the report) as dicts of
+    :func:`parse_cell` values."""
     with open(path, newline='') as f:
         return _parse_rows(f.read())
 
@@ -501,6 +430,12 @@ def format_interval(e: Estimate, signed: bool = False) -> str:
     return f'[{e.low:{spec}}, {e.high:{spec}}]'
 
 
+def _estimate_cells(e: Estimate, columns: Sequence[str] = _STATS) -> dict[str, str]:
+    """The csv cells (3 decimals) of an estimate's mean, sd and interval."""
+    values = (e.mean, e.sd, e.low, e.high)
+    return {c: format_cell(v, 3) for c, v in zip(columns, values, strict=True)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """The runs of a sweep that differ only in their seed.
@@ -531,6 +466,10 @@ class Cell:
     def estimate(self, field: str = 'test_accuracy') -> Estimate:
         """``field`` of the completed runs ('test_accuracy', 'train_accuracy')."""
         return estimate(getattr(r, field) for r in self.used if getattr(r, field) is not None)
+
+    def seeds(self, seed_axis: str = SEED_AXIS) -> str:
+        """The seeds of the completed runs, separated by spaces."""
+        return ' '.join(format_cell(r.overrides.get(seed_axis)) for r in self.used)
 
 
 def _key(overrides: Mapping[str, Any], leave_out: Iterable[str]) -> tuple[tuple[str, str], ...]:
@@ -594,44 +533,38 @@ def paired_differences(
     other axis; only completed runs count.
     """
     first, second = levels
-    by_cell: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+    cells: dict[Any, tuple[dict[str, Any], dict[Any, dict[str, float]]]] = {}
     for r in results:
         if axis not in r.overrides:
             continue
-        cell = by_cell.setdefault(
-            _key(r.overrides, [axis, seed_axis]),
-            {'values': {k: v for k, v in r.overrides.items() if k not in (axis, seed_axis)}},
-        )
-        seeds = cell.setdefault('seeds', {})
+        values = {k: v for k, v in r.overrides.items() if k not in (axis, seed_axis)}
+        _, seeds = cells.setdefault(_key(r.overrides, [axis, seed_axis]), (values, {}))
         level = seeds.setdefault(_key(r.overrides, [axis]), {})
-        completed = r.status == 'completed' and r.test_accuracy is not None
-        for name, value in (('first', first), ('second', second)):
-            if _same_value(r.overrides[axis], value) and completed:
-                level[name] = r.test_accuracy
+        if r.status == 'completed' and r.test_accuracy is not None:
+            for name, value in (('first', first), ('second', second)):
+                if _same_value(r.overrides[axis], value):
+                    level[name] = r.test_accuracy
     out = []
-    for cell in by_cell.values():
-        pairs = [s for s in cell['seeds'].values() if 'first' in s and 'second' in s]
-        out.append(
-            Paired(
-                axis,
-                (first, second),
-                cell['values'],
-                tuple(s['first'] - s['second'] for s in pairs),
-                unpaired=len(cell['seeds']) - len(pairs),
-            )
-        )
+    for values, seeds in cells.values():
+        pairs = [s for s in seeds.values() if 'first' in s and 'second' in s]
+        differences = tuple(s['first'] - s['second'] for s in pairs)
+        out.append(Paired(axis, (first, second), values, differences, len(seeds) - len(pairs)))
     return out
 
 
 def pooled(axis: str, levels: Sequence[Any], cells: Sequence[Paired]) -> Paired:
     """The differences of all ``cells`` (of ``axis``) as one sample."""
-    return Paired(
-        axis,
-        (levels[0], levels[1]),
-        {},
-        tuple(d for c in cells for d in c.differences),
-        unpaired=sum(c.unpaired for c in cells),
-    )
+    differences = tuple(d for c in cells for d in c.differences)
+    return Paired(axis, (levels[0], levels[1]), {}, differences, sum(c.unpaired for c in cells))
+
+
+def all_paired(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any]]) -> list[Paired]:
+    """For each two-valued axis: its paired differences per cell, then pooled."""
+    out: list[Paired] = []
+    for axis in two_level_axes(axes):
+        cells = paired_differences(results, axis, axes[axis])
+        out += [*cells, pooled(axis, axes[axis], cells)]
+    return out
 
 
 def noise_verdict(e: Estimate) -> str:
@@ -673,7 +606,7 @@ def result_rows(results: Sequence[RunResult], axes: Sequence[str]) -> list[dict[
     return [
         {
             'epochs': format_cell(r.epochs_completed),
-            **{a: format_cell(config_value(r.config, a)) for a in axes},
+            **{a: format_cell(get_field(r.config, a, None)) for a in axes},
             'train_accuracy': format_cell(r.train_accuracy, 2),
             'test_accuracy': format_cell(r.test_accuracy, 2),
             'best_test_accuracy': format_cell(r.best_test_accuracy, 2),
@@ -688,13 +621,40 @@ def result_rows(results: Sequence[RunResult], axes: Sequence[str]) -> list[dict[
     ]
 
 
-def _paper_key(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    return row.get('batch_size'), row.get('learning_rate'), row.get('shuffle')
+def cell_rows(cells: Sequence[Cell], axes: Sequence[str]) -> list[dict[str, str]]:
+    """The formatted rows of ``cells.csv``: statistics over each cell's seeds."""
+    rows = []
+    for cell in cells:
+        row = {a: format_cell(cell.values.get(a)) for a in axes}
+        row |= {'n': format_cell(len(cell.used)), 'excluded': format_cell(cell.excluded)}
+        row |= {'unfinished': format_cell(cell.unfinished), 'seeds': cell.seeds()}
+        for field in ('test_accuracy', 'train_accuracy'):
+            row |= _estimate_cells(cell.estimate(field), [f'{field}_{s}' for s in _STATS])
+        rows.append(row)
+    return rows
+
+
+def paired_rows(comparisons: Sequence[Paired], axes: Sequence[str]) -> list[dict[str, str]]:
+    """The formatted rows of ``paired.csv``; ``{}`` values make a 'scope=all' row."""
+    return [
+        {
+            'axis': p.axis,
+            'first': format_cell(p.levels[0]),
+            'second': format_cell(p.levels[1]),
+            'scope': 'cell' if p.values else 'all',
+            **{a: format_cell(p.values.get(a)) for a in axes},
+            'pairs': format_cell(p.estimate.n),
+            'unpaired': format_cell(p.unpaired),
+            **_estimate_cells(p.estimate, PAIRED_COLUMNS[2:6]),
+            'excludes_zero': format_cell(p.estimate.excludes_zero),
+        }
+        for p in comparisons
+    ]
 
 
 def _same_study_row(config: Mapping[str, Any], paper_row: Mapping[str, Any]) -> bool:
     bs, lr, shuffle = (config.get(k) for k in STUDY_AXES)
-    pbs, plr, pshuffle = _paper_key(paper_row)
+    pbs, plr, pshuffle = (paper_row.get(k) for k in STUDY_AXES)
     if bs is None or lr is None or shuffle is None:
         return False
     return (
@@ -702,6 +662,35 @@ def _same_study_row(config: Mapping[str, Any], paper_row: Mapping[str, Any]) -> 
         and math.isclose(float(lr), float(plr), rel_tol=1e-9)
         and bool(shuffle) == bool(pshuffle)
     )
+
+
+def _ours(unit: RunResult | Cell) -> dict[str, Any]:
+    """Our side of a comparison row: a run's final accuracies, or a cell's means."""
+    if isinstance(unit, RunResult):
+        return {
+            'epochs': unit.epochs_completed if unit.status != 'pending' else None,
+            'train_accuracy': _round2(unit.train_accuracy),
+            'test_accuracy': _round2(unit.test_accuracy),
+            'status': unit.status,
+            'note': [] if unit.status == 'completed' else [unit.status],
+            'name': unit.name,
+        }
+    test, train = unit.estimate('test_accuracy'), unit.estimate('train_accuracy')
+    notes = [f'mean of {test.n} seeds' if test.n > 1 else f'{test.n} completed run(s)']
+    if unit.excluded:
+        notes.append(f'{unit.excluded} failed/diverged left out')
+    if unit.unfinished:
+        notes.append(f'{unit.unfinished} unfinished')
+    return {
+        'epochs': max((r.epochs_completed for r in unit.used), default=None),
+        'train_accuracy': _round2(train.mean),
+        'test_accuracy': _round2(test.mean),
+        'n': test.n,
+        'test_sd': _round2(test.sd),
+        'status': 'completed' if test.n else _cell_status(unit),
+        'note': notes,
+        'name': ','.join(f'{k}={format_cell(v)}' for k, v in unit.values.items()),
+    }
 
 
 def compare_with_paper(
@@ -714,89 +703,27 @@ def compare_with_paper(
     Runs match on (batch_size, learning_rate, shuffle) only; a difference in
     epochs is stated in the row's ``note``. Differences are ours minus theirs,
     in percentage points, of the accuracies as shown (2 decimals). With
-    ``seed_axis`` (a sweep over seeds) there is one row per cell instead
-    (:func:`compare_cells_with_paper`).
+    ``seed_axis`` (a sweep over seeds) there is one row per cell instead: ours
+    is the mean over its completed runs (``n`` of them, ``test_sd`` their
+    sample sd), and the note counts the runs left out and unfinished.
     """
-    if seed_axis is not None:
-        return compare_cells_with_paper(group_cells(results, seed_axis), paper)
+    units = results if seed_axis is None else group_cells(results, seed_axis)
     rows = []
-    for r in results:
-        match = next((p for p in paper if _same_study_row(r.config, p)), None)
+    for unit in units:
+        config = unit.config if isinstance(unit, RunResult) else unit.runs[0].config
+        match = next((p for p in paper if _same_study_row(config, p)), None)
         if match is None:
             continue
-        train = _round2(r.train_accuracy)
-        test = _round2(r.test_accuracy)
-        paper_epochs = match.get('epochs')
-        notes = []
-        if r.status != 'completed':
-            notes.append(r.status)
-        if r.status != 'pending' and r.epochs_completed != paper_epochs:
-            notes.append(f'ours: {r.epochs_completed} epochs, theirs: {paper_epochs}')
-        rows.append(
-            {
-                'batch_size': match['batch_size'],
-                'learning_rate': match['learning_rate'],
-                'shuffle': match['shuffle'],
-                'epochs': r.epochs_completed if r.status != 'pending' else None,
-                'paper_epochs': paper_epochs,
-                'train_accuracy': train,
-                'paper_train_accuracy': match['train_accuracy'],
-                'train_difference': _difference(train, match['train_accuracy']),
-                'test_accuracy': test,
-                'paper_test_accuracy': match['test_accuracy'],
-                'test_difference': _difference(test, match['test_accuracy']),
-                'status': r.status,
-                'note': '; '.join(notes),
-                'name': r.name,
-            }
-        )
-    return rows
-
-
-def compare_cells_with_paper(
-    cells: Sequence[Cell], paper: Sequence[Mapping[str, Any]]
-) -> list[dict[str, Any]]:
-    """Ours vs the study's accuracies for each cell that matches a study row.
-
-    Ours is the mean over the cell's completed runs (``n`` of them, ``test_sd``
-    their sample sd); the ``note`` counts failed or diverged runs left out and
-    unfinished ones.
-    """
-    rows = []
-    for cell in cells:
-        match = next((p for p in paper if _same_study_row(cell.runs[0].config, p)), None)
-        if match is None:
-            continue
-        test, train = cell.estimate('test_accuracy'), cell.estimate('train_accuracy')
-        epochs = max((r.epochs_completed for r in cell.used), default=None)
-        paper_epochs = match.get('epochs')
-        notes = [f'mean of {test.n} seeds' if test.n > 1 else f'{test.n} completed run(s)']
-        if cell.excluded:
-            notes.append(f'{cell.excluded} failed/diverged left out')
-        if cell.unfinished:
-            notes.append(f'{cell.unfinished} unfinished')
-        if epochs is not None and epochs != paper_epochs:
-            notes.append(f'ours: {epochs} epochs, theirs: {paper_epochs}')
-        rows.append(
-            {
-                'batch_size': match['batch_size'],
-                'learning_rate': match['learning_rate'],
-                'shuffle': match['shuffle'],
-                'epochs': epochs,
-                'paper_epochs': paper_epochs,
-                'train_accuracy': _round2(train.mean),
-                'paper_train_accuracy': match['train_accuracy'],
-                'train_difference': _difference(_round2(train.mean), match['train_accuracy']),
-                'test_accuracy': _round2(test.mean),
-                'paper_test_accuracy': match['test_accuracy'],
-                'test_difference': _difference(_round2(test.mean), match['test_accuracy']),
-                'n': test.n,
-                'test_sd': _round2(test.sd),
-                'status': 'completed' if test.n else _cell_status(cell),
-                'note': '; '.join(notes),
-                'name': cell_name(cell.values),
-            }
-        )
+        row = {k: match[k] for k in STUDY_AXES} | _ours(unit)
+        row['paper_epochs'] = match.get('epochs')
+        if row['epochs'] is not None and row['epochs'] != row['paper_epochs']:
+            row['note'].append(f'ours: {row["epochs"]} epochs, theirs: {row["paper_epochs"]}')
+        row['note'] = '; '.join(row['note'])
+        for kind in ('train', 'test'):  # Differences of the values as shown.
+            ours, theirs = row[f'{kind}_accuracy'], match[f'{kind}_accuracy']
+            diff = None if ours is None or theirs is None else round(ours - float(theirs), 2)
+            row |= {f'paper_{kind}_accuracy': theirs, f'{kind}_difference': diff}
+        rows.append(row)
     return rows
 
 
@@ -808,76 +735,8 @@ def _cell_status(cell: Cell) -> str:
     return ', '.join(f'{n} {status}' for status, n in counts.items())
 
 
-def cell_name(values: Mapping[str, Any]) -> str:
-    """A cell's values as 'name=value' pairs joined by commas (as run names are)."""
-    return ','.join(f'{k}={format_cell(v)}' for k, v in values.items())
-
-
-def cell_rows(cells: Sequence[Cell], axes: Sequence[str]) -> list[dict[str, str]]:
-    """The formatted rows of ``cells.csv``: statistics over each cell's seeds."""
-    rows = []
-    for cell in cells:
-        row = {a: format_cell(cell.values.get(a)) for a in axes}
-        row['n'] = format_cell(len(cell.used))
-        row['excluded'] = format_cell(cell.excluded)
-        row['unfinished'] = format_cell(cell.unfinished)
-        row['seeds'] = ' '.join(format_cell(r.overrides.get(SEED_AXIS)) for r in cell.used)
-        for field in ('test_accuracy', 'train_accuracy'):
-            e = cell.estimate(field)
-            row[f'{field}_mean'] = format_cell(e.mean, 3)
-            row[f'{field}_sd'] = format_cell(e.sd, 3)
-            row[f'{field}_ci95_low'] = format_cell(e.low, 3)
-            row[f'{field}_ci95_high'] = format_cell(e.high, 3)
-        rows.append(row)
-    return rows
-
-
-def paired_rows(comparisons: Sequence[Paired], axes: Sequence[str]) -> list[dict[str, str]]:
-    """The formatted rows of ``paired.csv``; ``{}`` values make a 'scope=all' row."""
-    rows = []
-    for p in comparisons:
-        e = p.estimate
-        row = {
-            'axis': p.axis,
-            'first': format_cell(p.levels[0]),
-            'second': format_cell(p.levels[1]),
-            'scope': 'cell' if p.values else 'all',
-            **{a: format_cell(p.values.get(a)) for a in axes},
-            'pairs': format_cell(e.n),
-            'unpaired': format_cell(p.unpaired),
-            'mean_difference': format_cell(e.mean, 3),
-            'sd': format_cell(e.sd, 3),
-            'ci95_low': format_cell(e.low, 3),
-            'ci95_high': format_cell(e.high, 3),
-            'excludes_zero': format_cell(e.excludes_zero),
-        }
-        rows.append(row)
-    return rows
-
-
 def _round2(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
-
-
-def _difference(ours: float | None, theirs: Any) -> float | None:
-    if ours is None or theirs is None:
-        return None
-    return round(ours - float(theirs), 2)
-
-
-def _comparison_csv_rows(
-    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = COMPARISON_COLUMNS
-) -> list[dict[str, str]]:
-    two = {
-        'train_accuracy',
-        'paper_train_accuracy',
-        'train_difference',
-        'test_accuracy',
-        'paper_test_accuracy',
-        'test_difference',
-        'test_sd',
-    }
-    return [{k: format_cell(row[k], 2 if k in two else None) for k in columns} for row in rows]
 
 
 # ----------------------------------------------------------------------------
@@ -941,11 +800,8 @@ def data_statement(results: Sequence[RunResult]) -> str:
     started = [r for r in results if r.status != 'pending'] or list(results)
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in started:
-        key = (
-            os.path.normpath(str(r.data.get('path')))
-            if r.data.get('path')
-            else r.data.get('source')
-        )
+        path = r.data.get('path')
+        key = os.path.normpath(str(path)) if path else r.data.get('source')
         groups.setdefault(str(key), []).append(r.data)
     texts = [describe_data(max(g, key=len)) for g in groups.values()]
     if not texts:
@@ -959,25 +815,20 @@ def data_statement(results: Sequence[RunResult]) -> str:
 
 def status_counts(results: Sequence[RunResult]) -> dict[str, int]:
     """Number of runs by status, the known statuses first, zero counts left out."""
-    counts: dict[str, int] = {}
-    for status in [*STATUSES, *(r.status for r in results)]:
-        n = sum(r.status == status for r in results)
-        if n:
-            counts[status] = n
-    return counts
+    statuses = dict.fromkeys([*STATUSES, *(r.status for r in results)])
+    counts = {status: sum(r.status == status for r in results) for status in statuses}
+    return {status: n for status, n in counts.items() if n}
 
 
 # ----------------------------------------------------------------------------
 # Markdown.
 
 
-def _md_escape(text: str) -> str:
-    return one_line(text).replace('|', '\\|')
-
-
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    lines += ['| ' + ' | '.join(_md_escape(c) for c in row) + ' |' for row in rows]
+    lines += [
+        '| ' + ' | '.join(one_line(c).replace('|', '\\|') for c in row) + ' |' for row in rows
+    ]
     return lines
 
 
@@ -987,6 +838,12 @@ def _md_status(r: RunResult) -> str:
     if r.status in ('failed', 'diverged') and r.error:
         return f'{r.status}: {one_line(r.error, 60)}'
     return r.status
+
+
+def _md_number(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return MISSING
+    return f'{x:+.2f}' if signed else f'{x:.2f}'
 
 
 def results_markdown(
@@ -1004,19 +861,14 @@ def results_markdown(
       plots: file name ('curves.png', 'heatmap.png') -> None if drawn, else why not.
     """
     axes = axis_columns(manifest['axes'])
-    counts = status_counts(results)
+    counts = ', '.join(f'{n} {s}' for s, n in status_counts(results).items())
+    values = [f'{a} ({", ".join(format_cell(v) for v in manifest["axes"][a])})' for a in axes]
     lines = [
         '# Sweep report',
         '',
         f'- Sweep: `{os.path.abspath(sweep_dir)}`',
-        f'- Runs: {len(results)} ({", ".join(f"{n} {s}" for s, n in counts.items()) or "none"})',
-        '- Axes: '
-        + (
-            '; '.join(
-                f'{a} ({", ".join(format_cell(v) for v in manifest["axes"][a])})' for a in axes
-            )
-            or 'none'
-        ),
+        f'- Runs: {len(results)} ({counts or "none"})',
+        f'- Axes: {"; ".join(values) or "none"}',
         '- ' + data_statement(results),
         '',
         '## Results',
@@ -1031,8 +883,7 @@ def results_markdown(
     body = []
     for i, (r, row) in enumerate(zip(results, result_rows(results, axes), strict=True)):
         cells = [row['epochs'] if r.status != 'pending' else '', *(row[a] for a in axes)]
-        cells += [row[c] for c in RESULT_COLUMNS[:6]]
-        cells = [c if c != '' else MISSING for c in cells]
+        cells = [c or MISSING for c in [*cells, *(row[c] for c in RESULT_COLUMNS[:6])]]
         if i == best:
             cells = [f'**{c}**' for c in cells]
         body.append(['★' if i == best else '', *cells, _md_status(r)])
@@ -1059,10 +910,8 @@ def results_markdown(
     lines += ['', '## Plots', '']
     titles = {CURVES_PNG: 'Accuracy and loss per epoch', HEATMAP_PNG: 'Final test accuracy'}
     for file, reason in plots.items():
-        if reason is None:
-            lines += [f'![{titles.get(file, file)}]({file})', '']
-        else:
-            lines += [f'{file} not drawn: {reason}', '']
+        drawn = f'![{titles.get(file, file)}]({file})'
+        lines += [drawn if reason is None else f'{file} not drawn: {reason}', '']
     return '\n'.join(lines).rstrip('\n') + '\n'
 
 
@@ -1071,7 +920,6 @@ def seeds_markdown(
 ) -> list[str]:
     """The sections of ``results.md`` on statistics over seeds and paired comparisons."""
     columns = [a for a in axis_columns(axes) if a != seed_axis]
-    cells = group_cells(results, seed_axis)
     lines = [
         '## Over seeds',
         '',
@@ -1082,24 +930,15 @@ def seeds_markdown(
         '',
     ]
     header = [*columns, 'n', 'seeds', 'test acc', 'test 95% CI', 'train acc', 'train 95% CI']
-    header += ['excluded', 'unfinished']
     body = []
-    for cell in cells:
-        test, train = cell.estimate('test_accuracy'), cell.estimate('train_accuracy')
-        body.append(
-            [
-                *(format_cell(cell.values.get(a)) for a in columns),
-                str(len(cell.used)),
-                ' '.join(format_cell(r.overrides.get(seed_axis)) for r in cell.used) or MISSING,
-                format_estimate(test),
-                format_interval(test),
-                format_estimate(train),
-                format_interval(train),
-                str(cell.excluded),
-                str(cell.unfinished),
-            ]
-        )
-    lines += _md_table(header, body)
+    for cell in group_cells(results, seed_axis):
+        row = [*(format_cell(cell.values.get(a)) for a in columns), str(len(cell.used))]
+        row.append(cell.seeds(seed_axis) or MISSING)
+        for field in ('test_accuracy', 'train_accuracy'):
+            e = cell.estimate(field)
+            row += [format_estimate(e), format_interval(e)]
+        body.append([*row, str(cell.excluded), str(cell.unfinished)])
+    lines += _md_table([*header, 'excluded', 'unfinished'], body)
     for axis in two_level_axes(axes, seed_axis):
         lines += ['', *paired_markdown(results, axis, axes[axis], columns, seed_axis)]
     return lines
@@ -1126,7 +965,6 @@ def paired_markdown(
         '',
     ]
     header = [*others, 'pairs', 'mean Δ', '95% CI', 'distinguishable from seed noise']
-    header += ['unpaired seeds']
     body = [
         [
             *(format_cell(p.values.get(a)) for a in others),
@@ -1138,9 +976,8 @@ def paired_markdown(
         ]
         for p in cells
     ]
-    lines += _md_table(header, body)
-    lines += ['', paired_statement(pooled(axis, levels, cells), len(cells))]
-    return lines
+    lines += _md_table([*header, 'unpaired seeds'], body)
+    return [*lines, '', paired_statement(pooled(axis, levels, cells), len(cells))]
 
 
 def paired_statement(overall: Paired, num_cells: int) -> str:
@@ -1153,15 +990,13 @@ def paired_statement(overall: Paired, num_cells: int) -> str:
     if e.low is None:
         return f'Overall, {where}: Δ = {e.mean:+.2f} points; one pair gives no interval.'
     if e.excludes_zero:
-        verdict = f'the interval excludes 0: {first} vs {second} is distinguishable from seed noise'
+        verdict = f'excludes 0: {first} vs {second} is distinguishable'
     else:
-        verdict = (
-            f'the interval includes 0: {first} vs {second} is not distinguishable from seed noise'
-        )
+        verdict = f'includes 0: {first} vs {second} is not distinguishable'
     return (
         f'Overall, {where}: mean Δ {format_estimate(e, signed=True)} points, 95% interval '
-        f'{format_interval(e, signed=True)}; {verdict}. (All pairs pooled as one sample; '
-        'cells can differ by more than seed noise.)'
+        f'{format_interval(e, signed=True)}; the interval {verdict} from seed noise. (All '
+        'pairs pooled as one sample; cells can differ by more than seed noise.)'
     )
 
 
@@ -1195,28 +1030,15 @@ def _comparison_markdown(
         ]
     header = ['batch_size', 'learning_rate', 'shuffle', 'train ours', 'train study', 'Δ train']
     header += ['test ours', 'test study', 'Δ test', 'note']
-
-    def cell(x: Any, signed: bool = False) -> str:
-        if x is None:
-            return MISSING
-        return f'{x:+.2f}' if signed else f'{x:.2f}'
-
-    body = [
-        [
-            format_cell(row['batch_size']),
-            format_cell(row['learning_rate']),
-            format_cell(row['shuffle']),
-            cell(row['train_accuracy']),
-            cell(row['paper_train_accuracy']),
-            cell(row['train_difference'], signed=True),
-            cell(row['test_accuracy'])
-            + (f' ± {row["test_sd"]:.2f}' if row.get('test_sd') is not None else ''),
-            cell(row['paper_test_accuracy']),
-            cell(row['test_difference'], signed=True),
-            row['note'],
-        ]
-        for row in comparison
-    ]
+    body = []
+    for row in comparison:
+        sd = f' ± {row["test_sd"]:.2f}' if row.get('test_sd') is not None else ''
+        cells = [format_cell(row[k]) for k in STUDY_AXES]
+        for kind in ('train', 'test'):
+            cells.append(_md_number(row[f'{kind}_accuracy']) + (sd if kind == 'test' else ''))
+            cells.append(_md_number(row[f'paper_{kind}_accuracy']))
+            cells.append(_md_number(row[f'{kind}_difference'], signed=True))
+        body.append([*cells, row['note']])
     lines += _md_table(header, body)
     lines += ['', 'Δ = ours minus the study, in percentage points.']
     diffs = [
@@ -1257,20 +1079,12 @@ def _run_colors(n: int) -> list[Any]:
     import matplotlib
 
     if n <= 10:
-        cmap = matplotlib.colormaps['tab10']
-        return [cmap(i) for i in range(n)]
+        return [matplotlib.colormaps['tab10'](i) for i in range(n)]
     if n <= 20:
         # tab20 pairs a dark and a light shade; dark ones first keeps neighbours distinct.
-        cmap = matplotlib.colormaps['tab20']
         order = [*range(0, 20, 2), *range(1, 20, 2)]
-        return [cmap(order[i]) for i in range(n)]
-    cmap = matplotlib.colormaps['turbo']
-    return [cmap(i / max(n - 1, 1)) for i in range(n)]
-
-
-def _series(records: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0) -> list[float]:
-    values = [_finite(r.get(key)) for r in records]
-    return [math.nan if v is None else scale * v for v in values]
+        return [matplotlib.colormaps['tab20'](order[i]) for i in range(n)]
+    return [matplotlib.colormaps['turbo'](i / max(n - 1, 1)) for i in range(n)]
 
 
 def epoch_band(
@@ -1301,15 +1115,8 @@ def curve_groups(
     fail or diverge; its label counts them and those left out.
     """
     if seed_axis is None:
-        return [
-            (
-                run_label(r.overrides, r.name)
-                + ('' if r.status == 'completed' else f' ({r.status})'),
-                [r],
-            )
-            for r in results
-            if r.epochs
-        ]
+        labels = [(r, '' if r.status == 'completed' else f' ({r.status})') for r in results]
+        return [(run_label(r.overrides, r.name) + note, [r]) for r, note in labels if r.epochs]
     groups = []
     for cell in group_cells(results, seed_axis):
         runs = [r for r in cell.runs if r.epochs and r.status not in ('failed', 'diverged')]
@@ -1340,7 +1147,7 @@ def render_curves(
 
     groups = curve_groups(results, seed_axis)
     fig = _new_figure(16, 4.8)
-    ax_test, ax_train, ax_loss = fig.subplots(1, 3)
+    ax_test, ax_train, ax_loss = panel_axes = fig.subplots(1, 3)
     colors = _run_colors(len(groups))
     handles = []
     panels = (
@@ -1359,35 +1166,30 @@ def render_curves(
             if len(runs) > 1:
                 ax.fill_between(epochs, low, high, color=color, alpha=0.18, linewidth=0)
         handles.append(Line2D([], [], color=color, linewidth=2, label=label))
-    for ax, name in ((ax_test, 'Test accuracy (%)'), (ax_train, 'Train accuracy (%)')):
+    names = ('Test accuracy (%)', 'Train accuracy (%)', 'Loss (train solid, test dashed)')
+    for ax, name in zip(panel_axes, names, strict=True):
         ax.set_title(name)
         ax.set_xlabel('epoch')
         ax.grid(alpha=0.3)
-    ax_loss.set_title('Loss (train solid, test dashed)')
-    ax_loss.set_xlabel('epoch')
-    ax_loss.grid(alpha=0.3)
-    for ax in (ax_test, ax_train, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    losses = [
-        v
+        if not groups:
+            ax.text(0.5, 0.5, 'no epochs yet', ha='center', va='center', transform=ax.transAxes)
+    if any(
+        (_finite(record.get(key)) or 0) > 0
         for _, runs in groups
         for r in runs
-        for v in _series(r.epochs, 'train_loss') + _series(r.epochs, 'test_loss')
-        if v > 0
-    ]
-    if losses:
+        for record in r.epochs
+        for key in ('train_loss', 'test_loss')
+    ):
         ax_loss.set_yscale('log')
-    if not groups:
-        for ax in (ax_test, ax_train, ax_loss):
-            ax.text(0.5, 0.5, 'no epochs yet', ha='center', va='center', transform=ax.transAxes)
-    else:
+    if groups:
         style_handles = [
             Line2D([], [], color='0.3', label='train'),
             Line2D([], [], color='0.3', linestyle='--', label='test'),
         ]
-        legend = ax_loss.legend(handles=style_handles, loc='upper right', fontsize='small')
-        ax_loss.add_artist(legend)
-        ncol = math.ceil(len(handles) / 24)
+        ax_loss.add_artist(
+            ax_loss.legend(handles=style_handles, loc='upper right', fontsize='small')
+        )
         legend_title = f'{len(handles)} run(s)'
         if seed_axis is not None:
             legend_title = (
@@ -1400,7 +1202,7 @@ def render_curves(
             bbox_to_anchor=(1.03, 1.0),
             borderaxespad=0.0,
             fontsize='small',
-            ncol=ncol,
+            ncol=math.ceil(len(handles) / 24),
             title=legend_title,
         )
     if seed_axis is not None:
@@ -1409,15 +1211,6 @@ def render_curves(
     if title:
         fig.suptitle(title)
     return _png_bytes(fig)
-
-
-def _grid_runs(results: Sequence[RunResult], values: Mapping[str, Any]) -> list[RunResult]:
-    """The runs with these axis values."""
-    return [
-        r
-        for r in results
-        if all(_same_value(config_value(r.config, k), v) for k, v in values.items())
-    ]
 
 
 def heatmap_cell(runs: Sequence[RunResult], over_seeds: bool = False) -> tuple[float | None, str]:
@@ -1443,8 +1236,7 @@ def heatmap_cell(runs: Sequence[RunResult], over_seeds: bool = False) -> tuple[f
     unfinished = [r for r in runs if r.status != 'completed' and r.has_results]
     note = ''
     if unfinished and len(runs) == 1:
-        r = runs[0]
-        note = f'\n{r.status} {r.epochs_completed}/{r.num_epochs or "?"}'
+        note = f'\n{runs[0].status} {runs[0].epochs_completed}/{runs[0].num_epochs or "?"}'
     elif unfinished:
         note = f'\n{len(unfinished)} unfinished'
     return acc, f'{acc:.2f}{note}'
@@ -1464,33 +1256,31 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
     when ``seed`` is one of them, mean ± sd over the completed runs
     (:func:`heatmap_cell`).
     """
+    import matplotlib
     import numpy as np
 
-    batch_sizes = list(axes['batch_size'])
-    rates = list(axes['learning_rate'])
+    batch_sizes, rates = list(axes['batch_size']), list(axes['learning_rate'])
     shuffles = list(axes['shuffle']) if 'shuffle' in axes else [None]
     configured = {bool(r.config.get('shuffle')) for r in results if 'shuffle' in r.config}
     others = [a for a in axes if a not in STUDY_AXES]
-    over_seeds = SEED_AXIS in axes
     grids = []
     for s in shuffles:
         grid = np.full((len(batch_sizes), len(rates)), np.nan)
         texts = [['' for _ in rates] for _ in batch_sizes]
-        for i, bs in enumerate(batch_sizes):
-            for j, lr in enumerate(rates):
-                values = {'batch_size': bs, 'learning_rate': lr}
-                if s is not None:
-                    values['shuffle'] = s
-                value, texts[i][j] = heatmap_cell(_grid_runs(results, values), over_seeds)
-                if value is not None:
-                    grid[i, j] = value
+        for (i, bs), (j, lr) in itertools.product(enumerate(batch_sizes), enumerate(rates)):
+            values = {'batch_size': bs, 'learning_rate': lr} | ({} if s is None else {'shuffle': s})
+            runs = [
+                r
+                for r in results
+                if all(_same_value(get_field(r.config, k, None), v) for k, v in values.items())
+            ]
+            value, texts[i][j] = heatmap_cell(runs, over_seeds=SEED_AXIS in axes)
+            grid[i, j] = np.nan if value is None else value
         grids.append((s, grid, texts))
     finite = np.concatenate([g[np.isfinite(g)] for _, g, _ in grids])
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
     if vmax - vmin < 1e-6:
         vmin, vmax = vmin - 1.0, vmax + 1.0
-
-    import matplotlib
 
     cmap = matplotlib.colormaps['viridis'].with_extremes(bad='0.92')
     width = 1.5 + len(shuffles) * (1.2 + 1.4 * len(rates))
@@ -1508,18 +1298,16 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
             ax.set_ylabel('batch size')
         shown = s if s is not None else (configured.pop() if len(configured) == 1 else None)
         ax.set_title({True: 'shuffle', False: 'no shuffle', None: 'all runs'}[shown])
-        for i in range(len(batch_sizes)):
-            for j in range(len(rates)):
-                value = grid[i, j]
-                if np.isfinite(value):
-                    color = 'white' if (value - vmin) / (vmax - vmin) < 0.6 else 'black'
-                else:
-                    color = '0.4'
-                ax.text(j, i, texts[i][j], ha='center', va='center', color=color, fontsize=8.5)
+        for (i, j), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                color = 'white' if (value - vmin) / (vmax - vmin) < 0.6 else 'black'
+            else:
+                color = '0.4'
+            ax.text(j, i, texts[i][j], ha='center', va='center', color=color, fontsize=8.5)
     if image is not None:
         fig.colorbar(image, ax=list(panels), label='final test accuracy (%)', shrink=0.85)
     title = 'Final test accuracy (%)'
-    if over_seeds:
+    if SEED_AXIS in axes:
         pooled_axes = [a for a in others if a != SEED_AXIS]
         title += ': mean ± sd over seeds (n completed runs)'
         title += f', pooling {", ".join(pooled_axes)}' if pooled_axes else ''
@@ -1533,19 +1321,9 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
 # Writing.
 
 
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def write_run_report(run_dir: str) -> dict[str, str]:
-    """Writes ``curves.png`` of one run's workdir (not a sweep); returns ``{kind: path}``.
-
-    The curves of a single run: test and train accuracy and loss per epoch,
-    as far as its ``metrics.jsonl`` goes (a run in progress too).
-    """
+    """Writes ``curves.png`` of one run's workdir (not a sweep), as far as its
+    ``metrics.jsonl`` goes (a run in progress too); returns ``{kind: path}``."""
     result = load_run(run_dir, os.path.basename(os.path.abspath(run_dir)), {})
     if not result.epochs:
         raise FileNotFoundError(f'{run_dir} has no epoch records ({METRICS_FILE}) yet')
@@ -1556,102 +1334,64 @@ def write_run_report(run_dir: str) -> dict[str, str]:
 
 
 def write_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str, str]:
-    """Writes the sweep's report files into ``sweep_dir``; returns ``{kind: path}``.
+    """Writes the report files (see above) into ``sweep_dir``; returns ``{kind: path}``.
 
-    Kinds: 'results_csv', 'results_md', and when they apply 'comparison_csv'
-    (some run matches a row of the study's table), 'cells_csv' (``seed`` is an
-    axis), 'paired_csv' (``seed`` and a two-valued axis), 'curves' and
-    'heatmap' (batch_size and learning_rate are axes) when matplotlib is
-    installed.
-    Reads only what is on disk, never trains; a comparison or heatmap that no
-    longer applies is removed.
-
-    Args:
-      sweep_dir: the sweep's workdir (holding ``sweep.json``).
-      paper_csv: the study's results table (default: the packaged one).
+    Kinds: 'results_csv', 'results_md', and when they apply 'comparison_csv',
+    'cells_csv', 'paired_csv', 'curves' and 'heatmap'. Reads only what is on
+    disk (``sweep_dir/sweep.json`` and the run folders), never trains; a file
+    that no longer applies is removed. ``paper_csv``: the study's results table
+    (default: the packaged one).
     """
     manifest = read_manifest(sweep_dir)
     results = collect(sweep_dir)
-    axes = axis_columns(manifest['axes'])
-    paths = {
-        'results_csv': os.path.join(sweep_dir, RESULTS_CSV),
-        'results_md': os.path.join(sweep_dir, RESULTS_MD),
-    }
+    axes = manifest['axes']
+    seed_axis = SEED_AXIS if SEED_AXIS in axes else None
+    columns = axis_columns(axes)
+    others = [a for a in columns if a != SEED_AXIS]  # The columns of a cell.
     written: dict[str, str] = {}
 
-    columns = ['epochs', *axes, *RESULT_COLUMNS]
-    write_atomic(paths['results_csv'], _csv_text(columns, result_rows(results, axes)))
-    written['results_csv'] = paths['results_csv']
+    def write(kind: str, file: str, content: str | bytes | None) -> None:
+        """Writes ``file`` (None: removes it)."""
+        path = os.path.join(sweep_dir, file)
+        if content is None:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        else:
+            write_atomic(path, content)
+            written[kind] = path
 
-    seed_axis = SEED_AXIS if SEED_AXIS in manifest['axes'] else None
+    header = ['epochs', *columns, *RESULT_COLUMNS]
+    write('results_csv', RESULTS_CSV, _csv_text(header, result_rows(results, columns)))
     comparison = compare_with_paper(results, load_paper_results(paper_csv), seed_axis)
-    comparison_path = os.path.join(sweep_dir, COMPARISON_CSV)
-    if comparison:
-        columns = CELL_COMPARISON_COLUMNS if seed_axis else COMPARISON_COLUMNS
-        write_atomic(comparison_path, _csv_text(columns, _comparison_csv_rows(comparison, columns)))
-        written['comparison_csv'] = comparison_path
-    else:
-        _remove(comparison_path)
-    _write_seed_tables(sweep_dir, manifest['axes'], results, written)
+    header = CELL_COMPARISON_COLUMNS if seed_axis else COMPARISON_COLUMNS
+    two = ('accuracy', 'difference', '_sd')  # Columns with 2 decimals.
+    rows = [
+        {k: format_cell(row[k], 2 if k.endswith(two) else None) for k in header}
+        for row in comparison
+    ]
+    write('comparison_csv', COMPARISON_CSV, _csv_text(header, rows) if rows else None)
+    rows = cell_rows(group_cells(results), others) if seed_axis else None
+    write(
+        'cells_csv', CELLS_CSV, None if rows is None else _csv_text([*others, *CELL_COLUMNS], rows)
+    )
+    rows = paired_rows(all_paired(results, axes), others) if seed_axis else []
+    header = ['axis', 'first', 'second', 'scope', *others, *PAIRED_COLUMNS]
+    write('paired_csv', PAIRED_CSV, _csv_text(header, rows) if rows else None)
 
-    plots = _write_plots(sweep_dir, manifest, results, written)
-    markdown = results_markdown(sweep_dir, manifest, results, comparison, plots)
-    write_atomic(paths['results_md'], markdown)
-    written['results_md'] = paths['results_md']
-    return written
-
-
-def _write_seed_tables(
-    sweep_dir: str,
-    axes: Mapping[str, Sequence[Any]],
-    results: Sequence[RunResult],
-    written: dict[str, str],
-) -> None:
-    """``cells.csv`` and ``paired.csv`` of a sweep over seeds (removed when they no longer apply)."""
-    cells_path = os.path.join(sweep_dir, CELLS_CSV)
-    paired_path = os.path.join(sweep_dir, PAIRED_CSV)
-    if SEED_AXIS not in axes:
-        _remove(cells_path)
-        _remove(paired_path)
-        return
-    columns = [a for a in axis_columns(axes) if a != SEED_AXIS]
-    rows = cell_rows(group_cells(results), columns)
-    write_atomic(cells_path, _csv_text([*columns, *CELL_COLUMNS], rows))
-    written['cells_csv'] = cells_path
-    comparisons: list[Paired] = []
-    for axis in two_level_axes(axes):
-        cells = paired_differences(results, axis, axes[axis])
-        comparisons += [*cells, pooled(axis, axes[axis], cells)]
-    if not comparisons:
-        _remove(paired_path)
-        return
-    header = ['axis', 'first', 'second', 'scope', *columns, *PAIRED_COLUMNS]
-    write_atomic(paired_path, _csv_text(header, paired_rows(comparisons, columns)))
-    written['paired_csv'] = paired_path
-
-
-def _write_plots(
-    sweep_dir: str,
-    manifest: Mapping[str, Any],
-    results: Sequence[RunResult],
-    written: dict[str, str],
-) -> dict[str, str | None]:
-    """Draws the plots into ``sweep_dir``; returns file -> None if drawn, else why not."""
-    curves = os.path.join(sweep_dir, CURVES_PNG)
-    heatmap = os.path.join(sweep_dir, HEATMAP_PNG)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         reason = 'matplotlib is not installed (pip install matplotlib)'
-        return {CURVES_PNG: reason, HEATMAP_PNG: reason}
-    seed_axis = SEED_AXIS if SEED_AXIS in manifest['axes'] else None
-    title = os.path.basename(os.path.abspath(sweep_dir))
-    write_atomic(curves, render_curves(results, title, seed_axis))
-    written['curves'] = curves
-    axes = manifest['axes']
-    if 'batch_size' in axes and 'learning_rate' in axes:
-        write_atomic(heatmap, render_heatmap(results, axes))
-        written['heatmap'] = heatmap
-        return {CURVES_PNG: None, HEATMAP_PNG: None}
-    _remove(heatmap)
-    return {CURVES_PNG: None, HEATMAP_PNG: 'batch_size and learning_rate are not both sweep axes'}
+        plots: dict[str, str | None] = {CURVES_PNG: reason, HEATMAP_PNG: reason}
+    else:
+        title = os.path.basename(os.path.abspath(sweep_dir))
+        write('curves', CURVES_PNG, render_curves(results, title, seed_axis))
+        grid = 'batch_size' in axes and 'learning_rate' in axes
+        write('heatmap', HEATMAP_PNG, render_heatmap(results, axes) if grid else None)
+        reason = None if grid else 'batch_size and learning_rate are not both sweep axes'
+        plots = {CURVES_PNG: None, HEATMAP_PNG: reason}
+    markdown = results_markdown(sweep_dir, manifest, results, comparison, plots)
+    write('results_md', RESULTS_MD, markdown)
+    return written

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import os
 from typing import Any
 
 import ml_collections
 
-from resnet_jax import input_pipeline, validation
+from resnet_jax import datasets, validation
 from resnet_jax import workdir as workdir_lib
 
 logger = logging.getLogger('resnet_jax')
@@ -44,7 +45,7 @@ logger = logging.getLogger('resnet_jax')
 MANIFEST_FILE = workdir_lib.MANIFEST_FILE
 # Entries of config.sweep that are options of the sweep, not axes:
 # vectorize=True trains runs that differ only in learning rate, shuffle or seed
-# together as one vmapped program (resnet_jax/vectorize.py); repeats=k adds a
+# together as one vmapped program (resnet_jax/loop.py); repeats=k adds a
 # seed axis of k seeds counted from config.seed.
 OPTIONS = ('vectorize', 'repeats')
 SEED_AXIS = 'seed'
@@ -146,16 +147,10 @@ def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _override(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
-    node = config
-    *parents, leaf = field.split('.')
-    for part in parents:
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise validation.ConfigError(f'config.sweep.{field}: config has no field {field}')
-        node = node[part]
-    if leaf not in node:
-        raise validation.ConfigError(f'config.sweep.{field}: config has no field {field}')
     try:
-        node[leaf] = value
+        validation.set_field(config, field, value)
+    except validation.ConfigError:
+        raise validation.ConfigError(f'config.sweep.{field}: config has no field {field}') from None
     except TypeError as e:
         raise validation.ConfigError(f'config.sweep.{field}={value!r}: {e}') from None
 
@@ -231,7 +226,7 @@ def _record_failure(run: Run, run_dir: str, status: str, error: str) -> None:
 
 def run_one(run: Run, workdir: str) -> str:
     """Trains one run (or skips it); returns its status."""
-    from resnet_jax import train  # pylint: disable=g-import-not-at-top  # Heavy.
+    from resnet_jax import loop  # pylint: disable=g-import-not-at-top  # Heavy.
 
     run_dir = os.path.join(workdir, run.name)
     if _finished(run, run_dir):
@@ -239,13 +234,13 @@ def run_one(run: Run, workdir: str) -> str:
         return 'completed'
     logger.info('run %d %s: training', run.index, run.name)
     try:
-        _, summary = train.train_and_evaluate(run.config, run_dir)
+        _, summary = loop.train_and_evaluate(run.config, run_dir)
     except workdir_lib.WorkdirBusy as e:
         logger.warning('run %d %s: skipped, %s', run.index, run.name, e)
         return 'busy'
     except KeyboardInterrupt:
         raise
-    except (validation.ConfigError, input_pipeline.DataError) as e:
+    except (validation.ConfigError, datasets.DataError) as e:
         message = str(e)  # Bad input: one line is the whole story.
         logger.error('run %d %s failed: %s', run.index, run.name, message)
         _record_failure(run, run_dir, 'failed', message)
@@ -259,24 +254,24 @@ def run_one(run: Run, workdir: str) -> str:
 
 
 def run_group(runs: list[Run], workdir: str) -> dict[str, str]:
-    """Trains ``runs`` together (:mod:`resnet_jax.vectorize`); returns their statuses.
+    """Trains ``runs`` together (:func:`resnet_jax.loop.train_runs`); returns their statuses.
 
     If one of their workdirs is busy (another shard trains it), the runs are
     trained one by one instead, which skips the busy one.
     """
-    from resnet_jax import vectorize  # pylint: disable=g-import-not-at-top  # Heavy.
+    from resnet_jax import loop  # pylint: disable=g-import-not-at-top  # Heavy.
 
     names = ', '.join(run.name for run in runs)
     logger.info('runs %s: training together (vectorised)', names)
     run_dirs = [os.path.join(workdir, run.name) for run in runs]
     try:
-        summaries = vectorize.train_group([run.config for run in runs], run_dirs)
+        _, summaries = loop.train_runs([run.config for run in runs], run_dirs)
     except workdir_lib.WorkdirBusy as e:
         logger.warning('runs %s: %s; training them one by one', names, e)
         return {run.name: run_one(run, workdir) for run in runs}
     except KeyboardInterrupt:
         raise
-    except (validation.ConfigError, input_pipeline.DataError) as e:
+    except (validation.ConfigError, datasets.DataError) as e:
         return _record_group_failure(runs, run_dirs, str(e), traceback=False)
     except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
         return _record_group_failure(runs, run_dirs, f'{type(e).__name__}: {e}', traceback=True)
@@ -295,8 +290,6 @@ def _record_group_failure(
 
 def _run_vectorized(runs: list[Run], workdir: str) -> dict[str, str]:
     """Runs ``runs``, those differing only in vectorisable fields together."""
-    from resnet_jax import vectorize  # pylint: disable=g-import-not-at-top  # Heavy.
-
     statuses: dict[str, str] = {}
     pending = []
     for run in runs:
@@ -305,7 +298,7 @@ def _run_vectorized(runs: list[Run], workdir: str) -> dict[str, str]:
             statuses[run.name] = 'completed'
         else:
             pending.append(run)
-    for group in vectorize.group_runs([run.config for run in pending]):
+    for group in group_runs([run.config for run in pending]):
         members = [pending[i] for i in group]
         if len(members) == 1:
             statuses[members[0].name] = run_one(members[0], workdir)
@@ -356,3 +349,24 @@ def write_report(workdir: str) -> dict[str, str]:
     for kind, path in paths.items():
         logger.info('report %s: %s', kind, path)
     return paths
+
+
+# Config fields in which the runs of one group may differ: they train together
+# as one program (resnet_jax/loop.py).
+VECTORIZABLE = ('learning_rate', 'shuffle', 'seed')
+
+
+def group_key(config: ml_collections.ConfigDict) -> str:
+    """The config without its vectorisable fields: runs with equal keys share a program."""
+    fields = workdir_lib.config_json(config)
+    for name in (*VECTORIZABLE, 'sweep'):
+        fields.pop(name, None)
+    return json.dumps(fields, sort_keys=True)
+
+
+def group_runs(configs: list[ml_collections.ConfigDict]) -> list[list[int]]:
+    """Indices of ``configs`` grouped by :func:`group_key`, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, config in enumerate(configs):
+        groups.setdefault(group_key(config), []).append(i)
+    return list(groups.values())

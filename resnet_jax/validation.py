@@ -1,9 +1,14 @@
 """Checks a run's config before any data is read or anything is compiled.
 
     validate_config(config)        # raises ConfigError with one clear sentence
+    get_field(config, 'data.path')                 # dotted get (ConfigError if missing)
+    set_field(config, 'data.path', '/data/cifar')  # dotted set (ConfigError if missing)
 
 The command line turns a :class:`ConfigError` into ``error: <message>`` on stderr
-and exit code 2.
+and exit code 2. ``get_field`` and ``set_field`` are the one way the package
+reads and writes a config by a dotted name, on an ``ml_collections.ConfigDict``
+or a plain nested dict (a config read back from JSON). This module imports
+neither JAX nor Flax (the model names are looked up when a config is validated).
 """
 
 from __future__ import annotations
@@ -11,11 +16,10 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import ml_collections
-
-from resnet_jax import models
 
 OPTIMIZERS = ('adam', 'sgd', 'adagrad', 'adamw')
 SCHEDULES = ('piecewise', 'cosine', 'constant')
@@ -26,13 +30,55 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the field."""
 
 
-def _get(config: ml_collections.ConfigDict, field: str) -> Any:
-    value = config
+REQUIRED: Any = object()  # get_field's default: a missing field is an error.
+
+
+def _is_section(node: Any) -> bool:
+    return isinstance(node, ml_collections.ConfigDict | Mapping)
+
+
+def get_field(
+    config: ml_collections.ConfigDict | Mapping[str, Any], field: str, default: Any = REQUIRED
+) -> Any:
+    """The value of the dotted ``field`` ('data.path') of ``config``.
+
+    A missing field (or a part of its path that is not a section) is
+    ``default``, or without one a :class:`ConfigError` 'config.<field> is missing'.
+    """
+    node: Any = config
     for part in field.split('.'):
-        if part not in value:
+        if not _is_section(node) or part not in node:
+            if default is REQUIRED:
+                raise ConfigError(f'config.{field} is missing')
+            return default
+        node = node[part]
+    return node
+
+
+def set_field(
+    config: ml_collections.ConfigDict | MutableMapping[str, Any],
+    field: str,
+    value: Any,
+    create: bool = False,
+) -> None:
+    """Sets the dotted ``field`` ('data.path') of ``config`` to ``value``, in place.
+
+    The field must exist (:class:`ConfigError` 'config.<field> is missing'),
+    unless ``create``, which adds it and any missing sections (empty dicts) on
+    its path. A ConfigDict's ``TypeError`` for a value of the wrong type passes
+    through.
+    """
+    node: Any = config
+    *sections, leaf = field.split('.')
+    for part in sections:
+        if create and part not in node:
+            node[part] = {}
+        if part not in node or not _is_section(node[part]):
             raise ConfigError(f'config.{field} is missing')
-        value = value[part]
-    return value
+        node = node[part]
+    if not create and leaf not in node:
+        raise ConfigError(f'config.{field} is missing')
+    node[leaf] = value
 
 
 def _is_int(value: Any) -> bool:
@@ -44,7 +90,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_int(config, field: str, minimum: int) -> None:
-    value = _get(config, field)
+    value = get_field(config, field)
     if not _is_int(value):
         raise ConfigError(f'config.{field} must be an integer, got {value!r}')
     if value < minimum:
@@ -52,7 +98,7 @@ def _check_int(config, field: str, minimum: int) -> None:
 
 
 def _check_positive(config, field: str, allow_zero: bool = False) -> None:
-    value = _get(config, field)
+    value = get_field(config, field)
     if not _is_number(value):
         raise ConfigError(f'config.{field} must be a number, got {value!r}')
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
@@ -61,7 +107,7 @@ def _check_positive(config, field: str, allow_zero: bool = False) -> None:
 
 
 def _check_choice(config, field: str, choices) -> None:
-    value = _get(config, field)
+    value = get_field(config, field)
     if value not in choices:
         raise ConfigError(f'config.{field}={value!r} is not one of {", ".join(map(str, choices))}')
 
@@ -77,11 +123,11 @@ def check_is_config(config: Any) -> None:
 def validate_distributed(config: ml_collections.ConfigDict) -> None:
     """Checks ``config.distributed``, which is read before anything else."""
     check_is_config(config)
-    value = _get(config, 'distributed.enabled')
+    value = get_field(config, 'distributed.enabled')
     if not isinstance(value, bool):
         raise ConfigError(f'config.distributed.enabled must be True or False, got {value!r}')
     for field in ('distributed.coordinator_address', 'distributed.cpu_collectives'):
-        value = _get(config, field)
+        value = get_field(config, field)
         if not isinstance(value, str):
             raise ConfigError(f'config.{field} must be a string, got {value!r}')
     _check_int(config, 'distributed.num_processes', 1)
@@ -90,6 +136,8 @@ def validate_distributed(config: ml_collections.ConfigDict) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` on the first invalid field."""
+    from resnet_jax import models  # pylint: disable=g-import-not-at-top  # (Imports JAX.)
+
     validate_distributed(config)
     _check_choice(config, 'model', sorted(models.MODELS))
     _check_choice(config, 'dtype', sorted(models.DTYPES))
@@ -126,17 +174,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for field in ('weight_decay', 'adagrad_initial_accumulator'):
         _check_positive(config, field, allow_zero=True)
     for field in ('momentum', 'adam_b1', 'adam_b2'):
-        value = _get(config, field)
+        value = get_field(config, field)
         if not _is_number(value) or not 0 <= value < 1:
             raise ConfigError(f'config.{field} must be in [0, 1), got {value!r}')
     if config.data.normalize:
         for field in ('data.mean', 'data.std'):
-            value = _get(config, field)
+            value = get_field(config, field)
             if len(value) != 3 or not all(_is_number(v) for v in value):
                 raise ConfigError(f'config.{field} must be 3 numbers, got {value!r}')
         if min(config.data.std) <= 0:
             raise ConfigError(f'config.data.std must be > 0, got {config.data.std!r}')
-    path = _get(config, 'data.path')
+    path = get_field(config, 'data.path')
     if path and not os.path.exists(os.path.expanduser(path)):
         raise ConfigError(f'data path does not exist: {path}')
     if config.data.source in ('cifar', 'folder') and not path:

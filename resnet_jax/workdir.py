@@ -1,7 +1,13 @@
-"""Files of a run's workdir: atomic JSON writes and a lock against two writers.
+"""A run's workdir: what it holds, atomic JSON writes, a lock against two writers.
 
     with workdir.lock(path):          # raises WorkdirBusy if another process holds it
+        workdir.prepare(path, config, overwrite=False)   # refuses another config's run
         workdir.write_json(os.path.join(path, 'summary.json'), summary)
+
+A workdir holds one run: ``config.json``, ``metrics.jsonl``, ``summary.json``,
+TensorBoard event files and ``checkpoints/``. Rerunning the same config resumes
+it; a different config is refused (see :data:`RESUMABLE_CHANGES`) unless the
+run is overwritten.
 
 The lock is a file holding the owner's host and process id, linked into place
 whole; a lock left by a dead process of this host, or an empty or unreadable
@@ -15,10 +21,13 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+from resnet_jax.validation import ConfigError
 
 LOCK_FILE = '.lock'
 # The files of a run's workdir and of a sweep's workdir.
@@ -26,6 +35,24 @@ CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'
 METRICS_FILE = 'metrics.jsonl'
 MANIFEST_FILE = 'sweep.json'
+CHECKPOINT_DIR = 'checkpoints'
+# The outputs of a run, removed by ``overwrite=True`` (with its TensorBoard files).
+RUN_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE)
+# Fields that may change when a run is resumed: they do not change its result.
+RESUMABLE_CHANGES = (
+    'num_epochs',
+    'eval_batch_size',
+    'checkpoint_every_epochs',
+    'keep_checkpoints',
+    'progress_every_seconds',
+    'check_finite_every_steps',
+    'steps_per_call',
+    'data.path',
+    'data.download',
+    'distributed.*',  # How many processes train it, and where they meet.
+)
+# Fields every run config of this tool has: a config.json without them is not ours.
+_RUN_CONFIG_FIELDS = ('model', 'optimizer', 'learning_rate', 'batch_size', 'seed', 'data')
 
 
 class WorkdirBusy(RuntimeError):
@@ -202,3 +229,83 @@ def lock(folder: str) -> Iterator[None]:
 def config_json(config: Any) -> Any:
     """A ConfigDict as plain JSON data, as it is stored in a workdir."""
     return json.loads(config.to_json())
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``{'data': {'path': p}}`` -> ``{'data.path': p}``."""
+    from flax import traverse_util  # pylint: disable=g-import-not-at-top  # Keeps this module light.
+
+    return traverse_util.flatten_dict(dict(tree), sep='.')
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``'field: old -> new'`` for each field that differs, resumable ones excluded."""
+    a, b = flatten(old), flatten(new)
+    allowed = set(RESUMABLE_CHANGES)
+    if b.get('schedule') == 'cosine':  # Its shape depends on the run's length.
+        allowed.discard('num_epochs')
+    return [
+        f'{k}: {a.get(k, "(absent)")!r} -> {b.get(k, "(absent)")!r}'
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+        and k not in allowed
+        and not any(p.endswith('.*') and k.startswith(p[:-1]) for p in allowed)
+    ]
+
+
+def is_run_config(obj: Any) -> bool:
+    """Whether ``obj`` (a workdir's parsed config.json) is a run config of this tool."""
+    return isinstance(obj, Mapping) and all(k in obj for k in _RUN_CONFIG_FIELDS)
+
+
+def _has_run(workdir: str) -> bool:
+    return os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)) or os.path.exists(
+        os.path.join(workdir, METRICS_FILE)
+    )
+
+
+def check_writable(workdir: str) -> None:
+    """Creates ``workdir`` if need be; :class:`ConfigError` if it cannot be written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise ConfigError(f'workdir {workdir} is not writable: {e.strerror or e}') from None
+
+
+def prepare(workdir: str, config: Any, overwrite: bool) -> None:
+    """Refuses a workdir holding another config's run, or clears it on request.
+
+    A ``config.json`` that is not a run config of this tool is never replaced,
+    not even with ``overwrite``. The config itself is written by
+    :func:`write_config` once the run's checkpoint has been read.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path) and not is_run_config(read_json_object(path)):
+        raise ConfigError(
+            f'{path} exists and is not the config of a resnet_jax run; choose another '
+            '--workdir (nothing was changed)'
+        )
+    if overwrite:
+        for name in RUN_OUTPUTS:
+            target = os.path.join(workdir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+        for name in os.listdir(workdir):
+            if name.startswith('events.out.tfevents.'):
+                os.remove(os.path.join(workdir, name))
+    elif _has_run(workdir) and os.path.exists(path):
+        diffs = config_differences(read_json(path), config_json(config))
+        if diffs:
+            raise ConfigError(
+                f'{workdir} holds a run of a different config ({"; ".join(diffs)}); rerun '
+                'with --overwrite to replace it, or --new_run to train into a new workdir'
+            )
+
+
+def write_config(workdir: str, config: Any) -> None:
+    """Records ``config`` as the workdir's run config (``config.json``)."""
+    write_json(os.path.join(workdir, CONFIG_FILE), config_json(config))

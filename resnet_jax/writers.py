@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from resnet_jax.workdir import METRICS_FILE, dumps, write_atomic
@@ -81,6 +82,33 @@ def truncate_metrics(workdir: str, last_epoch: int, write: bool = True) -> list[
     if write and os.path.exists(path):
         write_atomic(path, ''.join(dumps(r) + '\n' for r in records))
     return records
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The numbers of a run's ``summary.json`` that its epoch records determine.
+
+    The one place they are computed: the training loop writes them, and the
+    sweep report reads them back (or calls this on the records of a run still
+    in flight). Accuracies are fractions; the best epoch is the one with the
+    highest finite test accuracy.
+    """
+    last = records[-1] if records else {}
+    scored = [r for r in records if _finite(r.get('test_accuracy'))]
+    best = max(scored, key=lambda r: r['test_accuracy']) if scored else {}
+    return {
+        'epochs_completed': int(last.get('epoch', 0)),
+        'train_loss': last.get('train_loss'),
+        'train_accuracy': last.get('train_accuracy'),
+        'test_loss': last.get('test_loss'),
+        'test_accuracy': last.get('test_accuracy'),
+        'best_test_accuracy': best.get('test_accuracy'),
+        'best_epoch': best.get('epoch'),
+        'wall_seconds': sum(float(r.get('epoch_seconds') or 0.0) for r in records),
+    }
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def format_record(record: Mapping[str, Any]) -> str:

@@ -4,7 +4,7 @@ Each test reproduces one failure through the command line or the library:
 configs without sections, a disk that fills during a checkpoint or before the
 start, corrupt checkpoints in training and in eval mode, help flags, foreign
 files in a workdir, non-finite numbers, a second Ctrl-C (16-bit images:
-test_input_pipeline.py).
+test_datasets.py).
 """
 
 import json

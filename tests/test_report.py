@@ -6,12 +6,16 @@ No training: each test writes a ``sweep.json`` manifest and run folders with
 
 import itertools
 import json
+import math
 import os
 import statistics
+import subprocess
+import sys
 
+import ml_collections
 import pytest
 
-from resnet_jax import report
+from resnet_jax import report, validation, writers
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 JPEG_DATA = {'source': 'folder', 'path': '/work/main/data/cifar10-jpeg'}
@@ -402,3 +406,57 @@ def test_data_statements(tmp_path):
 def test_missing_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match='sweep.json'):
         report.collect(str(tmp_path))
+
+
+def test_a_run_in_flight_reads_as_writers_summarize_makes_of_its_records(tmp_path):
+    root = str(tmp_path / 'sweep')
+    (run,) = make_sweep(root, {'seed': [0]}, num_epochs=5)
+    records = write_run(root, run, epochs=3, num_epochs=5, final_test=0.6, summary=False)
+    records[1]['test_accuracy'] = 0.9  # Epoch 2 is the best,
+    records[2]['test_accuracy'] = math.nan  # epoch 3's test accuracy is not scorable.
+    with open(os.path.join(root, run['name'], 'metrics.jsonl'), 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    (result,) = report.collect(root)
+    expected = writers.summarize(records)
+    assert result.status == 'incomplete'
+    assert (result.epochs_completed, result.best_epoch) == (3, 2)
+    assert (expected['epochs_completed'], expected['best_epoch']) == (3, 2)
+    assert result.best_test_accuracy == pytest.approx(100 * expected['best_test_accuracy'])
+    assert result.train_accuracy == pytest.approx(100 * expected['train_accuracy'])
+    assert result.test_accuracy is None  # NaN: no final test accuracy to show.
+    assert result.wall_seconds == pytest.approx(expected['wall_seconds']) == 11 + 12 + 13
+
+
+def test_one_dotted_config_path_getter_and_setter_for_dicts_and_configdicts():
+    plain = {'data': {'path': '/d'}, 'seed': 0}
+    config = ml_collections.ConfigDict({'data': {'path': '/d'}, 'seed': 0})
+    for c in (plain, config):
+        assert validation.get_field(c, 'data.path') == '/d'
+        assert validation.get_field(c, 'data.absent', None) is None
+        assert validation.get_field(c, 'seed.deeper', 'x') == 'x'  # seed is not a section.
+        with pytest.raises(validation.ConfigError, match=r'^config\.data\.absent is missing$'):
+            validation.get_field(c, 'data.absent')
+        validation.set_field(c, 'data.path', '/e')
+        assert validation.get_field(c, 'data.path') == '/e'
+        for absent in ('data.absent', 'absent.path', 'seed.deeper'):
+            with pytest.raises(validation.ConfigError, match=rf'^config\.{absent} is missing$'):
+                validation.set_field(c, absent, 1)
+    with pytest.raises(TypeError):
+        validation.set_field(config, 'seed', 'one')  # A ConfigDict's type check passes through.
+    validation.set_field(plain, 'a.b.c', 1, create=True)
+    assert plain == {'data': {'path': '/e'}, 'seed': 0, 'a': {'b': {'c': 1}}}
+    base = {'data': {'path': '/d'}, 'seed': 0}
+    overridden = report.apply_overrides(base, {'data.path': '/f', 'x.y': 2})
+    assert overridden == {'data': {'path': '/f'}, 'seed': 0, 'x': {'y': 2}}
+    assert base == {'data': {'path': '/d'}, 'seed': 0}  # A deep copy.
+
+
+def test_validation_imports_without_jax():
+    # The one config-path getter and setter live there, for readers of configs on disk too.
+    code = (
+        'import sys, resnet_jax.validation; print([m for m in ("jax", "flax") if m in sys.modules])'
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == '[]'

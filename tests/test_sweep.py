@@ -215,3 +215,13 @@ def test_repeats_with_a_seed_axis_is_an_error():
     config.sweep.repeats = 2
     with pytest.raises(validation.ConfigError, match='repeats=2 and config.sweep.seed are both'):
         sweep.expand(config)
+
+
+def test_an_axis_the_config_lacks_or_of_the_wrong_type_names_its_sweep_entry():
+    for axis in ('data__no_such', 'no_such', 'batch_size__deeper'):
+        field = axis.replace('__', '.')
+        message = rf'^config\.sweep\.{field}: config has no field {field}$'
+        with pytest.raises(validation.ConfigError, match=message):
+            sweep.expand(_grid_config('', **{axis: [1]}))
+    with pytest.raises(validation.ConfigError, match=r"^config\.sweep\.learning_rate='fast': "):
+        sweep.expand(_grid_config('', learning_rate=['fast']))

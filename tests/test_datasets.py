@@ -12,8 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resnet_jax import input_pipeline
-from resnet_jax.input_pipeline import DataError
+from resnet_jax import datasets
+from resnet_jax.datasets import DataError
 from tests import fake_data
 
 
@@ -32,7 +32,7 @@ def _config(path='', source='auto', train_subset=0, **extra):
 
 
 def _load(path='', seed=0, **kwargs):
-    return input_pipeline.load_dataset(_config(path, **kwargs), seed)
+    return datasets.load_dataset(_config(path, **kwargs), seed)
 
 
 def _assert_same(dataset, fake):
@@ -116,8 +116,8 @@ def test_detect_source(tmp_path, layout, expected):
         os.makedirs(tmp_path / 'cifar10' / '3.0.2')
     if layout.endswith('parent'):
         path = os.path.dirname(path)
-    assert input_pipeline.detect_source(str(path)) == expected
-    assert input_pipeline.detect_source('') == 'tfds'
+    assert datasets.detect_source(str(path)) == expected
+    assert datasets.detect_source('') == 'tfds'
 
 
 def test_missing_empty_and_unrecognised_paths(tmp_path):
@@ -262,11 +262,11 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     def no_decoding(*args):
         raise AssertionError('decoded although the cache is valid')
 
-    real_decode = input_pipeline._decode_image
-    monkeypatch.setattr(input_pipeline, '_decode_image', no_decoding)
+    real_decode = datasets._decode_image
+    monkeypatch.setattr(datasets, '_decode_image', no_decoding)
     np.testing.assert_array_equal(_load(fake.path).train_images, first.train_images)
     # Replacing one image changes its size and mtime: the folder is decoded again.
-    monkeypatch.setattr(input_pipeline, '_decode_image', real_decode)
+    monkeypatch.setattr(datasets, '_decode_image', real_decode)
     path = os.path.join(fake.path, 'test', 'cat', '0000.png')
     Image.new('RGB', (32, 32), (1, 2, 3)).save(path)
     os.utime(path, ns=(0, 0))
@@ -288,7 +288,7 @@ def test_unwritable_cache_only_warns(tmp_path, monkeypatch, caplog):
 
 def test_parallel_decoding_matches_and_reports_bad_files(tmp_path, monkeypatch):
     """Chunks of 40 images: 150 images decode in several spawned processes."""
-    monkeypatch.setattr(input_pipeline, '_DECODE_CHUNK', 40)
+    monkeypatch.setattr(datasets, '_DECODE_CHUNK', 40)
     fake = fake_data.write_image_folder(tmp_path / 'images')
     dataset = _load(fake.path, seed=0)
     order = np.random.default_rng(0).permutation(100)
@@ -376,7 +376,7 @@ def network_probe(monkeypatch):
         calls.append(1)
         return False
 
-    monkeypatch.setattr(input_pipeline, '_network_available', offline)
+    monkeypatch.setattr(datasets, '_network_available', offline)
     return calls
 
 
@@ -410,8 +410,8 @@ def test_tfds_not_prepared_and_offline(tmp_path, network_probe):
 
 
 def test_tfds_not_prepared_and_no_tensorflow(tmp_path, monkeypatch):
-    monkeypatch.setattr(input_pipeline, '_network_available', lambda: True)
-    monkeypatch.setattr(input_pipeline, '_tensorflow_available', lambda: False)
+    monkeypatch.setattr(datasets, '_network_available', lambda: True)
+    monkeypatch.setattr(datasets, '_tensorflow_available', lambda: False)
     with pytest.raises(DataError, match='preparing it needs TensorFlow'):
         _load(tmp_path, source='tfds', download=True)
 
@@ -423,8 +423,8 @@ def test_dataset_checks_its_arrays():
         test_images=images, test_labels=labels, class_names=('a',), source='cifar', path='x'
     )
     with pytest.raises(DataError, match='train images must be uint8'):
-        input_pipeline.Dataset(images.astype(np.float32), labels, **kwargs)
+        datasets.Dataset(images.astype(np.float32), labels, **kwargs)
     with pytest.raises(DataError, match='train labels must be int32'):
-        input_pipeline.Dataset(images, labels[:1], **kwargs)
+        datasets.Dataset(images, labels[:1], **kwargs)
     with pytest.raises(DataError, match=r'labels must lie in \[0, 1\)'):
-        input_pipeline.Dataset(images, labels + 1, **kwargs)
+        datasets.Dataset(images, labels + 1, **kwargs)

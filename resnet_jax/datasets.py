@@ -1,7 +1,7 @@
 """CIFAR-10 from disk (or TensorFlow Datasets) into host numpy arrays.
 
-    from resnet_jax import input_pipeline
-    data = input_pipeline.load_dataset(config.data, seed=config.seed)
+    from resnet_jax import datasets
+    data = datasets.load_dataset(config.data, seed=config.seed)
     data.train_images   # (50000, 32, 32, 3) uint8, NHWC
     data.train_labels   # (50000,) int32
     data.class_names    # ('airplane', 'automobile', ...)
@@ -46,6 +46,7 @@ import functools
 import hashlib
 import importlib.util
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -57,6 +58,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -239,6 +241,20 @@ def load_dataset(data_config: Any, seed: int) -> Dataset:
         time.perf_counter() - start,
     )
     return dataset
+
+
+def load_for_config(config: Any) -> Dataset:
+    """A run config's dataset (``config.data``, ``image_size``, ``seed``).
+
+    The last dataset loaded is kept and reused: the runs of a sweep load it once.
+    """
+    data = dict(json.loads(config.data.to_json()), image_size=config.image_size)
+    return _load_cached(json.dumps(data, sort_keys=True), config.seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_cached(data_json: str, seed: int) -> Dataset:
+    return load_dataset(ml_collections.ConfigDict(json.loads(data_json)), seed)
 
 
 @contextlib.contextmanager

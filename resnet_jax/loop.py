@@ -1,0 +1,782 @@
+"""The training loop: one or more runs trained together, each into its own workdir.
+
+    state, summary = loop.train_and_evaluate(config, workdir)       # one run
+    states, summaries = loop.train_runs(configs, workdirs)          # runs as one program
+
+Every group of runs carries a leading *run* axis: a single run is a group of
+one. Runs of a group share the model, the batch size and every other setting
+but their learning rate, shuffle and seed (:func:`resnet_jax.sweep.group_key`);
+one compiled call trains all of them, each on its own data order, augmentation
+draws and learning rate (:func:`train_chunk`, :func:`resnet_jax.train.over_runs`).
+
+The uint8 datasets stay on the accelerator; batches are gathered, augmented and
+scaled there and sharded over all devices on a ``data`` mesh axis (BatchNorm
+statistics are over the global batch). Every run writes exactly what a run
+trained alone writes: ``config.json``, ``metrics.jsonl``, TensorBoard events,
+orbax checkpoints (:mod:`resnet_jax.checkpoints`) and ``summary.json``; rerun on
+the same workdirs, training resumes from the latest checkpoints. A run whose
+loss or parameters stop being finite is marked ``diverged`` and no longer
+written while the others go on; SIGINT/SIGTERM checkpoint every run mid-epoch
+and raise :class:`Interrupted`.
+"""
+
+# No `from __future__ import annotations`: clu reads Metrics annotations at run time.
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax import (
+    augment,
+    checkpoints,
+    datasets,
+    distributed,
+    models,
+    sweep,
+    train,
+    validation,
+    writers,
+)
+from resnet_jax import workdir as workdir_lib
+
+logger = logging.getLogger('resnet_jax')
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop.
+
+    A second signal stops the process at once (the default action, at kernel
+    level: it does not wait for a compiled call or a save in flight). An
+    unfinished save is then never taken as a checkpoint.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signum = signum
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_DFL)
+        logger.warning(
+            '%s received: saving a checkpoint, then stopping (again: stop at once)',
+            signal.Signals(signum).name,
+        )
+
+    def agreed(self) -> int | None:
+        """The signal to stop on, as every process of the run sees it.
+
+        A signal reaches the processes of a multi-process run at different
+        moments. Every process asks here at the same points (call boundaries,
+        around evaluation); all stop if any was signalled, so they enter the
+        collective checkpoint save at the same step instead of hanging in it.
+        One all-gather of a scalar per call; no cost with one process.
+        """
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+            if self.signum is None and int(np.max(signums)):
+                self.signum = int(np.max(signums))
+                logger.warning(
+                    'another process received %s: saving a checkpoint, then stopping',
+                    signal.Signals(self.signum).name,
+                )
+        return self.signum
+
+    def __enter__(self) -> 'StopSignals':
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Progress:
+    """Logs steps/s and the epoch's ETA at most every ``every_seconds``."""
+
+    def __init__(
+        self,
+        epoch: int,
+        total_steps: int,
+        every_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._epoch, self._total, self._every = epoch, total_steps, every_seconds
+        self._clock = clock
+        self._start = self._last = clock()
+
+    def maybe_report(self, step: int, sync: Any) -> str | None:
+        """``step`` steps are dispatched; ``sync`` is blocked on before timing."""
+        if self._clock() - self._last < self._every or step >= self._total:
+            return None
+        jax.block_until_ready(sync)
+        now = self._clock()
+        self._last = now
+        rate = step / max(now - self._start, 1e-9)
+        eta = (self._total - step) / max(rate, 1e-9)
+        message = (
+            f'epoch {self._epoch}: step {step}/{self._total}, {rate:.2f} steps/s, ETA {eta:.0f}s'
+        )
+        logger.info(message)
+        return message
+
+
+# --------------------------------------------------------------------------
+# Compiled calls and the epoch.
+
+
+def train_chunk(
+    states: train.TrainState,
+    orders: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    start: jax.Array,
+    *,
+    size: int,
+    count: int,
+    prep: augment.Preprocess,
+    sharding: NamedSharding | None = None,
+) -> tuple[train.TrainState, train.TrainMetrics]:
+    """``count`` steps of every run: one compiled call (``lax.scan``), or for a
+    single step :func:`train_batches` then :func:`train_steps`.
+
+    ``states`` and ``orders`` (indices into ``images``/``labels``, which all
+    runs share) have a leading run axis; run r's i-th batch is
+    ``orders[r, start + i*size:][:size]``, gathered and augmented on the device.
+    ``states`` are donated. Returns the states and each run's metrics over the
+    ``count`` steps.
+    """
+    if count == 1:
+        batches = train_batches(
+            states, orders, images, labels, start, size=size, prep=prep, sharding=sharding
+        )
+        return train_steps(states, batches)
+    return scan_steps(
+        states, orders, images, labels, start, size=size, count=count, prep=prep, sharding=sharding
+    )
+
+
+def _train_batch(state, order, images, labels, start, *, size, prep, sharding):
+    return augment.train_batch(
+        images, labels, order, start, state.rng, state.step, size=size, prep=prep, sharding=sharding
+    )
+
+
+def _scan_steps(state, order, images, labels, start, *, size, count, prep, sharding):
+    """``count`` > 1 steps of one run: gather, augment and update in a ``lax.scan``."""
+
+    def step(state, i):
+        batch = _train_batch(
+            state, order, images, labels, start + i * size, size=size, prep=prep, sharding=sharding
+        )
+        return train.update(state, batch)
+
+    state, metrics = jax.lax.scan(step, state, jnp.arange(count, dtype=jnp.int32))
+    return state, metrics.reduce()
+
+
+_STATIC = ('size', 'prep', 'sharding')
+# Each run's batch ``orders[r, start:start+size]``, augmented with the run's key.
+train_batches = train.over_runs(_train_batch, (0, 0, None, None, None), static_argnames=_STATIC)
+# One update of every run on its batch (:func:`resnet_jax.train.update`); states donated.
+train_steps = train.over_runs(train.update, (0, 0), donate_argnums=(0,))
+scan_steps = train.over_runs(
+    _scan_steps,
+    (0, 0, None, None, None),
+    static_argnames=(*_STATIC, 'count'),
+    donate_argnums=(0,),
+)
+
+
+def call_chunks(sizes: list[int], first: int, steps_per_call: int) -> list[tuple[int, int, int]]:
+    """``(first batch, batch size, count)`` of the compiled calls of an epoch.
+
+    Runs of equal-size batches from ``first`` on, at most ``steps_per_call``
+    long (0: unbounded); a last partial batch is a call of its own.
+    """
+    chunks, i = [], first
+    while i < len(sizes):
+        n = 1
+        while (
+            i + n < len(sizes)
+            and sizes[i + n] == sizes[i]
+            and (steps_per_call == 0 or n < steps_per_call)
+        ):
+            n += 1
+        chunks.append((i, sizes[i], n))
+        i += n
+    return chunks
+
+
+def train_epoch(
+    states: train.TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    orders: jax.Array,
+    sizes: list[int],
+    prep: augment.Preprocess,
+    sharding: NamedSharding | None = None,
+    *,
+    first: int = 0,
+    total: train.TrainMetrics | None = None,
+    steps_per_call: int = 1,
+    after_call: Callable[[int, int, train.TrainMetrics], bool] | None = None,
+) -> tuple[train.TrainState, train.TrainMetrics | None, int]:
+    """Trains every run on batches ``first..`` of its epoch's order.
+
+    Steps run ``steps_per_call`` at a time in one compiled call
+    (:func:`train_chunk`). After each call, ``after_call(first batch of the
+    call, batches done, running metrics)`` may return True to stop early.
+    Returns the states, the running metrics (merged into ``total``) and the
+    number of batches done.
+    """
+    start, done = sum(sizes[:first]), first
+    for i, size, count in call_chunks(sizes, first, steps_per_call):
+        states, m = train_chunk(
+            states,
+            orders,
+            images,
+            labels,
+            jnp.int32(start),
+            size=size,
+            count=count,
+            prep=prep,
+            sharding=sharding,
+        )
+        total = m if total is None else train.merge_metrics(total, m)
+        start += size * count
+        done = i + count
+        if after_call is not None and after_call(i, done, total):
+            break
+    return states, total, done
+
+
+# --------------------------------------------------------------------------
+# Runs.
+
+
+@dataclasses.dataclass
+class _Run:
+    """One run of a group and everything the loop keeps for it."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    manager: ocp.CheckpointManager
+    state: train.TrainState
+    order_rng: jax.Array
+    dataset: int  # Which of the group's distinct training sets it trains on.
+    epoch: int = 0  # Completed epochs when the group starts.
+    position: int = 0  # Batches of the next epoch already trained.
+    partial: train.TrainMetrics | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    writer: writers.MetricLogger | None = None
+    status: str = 'incomplete'
+    error: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status == 'incomplete'
+
+
+@dataclasses.dataclass
+class _Shared:
+    """What every run of a group shares: data on the device, batching, the stop flag."""
+
+    images: jax.Array  # The distinct training sets, concatenated: (sets x N, H, W, C) uint8.
+    labels: jax.Array  # (sets x N,)
+    num_train: int  # N: a run on training set d reads images[d * N + order].
+    test: tuple[jax.Array, jax.Array, jax.Array]
+    sizes: list[int]
+    eval_bs: int
+    prep: augment.Preprocess
+    batch_sharding: NamedSharding
+    replicated: NamedSharding
+    stop: StopSignals
+    t_start: float
+    group_size: int
+
+    def prefix(self, run: _Run) -> str:
+        """How log lines name a run: not at all when it trains alone."""
+        return f'{run.workdir}: ' if self.group_size > 1 else ''
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: Mesh | None = None,
+    *,
+    overwrite: bool = False,
+) -> tuple[train.TrainState, dict[str, Any]]:
+    """Trains ``config`` into ``workdir``, resuming from its latest checkpoint.
+
+    Batches are sharded over ``mesh`` (default: all devices). A workdir holding
+    a run of another config is refused unless ``overwrite``, which deletes that
+    run's outputs first. SIGINT/SIGTERM save a checkpoint (mid-epoch if need
+    be) and raise :class:`Interrupted`; a non-finite loss or parameter stops the
+    run with status ``diverged``, keeping the last good checkpoint. Returns the
+    final state and the summary also written to ``workdir/summary.json``.
+    """
+    states, summaries = train_runs([config], [workdir], mesh, overwrite=overwrite)
+    return states[0], summaries[0]
+
+
+def train_runs(
+    configs: Sequence[ml_collections.ConfigDict],
+    workdirs: Sequence[str],
+    mesh: Mesh | None = None,
+    *,
+    overwrite: bool = False,
+) -> tuple[list[train.TrainState], list[dict[str, Any]]]:
+    """Trains ``configs[i]`` into ``workdirs[i]``, all as one program.
+
+    The configs must differ only in :data:`resnet_jax.sweep.VECTORIZABLE`
+    fields. Each workdir behaves as with :func:`train_and_evaluate`; runs
+    resumed at different points train in sub-groups, earliest first. Returns
+    the final states and the summaries.
+    """
+    if len(configs) != len(workdirs) or not configs:
+        raise ValueError('train_runs needs one workdir per config, and at least one')
+    for config in configs:
+        validation.validate_config(config)
+    if len({sweep.group_key(c) for c in configs}) > 1:
+        raise validation.ConfigError(
+            f'runs trained together may differ only in {", ".join(sweep.VECTORIZABLE)}'
+        )
+    for workdir in workdirs:
+        workdir_lib.check_writable(workdir)
+    with contextlib.ExitStack() as locks:
+        for workdir in workdirs:
+            locks.enter_context(distributed.primary_only(workdir_lib.lock(workdir)))
+        return _train_runs(list(configs), list(workdirs), mesh, overwrite)
+
+
+def _training_sets(
+    configs: list[ml_collections.ConfigDict],
+) -> tuple[list[datasets.Dataset], list[int]]:
+    """The distinct datasets of ``configs`` (the seed orders image folders and
+    draws subsets) and each config's index into them."""
+    by_seed: dict[int, int] = {}
+    found: list[datasets.Dataset] = []
+    for config in configs:
+        if config.seed in by_seed:
+            continue
+        data = datasets.load_for_config(config)
+        same = next(
+            (
+                k
+                for k, d in enumerate(found)
+                if np.array_equal(d.train_labels, data.train_labels)
+                and np.array_equal(d.train_images, data.train_images)
+            ),
+            None,
+        )
+        if same is None:
+            found.append(data)
+            same = len(found) - 1
+        by_seed[config.seed] = same
+    return found, [by_seed[c.seed] for c in configs]
+
+
+def check_data_fits(
+    config: ml_collections.ConfigDict, data: datasets.Dataset, num_devices: int
+) -> None:
+    """:class:`ConfigError` if the batch or the class count does not fit the data."""
+    if config.batch_size > len(data.train_labels):
+        raise validation.ConfigError(
+            f'config.batch_size={config.batch_size} is larger than the training set '
+            f'({len(data.train_labels)} images)'
+        )
+    if config.batch_size % num_devices:
+        raise validation.ConfigError(
+            f'config.batch_size={config.batch_size} is not divisible by the '
+            f'{num_devices} devices it is sharded over'
+        )
+    if data.num_classes > config.num_classes:
+        raise validation.ConfigError(
+            f'the dataset has {data.num_classes} classes but config.num_classes='
+            f'{config.num_classes}'
+        )
+
+
+def device_eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """``config.eval_batch_size`` rounded up to a multiple of the device count."""
+    return -(-config.eval_batch_size // num_devices) * num_devices
+
+
+def _device_test_set(
+    data: datasets.Dataset, batch_size: int, replicated: NamedSharding
+) -> tuple[jax.Array, ...]:
+    padded = augment.pad_test_set(data.test_images, data.test_labels, batch_size)
+    return tuple(jax.device_put(a, replicated) for a in padded)
+
+
+def _train_runs(
+    configs: list[ml_collections.ConfigDict],
+    workdirs: list[str],
+    mesh: Mesh | None,
+    overwrite: bool,
+) -> tuple[list[train.TrainState], list[dict[str, Any]]]:
+    t_start = time.time()
+    sets, index = _training_sets(configs)
+    data, config = sets[0], configs[0]
+    mesh = train.make_mesh() if mesh is None else mesh
+    num_devices = mesh.devices.size
+    check_data_fits(config, data, num_devices)
+    if distributed.is_primary():
+        for c, w in zip(configs, workdirs, strict=True):
+            workdir_lib.prepare(w, c, overwrite)
+    distributed.sync('workdirs prepared')
+
+    replicated = NamedSharding(mesh, P())
+    sizes = augment.train_batch_sizes(
+        len(data.train_labels), config.batch_size, config.drop_remainder, num_devices
+    )
+    eval_bs = device_eval_batch_size(config, num_devices)
+    shared = _Shared(
+        images=jax.device_put(np.concatenate([d.train_images for d in sets]), replicated),
+        labels=jax.device_put(np.concatenate([d.train_labels for d in sets]), replicated),
+        num_train=len(data.train_labels),
+        test=_device_test_set(data, eval_bs, replicated),
+        sizes=sizes,
+        eval_bs=eval_bs,
+        prep=augment.Preprocess.from_config(config),
+        batch_sharding=NamedSharding(mesh, P('data')),
+        replicated=replicated,
+        stop=StopSignals(),
+        t_start=t_start,
+        group_size=len(configs),
+    )
+    runs: list[_Run] = []
+    try:
+        for c, w, d in zip(configs, workdirs, index, strict=True):
+            runs.append(_restore_run(c, w, d, shared))
+        model, _ = train.cached_model(
+            config.model, config.num_classes, config.dtype, config.image_size
+        )
+        num_params = models.count_params(runs[0].state.params)
+        flops = models.flops_per_image(model, runs[0].state.variables(), config.image_size)
+        _log_start(config, data, shared, num_params, flops, len(sets), num_devices)
+        # Runs resumed at different points train in sub-groups, in that order.
+        by_point: dict[tuple[int, int], list[_Run]] = {}
+        for run in runs:
+            by_point.setdefault((run.epoch, run.position), []).append(run)
+        with shared.stop:
+            for point in sorted(by_point):
+                _train_group(by_point[point], shared)
+    finally:
+        for run in runs:
+            checkpoints.close_quietly(run.manager)
+            if run.writer is not None:
+                run.writer.close()
+    summaries = [_finish(run, num_params, flops, data, mesh, shared) for run in runs]
+    return [run.state for run in runs], summaries
+
+
+def _log_start(config, data, shared, num_params, flops, num_sets, num_devices) -> None:
+    logger.info(
+        'model %s: %s trainable parameters, %.1f MFLOPs/image forward',
+        config.model,
+        f'{num_params:,}',
+        flops / 1e6,
+    )
+    logger.info(
+        'data: %s (%s), %d train / %d test images, %d classes; %d steps/epoch on %d device(s)',
+        data.source,
+        data.path or 'default',
+        len(data.train_labels),
+        len(data.test_labels),
+        data.num_classes,
+        len(shared.sizes),
+        num_devices,
+    )
+    if shared.group_size > 1:
+        logger.info(
+            'vectorised: %d runs as one program, on %d distinct training set(s)',
+            shared.group_size,
+            num_sets,
+        )
+
+
+def _restore_run(
+    config: ml_collections.ConfigDict, workdir: str, dataset: int, shared: _Shared
+) -> _Run:
+    """A run's initial state, or its newest readable checkpoint, and its writers."""
+    init_rng, order_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    state = train.create_train_state(config, init_rng, len(shared.sizes))
+    manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
+    run = _Run(config, workdir, manager, state, order_rng, dataset)
+    try:
+        restored = checkpoints.restore_latest_good(workdir, manager, state)
+    except BaseException:
+        manager.close()
+        raise
+    if distributed.is_primary():
+        workdir_lib.write_config(workdir, config)
+    if restored is not None:
+        run.state, run.meta, partial = restored
+        run.epoch, run.position = int(run.meta['epoch']), int(run.meta.get('position', 0))
+        run.partial = partial if run.position else None
+        where = f' (step {run.position} of epoch {run.epoch + 1})' if run.position else ''
+        logger.info('%sresuming after epoch %d%s', shared.prefix(run), run.epoch, where)
+    run.records = writers.truncate_metrics(workdir, run.epoch, write=distributed.is_primary())
+    run.writer = writers.MetricLogger(workdir, enabled=distributed.is_primary())
+    return run
+
+
+def _diverge(run: _Run, shared: _Shared, message: str) -> None:
+    run.status, run.error = 'diverged', message
+    logger.error(
+        '%s%s: this run stops; its last good checkpoint is kept', shared.prefix(run), message
+    )
+
+
+def _save(
+    run: _Run,
+    state: train.TrainState,
+    finite: bool,
+    shared: _Shared,
+    epoch_done: int,
+    position: int,
+    metrics: train.TrainMetrics | None,
+    seconds: float,
+) -> None:
+    """Checkpoints a run, unless its parameters stopped being finite (then it diverges)."""
+    if not finite:
+        _diverge(run, shared, 'non-finite parameters or batch statistics')
+        return
+    meta = {
+        'epoch': epoch_done,
+        'position': position,
+        'partial_seconds': seconds,
+        'wall_seconds': float(run.meta.get('wall_seconds', 0.0)) + time.time() - shared.t_start,
+    }
+    checkpoints.save(run.manager, state, meta, metrics)
+
+
+def _check_finite(
+    runs: list[_Run], shared: _Shared, total: train.TrainMetrics, epoch: int, done: int
+) -> None:
+    """Marks runs whose loss or gradients stopped being finite (one host sync)."""
+    for run, ok in zip(runs, np.asarray(train.metrics_finite(total)), strict=True):
+        if run.active and not ok:
+            _diverge(run, shared, f'non-finite loss or gradients in epoch {epoch} (by step {done})')
+
+
+def _train_group(runs: list[_Run], shared: _Shared) -> None:
+    """Trains ``runs`` (all resumed at the same point) to the end of their configs."""
+    config = runs[0].config
+    start_epoch, position = runs[0].epoch, runs[0].position
+    n, stop, every = len(shared.sizes), shared.stop, config.check_finite_every_steps
+    states = jax.device_put(train.stack([run.state for run in runs]), shared.replicated)
+    partial = train.stack([run.partial for run in runs]) if position else None
+    seconds_before = float(runs[0].meta.get('partial_seconds', 0.0)) if position else 0.0
+    schedules = [train.create_learning_rate_schedule(run.config, n) for run in runs]
+
+    def active() -> bool:
+        return any(run.active for run in runs)
+
+    for epoch in range(start_epoch + 1, config.num_epochs + 1):
+        if not active():
+            break
+        first = position if epoch == start_epoch + 1 else 0
+        t0 = time.time()
+        orders = jnp.stack(
+            [
+                augment.epoch_order(run.order_rng, epoch, shared.num_train, run.config.shuffle)
+                + run.dataset * shared.num_train
+                for run in runs
+            ]
+        )
+        progress = Progress(epoch, n, config.progress_every_seconds)
+
+        def after_call(
+            i: int, done: int, total: train.TrainMetrics, epoch=epoch, progress=progress
+        ):
+            progress.maybe_report(done, total)
+            if every and done // every != i // every:
+                _check_finite(runs, shared, total, epoch, done)
+                if not active():
+                    return True
+            return stop.agreed() is not None
+
+        states, total, done = train_epoch(
+            states,
+            shared.images,
+            shared.labels,
+            orders,
+            shared.sizes,
+            shared.prep,
+            shared.batch_sharding,
+            first=first,
+            total=partial if first else None,
+            steps_per_call=config.steps_per_call,
+            after_call=after_call,
+        )
+        _check_finite(runs, shared, total, epoch, done)  # Waits for the epoch's last step.
+        train_seconds = (seconds_before if first else 0.0) + time.time() - t0
+        if not active():
+            break
+        if stop.agreed() is None:  # Training stopped early only on a signal.
+            tests = train.evaluate(
+                states, shared.test, shared.eval_bs, shared.prep, shared.batch_sharding
+            )
+        if stop.agreed() is not None:  # Also when it came during evaluation.
+            finite = np.asarray(train.runs_finite((states.params, states.batch_stats)))
+            for r, run in enumerate(runs):
+                if run.active:
+                    state, metrics = train.unstack(states, r), train.unstack(total, r)
+                    _save(run, state, finite[r], shared, epoch - 1, done, metrics, train_seconds)
+            where = (
+                'checkpoints saved in each run'
+                if shared.group_size > 1
+                else f'checkpoint saved in {runs[0].manager.directory}'
+            )
+            raise Interrupted(
+                stop.signum,
+                f'stopped in epoch {epoch} after {done}/{n} steps; {where}; rerun the same '
+                'command to resume',
+            )
+        save = epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs
+        finite = (
+            np.asarray(train.runs_finite((states.params, states.batch_stats))) if save else None
+        )
+        for r, run in enumerate(runs):
+            if run.active and not math.isfinite(tests[r]['loss']):
+                _diverge(run, shared, f'non-finite test loss in epoch {epoch}')
+            if not run.active:
+                continue
+            result = {k: float(v) for k, v in train.unstack(total, r).compute().items()}
+            record = {
+                'epoch': epoch,
+                'train_loss': result['loss'],
+                'train_accuracy': result['accuracy'],
+                'test_loss': tests[r]['loss'],
+                'test_accuracy': tests[r]['accuracy'],
+                'learning_rate': float(schedules[r](epoch * n - 1)),
+                'epoch_seconds': train_seconds,
+                'images_per_second': sum(shared.sizes) / train_seconds,
+            }
+            run.records.append(record)
+            run.writer.write(record)
+            if save:
+                _save(run, train.unstack(states, r), finite[r], shared, epoch, 0, None, 0.0)
+    for r, run in enumerate(runs):
+        run.state = train.unstack(states, r)
+        if run.active and run.records and run.records[-1]['epoch'] == config.num_epochs:
+            run.status = 'completed'
+            if start_epoch < config.num_epochs:  # Finished in this invocation.
+                run.writer.write_hparams(hparams(run.config), final_metrics(run.records))
+
+
+def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config's scalar fields, dotted (``data.train_subset``), for TensorBoard."""
+    flat = workdir_lib.flatten(workdir_lib.config_json(config))
+    return {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str))}
+
+
+def final_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    """A finished run's metrics for TensorBoard's HParams tab."""
+    numbers = writers.summarize(records)
+    return {
+        f'hparam/{k}': numbers[k] for k in ('train_accuracy', 'test_accuracy', 'best_test_accuracy')
+    }
+
+
+def _finish(
+    run: _Run,
+    num_params: int,
+    flops: float,
+    data: datasets.Dataset,
+    mesh: Mesh,
+    shared: _Shared,
+) -> dict[str, Any]:
+    """Writes a run's ``summary.json`` and returns it."""
+    summary = {
+        'config': workdir_lib.config_json(run.config),
+        'num_params': num_params,
+        'flops_per_image': flops,
+        **writers.summarize(run.records),
+        'wall_seconds': float(run.meta.get('wall_seconds', 0.0)) + time.time() - shared.t_start,
+        'data': {
+            'source': data.source,
+            'path': data.path,
+            'num_train': int(len(data.train_labels)),
+            'num_test': int(len(data.test_labels)),
+        },
+        'devices': [str(d) for d in mesh.devices.flat],
+        'status': run.status,
+    }
+    if shared.group_size > 1:
+        summary['vectorized_lanes'] = shared.group_size
+    if run.error:
+        summary['error'] = run.error
+    if distributed.is_primary():
+        workdir_lib.write_json(os.path.join(run.workdir, workdir_lib.SUMMARY_FILE), summary)
+    if run.records:
+        logger.info(
+            '%s%s: final test accuracy %.2f%%, best %.2f%% (epoch %s), %.0fs',
+            shared.prefix(run),
+            run.status,
+            100 * summary['test_accuracy'],
+            100 * summary['best_test_accuracy'],
+            summary['best_epoch'],
+            summary['wall_seconds'],
+        )
+    return summary
+
+
+def evaluate_workdir(workdir: str, data_path: str | None = None) -> dict[str, float]:
+    """Restores a workdir's latest readable checkpoint and evaluates it on the test set."""
+    model, variables, config = checkpoints.restore(workdir)
+    if data_path:
+        config.data.path = data_path
+    data = datasets.load_for_config(config)
+    mesh = train.make_mesh()
+    replicated = NamedSharding(mesh, P())
+    eval_bs = device_eval_batch_size(config, mesh.devices.size)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables['params'],
+        batch_stats=variables['batch_stats'],
+        opt_state=None,
+        rng=jax.random.PRNGKey(0),
+        apply_fn=model.apply,
+        tx=None,
+    )
+    (result,) = train.evaluate(
+        jax.device_put(train.stack([state]), replicated),
+        _device_test_set(data, eval_bs, replicated),
+        eval_bs,
+        augment.Preprocess.from_config(config),
+        NamedSharding(mesh, P('data')),
+    )
+    return result
