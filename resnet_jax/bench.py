@@ -11,7 +11,7 @@ epoch (measured with ``--epochs``, else extrapolated and marked so), compile
 time and peak memory. ``--torch`` runs ``benchmarks/torch_reference.py`` (the
 study-style and the tuned PyTorch implementations, each in its own process) on
 the same cases and prints JAX/PyTorch ratios. ``--lanes R`` also times R runs
-vectorised into one program (:mod:`resnet_jax.vectorize`) against one run.
+vectorised into one program (:mod:`resnet_jax.loop`) against one run.
 
 Images are random uint8 unless ``--data`` names a dataset (speed does not
 depend on pixel values). Every setting not given here comes from ``--config``
@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax import datasets, models, train, validation, vectorize, workdir
+from resnet_jax import augment, datasets, loop, models, train, validation, workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REFERENCE = os.path.join(REPO, 'benchmarks', 'torch_reference.py')
@@ -169,57 +169,61 @@ def bench_jax(
     labels: np.ndarray,
     steps: int,
     epochs: int = 0,
+    runs: int = 1,
 ) -> dict[str, Any]:
-    """Times ``steps`` training steps (twice: the first call compiles) and whole epochs."""
+    """Times ``steps`` training steps of ``runs`` runs trained together (twice: the
+    first call compiles) through the loop's own :func:`resnet_jax.loop.train_epoch`,
+    and with ``epochs`` >= 2 whole epochs."""
     mesh = train.make_mesh()
     replicated = NamedSharding(mesh, P())
     sharding = NamedSharding(mesh, P('data'))
-    prep = train.Preprocess.from_config(config)
-    bs = config.batch_size
-    n = len(labels)
+    prep = augment.Preprocess.from_config(config)
+    bs, n = config.batch_size, len(labels)
     steps = min(steps, n // bs)
     x = jax.device_put(images, replicated)
     y = jax.device_put(labels, replicated)
-    state = jax.device_put(
-        train.create_train_state(config, jax.random.PRNGKey(0), max(n // bs, 1)), replicated
+    state = train.create_train_state(config, jax.random.PRNGKey(0), max(n // bs, 1))
+    states = jax.device_put(train.stack([state] * runs), replicated)
+    orders = jnp.stack(
+        [augment.epoch_order(jax.random.PRNGKey(r), 1, n, True) for r in range(runs)]
     )
-    order = train.epoch_order(jax.random.PRNGKey(1), 1, n, True)
-    quiet = train.Progress(0, 1, float('inf'))
 
-    def run(state, sizes):
-        state, total, _ = train.train_epoch(
-            state, x, y, order, sizes, prep, sharding, quiet, steps_per_call=config.steps_per_call
+    def run(states, sizes):
+        states, total, _ = loop.train_epoch(
+            states, x, y, orders, sizes, prep, sharding, steps_per_call=config.steps_per_call
         )
-        return state, total
+        return states, total
 
-    (state, _), first = _timed(run, state, [bs] * steps)
-    (state, _), steady = _timed(run, state, [bs] * steps)
+    (states, _), first = _timed(run, states, [bs] * steps)
+    (states, _), steady = _timed(run, states, [bs] * steps)
+    ips = runs * steps * bs / steady  # All runs together.
     result = {
         'framework': 'jax',
-        'impl': 'jax',
+        'impl': 'jax' if runs == 1 else 'jax-vectorized',
         'model': config.model,
         'batch_size': bs,
         'dtype': config.dtype,
+        **({} if runs == 1 else {'lanes': runs}),
         'steps_per_call': config.steps_per_call,
         'steps': steps,
-        'images_per_second': steps * bs / steady,
+        'images_per_second': ips,
         'step_seconds': steady / steps,
         'compile_seconds': max(first - steady, 0.0),
-        'epoch_seconds': n / (steps * bs / steady),
+        'epoch_seconds': n * runs / ips,  # One epoch of every run.
         'epoch_seconds_estimated': True,
         'num_train_images': n,
     }
     if epochs >= 2:
-        sizes = train.train_batch_sizes(n, bs, config.drop_remainder, mesh.devices.size)
+        sizes = augment.train_batch_sizes(n, bs, config.drop_remainder, mesh.devices.size)
         times = []
         for _ in range(epochs):
-            (state, _), seconds = _timed(run, state, sizes)
+            (states, _), seconds = _timed(run, states, sizes)
             times.append(seconds)
         result.update(
             epoch_seconds=float(np.mean(times[1:])),
             epoch_seconds_estimated=False,
             first_epoch_seconds=times[0],
-            images_per_second_epoch=n / float(np.mean(times[1:])),
+            images_per_second_epoch=n * runs / float(np.mean(times[1:])),
         )
     result['peak_memory_bytes'], result['peak_memory_kind'] = peak_memory_bytes()
     flops = models.flops_per_image(
@@ -228,70 +232,8 @@ def bench_jax(
         config.image_size,
     )
     # Forward + backward is about 3x the forward's multiply-adds.
-    result['train_tflops_per_second'] = 3 * flops * result['images_per_second'] / 1e12
+    result['train_tflops_per_second'] = 3 * flops * ips / 1e12
     return result
-
-
-def bench_lanes(
-    config: ml_collections.ConfigDict,
-    images: np.ndarray,
-    labels: np.ndarray,
-    lanes: int,
-    steps: int,
-) -> dict[str, Any]:
-    """Times ``lanes`` vectorised runs (:func:`vectorize.train_lanes`) for ``steps`` steps."""
-    mesh = train.make_mesh()
-    replicated = NamedSharding(mesh, P())
-    sharding = NamedSharding(mesh, P('data'))
-    prep = train.Preprocess.from_config(config)
-    bs, n = config.batch_size, len(labels)
-    steps = min(steps, n // bs)
-    x = jax.device_put(images, replicated)
-    y = jax.device_put(labels, replicated)
-    state, _ = vectorize.create_lane_state(config, max(n // bs, 1))
-    states = jax.device_put(vectorize.stack([state] * lanes), replicated)
-    lrs = jnp.full((lanes,), config.learning_rate, jnp.float32)
-    orders = jnp.stack([train.epoch_order(jax.random.PRNGKey(r), 1, n, True) for r in range(lanes)])
-
-    def run(states):
-        start = 0
-        for _, size, count in train.call_chunks([bs] * steps, 0, config.steps_per_call):
-            states, _ = vectorize.train_lanes(
-                states,
-                lrs,
-                orders,
-                x,
-                y,
-                jnp.int32(start),
-                size=size,
-                count=count,
-                prep=prep,
-                sharding=sharding,
-            )
-            start += size * count
-        return states
-
-    states, first = _timed(run, states)
-    states, steady = _timed(run, states)
-    ips = lanes * steps * bs / steady
-    memory, kind = peak_memory_bytes()
-    return {
-        'peak_memory_bytes': memory,
-        'peak_memory_kind': kind,
-        'framework': 'jax',
-        'impl': 'jax-vectorized',
-        'model': config.model,
-        'batch_size': bs,
-        'dtype': config.dtype,
-        'lanes': lanes,
-        'steps_per_call': config.steps_per_call,
-        'steps': steps,
-        'images_per_second': ips,  # All lanes together.
-        'step_seconds': steady / steps,
-        'compile_seconds': max(first - steady, 0.0),
-        'epoch_seconds': n * lanes / ips,  # One epoch of every lane.
-        'epoch_seconds_estimated': True,
-    }
 
 
 def bench_torch(
@@ -415,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         _row(theirs, mine) if 'skipped' not in theirs else _row(theirs), flush=True
                     )
                 if args.lanes:
-                    together = bench_lanes(config, images, labels, args.lanes, args.steps)
+                    together = bench_jax(config, images, labels, args.steps, runs=args.lanes)
                     together['speedup_vs_one_run'] = (
                         together['images_per_second'] / mine['images_per_second']
                     )

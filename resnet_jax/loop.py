@@ -23,7 +23,6 @@ and raise :class:`Interrupted`.
 # No `from __future__ import annotations`: clu reads Metrics annotations at run time.
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -531,7 +530,10 @@ def _restore_run(
 ) -> _Run:
     """A run's initial state, or its newest readable checkpoint, and its writers."""
     init_rng, order_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = train.create_train_state(config, init_rng, len(shared.sizes))
+    # Replicated over the global mesh before the restore, which reads into its layout.
+    state = jax.device_put(
+        train.create_train_state(config, init_rng, len(shared.sizes)), shared.replicated
+    )
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
     run = _Run(config, workdir, manager, state, order_rng, dataset)
     try:

@@ -387,7 +387,8 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     return Mesh(np.array(devices), ('data',))
 
 
-_eval_runs = over_runs(eval_step.__wrapped__, (0, None))
+# Each run's metrics on one (shared) test batch.
+eval_steps = over_runs(eval_step.__wrapped__, (0, None))
 
 
 def evaluate(
@@ -408,7 +409,7 @@ def evaluate(
         batch = augment.eval_batch(
             images, labels, mask, jnp.int32(start), size=batch_size, prep=prep, sharding=sharding
         )
-        m = _eval_runs(states, batch)
+        m = eval_steps(states, batch)
         total = m if total is None else merge_metrics(total, m)
     return [
         {k: float(v) for k, v in unstack(total, r).compute().items()}

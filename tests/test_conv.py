@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 from configs import default
-from resnet_jax import conv, models, train
+from resnet_jax import augment, conv, loop, models, train
 
 
 @pytest.mark.parametrize(
@@ -56,15 +56,16 @@ def test_scanned_train_steps_have_only_canonical_convolutions():
     state = train.create_train_state(config, jax.random.PRNGKey(0), 4)
     images = jnp.zeros((16, 32, 32, 3), jnp.uint8)
     labels = jnp.zeros((16,), jnp.int32)
-    compiled = train.train_steps.lower(
+    compiled = loop.scan_steps.single.lower(
         state,
+        jnp.arange(16, dtype=jnp.int32),
         images,
         labels,
-        jnp.arange(16, dtype=jnp.int32),
         jnp.int32(0),
         size=8,
         count=2,
-        prep=train.Preprocess.from_config(config),
+        prep=augment.Preprocess.from_config(config),
+        sharding=None,
     ).compile()
     found = re.findall(r'convolution\(.*?dim_labels=([^,}\s]+)', compiled.as_text())
     assert found and set(found) == {'b01f_01io->b01f'}, collections.Counter(found)

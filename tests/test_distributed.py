@@ -92,15 +92,15 @@ def test_two_processes_match_two_devices_and_resume(cifar_py, tmp_path):
 # (epoch 2, step 2) when its process id is 1; the other one gets no signal.
 SIGNALLED = textwrap.dedent("""
     import os, signal, sys
-    from resnet_jax import main, train
+    from resnet_jax import loop, main
     if '--config.distributed.process_id=1' in sys.argv:
-        real, calls = train.train_step, [0]
+        real, calls = loop.train_steps, [0]
         def step(*args, **kwargs):
             calls[0] += 1
             if calls[0] == 6:
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
-        train.train_step = step
+        loop.train_steps = step
     sys.exit(main.main(['main', *sys.argv[1:]]))
 """)
 

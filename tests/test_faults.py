@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from resnet_jax import train, validation, workdir, writers
+from resnet_jax import loop, train, validation, workdir, writers
 from tests.conftest import REPO, make_tiny_config, run_cli
 
 TINY = [
@@ -36,13 +36,13 @@ TINY = [
 FAULTY = textwrap.dedent("""
     import os, resource, signal, sys, time
     fault, data, workdir, *rest = sys.argv[1:]
-    from resnet_jax import main, train
+    from resnet_jax import checkpoints, loop, main
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death.
 
     def limit(size):
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(size), resource.RLIM_INFINITY))
 
-    real_save, real_step = train.save_checkpoint, train.train_step
+    real_save, real_step = checkpoints.save, loop.train_steps
     saves, steps = [0], [0]
     if fault == 'fsize_now':
         limit(rest[0])
@@ -52,7 +52,7 @@ FAULTY = textwrap.dedent("""
             if saves[0] == int(rest[0]):
                 limit(rest[1])
             return real_save(*args, **kwargs)
-        train.save_checkpoint = save
+        checkpoints.save = save
     elif fault == 'double_signal':
         def step(*args, **kwargs):
             steps[0] += 1
@@ -66,7 +66,7 @@ FAULTY = textwrap.dedent("""
                 time.sleep(60)
             saves[0] += 1
             return real_save(*args, **kwargs)
-        train.train_step, train.save_checkpoint = step, slow_save
+        loop.train_steps, checkpoints.save = step, slow_save
     sys.exit(main.main([
         'main', '--config', 'configs/default.py', '--workdir', workdir,
         '--config.num_epochs=3', '--config.batch_size=32', '--config.eval_batch_size=32',
@@ -148,7 +148,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_cleans_up(cifar_py, tmp_p
     assert os.listdir(tmp_path / 'checkpoints') == ['4']  # No orbax temporary folder left.
     assert not (tmp_path / '.lock').exists()
     # With space again, a rerun resumes from the intact checkpoint and finishes.
-    _, summary = train.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
+    _, summary = loop.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
     assert summary['status'] == 'completed' and _steps(tmp_path) == [4, 8, 12]
 
 
@@ -205,7 +205,7 @@ def test_no_readable_checkpoint_is_exactly_one_line_and_rewrites_nothing(cifar_p
 def test_eval_falls_back_to_the_newest_readable_checkpoint(cifar_py, tmp_path):
     config = make_tiny_config(cifar_py.path)
     config.num_epochs = 2
-    _, summary = train.train_and_evaluate(config, str(tmp_path))
+    _, summary = loop.train_and_evaluate(config, str(tmp_path))
     _corrupt_arrays(tmp_path / 'checkpoints' / '8')
     args = ['--config', 'configs/default.py', '--workdir', str(tmp_path), '--mode=eval']
     proc = run_cli(args)
@@ -221,10 +221,10 @@ def test_eval_falls_back_to_the_newest_readable_checkpoint(cifar_py, tmp_path):
 def test_the_corrupt_checkpoint_warning_is_one_line(cifar_py, tmp_path, caplog):
     config = make_tiny_config(cifar_py.path)
     config.num_epochs = 2
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     _corrupt_arrays(tmp_path / 'checkpoints' / '8')
     caplog.clear()
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
     [moved] = [w for w in warnings if 'checkpoint 8 is unreadable' in w]
     assert '\n' not in moved and len(moved) < 500, moved
@@ -300,12 +300,14 @@ def test_a_nan_test_loss_stops_the_run(cifar_py, tmp_path, monkeypatch):
     config = make_tiny_config(cifar_py.path)
     real = train.evaluate
 
-    def poisoned(state, *args, **kwargs):
-        result = real(state, *args, **kwargs)
-        return result | {'loss': float('nan')} if int(state.step) == 8 else result
+    def poisoned(states, *args, **kwargs):
+        results = real(states, *args, **kwargs)
+        if int(states.step[0]) == 8:
+            return [r | {'loss': float('nan')} for r in results]
+        return results
 
     monkeypatch.setattr(train, 'evaluate', poisoned)
-    _, summary = train.train_and_evaluate(config, str(tmp_path))
+    _, summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary['status'] == 'diverged'
     assert summary['error'] == 'non-finite test loss in epoch 2'
     assert _steps(tmp_path) == [4] and len(writers.read_metrics(str(tmp_path))) == 1
@@ -321,5 +323,5 @@ def test_a_second_ctrl_c_stops_at_once(cifar_py, tmp_path):
     assert proc.returncode == -signal.SIGINT, proc.stderr[-3000:]
     assert time.monotonic() - start < 55  # Not after the minute-long save.
     assert _steps(tmp_path) == [4]  # The cut-short save left no checkpoint.
-    _, summary = train.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
+    _, summary = loop.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
     assert summary['status'] == 'completed'

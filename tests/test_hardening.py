@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import train, validation, writers
+from resnet_jax import checkpoints, loop, train, validation, writers
 from tests.conftest import REPO, make_tiny_config
 
 COMPARED = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate')
@@ -31,7 +31,7 @@ def _steps(workdir):
 def reference(tmp_path_factory, cifar_py):
     """An uninterrupted 3-epoch run: what every interrupted run must end with."""
     workdir = tmp_path_factory.mktemp('reference')
-    state, _ = train.train_and_evaluate(make_tiny_config(cifar_py.path), str(workdir))
+    state, _ = loop.train_and_evaluate(make_tiny_config(cifar_py.path), str(workdir))
     return _metrics(workdir), state
 
 
@@ -39,7 +39,7 @@ def reference(tmp_path_factory, cifar_py):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import orbax.checkpoint as ocp
-    from resnet_jax import main, train
+    from resnet_jax import loop, main, train
     moment, data, workdir = sys.argv[1:4]
     sig = signal.SIGKILL if moment.startswith('kill') else getattr(signal, moment)
 
@@ -56,9 +56,9 @@ KILLER = textwrap.dedent("""
         return wrapped
 
     if moment in ('kill_mid_epoch', 'SIGTERM', 'SIGINT'):
-        train.train_step = counting(train.train_step, 6)  # Epoch 2, second step.
+        loop.train_steps = counting(loop.train_steps, 6)  # Epoch 2, second step.
     elif moment == 'kill_during_eval':
-        train.eval_step = counting(train.eval_step, 3)  # Epoch 2's evaluation.
+        train.eval_steps = counting(train.eval_steps, 3)  # Epoch 2's evaluation.
     elif moment == 'kill_during_save':
         save = ocp.CheckpointManager.save
         def save_then_die(self, *args, **kwargs):
@@ -94,7 +94,7 @@ def test_kill_9_then_rerun_ends_like_an_uninterrupted_run(moment, reference, cif
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     # Only complete checkpoints count: epoch 1's (step 4), and epoch 2's only if
     # its write finished before the kill.
-    state, summary = train.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
+    state, summary = loop.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
     assert summary['status'] == 'completed'
     assert _metrics(tmp_path) == reference[0]
     jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, reference[1].params)
@@ -108,7 +108,7 @@ def test_signal_saves_a_mid_epoch_checkpoint_and_resumes(name, code, reference, 
     assert 'Traceback' not in proc.stderr
     assert _steps(tmp_path) == [4, 6]  # Epoch 1's and the mid-epoch one.
     assert len(writers.read_metrics(str(tmp_path))) == 1
-    train.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
+    loop.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
     assert _metrics(tmp_path) == reference[0]
 
 
@@ -129,9 +129,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
     how, reference, cifar_py, tmp_path, caplog
 ):
     config = make_tiny_config(cifar_py.path)
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     _corrupt(tmp_path / 'checkpoints' / '12', how)
-    state, summary = train.train_and_evaluate(config, str(tmp_path))
+    state, summary = loop.train_and_evaluate(config, str(tmp_path))
     assert 'checkpoint 12' in caplog.text and 'unreadable' in caplog.text
     assert summary['status'] == 'completed'
     assert _metrics(tmp_path) == reference[0]  # Epoch 3 trained again, same result.
@@ -142,11 +142,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
 def test_no_readable_checkpoint_is_an_error_that_moves_nothing(cifar_py, tmp_path):
     config = make_tiny_config(cifar_py.path)
     config.num_epochs = 2
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     _corrupt(tmp_path / 'checkpoints', 'garbage')
     config.num_epochs = 3
-    with pytest.raises(train.CheckpointError, match='no readable checkpoint in .*checkpoints'):
-        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(
+        checkpoints.CheckpointError, match='no readable checkpoint in .*checkpoints'
+    ):
+        loop.train_and_evaluate(config, str(tmp_path))
     assert _steps(tmp_path) == [4, 8] and not (tmp_path / 'checkpoints_corrupt').exists()
     assert len(writers.read_metrics(str(tmp_path))) == 2  # Nothing started over.
 
@@ -156,67 +158,67 @@ def test_non_finite_loss_stops_within_the_epoch_and_keeps_good_checkpoints(
 ):
     config = make_tiny_config(cifar_py.path)
     config.check_finite_every_steps = 2
-    real_step = train.train_step
+    real_step = loop.train_steps
     calls = [0]
 
-    def poisoned(state, batch):
+    def poisoned(states, batches):
         calls[0] += 1
         if calls[0] == 6:  # Epoch 2: NaN images make NaN loss and parameters.
-            batch = dict(batch, image=batch['image'] * np.nan)
-        return real_step(state, batch)
+            batches = dict(batches, image=batches['image'] * np.nan)
+        return real_step(states, batches)
 
-    monkeypatch.setattr(train, 'train_step', poisoned)
-    state, summary = train.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.setattr(loop, 'train_steps', poisoned)
+    state, summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary['status'] == 'diverged'
     assert summary['error'] == 'non-finite loss or gradients in epoch 2 (by step 2)'
     assert calls[0] == 6  # Stopped at the check, not at the end of the epoch.
     assert _steps(tmp_path) == [4]
     assert len(writers.read_metrics(str(tmp_path))) == 1
     monkeypatch.undo()
-    model, variables, _ = train.restore(str(tmp_path))
-    assert train._tree_finite(variables)
+    model, variables, _ = checkpoints.restore(str(tmp_path))
+    assert bool(train.runs_finite(train.stack([variables]))[0])
 
 
 def test_a_different_config_is_refused_unless_overwritten(cifar_py, tmp_path):
     config = make_tiny_config(cifar_py.path)
     config.num_epochs = 1
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     before = (tmp_path / 'config.json').read_text(), _steps(tmp_path)
     config.learning_rate, config.batch_size = 0.001, 16
     with pytest.raises(validation.ConfigError) as e:
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     assert 'batch_size: 32 -> 16; learning_rate: 0.01 -> 0.001' in str(e.value)
     assert '--overwrite' in str(e.value)
     assert ((tmp_path / 'config.json').read_text(), _steps(tmp_path)) == before
 
-    _, summary = train.train_and_evaluate(config, str(tmp_path), overwrite=True)
+    _, summary = loop.train_and_evaluate(config, str(tmp_path), overwrite=True)
     assert summary['config']['learning_rate'] == 0.001
     assert json.loads((tmp_path / 'config.json').read_text())['batch_size'] == 16
     assert len(writers.read_metrics(str(tmp_path))) == 1
 
     config.num_epochs = 2  # Extending a run is allowed.
-    _, summary = train.train_and_evaluate(config, str(tmp_path))
+    _, summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary['epochs_completed'] == 2 and summary['status'] == 'completed'
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_earlier_ones(cifar_py, tmp_path, monkeypatch):
     config = make_tiny_config(cifar_py.path)
-    real_save = train.ocp.CheckpointManager.save
+    real_save = checkpoints.ocp.CheckpointManager.save
 
     def full(self, step, *args, **kwargs):
         if step == 8:
             raise OSError(errno.ENOSPC, 'No space left on device')
         return real_save(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(train.ocp.CheckpointManager, 'save', full)
-    with pytest.raises(train.CheckpointError, match='No space left on device'):
-        train.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.setattr(checkpoints.ocp.CheckpointManager, 'save', full)
+    with pytest.raises(checkpoints.CheckpointError, match='No space left on device'):
+        loop.train_and_evaluate(config, str(tmp_path))
     assert _steps(tmp_path) == [4]
     monkeypatch.undo()
-    _, summary = train.train_and_evaluate(config, str(tmp_path))
+    _, summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary['status'] == 'completed'
 
 
 def test_two_runs_with_one_seed_are_identical(reference, cifar_py, tmp_path):
-    train.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
+    loop.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
     assert _metrics(tmp_path) == reference[0]

@@ -10,7 +10,7 @@ from tests.conftest import REPO
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from resnet_jax import train
+    from resnet_jax import loop, train
     from tests.conftest import make_tiny_config
     from tests import fake_data
     import sys, tempfile
@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent("""
     summaries = []
     for n in (1, 8):
       mesh = train.make_mesh(jax.devices()[:n])
-      _, summary = train.train_and_evaluate(config, tempfile.mkdtemp(), mesh=mesh)
+      _, summary = loop.train_and_evaluate(config, tempfile.mkdtemp(), mesh=mesh)
       summaries.append(summary)
     assert summaries[0]['status'] == summaries[1]['status'] == 'completed'
     for key in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):

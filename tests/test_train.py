@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import augment, train, writers
+from resnet_jax import augment, checkpoints, loop, train, writers
 from tests.conftest import make_tiny_config
 
 COMPARED = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate')
@@ -20,7 +20,7 @@ def finished_run(tmp_path_factory, cifar_py):
     """One uninterrupted 3-epoch run, shared by the tests of this module."""
     c = make_tiny_config(cifar_py.path)
     workdir = str(tmp_path_factory.mktemp('run'))
-    state, summary = train.train_and_evaluate(c, workdir)
+    state, summary = loop.train_and_evaluate(c, workdir)
     return c, workdir, state, summary
 
 
@@ -69,13 +69,13 @@ def test_tensorboard_file_holds_the_scalars(finished_run):
 def test_eval_counts_every_test_image_once(finished_run, cifar_py):
     """Test accuracy equals a plain numpy count over all 50 test images."""
     config, workdir, _, summary = finished_run
-    model, variables, restored_config = train.restore(workdir)
+    model, variables, restored_config = checkpoints.restore(workdir)
     assert restored_config.batch_size == 32
     x = augment.to_float(jnp.asarray(cifar_py.test_images))
     logits = model.apply(variables, x, train=False)
     correct = (np.asarray(logits).argmax(-1) == cifar_py.test_labels).sum()
     assert summary['test_accuracy'] == pytest.approx(correct / 50, abs=1e-6)
-    result = train.evaluate_workdir(workdir)
+    result = loop.evaluate_workdir(workdir)
     assert result['accuracy'] == pytest.approx(correct / 50, abs=1e-6)
 
 
@@ -91,11 +91,11 @@ def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path,
 
     monkeypatch.setattr(writers.MetricLogger, 'write', write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+        loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
     assert [r['epoch'] for r in writers.read_metrics(workdir)] == [1, 2]
     monkeypatch.setattr(writers.MetricLogger, 'write', real_write)
 
-    state, summary = train.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+    state, summary = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
     resumed = writers.read_metrics(workdir)
     full = writers.read_metrics(finished_run[1])
     assert [r['epoch'] for r in resumed] == [1, 2, 3]
@@ -107,7 +107,7 @@ def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path,
 
 def test_rerunning_a_finished_run_trains_nothing(finished_run, cifar_py):
     _, workdir, state, summary = finished_run
-    again, summary2 = train.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+    again, summary2 = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
     assert int(again.step) == int(state.step)
     assert summary2['test_accuracy'] == summary['test_accuracy']
     assert len(writers.read_metrics(workdir)) == 3
@@ -115,24 +115,24 @@ def test_rerunning_a_finished_run_trains_nothing(finished_run, cifar_py):
 
 def test_shuffle_off_uses_the_stored_order_every_epoch():
     rng = jax.random.PRNGKey(0)
-    np.testing.assert_array_equal(train.epoch_order(rng, 1, 10, False), np.arange(10))
-    a, b = (np.asarray(train.epoch_order(rng, e, 1000, True)) for e in (1, 2))
+    np.testing.assert_array_equal(augment.epoch_order(rng, 1, 10, False), np.arange(10))
+    a, b = (np.asarray(augment.epoch_order(rng, e, 1000, True)) for e in (1, 2))
     assert sorted(a) == list(range(1000)) and not np.array_equal(a, b)
-    np.testing.assert_array_equal(a, train.epoch_order(rng, 1, 1000, True))
+    np.testing.assert_array_equal(a, augment.epoch_order(rng, 1, 1000, True))
 
 
 def test_train_batch_gathers_in_order_and_augments_on_device():
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), np.uint8))
     labels = jnp.arange(10, dtype=jnp.int32)
     order = jnp.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0], jnp.int32)
-    prep = train.Preprocess(pad=0, flip=False, mean=None, std=None)
-    batch = train.train_batch(
+    prep = augment.Preprocess(pad=0, flip=False, mean=None, std=None)
+    batch = augment.train_batch(
         images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
     )
     np.testing.assert_array_equal(batch['label'], [7, 6, 5, 4])
     np.testing.assert_allclose(batch['image'], np.asarray(images)[[7, 6, 5, 4]] / 255.0, rtol=1e-6)
-    prep = train.Preprocess(pad=4, flip=True, mean=None, std=None)
-    aug = train.train_batch(
+    prep = augment.Preprocess(pad=4, flip=True, mean=None, std=None)
+    aug = augment.train_batch(
         images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
     )
     assert not np.allclose(aug['image'], batch['image'])
@@ -142,7 +142,7 @@ def test_train_batch_gathers_in_order_and_augments_on_device():
 def sgd_step_by_step(tmp_path_factory, cifar_py):
     """The tiny run with plain SGD, step by step: the reference for scanned steps."""
     workdir = str(tmp_path_factory.mktemp('sgd'))
-    train.train_and_evaluate(_sgd(make_tiny_config(cifar_py.path)), workdir)
+    loop.train_and_evaluate(_sgd(make_tiny_config(cifar_py.path)), workdir)
     return writers.read_metrics(workdir)
 
 
@@ -164,11 +164,11 @@ def test_scanned_steps_match_the_step_path(
     real_write = writers.MetricLogger.write
 
     def write(self, record):
-        cache_sizes.append(train.train_steps._cache_size())
+        cache_sizes.append(loop.scan_steps.single._cache_size())
         real_write(self, record)
 
     monkeypatch.setattr(writers.MetricLogger, 'write', write)
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     assert cache_sizes[0] >= 1 and cache_sizes == cache_sizes[:1] * 3  # No recompiles.
     scanned = writers.read_metrics(str(tmp_path))
     for a, b in zip(scanned, sgd_step_by_step, strict=True):
@@ -177,21 +177,21 @@ def test_scanned_steps_match_the_step_path(
 
 
 def test_chunks_of_an_epoch():
-    assert train.call_chunks([32, 32, 32, 24], 0, 1) == [
+    assert loop.call_chunks([32, 32, 32, 24], 0, 1) == [
         (0, 32, 1),
         (1, 32, 1),
         (2, 32, 1),
         (3, 24, 1),
     ]
-    assert train.call_chunks([32, 32, 32, 24], 0, 2) == [(0, 32, 2), (2, 32, 1), (3, 24, 1)]
-    assert train.call_chunks([32, 32, 32, 24], 1, 0) == [(1, 32, 2), (3, 24, 1)]
-    assert train.call_chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
+    assert loop.call_chunks([32, 32, 32, 24], 0, 2) == [(0, 32, 2), (2, 32, 1), (3, 24, 1)]
+    assert loop.call_chunks([32, 32, 32, 24], 1, 0) == [(1, 32, 2), (3, 24, 1)]
+    assert loop.call_chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
 
 
 def test_bfloat16_computes_in_bf16_and_keeps_float32_state(cifar_py, tmp_path):
     config = make_tiny_config(cifar_py.path)
     config.dtype, config.num_epochs = 'bfloat16', 1
-    state, summary = train.train_and_evaluate(config, str(tmp_path))
+    state, summary = loop.train_and_evaluate(config, str(tmp_path))
     leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state))
     assert {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {
         np.dtype('float32')

@@ -1,4 +1,5 @@
-"""Vectorised sweeps: lanes match runs trained one by one, resume, diverge alone."""
+"""Runs trained together (one program over a run axis) match runs trained one by one,
+resume, and diverge alone; a single run is the plain program."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import paper_sweep
-from resnet_jax import sweep, train, vectorize, writers
+from resnet_jax import augment, checkpoints, loop, sweep, train, writers
 from tests.conftest import make_tiny_config
 
 # (learning_rate, shuffle, seed) of three lanes: every vectorisable field varies.
@@ -43,14 +44,14 @@ def together(tmp_path_factory, cifar_py):
     """The three lanes trained as one group, uninterrupted; the compiles it took."""
     root = tmp_path_factory.mktemp('together')
     workdirs = [str(root / f'lane{i}') for i in range(len(LANES))]
-    before = vectorize.train_lanes._cache_size()
-    summaries = vectorize.train_group(_configs(cifar_py.path), workdirs)
-    return workdirs, summaries, vectorize.train_lanes._cache_size() - before
+    before = loop.train_steps.mapped._cache_size()
+    _, summaries = loop.train_runs(_configs(cifar_py.path), workdirs)
+    return workdirs, summaries, loop.train_steps.mapped._cache_size() - before
 
 
 def test_groups_of_the_paper_sweep():
     runs = sweep.expand(paper_sweep.get_config())
-    groups = vectorize.group_runs([r.config for r in runs])
+    groups = sweep.group_runs([r.config for r in runs])
     assert sorted(len(g) for g in groups) == [6, 6, 6]  # One per batch size.
     for group in groups:
         assert len({runs[i].config.batch_size for i in group}) == 1
@@ -62,11 +63,11 @@ def test_lanes_match_runs_trained_one_by_one(together, cifar_py, tmp_path):
     # batch, compiled in epoch 1 and reused in epoch 2.
     assert compiles <= 2
     # Seeds 0, 0, 1 draw two different subsets: lanes index two stacked training sets.
-    assert vectorize._load_datasets(_configs(cifar_py.path))[1] == [0, 0, 1]
+    assert loop._training_sets(_configs(cifar_py.path))[1] == [0, 0, 1]
     for config, workdir, summary in zip(_configs(cifar_py.path), workdirs, summaries, strict=True):
         assert summary['status'] == 'completed' and summary['vectorized_lanes'] == 3
         alone_dir = str(tmp_path / os.path.basename(workdir))
-        _, alone = train.train_and_evaluate(config, alone_dir)
+        _, alone = loop.train_and_evaluate(config, alone_dir)
         got, want = _records(workdir), _records(alone_dir)
         assert len(got) == len(want) == 2
         for g, w in zip(got, want, strict=True):
@@ -79,7 +80,7 @@ def test_lanes_match_runs_trained_one_by_one(together, cifar_py, tmp_path):
         # A lane's workdir is a run's workdir: its config, restore and evaluation.
         saved = json.loads(open(os.path.join(workdir, 'config.json')).read())
         assert saved['learning_rate'] == config.learning_rate
-        result = train.evaluate_workdir(workdir)
+        result = loop.evaluate_workdir(workdir)
         assert result['accuracy'] == pytest.approx(summary['test_accuracy'])
     # Different learning rates, orders and seeds give different runs.
     assert len({s['train_loss'] for s in summaries}) == 3
@@ -89,46 +90,78 @@ def test_one_step_of_three_lanes_is_three_single_steps():
     """Per step, lanes equal the plain step up to rounding (runs then drift apart
     chaotically, hence the looser tolerances over whole runs above)."""
     config = make_tiny_config('')
-    config.optimizer, config.learning_rate = 'sgd', 0.05
-    prep = train.Preprocess.from_config(config)
+    config.optimizer = 'sgd'
+    prep = augment.Preprocess.from_config(config)
     images = jax.random.randint(jax.random.PRNGKey(1), (64, 32, 32, 3), 0, 256, jnp.int32)
     images = images.astype(jnp.uint8)
     labels = jax.random.randint(jax.random.PRNGKey(2), (64,), 0, 10, jnp.int32)
     orders = jnp.stack([jax.random.permutation(jax.random.PRNGKey(i), 64) for i in range(3)])
-    lrs = jnp.asarray([0.05, 0.01, 0.2], jnp.float32)
-    state, _ = vectorize.create_lane_state(config, 2)
-    states, metrics = vectorize.train_lanes(
-        vectorize.stack([state] * 3),
-        lrs,
-        orders.astype(jnp.int32),
-        images,
-        labels,
-        jnp.int32(0),
-        size=32,
-        count=1,
-        prep=prep,
+    orders = orders.astype(jnp.int32)
+    rates = (0.05, 0.01, 0.2)
+    init_rng = jax.random.split(jax.random.PRNGKey(0))[0]
+    states = []
+    for lr in rates:  # One optimiser, the learning rate in each run's state.
+        config.learning_rate = lr
+        states.append(train.create_train_state(config, init_rng, 2))
+    assert len({id(s.tx) for s in states}) == 1
+    initial = states[0]
+    stacked, metrics = loop.train_chunk(
+        train.stack(states), orders, images, labels, jnp.int32(0), size=32, count=1, prep=prep
     )
-    for r in range(3):
-        config.learning_rate = float(lrs[r])
-        alone = train.create_train_state(config, jax.random.split(jax.random.PRNGKey(0))[0], 2)
-        batch = train.train_batch(
-            images,
-            labels,
-            orders[r].astype(jnp.int32),
-            jnp.int32(0),
-            alone.rng,
-            alone.step,
-            size=32,
-            prep=prep,
+    np.testing.assert_allclose(train.learning_rate(stacked), rates)
+    for r, lr in enumerate(rates):
+        config.learning_rate = lr
+        alone = train.create_train_state(config, init_rng, 2)
+        batch = augment.train_batch(
+            images, labels, orders[r], jnp.int32(0), alone.rng, alone.step, size=32, prep=prep
         )
         alone, m = train.train_step(alone, batch)
-        lane = vectorize.unstack(states, r)
-        leaves = (jax.tree_util.tree_leaves(s.params) for s in (lane, alone, state))
+        lane = train.unstack(stacked, r)
+        leaves = (jax.tree_util.tree_leaves(s.params) for s in (lane, alone, initial))
         for a, b, init in zip(*leaves, strict=True):  # The updates agree to rounding.
             assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b - init)
-        assert float(vectorize.unstack(metrics, r).compute()['loss']) == pytest.approx(
+        assert float(train.unstack(metrics, r).compute()['loss']) == pytest.approx(
             float(m.compute()['loss']), rel=1e-5
         )
+
+
+def test_a_single_run_is_the_plain_program_bit_for_bit():
+    """R = 1 runs the compiled single-run step itself: identical to train_step."""
+    config = make_tiny_config('')
+    prep = augment.Preprocess.from_config(config)
+    images = jax.random.randint(jax.random.PRNGKey(1), (64, 32, 32, 3), 0, 256, jnp.int32)
+    images = images.astype(jnp.uint8)
+    labels = jax.random.randint(jax.random.PRNGKey(2), (64,), 0, 10, jnp.int32)
+    order = jax.random.permutation(jax.random.PRNGKey(3), 64).astype(jnp.int32)
+    state = train.create_train_state(config, jax.random.PRNGKey(0), 2)
+    batch = augment.train_batch(
+        images, labels, order, jnp.int32(0), state.rng, state.step, size=32, prep=prep
+    )
+    copy = jax.tree_util.tree_map(jnp.copy, state)
+    alone, m = train.train_step(copy, batch)
+    stacked, ms = loop.train_chunk(
+        train.stack([state]), order[None], images, labels, jnp.int32(0), size=32, count=1, prep=prep
+    )
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, train.unstack(stacked, 0).params, alone.params
+    )
+    assert float(train.unstack(ms, 0).compute()['loss']) == float(m.compute()['loss'])
+
+
+def test_a_checkpoint_from_before_per_run_learning_rates_resumes(tmp_path):
+    """Checkpoints whose optimiser state has no injected learning rate (written
+    before it became state) restore into today's state, at the config's rate."""
+    config = make_tiny_config('')
+    state = train.create_train_state(config, jax.random.PRNGKey(0), 2)
+    old_layout = state.replace(step=jnp.int32(7), opt_state=state.opt_state.inner_state)
+    manager = checkpoints.checkpoint_manager(str(tmp_path))
+    checkpoints.save(manager, old_layout, {'epoch': 1, 'position': 0})
+    restored, meta, _ = checkpoints.restore_state(manager, state)
+    manager.close()
+    assert meta['epoch'] == 1 and int(restored.step) == 7
+    assert int(restored.opt_state.count) == 7
+    assert float(train.learning_rate(restored)) == pytest.approx(config.learning_rate)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, state.params)
 
 
 def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, monkeypatch):
@@ -136,24 +169,24 @@ def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, mo
     with the very numbers of the uninterrupted group."""
     workdirs = [str(tmp_path / f'lane{i}') for i in range(len(LANES))]
     calls = []
-    real = vectorize.train_lanes
+    real = loop.train_chunk
 
-    def train_lanes(*args, **kwargs):
+    def train_chunk(*args, **kwargs):
         calls.append(1)
         if len(calls) == 6:  # 4 steps per epoch: step 2 of epoch 2.
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vectorize, 'train_lanes', train_lanes)
-    with pytest.raises(train.Interrupted):
-        vectorize.train_group(_configs(cifar_py.path), workdirs)
+    monkeypatch.setattr(loop, 'train_chunk', train_chunk)
+    with pytest.raises(loop.Interrupted):
+        loop.train_runs(_configs(cifar_py.path), workdirs)
     for workdir in workdirs:
         assert len(writers.read_metrics(workdir)) == 1
-        manager = train.checkpoint_manager(workdir, read_only=True)
+        manager = checkpoints.checkpoint_manager(workdir, read_only=True)
         assert manager.latest_step() == 6  # 4 steps of epoch 1, 2 of epoch 2.
         manager.close()
-    monkeypatch.setattr(vectorize, 'train_lanes', real)
-    summaries = vectorize.train_group(_configs(cifar_py.path), workdirs)
+    monkeypatch.setattr(loop, 'train_chunk', real)
+    _, summaries = loop.train_runs(_configs(cifar_py.path), workdirs)
     assert [s['status'] for s in summaries] == ['completed'] * 3
     for workdir, reference in zip(workdirs, together[0], strict=True):
         assert _records(workdir) == _records(reference)
