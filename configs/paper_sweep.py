@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     # as statistics"). None: one run per point, named without a seed.
     config.sweep.repeats = ml_collections.config_dict.placeholder(int)
     # True: the 6 runs of each batch size train together as one vmapped program
-    # (resnet_jax/vectorize.py); meant for accelerators: slower than separate
+    # (resnet_jax/loop.py); meant for accelerators: slower than separate
     # runs on CPUs, whose grouped convolutions are slow (BENCHMARKS.md).
     config.sweep.vectorize = False
     return config

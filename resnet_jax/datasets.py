@@ -8,26 +8,24 @@
 
 ``config.data.source`` picks where the images come from:
 
-* ``'cifar'``: a local copy of the official CIFAR-10 distribution, python
-  (``cifar-10-batches-py/``) or binary (``cifar-10-batches-bin/``) version.
-  ``data.path`` is the batches folder, its parent (what torchvision and keras
-  leave on disk) or the official ``.tar.gz`` archive, read without unpacking.
-  The python pickles are read with an unpickler that refuses anything but
-  numpy arrays, so a tampered file cannot run code.
+* ``'cifar'``: the official CIFAR-10 python (``cifar-10-batches-py/``) or binary
+  (``cifar-10-batches-bin/``) version. ``data.path`` is the batches folder, its
+  parent (as torchvision and keras leave it) or the official ``.tar.gz`` archive,
+  read without unpacking. Pickles are read with an unpickler that refuses
+  anything but numpy arrays, so a tampered file cannot run code.
 * ``'folder'``: ``path/{train,test}/<class>/*.{png,jpg,jpeg}``; classes are the
   sorted subfolder names. Images must be ``data.image_size`` pixels square and
-  are converted to 8-bit RGB (see ``_to_rgb8``). Large folders are decoded in spawned processes (a
-  script calling this needs the ``if __name__ == '__main__':`` guard), then
-  cached as ``.npz`` under ``$RESNET_JAX_CACHE`` (default
+  become 8-bit RGB (see ``_decode_image``). Large folders are decoded in spawned
+  processes (a calling script needs the ``if __name__ == '__main__':`` guard),
+  then cached as ``.npz`` under ``$RESNET_JAX_CACHE`` (default
   ``~/.cache/resnet_jax``), keyed on the folder's path and its files' names,
   sizes and modification times. Folders store images class by class, so the
   training set is put once into a fixed order drawn from ``seed``.
-* ``'tfds'``: TensorFlow Datasets' ``cifar10`` read through its ArrayRecord
-  data source, without TensorFlow; ``data.path`` is the TFDS data dir ('' for
-  the default). An unprepared dataset is downloaded only if ``data.download``
-  is on, the network answers and TensorFlow is installed (tfds needs it to
-  prepare cifar10); otherwise a :class:`DataError` says how to point at a
-  local copy instead.
+* ``'tfds'``: TensorFlow Datasets' ``cifar10`` through its ArrayRecord data
+  source, without TensorFlow; ``data.path`` is the TFDS data dir ('' for the
+  default). An unprepared dataset is downloaded only if ``data.download`` is on,
+  the network answers and TensorFlow is installed (tfds needs it to prepare
+  cifar10); otherwise a :class:`DataError` says how to point at a local copy.
 * ``'auto'``: :func:`detect_source` picks one from ``data.path``.
 
 The training set keeps its stored order (batches 1..5 for CIFAR files, the
@@ -75,15 +73,12 @@ CIFAR_IMAGE_SIZE = 32
 _PIXELS_PER_IMAGE = 3 * CIFAR_IMAGE_SIZE * CIFAR_IMAGE_SIZE  # 3072
 _BIN_RECORD_BYTES = 1 + _PIXELS_PER_IMAGE
 _TRAIN_BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6))
-# Per version: folder name in the official archive, train files, test file,
-# file of class names.
+# Per version: folder in the official archive; its 5 train batches, test batch, class names.
 _CIFAR_VERSIONS = {
-    'py': ('cifar-10-batches-py', _TRAIN_BATCHES, 'test_batch', 'batches.meta'),
+    'py': ('cifar-10-batches-py', (*_TRAIN_BATCHES, 'test_batch', 'batches.meta')),
     'bin': (
         'cifar-10-batches-bin',
-        tuple(f'{b}.bin' for b in _TRAIN_BATCHES),
-        'test_batch.bin',
-        'batches.meta.txt',
+        (*(f'{b}.bin' for b in _TRAIN_BATCHES), 'test_batch.bin', 'batches.meta.txt'),
     ),
 }
 _CIFAR_ARCHIVES = ('cifar-10-python.tar.gz', 'cifar-10-binary.tar.gz')
@@ -96,16 +91,9 @@ _TFDS_NAME = 'cifar10'
 _DOWNLOAD_HOST = ('www.cs.toronto.edu', 443)  # Where tfds fetches cifar10.
 _NETWORK_TIMEOUT_S = 3.0
 _EXPECTED_LAYOUTS = (
-    'a CIFAR-10 copy (cifar-10-batches-py/ or cifar-10-batches-bin/, or '
-    'their .tar.gz archives), an image folder with train/<class>/ and '
-    'test/<class>/, or a TensorFlow Datasets data dir holding cifar10/'
-)
-_LOCAL_COPY_HINT = (
-    'point at a local copy instead: --config.data.source=cifar '
-    '--config.data.path=/path/to/cifar-10-batches-py, '
-    '--config.data.path=/path/to/tfds_data_dir (holding cifar10/), or '
-    '--config.data.source=folder --config.data.path=/path/to/images '
-    '(train/<class>/*.png and test/<class>/*.png)'
+    'a CIFAR-10 copy (cifar-10-batches-py/ or cifar-10-batches-bin/, or their .tar.gz '
+    'archives), an image folder with train/<class>/ and test/<class>/, or a TensorFlow '
+    'Datasets data dir holding cifar10/'
 )
 
 
@@ -129,41 +117,29 @@ class Dataset:
     path: str  # Where it was read from ('' for tfds default dir).
 
     def __post_init__(self):
+        n = self.num_classes
         for split in ('train', 'test'):
-            _check_split(
-                split,
-                getattr(self, f'{split}_images'),
-                getattr(self, f'{split}_labels'),
-                self.num_classes,
-            )
+            images, labels = getattr(self, f'{split}_images'), getattr(self, f'{split}_labels')
+            shape = images.shape
+            if images.dtype != np.uint8 or len(shape) != 4 or shape[2:] != (shape[1], 3):
+                raise DataError(
+                    f'{split} images must be uint8 of shape (n, s, s, 3), '
+                    f'not {images.dtype} {shape}'
+                )
+            if labels.dtype != np.int32 or labels.shape != shape[:1]:
+                raise DataError(
+                    f'{split} labels must be int32 of shape {shape[:1]}, '
+                    f'not {labels.dtype} {labels.shape}'
+                )
+            if labels.size and (labels.min() < 0 or labels.max() >= n):
+                raise DataError(
+                    f'{split} labels must lie in [0, {n}) for {n} classes, but range over '
+                    f'[{labels.min()}, {labels.max()}]'
+                )
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-
-def _check_split(split: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
-    """Raises DataError unless images/labels are one consistent split."""
-    if (
-        images.dtype != np.uint8
-        or images.ndim != 4
-        or images.shape[3] != 3
-        or images.shape[1] != images.shape[2]
-    ):
-        raise DataError(
-            f'{split} images must be uint8 of shape (n, s, s, 3), not {images.dtype} {images.shape}'
-        )
-    if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
-        raise DataError(
-            f'{split} labels must be int32 of shape '
-            f'{images.shape[:1]}, not {labels.dtype} {labels.shape}'
-        )
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(
-            f'{split} labels must lie in [0, {num_classes}) for '
-            f'{num_classes} classes, but range over '
-            f'[{labels.min()}, {labels.max()}]'
-        )
 
 
 def detect_source(path: str) -> str:
@@ -192,20 +168,13 @@ def detect_source(path: str) -> str:
 
 
 def load_dataset(data_config: Any, seed: int) -> Dataset:
-    """Loads the dataset ``data_config`` describes (see the module docstring).
+    """Loads the dataset ``data_config`` (``config.data``) describes.
 
-    Args:
-      data_config: ``config.data``: ``source`` ('auto' | 'tfds' | 'cifar' |
-        'folder'), ``path`` ('' = default), ``train_subset`` (0 = all),
-        ``image_size`` (image folders; default 32) and ``download`` (tfds;
-        default True).
-      seed: seeds the image-folder training order and the training subset.
-
-    Returns:
-      The dataset, training set in stored order.
-
-    Raises:
-      DataError: the input is missing, unreadable or malformed.
+    ``data_config`` has ``source`` ('auto' | 'tfds' | 'cifar' | 'folder'),
+    ``path`` ('' = default), ``train_subset`` (0 = all), ``image_size`` (image
+    folders; default 32) and ``download`` (tfds; default True). ``seed`` seeds
+    the image-folder training order and the training subset. Raises DataError
+    when the input is missing, unreadable or malformed.
     """
     start = time.perf_counter()
     source = data_config.source
@@ -219,8 +188,7 @@ def load_dataset(data_config: Any, seed: int) -> Dataset:
         if source != 'folder' and image_size != CIFAR_IMAGE_SIZE:
             raise DataError(
                 f'data.image_size={image_size} needs an image folder: '
-                f'{source} images are {CIFAR_IMAGE_SIZE}x'
-                f'{CIFAR_IMAGE_SIZE}'
+                f'{source} images are {CIFAR_IMAGE_SIZE}x{CIFAR_IMAGE_SIZE}'
             )
         if source == 'tfds':
             dataset = _load_tfds(path, getattr(data_config, 'download', True))
@@ -230,7 +198,15 @@ def load_dataset(data_config: Any, seed: int) -> Dataset:
             dataset = _load_cifar(path)
         else:
             dataset = _load_folder(path, image_size, seed)
-    dataset = _take_train_subset(dataset, data_config.train_subset, seed)
+    size, n = data_config.train_subset, len(dataset.train_labels)
+    if size:  # A seeded subset, kept in stored order.
+        if not 0 < size <= n:
+            raise DataError(
+                f'data.train_subset={size} must lie in [0, {n}], the size of the training set'
+            )
+        keep = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+        images, labels = dataset.train_images[keep], dataset.train_labels[keep]
+        dataset = dataclasses.replace(dataset, train_images=images, train_labels=labels)
     logger.info(
         'Loaded %d train + %d test images of %d classes (%s: %s) in %.1f s.',
         len(dataset.train_labels),
@@ -267,21 +243,6 @@ def _os_errors_as_data_errors() -> Iterator[None]:
         raise DataError(f'cannot read{where}: {e.strerror or e}') from e
 
 
-def _take_train_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
-    """Keeps a seeded subset of ``size`` training images in stored order."""
-    if size == 0:
-        return dataset
-    n = len(dataset.train_labels)
-    if not 0 < size <= n:
-        raise DataError(
-            f'data.train_subset={size} must lie in [0, {n}], the size of the training set'
-        )
-    keep = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-    return dataclasses.replace(
-        dataset, train_images=dataset.train_images[keep], train_labels=dataset.train_labels[keep]
-    )
-
-
 # ------------------------------------------------------------------ cifar ----
 
 
@@ -294,8 +255,9 @@ class _File(NamedTuple):
 
 def _cifar_dir_version(folder: str) -> str | None:
     """'py' or 'bin' if ``folder`` holds CIFAR-10 batch files, else None."""
-    for version, (_, train, test, meta) in _CIFAR_VERSIONS.items():
-        if any(os.path.isfile(os.path.join(folder, name)) for name in (train[0], test, meta)):
+    for version, (_, names) in _CIFAR_VERSIONS.items():
+        # The first train batch, the test batch or the class names.
+        if any(os.path.isfile(os.path.join(folder, n)) for n in (names[0], *names[5:])):
             return version
     return None
 
@@ -304,62 +266,45 @@ def _find_cifar(path: str) -> str | None:
     """The CIFAR-10 batches folder or archive at or directly under ``path``."""
     if os.path.isfile(path):
         return path if path.endswith(_ARCHIVE_SUFFIXES) else None
-    folders = [path] + [os.path.join(path, folder) for folder, *_ in _CIFAR_VERSIONS.values()]
-    for folder in folders:
+    for folder in [path] + [os.path.join(path, folder) for folder, _ in _CIFAR_VERSIONS.values()]:
         if _cifar_dir_version(folder):
             return folder
-    for name in _CIFAR_ARCHIVES:
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    return None
+    archives = (os.path.join(path, name) for name in _CIFAR_ARCHIVES)
+    return next((archive for archive in archives if os.path.isfile(archive)), None)
 
 
-def _cifar_names(version: str) -> tuple[str, ...]:
-    _, train, test, meta = _CIFAR_VERSIONS[version]
-    return (*train, test, meta)
-
-
-def _read_cifar_folder(folder: str) -> tuple[str, dict[str, _File]]:
-    """Returns (version, {base name: file}) of a batches folder."""
-    version = _cifar_dir_version(folder)
-    names = _cifar_names(version)
-    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+def _read_cifar(location: str) -> tuple[str, dict[str, _File]]:
+    """(version, {base name: file}) of a batches folder, or of an archive read in one pass."""
+    files: dict[str, _File] = {}
+    if os.path.isdir(location):
+        version, where = _cifar_dir_version(location), f'CIFAR-10 folder {location}'
+    else:
+        where = f'archive {location}'
+        folder_versions = {folder: version for version, (folder, _) in _CIFAR_VERSIONS.items()}
+        found: dict[str, dict[str, _File]] = {}
+        try:
+            with tarfile.open(location, 'r|*') as tar:
+                for member in tar:
+                    folder, name = os.path.split(member.name)
+                    version = folder_versions.get(os.path.basename(folder))
+                    if member.isfile() and version and name in _CIFAR_VERSIONS[version][1]:
+                        file = _File(f'{location}:{member.name}', tar.extractfile(member).read())
+                        found.setdefault(version, {})[name] = file
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise DataError(f'cannot read the archive {location}: {e}') from e
+        if not found:
+            raise DataError(
+                f'archive {location} holds no CIFAR-10 batches (expected '
+                'members under cifar-10-batches-py/ or cifar-10-batches-bin/)'
+            )
+        version, files = next(iter(found.items()))
+    paths = {n: os.path.join(location, n) for n in _CIFAR_VERSIONS[version][1] if n not in files}
+    missing = [n for n, p in paths.items() if not os.path.isfile(p)]
     if missing:
-        raise DataError(f'CIFAR-10 folder {folder} lacks {", ".join(missing)}')
-    files = {}
-    for name in names:
-        with open(os.path.join(folder, name), 'rb') as f:
-            files[name] = _File(os.path.join(folder, name), f.read())
-    return version, files
-
-
-def _read_cifar_archive(archive: str) -> tuple[str, dict[str, _File]]:
-    """Returns (version, {base name: file}) of an official CIFAR-10 archive.
-
-    Reads the members in one pass, without unpacking the archive to disk.
-    """
-    folder_versions = {v[0]: version for version, v in _CIFAR_VERSIONS.items()}
-    found: dict[str, dict[str, _File]] = {}
-    try:
-        with tarfile.open(archive, 'r|*') as tar:
-            for member in tar:
-                folder, name = os.path.split(member.name)
-                version = folder_versions.get(os.path.basename(folder))
-                if member.isfile() and version and name in _cifar_names(version):
-                    data = tar.extractfile(member).read()
-                    found.setdefault(version, {})[name] = _File(f'{archive}:{member.name}', data)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise DataError(f'cannot read the archive {archive}: {e}') from e
-    if not found:
-        raise DataError(
-            f'archive {archive} holds no CIFAR-10 batches (expected '
-            'members under cifar-10-batches-py/ or '
-            'cifar-10-batches-bin/)'
-        )
-    version, files = next(iter(found.items()))
-    missing = [n for n in _cifar_names(version) if n not in files]
-    if missing:
-        raise DataError(f'archive {archive} lacks {", ".join(missing)}')
+        raise DataError(f'{where} lacks {", ".join(missing)}')
+    for name, path in paths.items():  # Only a folder's files are still to read.
+        with open(path, 'rb') as f:
+            files[name] = _File(path, f.read())
     return version, files
 
 
@@ -410,66 +355,48 @@ def _text(value: str | bytes) -> str:
     return value.decode('latin1') if isinstance(value, bytes) else value
 
 
-def _planar_to_nhwc(rows: np.ndarray) -> np.ndarray:
-    """(n, 3072) rows of R, G, B planes -> (n, 32, 32, 3) contiguous."""
-    size = CIFAR_IMAGE_SIZE
-    images = rows.reshape(-1, 3, size, size).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images)
-
-
-def _check_batch_labels(file: _File, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Returns labels as int32 after checking they index the class names."""
+def _parse_batch(file: _File, version: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(NHWC images, int32 labels) of one batch file of either version."""
+    if version == 'py':
+        batch = _unpickle(file)
+        rows, labels = batch.get('data'), batch.get('labels')
+        is_array = isinstance(rows, np.ndarray) and rows.dtype == np.uint8
+        if not is_array or rows.shape[1:] != (_PIXELS_PER_IMAGE,):
+            raise DataError(
+                f'{file.name} has no CIFAR-10 images: its "data" should '
+                f'be a uint8 array of shape (n, {_PIXELS_PER_IMAGE})'
+            )
+        labels = np.asarray(labels if isinstance(labels, (list, np.ndarray)) else [])
+        if len(labels) != len(rows) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                f'{file.name} should have a list of {len(rows)} integer labels, one per image'
+            )
+    else:
+        if not file.data or len(file.data) % _BIN_RECORD_BYTES:
+            raise DataError(
+                f'{file.name} has {len(file.data)} bytes, not a positive multiple of the '
+                f'{_BIN_RECORD_BYTES}-byte CIFAR-10 record (1 label byte + 3072 pixel bytes): '
+                'it is truncated or not a CIFAR-10 batch'
+            )
+        records = np.frombuffer(file.data, np.uint8).reshape(-1, _BIN_RECORD_BYTES)
+        rows, labels = records[:, 1:], records[:, 0]
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(
             f'{file.name} has labels in [{labels.min()}, '
             f'{labels.max()}], outside the {num_classes} classes'
         )
-    return labels.astype(np.int32)
+    # Rows of R, G, B planes -> NHWC.
+    images = rows.reshape(-1, 3, CIFAR_IMAGE_SIZE, CIFAR_IMAGE_SIZE).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int32)
 
 
-def _parse_py_batch(file: _File, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    batch = _unpickle(file)
-    data, labels = batch.get('data'), batch.get('labels')
-    if (
-        not isinstance(data, np.ndarray)
-        or data.dtype != np.uint8
-        or data.ndim != 2
-        or data.shape[1] != _PIXELS_PER_IMAGE
-    ):
-        raise DataError(
-            f'{file.name} has no CIFAR-10 images: its "data" should '
-            f'be a uint8 array of shape (n, {_PIXELS_PER_IMAGE})'
-        )
-    labels = np.asarray(labels if isinstance(labels, (list, np.ndarray)) else [])
-    if len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(
-            f'{file.name} should have a list of {len(data)} integer labels, one per image'
-        )
-    labels = _check_batch_labels(file, labels, num_classes)
-    return _planar_to_nhwc(data), labels
-
-
-def _parse_py_meta(file: _File) -> tuple[str, ...]:
-    names = _unpickle(file).get('label_names')
-    if not isinstance(names, list) or not names:
-        raise DataError(f'{file.name} has no list of label_names')
-    return tuple(_text(name) for name in names)
-
-
-def _parse_bin_batch(file: _File, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    if not file.data or len(file.data) % _BIN_RECORD_BYTES:
-        raise DataError(
-            f'{file.name} has {len(file.data)} bytes, not a positive '
-            f'multiple of the {_BIN_RECORD_BYTES}-byte CIFAR-10 '
-            'record (1 label byte + 3072 pixel bytes): it is '
-            'truncated or not a CIFAR-10 batch'
-        )
-    records = np.frombuffer(file.data, np.uint8).reshape(-1, _BIN_RECORD_BYTES)
-    labels = _check_batch_labels(file, records[:, 0], num_classes)
-    return _planar_to_nhwc(records[:, 1:]), labels
-
-
-def _parse_bin_meta(file: _File) -> tuple[str, ...]:
+def _parse_meta(file: _File, version: str) -> tuple[str, ...]:
+    """The class names in a batches.meta (python) or batches.meta.txt (binary)."""
+    if version == 'py':
+        names = _unpickle(file).get('label_names')
+        if not isinstance(names, list) or not names:
+            raise DataError(f'{file.name} has no list of label_names')
+        return tuple(_text(name) for name in names)
     try:
         lines = file.data.decode('utf-8').splitlines()
     except UnicodeDecodeError as e:
@@ -485,31 +412,19 @@ def _load_cifar(path: str) -> Dataset:
     location = _find_cifar(path)
     if location is None:
         raise DataError(
-            f'no CIFAR-10 copy at {path}: expected '
-            'cifar-10-batches-py/ or cifar-10-batches-bin/ (or the '
-            'folder holding one), or its .tar.gz archive'
+            f'no CIFAR-10 copy at {path}: expected cifar-10-batches-py/ or '
+            'cifar-10-batches-bin/ (or the folder holding one), or its .tar.gz archive'
         )
     location = os.path.abspath(location)
-    if os.path.isfile(location):
-        version, files = _read_cifar_archive(location)
-    else:
-        version, files = _read_cifar_folder(location)
-    _, train_names, test_name, meta_name = _CIFAR_VERSIONS[version]
-    if version == 'py':
-        parse_meta, parse_batch = _parse_py_meta, _parse_py_batch
-    else:
-        parse_meta, parse_batch = _parse_bin_meta, _parse_bin_batch
-    class_names = parse_meta(files[meta_name])
-    train = [parse_batch(files[name], len(class_names)) for name in train_names]
-    test_images, test_labels = parse_batch(files[test_name], len(class_names))
+    version, files = _read_cifar(location)
+    *batch_names, meta_name = _CIFAR_VERSIONS[version][1]
+    class_names = _parse_meta(files[meta_name], version)
+    *train, (test_images, test_labels) = [
+        _parse_batch(files[name], version, len(class_names)) for name in batch_names
+    ]
+    train_images, train_labels = (np.concatenate(arrays) for arrays in zip(*train, strict=True))
     return Dataset(
-        train_images=np.concatenate([images for images, _ in train]),
-        train_labels=np.concatenate([labels for _, labels in train]),
-        test_images=test_images,
-        test_labels=test_labels,
-        class_names=class_names,
-        source='cifar',
-        path=location,
+        train_images, train_labels, test_images, test_labels, class_names, 'cifar', location
     )
 
 
@@ -525,25 +440,23 @@ class _ImageFile(NamedTuple):
     mtime_ns: int
 
 
-def _list_subfolders(folder: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith('.'))
-
-
-def _list_class(folder: str, label: int) -> list[_ImageFile]:
-    """The images of one class folder, sorted by name (hidden files skipped)."""
+def _list_split(folder: str, class_names: list[str]) -> list[_ImageFile]:
+    """The images of a split, class by class, sorted by name (hidden files skipped)."""
     files = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.startswith('.'):
-            continue
-        if not entry.name.lower().endswith(_IMAGE_SUFFIXES):
-            raise DataError(
-                f'{entry.path} is not a .png, .jpg or .jpeg image; '
-                'class folders may hold only images'
-            )
-        stat = entry.stat()
-        files.append(_ImageFile(entry.path, label, stat.st_size, stat.st_mtime_ns))
-    if not files:
-        raise DataError(f'class folder {folder} holds no images')
+    for label, name in enumerate(class_names):
+        count = len(files)
+        for entry in sorted(os.scandir(os.path.join(folder, name)), key=lambda e: e.name):
+            if entry.name.startswith('.'):
+                continue
+            if not entry.name.lower().endswith(_IMAGE_SUFFIXES):
+                raise DataError(
+                    f'{entry.path} is not a .png, .jpg or .jpeg image; '
+                    'class folders may hold only images'
+                )
+            stat = entry.stat()
+            files.append(_ImageFile(entry.path, label, stat.st_size, stat.st_mtime_ns))
+        if len(files) == count:
+            raise DataError(f'class folder {os.path.join(folder, name)} holds no images')
     return files
 
 
@@ -551,34 +464,34 @@ def _list_image_folder(root: str) -> tuple[tuple[str, ...], dict[str, list[_Imag
     """(class names, {'train': files, 'test': files}) of an image folder."""
     classes = {}
     for split in ('train', 'test'):
-        if not os.path.isdir(os.path.join(root, split)):
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
             raise DataError(
                 f'image folder {root} has no {split}/ subfolder '
                 f'(expected {split}/<class>/<image>.png)'
             )
-        classes[split] = _list_subfolders(os.path.join(root, split))
-        if not classes[split]:
-            raise DataError(f'{os.path.join(root, split)} has no class subfolders')
-    if classes['train'] != classes['test']:
-        only_train = sorted(set(classes['train']) - set(classes['test']))
-        only_test = sorted(set(classes['test']) - set(classes['train']))
-        raise DataError(
-            f'train/ and test/ of {root} hold different classes '
-            f'(only in train: {only_train}, only in test: {only_test})'
+        classes[split] = sorted(
+            e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith('.')
         )
-    files = {
-        split: [
-            f
-            for label, name in enumerate(classes['train'])
-            for f in _list_class(os.path.join(root, split, name), label)
-        ]
-        for split in ('train', 'test')
-    }
-    return tuple(classes['train']), files
+        if not classes[split]:
+            raise DataError(f'{folder} has no class subfolders')
+    train, test = classes['train'], classes['test']
+    if train != test:
+        raise DataError(
+            f'train/ and test/ of {root} hold different classes (only in train: '
+            f'{sorted(set(train) - set(test))}, only in test: {sorted(set(test) - set(train))})'
+        )
+    return tuple(train), {split: _list_split(os.path.join(root, split), train) for split in classes}
 
 
 def _decode_image(path: str, image_size: int) -> np.ndarray:
-    """Decodes one image to (image_size, image_size, 3) uint8 RGB."""
+    """Decodes one image to (image_size, image_size, 3) uint8 RGB.
+
+    Grayscale is repeated over the three channels, palette images are expanded,
+    the alpha channel of RGBA/LA is dropped (not composited), and 16-bit
+    grayscale is scaled to 8 bits (PIL's own conversion would clip it to nearly
+    white). 32-bit integer and float images are refused: their range is unknown.
+    """
     try:
         with Image.open(path) as image:
             if image.size != (image_size, image_size):
@@ -586,39 +499,24 @@ def _decode_image(path: str, image_size: int) -> np.ndarray:
                     f'{path} is {image.size[0]}x{image.size[1]} pixels, '
                     f'not {image_size}x{image_size} (data.image_size)'
                 )
-            return _to_rgb8(image, path)
+            if image.mode.startswith('I;16'):
+                wide = np.asarray(image).astype(np.uint32)
+                gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
+            if image.mode in ('I', 'F'):
+                raise DataError(
+                    f'{path} has 32-bit {"float" if image.mode == "F" else "integer"} pixels '
+                    f'(mode {image.mode}); convert it to 8-bit RGB or grayscale'
+                )
+            return np.asarray(image.convert('RGB'))
     except DataError:
         raise
     except Exception as e:  # PIL raises many types for broken files.
         raise DataError(f'{path} is not a readable image ({e})') from e
 
 
-def _to_rgb8(image: Image.Image, path: str) -> np.ndarray:
-    """8-bit RGB pixels of a decoded image.
-
-    Grayscale is repeated over the three channels, palette images are
-    expanded, the alpha channel of RGBA/LA is dropped (not composited), and
-    16-bit grayscale is scaled to 8 bits (PIL's own conversion would clip it
-    to nearly white). 32-bit integer and float images are refused: their
-    range is unknown.
-    """
-    if image.mode.startswith('I;16'):
-        wide = np.asarray(image).astype(np.uint32)
-        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1)
-    if image.mode in ('I', 'F'):
-        raise DataError(
-            f'{path} has 32-bit {"float" if image.mode == "F" else "integer"} pixels '
-            f'(mode {image.mode}); convert it to 8-bit RGB or grayscale'
-        )
-    return np.asarray(image.convert('RGB'))
-
-
 def _decode_chunk(paths: list[str], image_size: int) -> np.ndarray:
-    images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
-    for i, path in enumerate(paths):
-        images[i] = _decode_image(path, image_size)
-    return images
+    return np.stack([_decode_image(path, image_size) for path in paths])
 
 
 def _decode_images(files: list[_ImageFile], image_size: int) -> np.ndarray:
@@ -626,9 +524,7 @@ def _decode_images(files: list[_ImageFile], image_size: int) -> np.ndarray:
 
     Processes, not threads: opening a small JPEG is mostly Python code that
     holds the GIL, and threads measured slower than a single one. They are
-    spawned, not forked (forking a process that runs JAX can deadlock), so a
-    script that loads a large image folder needs the usual
-    ``if __name__ == '__main__':`` guard.
+    spawned, not forked: forking a process that runs JAX can deadlock.
     """
     paths = [f.path for f in files]
     chunks = [paths[i : i + _DECODE_CHUNK] for i in range(0, len(paths), _DECODE_CHUNK)]
@@ -643,24 +539,11 @@ def _decode_images(files: list[_ImageFile], image_size: int) -> np.ndarray:
         return np.concatenate(list(pool.map(decode, chunks)))
     except concurrent.futures.process.BrokenProcessPool as e:
         raise DataError(
-            'the image-decoding processes died: out of memory, or '
-            'load_dataset was called from a script without an '
-            "if __name__ == '__main__': guard"
+            'the image-decoding processes died: out of memory, or load_dataset was called '
+            "from a script without an if __name__ == '__main__': guard"
         ) from e
     finally:
         pool.shutdown(cancel_futures=True)
-
-
-def _cache_path(root: str, image_size: int, files: dict[str, list[_ImageFile]]) -> str:
-    """Where the decoded images of this exact folder content are cached."""
-    key = hashlib.sha256(f'{_CACHE_FORMAT}\0{root}\0{image_size}\n'.encode())
-    for split in ('train', 'test'):
-        for f in files[split]:
-            key.update(f'{split}\0{f.path}\0{f.size}\0{f.mtime_ns}\n'.encode())
-    cache_dir = os.environ.get('RESNET_JAX_CACHE') or os.path.join(
-        os.path.expanduser('~'), '.cache', 'resnet_jax'
-    )
-    return os.path.join(cache_dir, f'image-folder-{key.hexdigest()[:32]}.npz')
 
 
 def _read_cache(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -704,7 +587,15 @@ def _load_folder(path: str, image_size: int, seed: int) -> Dataset:
         raise DataError(f'no image folder at {root}')
     class_names, files = _list_image_folder(root)
     shapes = {split: (len(files[split]), image_size, image_size, 3) for split in files}
-    cache = _cache_path(root, image_size, files)
+    # The cache is keyed on this exact folder content.
+    key = hashlib.sha256(f'{_CACHE_FORMAT}\0{root}\0{image_size}\n'.encode())
+    for split in ('train', 'test'):
+        for f in files[split]:
+            key.update(f'{split}\0{f.path}\0{f.size}\0{f.mtime_ns}\n'.encode())
+    cache_dir = os.environ.get('RESNET_JAX_CACHE') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'resnet_jax'
+    )
+    cache = os.path.join(cache_dir, f'image-folder-{key.hexdigest()[:32]}.npz')
     images = _read_cache(cache, shapes)
     if images:
         logger.info('Read decoded images of %s from the cache %s.', root, cache)
@@ -724,15 +615,8 @@ def _load_folder(path: str, image_size: int, seed: int) -> Dataset:
     labels = {split: np.array([f.label for f in files[split]], np.int32) for split in files}
     # Folders hold training images class by class: fix one seeded order.
     order = np.random.default_rng(seed).permutation(len(labels['train']))
-    return Dataset(
-        train_images=images['train'][order],
-        train_labels=labels['train'][order],
-        test_images=images['test'],
-        test_labels=labels['test'],
-        class_names=class_names,
-        source='folder',
-        path=root,
-    )
+    train = (images['train'][order], labels['train'][order])
+    return Dataset(*train, images['test'], labels['test'], class_names, 'folder', root)
 
 
 # ------------------------------------------------------------------- tfds ----
@@ -761,43 +645,6 @@ def _read_data_source(source: Any) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _read_tfrecord(tfds: Any, builder: Any) -> list[tuple[np.ndarray, ...]]:
-    """Reads a TFRecord-format preparation, which only TensorFlow can read."""
-    if not _tensorflow_available():
-        raise DataError(
-            f'{builder.data_dir} holds cifar10 as TFRecord files, '
-            'which need TensorFlow to read: pip install '
-            'tensorflow-cpu, or prepare it again in ArrayRecord format '
-            '(delete that folder and rerun with data.download on)'
-        )
-    splits = tfds.as_numpy(builder.as_dataset(split=['train', 'test'], batch_size=-1))
-    return [(s['image'], s['label'].astype(np.int32)) for s in splits]
-
-
-def _prepare_tfds(tfds: Any, builder: Any, download: bool) -> Any:
-    """Downloads and prepares cifar10 as ArrayRecord; returns the new builder."""
-    where = builder.data_dir
-    if not download:
-        raise DataError(
-            f'TFDS cifar10 is not prepared at {where} and data.download is off; {_LOCAL_COPY_HINT}'
-        )
-    if not _network_available():
-        raise DataError(
-            f'TFDS cifar10 is not prepared at {where} and there is no '
-            f'network to download it; {_LOCAL_COPY_HINT}'
-        )
-    if not _tensorflow_available():
-        raise DataError(
-            f'TFDS cifar10 is not prepared at {where} and preparing '
-            'it needs TensorFlow (pip install tensorflow-cpu); '
-            f'{_LOCAL_COPY_HINT}'
-        )
-    logger.info('Downloading and preparing TFDS cifar10 at %s.', where)
-    builder = tfds.builder(_TFDS_NAME, data_dir=builder.data_dir_root, file_format='array_record')
-    builder.download_and_prepare()
-    return builder
-
-
 def _load_tfds(data_dir: str, download: bool) -> Dataset:
     """Reads TFDS cifar10 from ``data_dir`` ('' = default), TensorFlow-free.
 
@@ -807,27 +654,45 @@ def _load_tfds(data_dir: str, download: bool) -> Dataset:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     builder = tfds.builder(_TFDS_NAME, data_dir=data_dir or None)
+    where = builder.data_dir
     try:
         sources = builder.as_data_source(split=['train', 'test'])
-    except (NotImplementedError, ValueError):
-        # No ArrayRecord files: not prepared, or prepared as TFRecord.
-        if builder.is_prepared():
-            return _tfds_dataset(builder, data_dir, _read_tfrecord(tfds, builder))
-        builder = _prepare_tfds(tfds, builder, download)
-        sources = builder.as_data_source(split=['train', 'test'])
-    return _tfds_dataset(builder, data_dir, [_read_data_source(s) for s in sources])
-
-
-def _tfds_dataset(
-    builder: Any, data_dir: str, splits: list[tuple[np.ndarray, np.ndarray]]
-) -> Dataset:
-    (train_images, train_labels), (test_images, test_labels) = splits
-    return Dataset(
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        class_names=tuple(builder.info.features['label'].names),
-        source='tfds',
-        path=data_dir,
-    )
+    except (NotImplementedError, ValueError):  # Not prepared, or prepared as TFRecord.
+        sources = None
+    if sources is None and builder.is_prepared():  # TFRecord: only TensorFlow reads it.
+        if not _tensorflow_available():
+            raise DataError(
+                f'{where} holds cifar10 as TFRecord files, which need TensorFlow to read: pip '
+                'install tensorflow-cpu, or prepare it again in ArrayRecord format (delete '
+                'that folder and rerun with data.download on)'
+            )
+        splits = tfds.as_numpy(builder.as_dataset(split=['train', 'test'], batch_size=-1))
+        splits = [(s['image'], s['label'].astype(np.int32)) for s in splits]
+    else:
+        if sources is None:  # Prepare it as ArrayRecord, if allowed and possible.
+            problem = (
+                'data.download is off'
+                if not download
+                else 'there is no network to download it'
+                if not _network_available()
+                else 'preparing it needs TensorFlow (pip install tensorflow-cpu)'
+                if not _tensorflow_available()
+                else None
+            )
+            if problem:
+                raise DataError(
+                    f'TFDS cifar10 is not prepared at {where} and {problem}; point at a local '
+                    'copy instead: --config.data.source=cifar --config.data.path=/path/to/'
+                    'cifar-10-batches-py, --config.data.path=/path/to/tfds_data_dir (holding '
+                    'cifar10/), or --config.data.source=folder --config.data.path=/path/to/'
+                    'images (train/<class>/*.png and test/<class>/*.png)'
+                )
+            logger.info('Downloading and preparing TFDS cifar10 at %s.', where)
+            builder = tfds.builder(
+                _TFDS_NAME, data_dir=builder.data_dir_root, file_format='array_record'
+            )
+            builder.download_and_prepare()
+            sources = builder.as_data_source(split=['train', 'test'])
+        splits = [_read_data_source(s) for s in sources]
+    (train, test), class_names = splits, tuple(builder.info.features['label'].names)
+    return Dataset(*train, *test, class_names, 'tfds', data_dir)

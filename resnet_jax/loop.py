@@ -165,7 +165,7 @@ def train_chunk(
     sharding: NamedSharding | None = None,
 ) -> tuple[train.TrainState, train.TrainMetrics]:
     """``count`` steps of every run: one compiled call (``lax.scan``), or for a
-    single step :func:`train_batches` then :func:`train_steps`.
+    single step :func:`augmented_batches` then :func:`update_runs`.
 
     ``states`` and ``orders`` (indices into ``images``/``labels``, which all
     runs share) have a leading run axis; run r's i-th batch is
@@ -174,26 +174,26 @@ def train_chunk(
     ``count`` steps.
     """
     if count == 1:
-        batches = train_batches(
+        batches = augmented_batches(
             states, orders, images, labels, start, size=size, prep=prep, sharding=sharding
         )
-        return train_steps(states, batches)
-    return scan_steps(
+        return update_runs(states, batches)
+    return scan_updates(
         states, orders, images, labels, start, size=size, count=count, prep=prep, sharding=sharding
     )
 
 
-def _train_batch(state, order, images, labels, start, *, size, prep, sharding):
+def _augmented_batch(state, order, images, labels, start, *, size, prep, sharding):
     return augment.train_batch(
         images, labels, order, start, state.rng, state.step, size=size, prep=prep, sharding=sharding
     )
 
 
-def _scan_steps(state, order, images, labels, start, *, size, count, prep, sharding):
+def _scan_updates(state, order, images, labels, start, *, size, count, prep, sharding):
     """``count`` > 1 steps of one run: gather, augment and update in a ``lax.scan``."""
 
     def step(state, i):
-        batch = _train_batch(
+        batch = _augmented_batch(
             state, order, images, labels, start + i * size, size=size, prep=prep, sharding=sharding
         )
         return train.update(state, batch)
@@ -204,11 +204,13 @@ def _scan_steps(state, order, images, labels, start, *, size, count, prep, shard
 
 _STATIC = ('size', 'prep', 'sharding')
 # Each run's batch ``orders[r, start:start+size]``, augmented with the run's key.
-train_batches = train.over_runs(_train_batch, (0, 0, None, None, None), static_argnames=_STATIC)
+augmented_batches = train.over_runs(
+    _augmented_batch, (0, 0, None, None, None), static_argnames=_STATIC
+)
 # One update of every run on its batch (:func:`resnet_jax.train.update`); states donated.
-train_steps = train.over_runs(train.update, (0, 0), donate_argnums=(0,))
-scan_steps = train.over_runs(
-    _scan_steps,
+update_runs = train.over_runs(train.update, (0, 0), donate_argnums=(0,))
+scan_updates = train.over_runs(
+    _scan_updates,
     (0, 0, None, None, None),
     static_argnames=(*_STATIC, 'count'),
     donate_argnums=(0,),

@@ -1,59 +1,49 @@
 """Sweep reports: results tables, the comparison with the study, training curves.
 
     from resnet_jax import report
-    results = report.collect('runs/paper')          # one RunResult per manifest run
-    paths = report.write_report('runs/paper')       # {kind: path} of the files written
+    results = report.collect('runs/paper')     # one RunResult per manifest run
+    paths = report.write_report('runs/paper')  # {kind: path} of the files written
 
-or from the shell (no training, works on a partly finished sweep)::
+or ``python -m resnet_jax.main --workdir runs/paper --mode=report`` (no training; a
+sweep may be partly done). All is read from disk: the manifest ``sweep.json``
+(``axes``, ``runs`` with ``name`` and ``overrides``, ``base_config``) and in each run
+folder ``<sweep_dir>/<name>/`` ``metrics.jsonl`` (a record per epoch), ``summary.json``
+(written when the run ends) and ``config.json``; a run without records is 'pending',
+one with records but no summary 'incomplete'. ``write_report`` writes into the sweep
+dir, each file atomically (``os.replace`` of a unique temporary file: concurrent
+writers never leave a torn file):
 
-    python -m resnet_jax.main --workdir runs/paper --mode=report
+* ``results.csv`` / ``results.md``: a row per run in manifest order in the study's
+  layout (``epochs``, the axes, final train and test accuracy in %), then best test
+  accuracy and its epoch, wall time, images/s and status; the best run is starred.
+  ``read_results_csv`` parses any csv of the report back.
+* ``comparison.csv`` (and a section of ``results.md``): ours vs the study's final
+  accuracies where (batch_size, learning_rate, shuffle) is a row of its table.
+* ``curves.png`` (the study's Figure 3: test and train accuracy and loss per epoch, a
+  line per run) and ``heatmap.png`` (final test accuracy over batch size x learning
+  rate, a panel per shuffle setting); without matplotlib, skipped as ``results.md`` says.
+* With a ``seed`` axis (``config.sweep.seed`` or ``.repeats``), the runs differing only
+  in their seed form a cell: ``cells.csv`` (and a section) gives per cell n, mean ±
+  sample sd and the 95% Student t interval of final test and train accuracy over the
+  completed runs (failed and diverged ones counted and left out); ``paired.csv`` (and
+  a section) the differences between the two values of each two-valued axis, paired on
+  seed and the other axes, per cell and pooled, and whether their interval excludes 0.
+  The comparison then uses cell means, the heatmap mean ± sd and the curves a mean
+  line per cell in a min–max band.
 
-Everything is read from disk: the sweep's manifest ``sweep.json`` (``axes``,
-``runs`` with ``name`` and ``overrides``, ``base_config``) and, in each run's
-folder ``<sweep_dir>/<name>/``, ``metrics.jsonl`` (one record per epoch),
-``summary.json`` (written when a run ends) and ``config.json``. A run without a
-folder or records is 'pending', one with records but no summary 'incomplete'.
-
-``write_report`` writes into the sweep dir, each file atomically (a unique
-temporary file in the same dir, then ``os.replace``), so concurrent writers of
-the same report never leave a torn file:
-
-* ``results.csv`` / ``results.md``: one row per run in manifest order in the
-  study's column layout (``epochs``, the axes, final train and test accuracy in
-  %), then best test accuracy and its epoch, wall time, images/s and status; the
-  best run is starred. ``read_results_csv`` parses the csv back.
-* ``comparison.csv`` (and a section of ``results.md``): ours vs the study's
-  final accuracies for the runs whose (batch_size, learning_rate, shuffle) is a
-  row of the study's table.
-* ``curves.png`` (the study's Figure 3: test and train accuracy and loss per
-  epoch, one line per run) and ``heatmap.png`` (final test accuracy over batch
-  size x learning rate, one panel per shuffle setting). Plots need matplotlib;
-  without it they are skipped and ``results.md`` says so.
-* With a ``seed`` axis (``config.sweep.seed`` or ``config.sweep.repeats``), the
-  runs differing only in their seed form a cell: ``cells.csv`` (and a section
-  of ``results.md``) gives per cell n, mean ± sample sd and the 95% Student t
-  interval of final test and train accuracy over the completed runs (failed and
-  diverged ones counted and left out); ``paired.csv`` (and a section) the
-  differences between the two values of each two-valued axis, paired on seed
-  and the other axes, per cell and pooled, and whether their interval excludes
-  0. The comparison with the study then uses cell means, the heatmap shows
-  mean ± sd and the curves one mean line per cell in a min–max band.
-
-The study's table ships as ``resnet_jax/data/paper_results.csv``: Rane,
-Jathar, Yadav, "ResNet with Hyper Parameters Tuning", NYU; results table (final
-train and test accuracy in % of 18 runs: batch size x learning rate x shuffle,
-50 epochs, Adam, original CIFAR-10).
+The study's table (``PAPER_SOURCE``: final train and test accuracy in % of 18 runs,
+batch size x learning rate x shuffle) ships as ``resnet_jax/data/paper_results.csv``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
 import functools
 import importlib.resources
 import io
-import itertools
 import json
 import math
 import os
@@ -88,12 +78,20 @@ PAPER_SOURCE = (
     'Rane, Jathar, Yadav, "ResNet with Hyper Parameters Tuning", NYU; '
     'results table, 50 epochs, Adam, original CIFAR-10'
 )
+MISSING = '—'  # Markdown cell of a value that does not exist (yet).
+LOSS_STYLES = (('train', '-'), ('test', '--'))  # Line styles of the loss panel.
 
-# results.csv: 'epochs', the axis columns, then these.
-RESULT_COLUMNS = (
-    *('train_accuracy', 'test_accuracy', 'best_test_accuracy', 'best_epoch', 'wall_seconds'),
-    *('images_per_second', 'status', 'best', 'error'),
+# The numbers of results.csv (after 'epochs' and the axes): (RunResult field and csv
+# column, results.md header, decimals).
+RESULT_NUMBERS = (
+    ('train_accuracy', 'train acc', 2),
+    ('test_accuracy', 'test acc', 2),
+    ('best_test_accuracy', 'best test acc', 2),
+    ('best_epoch', 'best epoch', None),
+    ('wall_seconds', 'wall s', 1),
+    ('images_per_second', 'images/s', 1),
 )
+RESULT_COLUMNS = (*(field for field, _, _ in RESULT_NUMBERS), 'status', 'best', 'error')
 COMPARISON_COLUMNS = (
     *(*STUDY_AXES, 'epochs', 'paper_epochs'),
     *('train_accuracy', 'paper_train_accuracy', 'train_difference'),
@@ -102,57 +100,43 @@ COMPARISON_COLUMNS = (
 )
 # comparison.csv of a sweep over seeds: one row per cell, ours the mean over its seeds.
 CELL_COMPARISON_COLUMNS = (*COMPARISON_COLUMNS[:-3], 'n', 'test_sd', *COMPARISON_COLUMNS[-3:])
-# An estimate's csv columns: the mean, the sample sd and the 95% interval.
-_STATS = ('mean', 'sd', 'ci95_low', 'ci95_high')
+_STATS = ('mean', 'sd', 'ci95_low', 'ci95_high')  # An estimate's csv columns.
 # cells.csv: the axes but the seed, then these.
 CELL_COLUMNS = (
     *('n', 'excluded', 'unfinished', 'seeds'),
     *(f'{field}_{stat}' for field in ('test_accuracy', 'train_accuracy') for stat in _STATS),
 )
-# paired.csv: 'axis', 'first', 'second', 'scope' ('cell' or 'all'), the axes but
-# the seed (the compared one left empty), then these; differences first - second.
+# paired.csv: 'axis', 'first', 'second', 'scope' ('cell' or 'all'), the axes but the
+# seed (the compared one left empty), then these; differences first - second.
 PAIRED_COLUMNS = ('pairs', 'unpaired', 'mean_difference', *_STATS[1:], 'excludes_zero')
-MISSING = '—'  # Markdown cell of a value that does not exist (yet).
 
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """What one run of a sweep has produced so far; accuracies in %.
 
-    Attributes:
-      name: the run's folder name in the sweep dir.
-      overrides: the run's values of the sweep axes (dotted config names).
-      status: 'completed' | 'incomplete' | 'failed' | 'diverged' | 'pending'.
-      epochs: the ``metrics.jsonl`` records, one per epoch, in epoch order
-        (accuracies there are fractions).
-      config: the run's full config (its summary's or ``config.json``, else the
-        manifest's base config with the overrides applied).
-      num_epochs: the configured number of epochs.
-      epochs_completed, train_accuracy, test_accuracy, best_test_accuracy,
-        best_epoch, wall_seconds: the run's ``summary.json`` numbers, or while
-        it has none (or an outdated one) :func:`resnet_jax.writers.summarize`
-        of its records.
-      images_per_second: the median training throughput over epochs, without
-        epoch 1 (which includes compilation) when there are 2 or more.
-      error: why a failed or diverged run stopped.
-      data: ``{'source', 'path', ...}`` of the dataset copy (the summary's
-        ``data``; for runs without a summary the configured ``data`` section).
+    The numbers are the run's ``summary.json``'s or, while it has none (or an outdated
+    one), what :func:`resnet_jax.writers.summarize` makes of its records.
     """
 
-    name: str
-    overrides: dict[str, Any]
-    status: str
+    name: str  # The run's folder in the sweep dir.
+    overrides: dict[str, Any]  # Its values of the sweep axes (dotted config names).
+    status: str  # One of STATUSES.
+    # The metrics.jsonl records, one per epoch in epoch order (accuracies as fractions).
     epochs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # The full config: its summary's or config.json, else the manifest's with overrides.
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    num_epochs: int | None = None
+    num_epochs: int | None = None  # As configured.
     epochs_completed: int = 0
     train_accuracy: float | None = None
     test_accuracy: float | None = None
     best_test_accuracy: float | None = None
     best_epoch: int | None = None
     wall_seconds: float | None = None
+    # The median over epochs, without epoch 1 (compilation) when there are others.
     images_per_second: float | None = None
-    error: str | None = None
+    error: str | None = None  # Why a failed or diverged run stopped.
+    # {'source', 'path', ...} of the dataset copy: the summary's, else as configured.
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -161,8 +145,7 @@ class RunResult:
         return self.test_accuracy is not None
 
 
-# ----------------------------------------------------------------------------
-# Reading runs.
+# Reading runs. --------------------------------------------------------------
 
 
 def read_manifest(sweep_dir: str) -> dict[str, Any]:
@@ -171,24 +154,16 @@ def read_manifest(sweep_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{sweep_dir} holds no sweep ({MANIFEST_FILE} not found)')
     with open(path) as f:
-        manifest = json.load(f)
-    manifest.setdefault('axes', {})
-    manifest.setdefault('runs', [])
-    manifest.setdefault('base_config', {})
-    return manifest
+        return {'axes': {}, 'runs': [], 'base_config': {}} | json.load(f)
 
 
 def collect(sweep_dir: str) -> list[RunResult]:
     """One ``RunResult`` per manifest run, in manifest order, read from disk only."""
     manifest = read_manifest(sweep_dir)
+    base = manifest['base_config']
     return [
-        load_run(
-            os.path.join(sweep_dir, run['name']),
-            run['name'],
-            dict(run.get('overrides', {})),
-            manifest['base_config'],
-        )
-        for run in manifest['runs']
+        load_run(os.path.join(sweep_dir, r['name']), r['name'], r.get('overrides', {}), base)
+        for r in manifest['runs']
     ]
 
 
@@ -208,70 +183,42 @@ def load_run(
         # old summary's status and error): those hold, the numbers come from the records.
         kept = {k: summary[k] for k in ('status', 'error', 'config') if k in summary}
         summary = kept if summary.get('status') in ('failed', 'diverged') else None
+    s = summary or {}
     config = (
-        (summary or {}).get('config')
+        s.get('config')
         or read_json_object(os.path.join(run_dir, CONFIG_FILE))
         or apply_overrides(base_config or {}, overrides)
     )
-    return derive_result(name, dict(overrides), records, summary, config)
-
-
-def derive_result(
-    name: str,
-    overrides: dict[str, Any],
-    records: list[dict[str, Any]],
-    summary: Mapping[str, Any] | None,
-    config: Mapping[str, Any],
-) -> RunResult:
-    """A ``RunResult`` from a run's epoch records, summary (or None) and config.
-
-    Each number is the summary's, else what ``writers.summarize`` (which the
-    training loop writes the summary with) makes of the records.
-    """
-    s = summary or {}
+    num_epochs = config.get('num_epochs')
+    if summary is None:
+        status = 'incomplete' if records else 'pending'
+    else:
+        done = s.get('epochs_completed')
+        finished = done is not None and done == num_epochs
+        status = str(s.get('status') or ('completed' if finished else 'incomplete'))
+    # Each number is the summary's, else what writers.summarize (which the training loop
+    # writes the summary with) makes of the records.
     numbers = writers.summarize(records) if records else {}
     numbers.update((k, v) for k, v in s.items() if v is not None)
-    num_epochs = config.get('num_epochs')
     best_epoch = numbers.get('best_epoch')
+    percents = ('train_accuracy', 'test_accuracy', 'best_test_accuracy')
+    timed = [r for r in records if r.get('epoch') != 1] if len(records) >= 2 else records
+    speeds = [v for v in (_finite(r.get('images_per_second')) for r in timed) if v is not None]
     return RunResult(
         name=name,
-        overrides=overrides,
-        status=run_status(summary, records, num_epochs),
+        overrides=dict(overrides),
+        status=status,
         epochs=records,
         config=dict(config),
         num_epochs=None if num_epochs is None else int(num_epochs),
         epochs_completed=int(numbers.get('epochs_completed', 0)),
-        train_accuracy=_percent(numbers.get('train_accuracy')),
-        test_accuracy=_percent(numbers.get('test_accuracy')),
-        best_test_accuracy=_percent(numbers.get('best_test_accuracy')),
+        **{k: _finite(numbers.get(k), 100.0) for k in percents},
         best_epoch=None if best_epoch is None else int(best_epoch),
         wall_seconds=_finite(numbers.get('wall_seconds')),
-        images_per_second=median_images_per_second(records),
+        images_per_second=statistics.median(speeds) if speeds else None,
         error=s.get('error') or None,
         data=s.get('data') or dict(config.get('data') or {}),
     )
-
-
-def run_status(
-    summary: Mapping[str, Any] | None, records: Sequence[Mapping[str, Any]], num_epochs: Any
-) -> str:
-    """'pending' without records or summary, 'incomplete' with records only,
-    else the summary's status."""
-    if summary is None:
-        return 'incomplete' if records else 'pending'
-    status = summary.get('status')
-    if status:
-        return str(status)
-    done = summary.get('epochs_completed')
-    return 'completed' if done is not None and done == num_epochs else 'incomplete'
-
-
-def median_images_per_second(records: Sequence[Mapping[str, Any]]) -> float | None:
-    """Median throughput over epochs, without epoch 1 (compilation) if others exist."""
-    if len(records) >= 2:
-        records = [r for r in records if r.get('epoch') != 1]
-    values = [v for v in (_finite(r.get('images_per_second')) for r in records) if v is not None]
-    return statistics.median(values) if values else None
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -282,32 +229,23 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     return out
 
 
-def _finite(x: Any) -> float | None:
-    """``x`` as a float, or None if it is missing or not finite."""
+def _finite(x: Any, scale: float = 1.0) -> float | None:
+    """``scale * x`` as a float, or None if ``x`` is missing or not finite."""
     if x is None or isinstance(x, bool):
         return None
     try:
         x = float(x)
     except (TypeError, ValueError):
         return None
-    return x if math.isfinite(x) else None
+    return scale * x if math.isfinite(x) else None
 
 
-def _percent(fraction: Any) -> float | None:
-    x = _finite(fraction)
-    return None if x is None else 100.0 * x
-
-
-# ----------------------------------------------------------------------------
-# CSV files.
+# CSV files. -----------------------------------------------------------------
 
 
 def load_paper_results(path: str | None = None) -> list[dict[str, Any]]:
-    """The study's results table (default: the packaged ``paper_results.csv``).
-
-    Rows have ``epochs, batch_size, learning_rate, shuffle, train_accuracy,
-    test_accuracy`` (accuracies in %).
-    """
+    """The study's table (default: the packaged one): rows of ``epochs, batch_size,
+    learning_rate, shuffle, train_accuracy, test_accuracy`` (accuracies in %)."""
     if path is None:
         resource = importlib.resources.files('resnet_jax') / 'data' / PAPER_CSV
         return _parse_rows(resource.read_text())
@@ -315,8 +253,7 @@ def load_paper_results(path: str | None = None) -> list[dict[str, Any]]:
 
 
 def read_results_csv(path: str) -> list[dict[str, Any]]:
-    """The rows of a ``results.csv`` (or another csv of the report) as dicts of
-    :func:`parse_cell` values."""
+    """The rows of a csv of the report as dicts of :func:`parse_cell` values."""
     with open(path, newline='') as f:
         return _parse_rows(f.read())
 
@@ -352,24 +289,19 @@ def format_cell(value: Any, digits: int | None = None) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, str]]) -> str:
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator='\n')
-    writer.writeheader()
-    writer.writerows(rows)
+    csv.writer(buf, lineterminator='\n').writerows([header, *rows])
     return buf.getvalue()
 
 
-# ----------------------------------------------------------------------------
-# Statistics over seeds.
+# Statistics over seeds. -----------------------------------------------------
 
 
 @functools.lru_cache(maxsize=256)
 def t_quantile(df: int, probability: float = 0.975) -> float:
-    """The ``probability`` quantile (>= 0.5) of Student's t with ``df`` degrees of freedom.
-
-    12.706 for df 1, 4.303 for df 2, 2.262 for df 9, tending to the normal 1.960.
-    """
+    """The ``probability`` quantile (>= 0.5) of Student's t with ``df`` degrees of
+    freedom: 12.706 for df 1, 2.262 for df 9, tending to the normal 1.960."""
     if not isinstance(df, int) or df < 1 or not 0.5 <= probability < 1:
         raise ValueError(
             f't_quantile needs an integer df >= 1 and 0.5 <= p < 1, got {df}, {probability}'
@@ -381,11 +313,8 @@ def t_quantile(df: int, probability: float = 0.975) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """The mean of ``n`` values, their sample sd and the 95% Student t interval.
-
-    ``mean`` is None without values; ``sd``, ``low`` and ``high`` are None for
-    fewer than 2 values. The interval is mean ± t(0.975, n-1) sd / sqrt(n).
-    """
+    """The mean of ``n`` values (None without any), their sample sd and the 95% interval
+    mean ± t(0.975, n-1) sd / sqrt(n) (both None for fewer than 2 values)."""
 
     n: int
     mean: float | None = None
@@ -414,11 +343,14 @@ def estimate(values: Iterable[float]) -> Estimate:
     return Estimate(len(xs), mean, sd, mean - half, mean + half)
 
 
+def _number(x: float | None, signed: bool = False) -> str:
+    """A markdown cell: ``x`` with 2 decimals (and a sign), or '—'."""
+    return MISSING if x is None else format(x, '+.2f' if signed else '.2f')
+
+
 def format_estimate(e: Estimate, signed: bool = False) -> str:
     """'85.12 ± 0.34' (several values), '85.12' (one) or '—' (none)."""
-    if e.mean is None:
-        return MISSING
-    mean = f'{e.mean:+.2f}' if signed else f'{e.mean:.2f}'
+    mean = _number(e.mean, signed)
     return mean if e.sd is None else f'{mean} ± {e.sd:.2f}'
 
 
@@ -426,24 +358,18 @@ def format_interval(e: Estimate, signed: bool = False) -> str:
     """'[84.50, 85.74]', or '—' without an interval."""
     if e.low is None or e.high is None:
         return MISSING
-    spec = '+.2f' if signed else '.2f'
-    return f'[{e.low:{spec}}, {e.high:{spec}}]'
+    return f'[{_number(e.low, signed)}, {_number(e.high, signed)}]'
 
 
-def _estimate_cells(e: Estimate, columns: Sequence[str] = _STATS) -> dict[str, str]:
-    """The csv cells (3 decimals) of an estimate's mean, sd and interval."""
-    values = (e.mean, e.sd, e.low, e.high)
-    return {c: format_cell(v, 3) for c, v in zip(columns, values, strict=True)}
+def _estimate_cells(e: Estimate) -> list[str]:
+    """The csv cells (3 decimals) of an estimate's mean, sd and interval (``_STATS``)."""
+    return [format_cell(v, 3) for v in (e.mean, e.sd, e.low, e.high)]
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """The runs of a sweep that differ only in their seed.
-
-    Attributes:
-      values: the cell's values of the other axes.
-      runs: its runs (one per seed) in manifest order.
-    """
+    """The runs of a sweep (in manifest order) that differ only in their seed;
+    ``values`` are theirs of the other axes."""
 
     values: dict[str, Any]
     runs: tuple[RunResult, ...]
@@ -493,16 +419,9 @@ def group_cells(results: Sequence[RunResult], seed_axis: str = SEED_AXIS) -> lis
 
 @dataclasses.dataclass(frozen=True)
 class Paired:
-    """Paired differences of final test accuracy between two levels of an axis.
-
-    Attributes:
-      axis: the compared axis; ``levels`` its two values (difference: first
-        minus second, in percentage points).
-      values: the cell (the other non-seed axes' values); {} for all cells.
-      differences: one per seed (and cell) where both runs completed.
-      unpaired: seeds (of the cell) where a run is missing, unfinished, failed
-        or diverged, so there is no difference.
-    """
+    """Paired differences (first minus second level, in points) of final test accuracy:
+    one per seed of the cell ``values`` ({} for all cells) where both runs completed;
+    ``unpaired`` counts the seeds where a run is missing, unfinished, failed or diverged."""
 
     axis: str
     levels: tuple[Any, Any]
@@ -522,18 +441,11 @@ def two_level_axes(axes: Mapping[str, Sequence[Any]], seed_axis: str = SEED_AXIS
 
 
 def paired_differences(
-    results: Sequence[RunResult],
-    axis: str,
-    levels: Sequence[Any],
-    seed_axis: str = SEED_AXIS,
+    results: Sequence[RunResult], axis: str, levels: Sequence[Any], seed_axis: str = SEED_AXIS
 ) -> list[Paired]:
-    """Per cell of the other axes: ``levels[0]`` minus ``levels[1]`` of test accuracy.
-
-    Runs pair up when they have the same seed and the same value of every
-    other axis; only completed runs count.
-    """
-    first, second = levels
-    cells: dict[Any, tuple[dict[str, Any], dict[Any, dict[str, float]]]] = {}
+    """Per cell of the other axes: ``levels[0]`` minus ``levels[1]`` of test accuracy, of
+    the completed runs with the same seed and the same value of every other axis."""
+    cells: dict[Any, tuple[dict[str, Any], dict[Any, dict[int, float]]]] = {}
     for r in results:
         if axis not in r.overrides:
             continue
@@ -541,14 +453,14 @@ def paired_differences(
         _, seeds = cells.setdefault(_key(r.overrides, [axis, seed_axis]), (values, {}))
         level = seeds.setdefault(_key(r.overrides, [axis]), {})
         if r.status == 'completed' and r.test_accuracy is not None:
-            for name, value in (('first', first), ('second', second)):
+            for i, value in enumerate(levels):
                 if _same_value(r.overrides[axis], value):
-                    level[name] = r.test_accuracy
+                    level[i] = r.test_accuracy
     out = []
     for values, seeds in cells.values():
-        pairs = [s for s in seeds.values() if 'first' in s and 'second' in s]
-        differences = tuple(s['first'] - s['second'] for s in pairs)
-        out.append(Paired(axis, (first, second), values, differences, len(seeds) - len(pairs)))
+        differences = tuple(s[0] - s[1] for s in seeds.values() if 0 in s and 1 in s)
+        unpaired = len(seeds) - len(differences)
+        out.append(Paired(axis, (levels[0], levels[1]), values, differences, unpaired))
     return out
 
 
@@ -558,26 +470,25 @@ def pooled(axis: str, levels: Sequence[Any], cells: Sequence[Paired]) -> Paired:
     return Paired(axis, (levels[0], levels[1]), {}, differences, sum(c.unpaired for c in cells))
 
 
-def all_paired(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any]]) -> list[Paired]:
-    """For each two-valued axis: its paired differences per cell, then pooled."""
-    out: list[Paired] = []
-    for axis in two_level_axes(axes):
-        cells = paired_differences(results, axis, axes[axis])
-        out += [*cells, pooled(axis, axes[axis], cells)]
-    return out
-
-
 def noise_verdict(e: Estimate) -> str:
     """Whether a 95% interval of a difference excludes 0, in words."""
     if e.excludes_zero is None:
         return f'no interval ({e.n} pair(s))'
-    if e.excludes_zero:
-        return 'yes: the interval excludes 0'
-    return 'no: the interval includes 0'
+    return 'yes: the interval excludes 0' if e.excludes_zero else 'no: the interval includes 0'
 
 
-# ----------------------------------------------------------------------------
-# Tables.
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def _matches(config: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
+    """Whether ``config`` has the (dotted) fields ``values`` (numbers to a tolerance)."""
+    return all(_same_value(get_field(config, k, None), v) for k, v in values.items())
+
+
+# Tables. --------------------------------------------------------------------
 
 
 def axis_columns(axes: Iterable[str]) -> list[str]:
@@ -587,11 +498,8 @@ def axis_columns(axes: Iterable[str]) -> list[str]:
 
 
 def best_run_index(results: Sequence[RunResult]) -> int | None:
-    """The index of the best run: the highest final test accuracy (first on ties).
-
-    Completed runs rank before incomplete ones; failed and diverged runs are
-    never the best.
-    """
+    """The run with the highest final test accuracy (first on ties; completed runs before
+    incomplete ones; never a failed or diverged one)."""
     scored = [
         (r.status == 'completed', r.test_accuracy, -i)
         for i, r in enumerate(results)
@@ -607,12 +515,7 @@ def result_rows(results: Sequence[RunResult], axes: Sequence[str]) -> list[dict[
         {
             'epochs': format_cell(r.epochs_completed),
             **{a: format_cell(get_field(r.config, a, None)) for a in axes},
-            'train_accuracy': format_cell(r.train_accuracy, 2),
-            'test_accuracy': format_cell(r.test_accuracy, 2),
-            'best_test_accuracy': format_cell(r.best_test_accuracy, 2),
-            'best_epoch': format_cell(r.best_epoch),
-            'wall_seconds': format_cell(r.wall_seconds, 1),
-            'images_per_second': format_cell(r.images_per_second, 1),
+            **{field: format_cell(getattr(r, field), d) for field, _, d in RESULT_NUMBERS},
             'status': r.status,
             'best': '*' if i == best else '',
             'error': one_line(r.error or ''),
@@ -621,47 +524,33 @@ def result_rows(results: Sequence[RunResult], axes: Sequence[str]) -> list[dict[
     ]
 
 
-def cell_rows(cells: Sequence[Cell], axes: Sequence[str]) -> list[dict[str, str]]:
-    """The formatted rows of ``cells.csv``: statistics over each cell's seeds."""
+def cell_rows(cells: Sequence[Cell], axes: Sequence[str]) -> list[list[str]]:
+    """The rows of ``cells.csv``: statistics over each cell's seeds."""
     rows = []
     for cell in cells:
-        row = {a: format_cell(cell.values.get(a)) for a in axes}
-        row |= {'n': format_cell(len(cell.used)), 'excluded': format_cell(cell.excluded)}
-        row |= {'unfinished': format_cell(cell.unfinished), 'seeds': cell.seeds()}
+        row = [format_cell(cell.values.get(a)) for a in axes]
+        row += [str(len(cell.used)), str(cell.excluded), str(cell.unfinished), cell.seeds()]
         for field in ('test_accuracy', 'train_accuracy'):
-            row |= _estimate_cells(cell.estimate(field), [f'{field}_{s}' for s in _STATS])
+            row += _estimate_cells(cell.estimate(field))
         rows.append(row)
     return rows
 
 
-def paired_rows(comparisons: Sequence[Paired], axes: Sequence[str]) -> list[dict[str, str]]:
-    """The formatted rows of ``paired.csv``; ``{}`` values make a 'scope=all' row."""
-    return [
-        {
-            'axis': p.axis,
-            'first': format_cell(p.levels[0]),
-            'second': format_cell(p.levels[1]),
-            'scope': 'cell' if p.values else 'all',
-            **{a: format_cell(p.values.get(a)) for a in axes},
-            'pairs': format_cell(p.estimate.n),
-            'unpaired': format_cell(p.unpaired),
-            **_estimate_cells(p.estimate, PAIRED_COLUMNS[2:6]),
-            'excludes_zero': format_cell(p.estimate.excludes_zero),
-        }
-        for p in comparisons
-    ]
-
-
-def _same_study_row(config: Mapping[str, Any], paper_row: Mapping[str, Any]) -> bool:
-    bs, lr, shuffle = (config.get(k) for k in STUDY_AXES)
-    pbs, plr, pshuffle = (paper_row.get(k) for k in STUDY_AXES)
-    if bs is None or lr is None or shuffle is None:
-        return False
-    return (
-        int(bs) == int(pbs)
-        and math.isclose(float(lr), float(plr), rel_tol=1e-9)
-        and bool(shuffle) == bool(pshuffle)
-    )
+def paired_rows(
+    results: Sequence[RunResult], axes: Mapping[str, Sequence[Any]], columns: Sequence[str]
+) -> list[list[str]]:
+    """The rows of ``paired.csv``: per two-valued axis, its cells' paired differences,
+    then all pooled ('scope=all')."""
+    rows = []
+    for axis in two_level_axes(axes):
+        cells = paired_differences(results, axis, axes[axis])
+        for p in [*cells, pooled(axis, axes[axis], cells)]:
+            e = p.estimate
+            row = [p.axis, *(format_cell(v) for v in p.levels), 'cell' if p.values else 'all']
+            row += [format_cell(p.values.get(a)) for a in columns]
+            row += [str(e.n), str(p.unpaired), *_estimate_cells(e), format_cell(e.excludes_zero)]
+            rows.append(row)
+    return rows
 
 
 def _ours(unit: RunResult | Cell) -> dict[str, Any]:
@@ -681,39 +570,39 @@ def _ours(unit: RunResult | Cell) -> dict[str, Any]:
         notes.append(f'{unit.excluded} failed/diverged left out')
     if unit.unfinished:
         notes.append(f'{unit.unfinished} unfinished')
+    counts = status_counts(unit.runs)  # Without completed runs: their one status, or counts.
+    status = ', '.join(f'{n} {s}' for s, n in counts.items()) if len(counts) > 1 else [*counts][0]
     return {
         'epochs': max((r.epochs_completed for r in unit.used), default=None),
         'train_accuracy': _round2(train.mean),
         'test_accuracy': _round2(test.mean),
         'n': test.n,
         'test_sd': _round2(test.sd),
-        'status': 'completed' if test.n else _cell_status(unit),
+        'status': 'completed' if test.n else status,
         'note': notes,
         'name': ','.join(f'{k}={format_cell(v)}' for k, v in unit.values.items()),
     }
 
 
-def compare_with_paper(
-    results: Sequence[RunResult],
-    paper: Sequence[Mapping[str, Any]],
-    seed_axis: str | None = None,
-) -> list[dict[str, Any]]:
-    """Ours vs the study's accuracies for each run that matches a study row.
+def _round2(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
 
-    Runs match on (batch_size, learning_rate, shuffle) only; a difference in
-    epochs is stated in the row's ``note``. Differences are ours minus theirs,
-    in percentage points, of the accuracies as shown (2 decimals). With
-    ``seed_axis`` (a sweep over seeds) there is one row per cell instead: ours
-    is the mean over its completed runs (``n`` of them, ``test_sd`` their
-    sample sd), and the note counts the runs left out and unfinished.
-    """
+
+def compare_with_paper(
+    results: Sequence[RunResult], paper: Sequence[Mapping[str, Any]], seed_axis: str | None = None
+) -> list[dict[str, Any]]:
+    """Ours vs the study's accuracies for each run whose (batch_size, learning_rate,
+    shuffle) is a study row (other epochs noted), differences ours minus theirs as shown
+    (2 decimals). With ``seed_axis``, a row per cell: ours the mean (``n``, ``test_sd``)
+    over its completed runs."""
     units = results if seed_axis is None else group_cells(results, seed_axis)
     rows = []
     for unit in units:
         config = unit.config if isinstance(unit, RunResult) else unit.runs[0].config
-        match = next((p for p in paper if _same_study_row(config, p)), None)
-        if match is None:
+        matches = [p for p in paper if _matches(config, {k: p.get(k) for k in STUDY_AXES})]
+        if not matches:
             continue
+        match = matches[0]
         row = {k: match[k] for k in STUDY_AXES} | _ours(unit)
         row['paper_epochs'] = match.get('epochs')
         if row['epochs'] is not None and row['epochs'] != row['paper_epochs']:
@@ -727,20 +616,7 @@ def compare_with_paper(
     return rows
 
 
-def _cell_status(cell: Cell) -> str:
-    """The status of a cell without completed runs: its runs' one status, or counts."""
-    counts = status_counts(cell.runs)
-    if len(counts) == 1:
-        return next(iter(counts))
-    return ', '.join(f'{n} {status}' for status, n in counts.items())
-
-
-def _round2(x: float | None) -> float | None:
-    return None if x is None else round(x, 2)
-
-
-# ----------------------------------------------------------------------------
-# Labels and statements.
+# Labels and statements. -----------------------------------------------------
 
 
 def run_label(overrides: Mapping[str, Any], name: str = 'run') -> str:
@@ -791,12 +667,8 @@ def describe_data(data: Mapping[str, Any]) -> str:
 
 
 def data_statement(results: Sequence[RunResult]) -> str:
-    """'Data: ...': the dataset copy the runs used (one line per copy if several).
-
-    Runs are grouped by data path (by source when there is no path); a group is
-    described by its most detailed record (a summary's, with the source
-    detected and the image counts). Pending runs count only if nothing ran.
-    """
+    """'Data: ...': the dataset copies (by path, else source; pending runs only if
+    nothing ran) the runs used, each as its most detailed record describes it."""
     started = [r for r in results if r.status != 'pending'] or list(results)
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in started:
@@ -820,8 +692,7 @@ def status_counts(results: Sequence[RunResult]) -> dict[str, int]:
     return {status: n for status, n in counts.items() if n}
 
 
-# ----------------------------------------------------------------------------
-# Markdown.
+# Markdown. ------------------------------------------------------------------
 
 
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -832,34 +703,15 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]
     return lines
 
 
-def _md_status(r: RunResult) -> str:
-    if r.status == 'incomplete' and r.num_epochs:
-        return f'incomplete ({r.epochs_completed}/{r.num_epochs})'
-    if r.status in ('failed', 'diverged') and r.error:
-        return f'{r.status}: {one_line(r.error, 60)}'
-    return r.status
-
-
-def _md_number(x: float | None, signed: bool = False) -> str:
-    if x is None:
-        return MISSING
-    return f'{x:+.2f}' if signed else f'{x:.2f}'
-
-
 def results_markdown(
     sweep_dir: str,
     manifest: Mapping[str, Any],
     results: Sequence[RunResult],
-    comparison: Sequence[Mapping[str, Any]] | None,
+    comparison: Sequence[Mapping[str, Any]],
     plots: Mapping[str, str | None],
 ) -> str:
-    """The text of ``results.md``.
-
-    Args:
-      comparison: the rows of ``compare_with_paper`` (empty: no run matches the
-        study's grid).
-      plots: file name ('curves.png', 'heatmap.png') -> None if drawn, else why not.
-    """
+    """The text of ``results.md``; ``comparison``: the rows of ``compare_with_paper``,
+    ``plots``: file name -> None if drawn, else why not."""
     axes = axis_columns(manifest['axes'])
     counts = ', '.join(f'{n} {s}' for s, n in status_counts(results).items())
     values = [f'{a} ({", ".join(format_cell(v) for v in manifest["axes"][a])})' for a in axes]
@@ -877,17 +729,21 @@ def results_markdown(
         '`images/s` is the median over the epochs after the first (which includes compilation).',
         '',
     ]
-    best = best_run_index(results)
-    header = ['', 'epochs', *axes, 'train acc', 'test acc', 'best test acc', 'best epoch']
-    header += ['wall s', 'images/s', 'status']
+    header = ['', 'epochs', *axes, *(name for _, name, _ in RESULT_NUMBERS), 'status']
     body = []
-    for i, (r, row) in enumerate(zip(results, result_rows(results, axes), strict=True)):
+    for r, row in zip(results, result_rows(results, axes), strict=True):
         cells = [row['epochs'] if r.status != 'pending' else '', *(row[a] for a in axes)]
-        cells = [c or MISSING for c in [*cells, *(row[c] for c in RESULT_COLUMNS[:6])]]
-        if i == best:
+        cells = [c or MISSING for c in [*cells, *(row[f] for f, _, _ in RESULT_NUMBERS)]]
+        if row['best']:
             cells = [f'**{c}**' for c in cells]
-        body.append(['★' if i == best else '', *cells, _md_status(r)])
+        status = r.status
+        if r.status == 'incomplete' and r.num_epochs:
+            status = f'incomplete ({r.epochs_completed}/{r.num_epochs})'
+        elif r.status in ('failed', 'diverged') and r.error:
+            status = f'{r.status}: {one_line(r.error, 60)}'
+        body.append(['★' if row['best'] else '', *cells, status])
     lines += _md_table(header, body)
+    best = best_run_index(results)
     if best is not None:
         r = results[best]
         lines += [
@@ -915,15 +771,13 @@ def results_markdown(
     return '\n'.join(lines).rstrip('\n') + '\n'
 
 
-def seeds_markdown(
-    results: Sequence[RunResult], axes: Mapping[str, Sequence[Any]], seed_axis: str = SEED_AXIS
-) -> list[str]:
+def seeds_markdown(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any]]) -> list[str]:
     """The sections of ``results.md`` on statistics over seeds and paired comparisons."""
-    columns = [a for a in axis_columns(axes) if a != seed_axis]
+    columns = [a for a in axis_columns(axes) if a != SEED_AXIS]
     lines = [
         '## Over seeds',
         '',
-        f'One row per cell (a value of every axis but `{seed_axis}`), over its completed runs '
+        f'One row per cell (a value of every axis but `{SEED_AXIS}`), over its completed runs '
         '(`n`, seeds listed): mean ± sample sd (n − 1) of the final accuracy in %, and the '
         '95% interval mean ± t(0.975, n − 1)·sd/√n (none for n = 1). Failed and diverged '
         'runs are left out (`excluded`), as are pending and incomplete ones (`unfinished`).',
@@ -931,51 +785,42 @@ def seeds_markdown(
     ]
     header = [*columns, 'n', 'seeds', 'test acc', 'test 95% CI', 'train acc', 'train 95% CI']
     body = []
-    for cell in group_cells(results, seed_axis):
+    for cell in group_cells(results):
         row = [*(format_cell(cell.values.get(a)) for a in columns), str(len(cell.used))]
-        row.append(cell.seeds(seed_axis) or MISSING)
+        row.append(cell.seeds() or MISSING)
         for field in ('test_accuracy', 'train_accuracy'):
             e = cell.estimate(field)
             row += [format_estimate(e), format_interval(e)]
         body.append([*row, str(cell.excluded), str(cell.unfinished)])
     lines += _md_table([*header, 'excluded', 'unfinished'], body)
-    for axis in two_level_axes(axes, seed_axis):
-        lines += ['', *paired_markdown(results, axis, axes[axis], columns, seed_axis)]
+    for axis in two_level_axes(axes):
+        lines += ['', *paired_markdown(results, axis, axes[axis], columns)]
     return lines
 
 
 def paired_markdown(
-    results: Sequence[RunResult],
-    axis: str,
-    levels: Sequence[Any],
-    columns: Sequence[str],
-    seed_axis: str = SEED_AXIS,
+    results: Sequence[RunResult], axis: str, levels: Sequence[Any], columns: Sequence[str]
 ) -> list[str]:
-    """A section of ``results.md``: ``levels[0]`` minus ``levels[1]`` of ``axis``, paired on seeds."""
-    cells = paired_differences(results, axis, levels, seed_axis)
+    """A ``results.md`` section: ``levels[0]`` minus ``levels[1]`` of ``axis``, paired on seeds."""
+    cells = paired_differences(results, axis, levels)
     first, second = (f'{axis}={format_cell(v)}' for v in levels)
     others = [c for c in columns if c != axis]
     lines = [
         f'### Paired comparison: {first} − {second}',
         '',
         f'Δ = final test accuracy at {first} minus at {second}, in percentage points, for '
-        f'runs with the same `{seed_axis}` and the same value of every other axis (both '
+        f'runs with the same `{SEED_AXIS}` and the same value of every other axis (both '
         'completed); per cell, the mean Δ ± sd over its pairs and the 95% t interval. An '
         'interval that excludes 0 means the difference is distinguishable from seed noise.',
         '',
     ]
     header = [*others, 'pairs', 'mean Δ', '95% CI', 'distinguishable from seed noise']
-    body = [
-        [
-            *(format_cell(p.values.get(a)) for a in others),
-            str(p.estimate.n),
-            format_estimate(p.estimate, signed=True),
-            format_interval(p.estimate, signed=True),
-            noise_verdict(p.estimate),
-            str(p.unpaired),
-        ]
-        for p in cells
-    ]
+    body = []
+    for p in cells:
+        e = p.estimate
+        row = [format_cell(p.values.get(a)) for a in others]
+        row += [str(e.n), format_estimate(e, signed=True), format_interval(e, signed=True)]
+        body.append([*row, noise_verdict(e), str(p.unpaired)])
     lines += _md_table([*header, 'unpaired seeds'], body)
     return [*lines, '', paired_statement(pooled(axis, levels, cells), len(cells))]
 
@@ -1001,19 +846,18 @@ def paired_statement(overall: Paired, num_cells: int) -> str:
 
 
 def _comparison_markdown(
-    results: Sequence[RunResult], comparison: Sequence[Mapping[str, Any]] | None
+    results: Sequence[RunResult], comparison: Sequence[Mapping[str, Any]]
 ) -> list[str]:
-    if comparison is None:
-        return ['Not compared: the study table could not be read.']
     if not comparison:
         return [
             'Not compared: no run of this sweep has the (batch_size, learning_rate, shuffle) '
             "of a row of the study's table."
         ]
-    lines = []
     by_cell = 'n' in comparison[0]
     unit = 'cell' if by_cell else 'run'
     unmatched = (len(group_cells(results)) if by_cell else len(results)) - len(comparison)
+    jpeg = any('jpeg' in describe_data(r.data).lower() for r in results if r.status != 'pending')
+    lines = []
     if unmatched:
         lines += [f"{unmatched} {unit}(s) have no counterpart in the study's table.", '']
     if by_cell:
@@ -1022,30 +866,26 @@ def _comparison_markdown(
             'says how many.',
             '',
         ]
-    if any('jpeg' in describe_data(r.data).lower() for r in results if r.status != 'pending'):
+    if jpeg:
         lines += [
             'Caveat: our runs use a JPEG re-encoding of CIFAR-10 and the study the original '
             'files; the differences include the effect of the data copy.',
             '',
         ]
-    header = ['batch_size', 'learning_rate', 'shuffle', 'train ours', 'train study', 'Δ train']
-    header += ['test ours', 'test study', 'Δ test', 'note']
+    header = [*STUDY_AXES, 'train ours', 'train study', 'Δ train', 'test ours', 'test study']
     body = []
     for row in comparison:
         sd = f' ± {row["test_sd"]:.2f}' if row.get('test_sd') is not None else ''
         cells = [format_cell(row[k]) for k in STUDY_AXES]
         for kind in ('train', 'test'):
-            cells.append(_md_number(row[f'{kind}_accuracy']) + (sd if kind == 'test' else ''))
-            cells.append(_md_number(row[f'paper_{kind}_accuracy']))
-            cells.append(_md_number(row[f'{kind}_difference'], signed=True))
+            cells.append(_number(row[f'{kind}_accuracy']) + (sd if kind == 'test' else ''))
+            cells.append(_number(row[f'paper_{kind}_accuracy']))
+            cells.append(_number(row[f'{kind}_difference'], signed=True))
         body.append([*cells, row['note']])
-    lines += _md_table(header, body)
+    lines += _md_table([*header, 'Δ test', 'note'], body)
     lines += ['', 'Δ = ours minus the study, in percentage points.']
-    diffs = [
-        row['test_difference']
-        for row in comparison
-        if row['test_difference'] is not None and row['status'] == 'completed'
-    ]
+    done = [row for row in comparison if row['status'] == 'completed']
+    diffs = [row['test_difference'] for row in done if row['test_difference'] is not None]
     if diffs:
         lines[-1] += (
             f' Over the {len(diffs)} completed {unit}(s): mean Δ test '
@@ -1055,8 +895,7 @@ def _comparison_markdown(
     return lines
 
 
-# ----------------------------------------------------------------------------
-# Plots.
+# Plots. ---------------------------------------------------------------------
 
 
 def _new_figure(width: float, height: float, layout: str | None = None) -> Any:
@@ -1094,26 +933,24 @@ def epoch_band(
     by_epoch: dict[int, list[float]] = {}
     for r in runs:
         for record in r.epochs:
-            value = _finite(record.get(key))
+            value = _finite(record.get(key), scale)
             values = by_epoch.setdefault(int(record['epoch']), [])
             if value is not None:
-                values.append(scale * value)
-    epochs = sorted(by_epoch)
-    stats = [by_epoch[e] for e in epochs]
-    mean = [statistics.fmean(v) if v else math.nan for v in stats]
-    low = [min(v) if v else math.nan for v in stats]
-    high = [max(v) if v else math.nan for v in stats]
-    return epochs, mean, low, high
+                values.append(value)
+    stats = [by_epoch[e] for e in sorted(by_epoch)]
+    return (
+        sorted(by_epoch),
+        [statistics.fmean(v) if v else math.nan for v in stats],
+        [min(v) if v else math.nan for v in stats],
+        [max(v) if v else math.nan for v in stats],
+    )
 
 
 def curve_groups(
     results: Sequence[RunResult], seed_axis: str | None = None
 ) -> list[tuple[str, list[RunResult]]]:
-    """(legend label, runs) per line of the curves: each run, or each cell's seeds.
-
-    With ``seed_axis``, a cell's line is over its runs with epochs that did not
-    fail or diverge; its label counts them and those left out.
-    """
+    """(legend label, runs) per line of the curves: each run with epochs, or with
+    ``seed_axis`` each cell's runs with epochs that did not fail or diverge."""
     if seed_axis is None:
         labels = [(r, '' if r.status == 'completed' else f' ({r.status})') for r in results]
         return [(run_label(r.overrides, r.name) + note, [r]) for r, note in labels if r.epochs]
@@ -1135,76 +972,51 @@ def curve_groups(
 def render_curves(
     results: Sequence[RunResult], title: str = '', seed_axis: str | None = None
 ) -> bytes:
-    """PNG of the study's Figure 3: test accuracy, train accuracy and loss per epoch.
-
-    One line (one colour) per run with epochs; train loss solid, test loss
-    dashed. With ``seed_axis``, one line per cell instead: the mean over its
-    seeds, in a band from their minimum to their maximum. The legend sits
-    outside the axes.
-    """
+    """PNG of the study's Figure 3: test and train accuracy and loss (train solid, test
+    dashed) per epoch; a colour per run, or with ``seed_axis`` per cell: the mean over
+    its seeds in a min–max band."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     groups = curve_groups(results, seed_axis)
     fig = _new_figure(16, 4.8)
     ax_test, ax_train, ax_loss = panel_axes = fig.subplots(1, 3)
-    colors = _run_colors(len(groups))
-    handles = []
     panels = (
         (ax_test, 'test_accuracy', 100.0, '-'),
         (ax_train, 'train_accuracy', 100.0, '-'),
         (ax_loss, 'train_loss', 1.0, '-'),
         (ax_loss, 'test_loss', 1.0, '--'),
     )
-    for (label, runs), color in zip(groups, colors, strict=True):
+    handles = []
+    for (label, runs), color in zip(groups, _run_colors(len(groups)), strict=True):
         for ax, key, scale, linestyle in panels:
             epochs, mean, low, high = epoch_band(runs, key, scale)
             marker = 'o' if len(epochs) == 1 else None
-            ax.plot(
-                epochs, mean, color=color, linewidth=1.3, marker=marker, ms=3, linestyle=linestyle
-            )
+            ax.plot(epochs, mean, color=color, lw=1.3, marker=marker, ms=3, ls=linestyle)
             if len(runs) > 1:
                 ax.fill_between(epochs, low, high, color=color, alpha=0.18, linewidth=0)
         handles.append(Line2D([], [], color=color, linewidth=2, label=label))
     names = ('Test accuracy (%)', 'Train accuracy (%)', 'Loss (train solid, test dashed)')
     for ax, name in zip(panel_axes, names, strict=True):
-        ax.set_title(name)
-        ax.set_xlabel('epoch')
+        ax.set(title=name, xlabel='epoch')
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not groups:
             ax.text(0.5, 0.5, 'no epochs yet', ha='center', va='center', transform=ax.transAxes)
-    if any(
-        (_finite(record.get(key)) or 0) > 0
-        for _, runs in groups
-        for r in runs
-        for record in r.epochs
-        for key in ('train_loss', 'test_loss')
-    ):
+    records = [record for _, runs in groups for r in runs for record in r.epochs]
+    if any((_finite(x.get(k)) or 0) > 0 for x in records for k in ('train_loss', 'test_loss')):
         ax_loss.set_yscale('log')
     if groups:
-        style_handles = [
-            Line2D([], [], color='0.3', label='train'),
-            Line2D([], [], color='0.3', linestyle='--', label='test'),
-        ]
-        ax_loss.add_artist(
-            ax_loss.legend(handles=style_handles, loc='upper right', fontsize='small')
-        )
+        styles = [Line2D([], [], color='0.3', linestyle=s, label=n) for n, s in LOSS_STYLES]
+        ax_loss.add_artist(ax_loss.legend(handles=styles, loc='upper right', fontsize='small'))
         legend_title = f'{len(handles)} run(s)'
         if seed_axis is not None:
-            legend_title = (
-                f'{len(handles)} cell(s): line = mean over {seed_axis}s,\n'
-                f'band = min–max over {seed_axis}s'
-            )
-        ax_loss.legend(
-            handles=handles,
-            loc='upper left',
-            bbox_to_anchor=(1.03, 1.0),
-            borderaxespad=0.0,
-            fontsize='small',
-            ncol=math.ceil(len(handles) / 24),
-            title=legend_title,
-        )
+            over = f'over {seed_axis}s'
+            legend_title = f'{len(handles)} cell(s): line = mean {over},\nband = min–max {over}'
+
+        outside = {'loc': 'upper left', 'bbox_to_anchor': (1.03, 1.0), 'borderaxespad': 0.0}
+        ncol = math.ceil(len(handles) / 24)
+        ax_loss.legend(handles=handles, fontsize='small', ncol=ncol, title=legend_title, **outside)
     if seed_axis is not None:
         title = f'{title}: ' if title else ''
         title += f'mean over {seed_axis}s (line) and their min–max (band)'
@@ -1214,12 +1026,8 @@ def render_curves(
 
 
 def heatmap_cell(runs: Sequence[RunResult], over_seeds: bool = False) -> tuple[float | None, str]:
-    """The value and the text of one heatmap cell.
-
-    By default the mean final test accuracy of the runs with results, noting
-    unfinished ones. ``over_seeds``: mean ± sd over the completed runs, with
-    their number and the failed, diverged or unfinished runs left out.
-    """
+    """The value and text of a heatmap cell: the mean final test accuracy of the runs
+    (noting unfinished ones), or ``over_seeds`` mean ± sd over the completed ones."""
     if over_seeds:
         cell = Cell({}, tuple(runs))
         e = cell.estimate()
@@ -1242,42 +1050,25 @@ def heatmap_cell(runs: Sequence[RunResult], over_seeds: bool = False) -> tuple[f
     return acc, f'{acc:.2f}{note}'
 
 
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9)
-    return a == b
-
-
 def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any]]) -> bytes:
-    """PNG of final test accuracy over batch size (rows) x learning rate (columns).
-
-    One panel per shuffle value (one panel if shuffle is not an axis); cells
-    without results show '—'. With other axes, a cell is the mean over them;
-    when ``seed`` is one of them, mean ± sd over the completed runs
-    (:func:`heatmap_cell`).
-    """
+    """PNG of final test accuracy over batch size (rows) x learning rate (columns), a
+    panel per shuffle value; other axes pooled (:func:`heatmap_cell`)."""
     import matplotlib
     import numpy as np
 
     batch_sizes, rates = list(axes['batch_size']), list(axes['learning_rate'])
     shuffles = list(axes['shuffle']) if 'shuffle' in axes else [None]
     configured = {bool(r.config.get('shuffle')) for r in results if 'shuffle' in r.config}
-    others = [a for a in axes if a not in STUDY_AXES]
-    grids = []
-    for s in shuffles:
-        grid = np.full((len(batch_sizes), len(rates)), np.nan)
-        texts = [['' for _ in rates] for _ in batch_sizes]
-        for (i, bs), (j, lr) in itertools.product(enumerate(batch_sizes), enumerate(rates)):
-            values = {'batch_size': bs, 'learning_rate': lr} | ({} if s is None else {'shuffle': s})
-            runs = [
-                r
-                for r in results
-                if all(_same_value(get_field(r.config, k, None), v) for k, v in values.items())
-            ]
-            value, texts[i][j] = heatmap_cell(runs, over_seeds=SEED_AXIS in axes)
-            grid[i, j] = np.nan if value is None else value
-        grids.append((s, grid, texts))
-    finite = np.concatenate([g[np.isfinite(g)] for _, g, _ in grids])
+
+    def cell(shuffle: Any, bs: Any, lr: Any) -> tuple[float | None, str]:
+        values = {'batch_size': bs, 'learning_rate': lr}
+        values |= {} if shuffle is None else {'shuffle': shuffle}
+        return heatmap_cell([r for r in results if _matches(r.config, values)], SEED_AXIS in axes)
+
+    # (value, text) per shuffle value, batch size and learning rate.
+    cells = [[[cell(s, bs, lr) for lr in rates] for bs in batch_sizes] for s in shuffles]
+    grids = [np.array([[np.nan if v is None else v for v, _ in row] for row in c]) for c in cells]
+    finite = np.concatenate([g[np.isfinite(g)] for g in grids])
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
     if vmax - vmin < 1e-6:
         vmin, vmax = vmin - 1.0, vmax + 1.0
@@ -1287,7 +1078,7 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
     fig = _new_figure(width, 1.6 + 0.9 * len(batch_sizes), layout='constrained')
     panels = fig.subplots(1, len(shuffles), squeeze=False)[0]
     image = None
-    for k, (ax, (s, grid, texts)) in enumerate(zip(panels, grids, strict=True)):
+    for k, (ax, s, grid, panel) in enumerate(zip(panels, shuffles, grids, cells, strict=True)):
         image = ax.imshow(
             np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect='auto'
         )
@@ -1303,9 +1094,10 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
                 color = 'white' if (value - vmin) / (vmax - vmin) < 0.6 else 'black'
             else:
                 color = '0.4'
-            ax.text(j, i, texts[i][j], ha='center', va='center', color=color, fontsize=8.5)
+            ax.text(j, i, panel[i][j][1], ha='center', va='center', color=color, fontsize=8.5)
     if image is not None:
         fig.colorbar(image, ax=list(panels), label='final test accuracy (%)', shrink=0.85)
+    others = [a for a in axes if a not in STUDY_AXES]
     title = 'Final test accuracy (%)'
     if SEED_AXIS in axes:
         pooled_axes = [a for a in others if a != SEED_AXIS]
@@ -1317,8 +1109,7 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
     return _png_bytes(fig)
 
 
-# ----------------------------------------------------------------------------
-# Writing.
+# Writing. -------------------------------------------------------------------
 
 
 def write_run_report(run_dir: str) -> dict[str, str]:
@@ -1334,14 +1125,9 @@ def write_run_report(run_dir: str) -> dict[str, str]:
 
 
 def write_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str, str]:
-    """Writes the report files (see above) into ``sweep_dir``; returns ``{kind: path}``.
-
-    Kinds: 'results_csv', 'results_md', and when they apply 'comparison_csv',
-    'cells_csv', 'paired_csv', 'curves' and 'heatmap'. Reads only what is on
-    disk (``sweep_dir/sweep.json`` and the run folders), never trains; a file
-    that no longer applies is removed. ``paper_csv``: the study's results table
-    (default: the packaged one).
-    """
+    """Writes the report files (see above) into ``sweep_dir``, removing those that no
+    longer apply; returns ``{kind: path}`` (kind: 'results_csv', 'curves', ...).
+    ``paper_csv``: the study's table (default: the packaged one)."""
     manifest = read_manifest(sweep_dir)
     results = collect(sweep_dir)
     axes = manifest['axes']
@@ -1350,35 +1136,30 @@ def write_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str, str]
     others = [a for a in columns if a != SEED_AXIS]  # The columns of a cell.
     written: dict[str, str] = {}
 
-    def write(kind: str, file: str, content: str | bytes | None) -> None:
+    def write(file: str, content: str | bytes | None) -> None:
         """Writes ``file`` (None: removes it)."""
         path = os.path.join(sweep_dir, file)
         if content is None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-            except FileNotFoundError:
-                pass
         else:
             write_atomic(path, content)
-            written[kind] = path
+            written[file.removesuffix('.png').replace('.', '_')] = path  # 'results_csv', 'curves'
 
-    header = ['epochs', *columns, *RESULT_COLUMNS]
-    write('results_csv', RESULTS_CSV, _csv_text(header, result_rows(results, columns)))
+    rows = [list(row.values()) for row in result_rows(results, columns)]
+    write(RESULTS_CSV, _csv_text(['epochs', *columns, *RESULT_COLUMNS], rows))
     comparison = compare_with_paper(results, load_paper_results(paper_csv), seed_axis)
     header = CELL_COMPARISON_COLUMNS if seed_axis else COMPARISON_COLUMNS
     two = ('accuracy', 'difference', '_sd')  # Columns with 2 decimals.
     rows = [
-        {k: format_cell(row[k], 2 if k.endswith(two) else None) for k in header}
-        for row in comparison
+        [format_cell(row[k], 2 if k.endswith(two) else None) for k in header] for row in comparison
     ]
-    write('comparison_csv', COMPARISON_CSV, _csv_text(header, rows) if rows else None)
+    write(COMPARISON_CSV, _csv_text(header, rows) if rows else None)
     rows = cell_rows(group_cells(results), others) if seed_axis else None
-    write(
-        'cells_csv', CELLS_CSV, None if rows is None else _csv_text([*others, *CELL_COLUMNS], rows)
-    )
-    rows = paired_rows(all_paired(results, axes), others) if seed_axis else []
+    write(CELLS_CSV, None if rows is None else _csv_text([*others, *CELL_COLUMNS], rows))
+    rows = paired_rows(results, axes, others) if seed_axis else []
     header = ['axis', 'first', 'second', 'scope', *others, *PAIRED_COLUMNS]
-    write('paired_csv', PAIRED_CSV, _csv_text(header, rows) if rows else None)
+    write(PAIRED_CSV, _csv_text(header, rows) if rows else None)
 
     try:
         import matplotlib  # noqa: F401
@@ -1387,11 +1168,10 @@ def write_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str, str]
         plots: dict[str, str | None] = {CURVES_PNG: reason, HEATMAP_PNG: reason}
     else:
         title = os.path.basename(os.path.abspath(sweep_dir))
-        write('curves', CURVES_PNG, render_curves(results, title, seed_axis))
+        write(CURVES_PNG, render_curves(results, title, seed_axis))
         grid = 'batch_size' in axes and 'learning_rate' in axes
-        write('heatmap', HEATMAP_PNG, render_heatmap(results, axes) if grid else None)
+        write(HEATMAP_PNG, render_heatmap(results, axes) if grid else None)
         reason = None if grid else 'batch_size and learning_rate are not both sweep axes'
         plots = {CURVES_PNG: None, HEATMAP_PNG: reason}
-    markdown = results_markdown(sweep_dir, manifest, results, comparison, plots)
-    write('results_md', RESULTS_MD, markdown)
+    write(RESULTS_MD, results_markdown(sweep_dir, manifest, results, comparison, plots))
     return written

@@ -56,7 +56,7 @@ def test_scanned_train_steps_have_only_canonical_convolutions():
     state = train.create_train_state(config, jax.random.PRNGKey(0), 4)
     images = jnp.zeros((16, 32, 32, 3), jnp.uint8)
     labels = jnp.zeros((16,), jnp.int32)
-    compiled = loop.scan_steps.single.lower(
+    compiled = loop.scan_updates.single.lower(
         state,
         jnp.arange(16, dtype=jnp.int32),
         images,

@@ -189,6 +189,23 @@ def test_damaged_archive(tmp_path):
         _load(archive)
 
 
+def test_incomplete_archive_and_malformed_python_batch(tmp_path):
+    archive, _ = fake_data.write_cifar_archive(tmp_path / 'a', 'bin')
+    partial = str(tmp_path / 'partial.tar')
+    with tarfile.open(archive) as src, tarfile.open(partial, 'w') as dst:
+        for member in src.getmembers():
+            if not member.name.endswith(('data_batch_2.bin', 'test_batch.bin')):
+                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    with pytest.raises(DataError, match=r'partial.tar lacks data_batch_2.bin, test_batch.bin$'):
+        _load(partial)
+    fake = fake_data.write_cifar_py(tmp_path / 'py')
+    for data in (np.zeros(3072, np.uint8), np.zeros((1, 3072, 1), np.uint8), [0] * 3072):
+        with open(os.path.join(fake.path, 'data_batch_1'), 'wb') as f:
+            pickle.dump({'data': data, 'labels': [0]}, f, protocol=2)
+        with pytest.raises(DataError, match=r'data_batch_1 has no CIFAR-10 images'):
+            _load(fake.path)
+
+
 class _Exploit:
     def __init__(self, call, arg):
         self.call, self.arg = call, arg

@@ -94,13 +94,13 @@ SIGNALLED = textwrap.dedent("""
     import os, signal, sys
     from resnet_jax import loop, main
     if '--config.distributed.process_id=1' in sys.argv:
-        real, calls = loop.train_steps, [0]
+        real, calls = loop.update_runs, [0]
         def step(*args, **kwargs):
             calls[0] += 1
             if calls[0] == 6:
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
-        loop.train_steps = step
+        loop.update_runs = step
     sys.exit(main.main(['main', *sys.argv[1:]]))
 """)
 

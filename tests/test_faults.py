@@ -42,7 +42,7 @@ FAULTY = textwrap.dedent("""
     def limit(size):
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(size), resource.RLIM_INFINITY))
 
-    real_save, real_step = checkpoints.save, loop.train_steps
+    real_save, real_step = checkpoints.save, loop.update_runs
     saves, steps = [0], [0]
     if fault == 'fsize_now':
         limit(rest[0])
@@ -66,7 +66,7 @@ FAULTY = textwrap.dedent("""
                 time.sleep(60)
             saves[0] += 1
             return real_save(*args, **kwargs)
-        loop.train_steps, checkpoints.save = step, slow_save
+        loop.update_runs, checkpoints.save = step, slow_save
     sys.exit(main.main([
         'main', '--config', 'configs/default.py', '--workdir', workdir,
         '--config.num_epochs=3', '--config.batch_size=32', '--config.eval_batch_size=32',

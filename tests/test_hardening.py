@@ -56,7 +56,7 @@ KILLER = textwrap.dedent("""
         return wrapped
 
     if moment in ('kill_mid_epoch', 'SIGTERM', 'SIGINT'):
-        loop.train_steps = counting(loop.train_steps, 6)  # Epoch 2, second step.
+        loop.update_runs = counting(loop.update_runs, 6)  # Epoch 2, second step.
     elif moment == 'kill_during_eval':
         train.eval_steps = counting(train.eval_steps, 3)  # Epoch 2's evaluation.
     elif moment == 'kill_during_save':
@@ -158,7 +158,7 @@ def test_non_finite_loss_stops_within_the_epoch_and_keeps_good_checkpoints(
 ):
     config = make_tiny_config(cifar_py.path)
     config.check_finite_every_steps = 2
-    real_step = loop.train_steps
+    real_step = loop.update_runs
     calls = [0]
 
     def poisoned(states, batches):
@@ -167,7 +167,7 @@ def test_non_finite_loss_stops_within_the_epoch_and_keeps_good_checkpoints(
             batches = dict(batches, image=batches['image'] * np.nan)
         return real_step(states, batches)
 
-    monkeypatch.setattr(loop, 'train_steps', poisoned)
+    monkeypatch.setattr(loop, 'update_runs', poisoned)
     state, summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary['status'] == 'diverged'
     assert summary['error'] == 'non-finite loss or gradients in epoch 2 (by step 2)'

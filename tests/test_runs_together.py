@@ -44,9 +44,9 @@ def together(tmp_path_factory, cifar_py):
     """The three lanes trained as one group, uninterrupted; the compiles it took."""
     root = tmp_path_factory.mktemp('together')
     workdirs = [str(root / f'lane{i}') for i in range(len(LANES))]
-    before = loop.train_steps.mapped._cache_size()
+    before = loop.update_runs.mapped._cache_size()
     _, summaries = loop.train_runs(_configs(cifar_py.path), workdirs)
-    return workdirs, summaries, loop.train_steps.mapped._cache_size() - before
+    return workdirs, summaries, loop.update_runs.mapped._cache_size() - before
 
 
 def test_groups_of_the_paper_sweep():

@@ -164,7 +164,7 @@ def test_scanned_steps_match_the_step_path(
     real_write = writers.MetricLogger.write
 
     def write(self, record):
-        cache_sizes.append(loop.scan_steps.single._cache_size())
+        cache_sizes.append(loop.scan_updates.single._cache_size())
         real_write(self, record)
 
     monkeypatch.setattr(writers.MetricLogger, 'write', write)
