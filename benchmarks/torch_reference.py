@@ -884,15 +884,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def load_arrays(path: str, train_subset: int, seed: int) -> dict[str, np.ndarray]:
-    """CIFAR-10 at ``path`` through ``resnet_jax.input_pipeline.load_dataset``."""
+    """CIFAR-10 at ``path`` through ``resnet_jax.datasets.load_dataset``."""
     config = _recipe()
-    from resnet_jax import input_pipeline
+    from resnet_jax import datasets
 
     data_config = config.data
     data_config.path = path
     data_config.source = 'auto'
     data_config.train_subset = train_subset
-    dataset = input_pipeline.load_dataset(data_config, seed)
+    dataset = datasets.load_dataset(data_config, seed)
     names = ('train_images', 'train_labels', 'test_images', 'test_labels')
     return {name: getattr(dataset, name) for name in names}
 
