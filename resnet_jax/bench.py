@@ -4,24 +4,24 @@
     python -m resnet_jax.bench --models paper,resnet18 --batch_sizes 100,500,1000 \
         --dtypes float32,bfloat16 --torch study,tuned --lanes 6 --json bench.json
 
-For each model x batch size x dtype it measures the training path that
-``train_and_evaluate`` runs (on-device gather and augmentation, ``train_step``
-or ``config.steps_per_call`` scanned steps): images/s at steady state, time per
-epoch (measured with ``--epochs``, else extrapolated and marked so), compile
-time and peak memory. ``--torch`` runs ``benchmarks/torch_reference.py`` (the
-study-style and the tuned PyTorch implementations, each in its own process) on
-the same cases and prints JAX/PyTorch ratios. ``--lanes R`` also times R runs
-vectorised into one program (:mod:`resnet_jax.loop`) against one run.
-
-Images are random uint8 unless ``--data`` names a dataset (speed does not
-depend on pixel values). Every setting not given here comes from ``--config``
-(default ``configs/default.py``). Timings belong in BENCHMARKS.md, never in tests.
+For each model x batch size x dtype it times the training path of
+``train_and_evaluate`` (on-device gather and augmentation, ``config.steps_per_call``
+steps per call): steady-state images/s, time per epoch (measured with ``--epochs``,
+else extrapolated and marked so), compile time and peak memory. ``--torch`` runs
+``benchmarks/torch_reference.py`` (study-style and tuned PyTorch, each in its own
+process) on the same cases for JAX/PyTorch ratios; ``--lanes R`` also times R runs
+vectorised into one program (:mod:`resnet_jax.loop`). Images are random uint8
+unless ``--data`` names a dataset (speed does not depend on pixel values); other
+settings come from ``--config`` (default ``configs/default.py``). Timings belong in
+BENCHMARKS.md, never in tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -60,40 +60,39 @@ def _list(kind: type, choices: Sequence[Any] | None = None):
             values = [kind(v) for v in text.split(',') if v]
         except ValueError:
             raise argparse.ArgumentTypeError(f'not a list of {kind.__name__}: {text!r}') from None
-        bad = [v for v in values if choices is not None and v not in choices]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(
-                f'{text!r}: choose from {", ".join(map(str, choices or ()))}'
-            )
+        if not values or any(choices is not None and v not in choices for v in values):
+            choices_text = ', '.join(map(str, choices or ()))
+            raise argparse.ArgumentTypeError(f'{text!r}: choose from {choices_text}')
         return values
 
     return parse
 
 
+# The flags, in --help order: flag -> (type, default, help).
+ARGUMENTS = {
+    '--config': (str, DEFAULT_CONFIG, 'config file (get_config())'),
+    '--models': (_list(str, sorted(models.MODELS)), ['paper'], None),
+    '--batch_sizes': (_list(int), [100, 500], None),
+    '--dtypes': (_list(str, sorted(models.DTYPES)), ['float32'], None),
+    '--steps': (int, 20, 'timed steps per case'),
+    '--epochs': (int, 0, '>= 2: also time whole epochs (the mean after the first)'),
+    '--steps_per_call': (int, None, 'overrides the config'),
+    '--lanes': (int, 0, 'also time this many vectorised runs'),
+    '--data': (str, '', 'a dataset path (default: random images)'),
+    '--torch': (
+        _list(str, ('study', 'tuned', 'none')),
+        ['study', 'tuned'],
+        'PyTorch references to run alongside (none: skip)',
+    ),
+    '--torch_workers': (int, 2, 'study-style DataLoader workers'),
+    '--json': (str, '', 'write every result to this JSON file'),
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = _Parser(prog='python -m resnet_jax.bench', description=__doc__.split('\n')[0])
-    p.add_argument('--config', default=DEFAULT_CONFIG, help='config file (get_config())')
-    p.add_argument('--models', type=_list(str, sorted(models.MODELS)), default=['paper'])
-    p.add_argument('--batch_sizes', type=_list(int), default=[100, 500])
-    p.add_argument('--dtypes', type=_list(str, sorted(models.DTYPES)), default=['float32'])
-    p.add_argument('--steps', type=int, default=20, help='timed steps per case')
-    p.add_argument(
-        '--epochs',
-        type=int,
-        default=0,
-        help='>= 2: also time whole epochs (the mean after the first)',
-    )
-    p.add_argument('--steps_per_call', type=int, default=None, help='overrides the config')
-    p.add_argument('--lanes', type=int, default=0, help='also time this many vectorised runs')
-    p.add_argument('--data', default='', help='a dataset path (default: random images)')
-    p.add_argument(
-        '--torch',
-        type=_list(str, ('study', 'tuned', 'none')),
-        default=['study', 'tuned'],
-        help='PyTorch references to run alongside (none: skip)',
-    )
-    p.add_argument('--torch_workers', type=int, default=2, help='study-style DataLoader workers')
-    p.add_argument('--json', default='', help='write every result to this JSON file')
+    for flag, (kind, default, help_text) in ARGUMENTS.items():
+        p.add_argument(flag, type=kind, default=default, help=help_text)
     args = p.parse_args(argv)
     if args.steps < 1 or args.epochs < 0 or args.lanes < 0 or args.epochs == 1:
         p.error('--steps must be >= 1, --epochs 0 or >= 2, --lanes >= 0')
@@ -135,25 +134,12 @@ def peak_memory_bytes() -> tuple[int, str]:
     stats = jax.devices()[0].memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
         return int(stats['peak_bytes_in_use']), 'device_peak_bytes_in_use'
-    try:  # VmHWM, unlike ru_maxrss, is not inherited from a parent across exec.
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) * 1024, 'vm_hwm'
-    except OSError:
-        pass
+    # VmHWM, unlike ru_maxrss, is not inherited from a parent across exec.
+    with contextlib.suppress(OSError), open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024, 'vm_hwm'
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'max_rss'
-
-
-def _case_config(
-    base: ml_collections.ConfigDict, model: str, batch_size: int, dtype: str, spc: int | None
-) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(base.to_dict())
-    config.model, config.batch_size, config.dtype = model, batch_size, dtype
-    if spc is not None:
-        config.steps_per_call = spc
-    validation.validate_config(config)
-    return config
 
 
 def _timed(fn, *args) -> tuple[Any, float]:
@@ -226,11 +212,8 @@ def bench_jax(
             images_per_second_epoch=n * runs / float(np.mean(times[1:])),
         )
     result['peak_memory_bytes'], result['peak_memory_kind'] = peak_memory_bytes()
-    flops = models.flops_per_image(
-        train.cached_model(config.model, config.num_classes, config.dtype, config.image_size)[0],
-        state.variables(),
-        config.image_size,
-    )
+    model, _ = train.cached_model(config.model, config.num_classes, config.dtype, config.image_size)
+    flops = models.flops_per_image(model, state.variables(), config.image_size)
     # Forward + backward is about 3x the forward's multiply-adds.
     result['train_tflops_per_second'] = 3 * flops * ips / 1e12
     return result
@@ -251,20 +234,8 @@ def bench_torch(
         return {'framework': 'torch', 'impl': impl, 'skipped': 'the study ran in float32'}
     if not os.path.exists(TORCH_REFERENCE):
         return {'framework': 'torch', 'impl': impl, 'skipped': f'{TORCH_REFERENCE} not found'}
-    command = [
-        sys.executable,
-        TORCH_REFERENCE,
-        '--impl',
-        impl,
-        '--model',
-        model,
-        '--batch_size',
-        str(batch_size),
-        '--dtype',
-        dtype,
-        '--num_workers',
-        str(workers),
-    ]
+    command = [sys.executable, TORCH_REFERENCE, '--impl', impl, '--model', model]
+    command += ['--batch_size', str(batch_size), '--dtype', dtype, '--num_workers', str(workers)]
     command += ['--epochs', str(epochs)] if epochs else ['--steps', str(steps)]
     if data:
         command += ['--data', data]
@@ -325,44 +296,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'# {json.dumps(info)}', flush=True)
     print(HEADER, flush=True)
     results: list[dict[str, Any]] = []
-    for model in args.models:
-        for dtype in args.dtypes:
-            for bs in args.batch_sizes:
-                try:
-                    config = _case_config(base, model, bs, dtype, args.steps_per_call)
-                except validation.ConfigError as e:
-                    sys.stderr.write(f'error: {e}\n')
-                    return 2
-                mine = bench_jax(config, images, labels, args.steps, args.epochs)
-                results.append(mine)
-                print(_row(mine), flush=True)
-                for impl in (i for i in args.torch if i != 'none'):
-                    theirs = bench_torch(
-                        impl,
-                        model,
-                        bs,
-                        dtype,
-                        args.steps,
-                        args.data,
-                        args.torch_workers,
-                        args.epochs,
-                    )
-                    theirs.update(model=model, batch_size=bs, dtype=dtype)
-                    if 'images_per_second' in theirs:
-                        theirs['jax_speedup'] = (
-                            mine['images_per_second'] / theirs['images_per_second']
-                        )
-                    results.append(theirs)
-                    print(
-                        _row(theirs, mine) if 'skipped' not in theirs else _row(theirs), flush=True
-                    )
-                if args.lanes:
-                    together = bench_jax(config, images, labels, args.steps, runs=args.lanes)
-                    together['speedup_vs_one_run'] = (
-                        together['images_per_second'] / mine['images_per_second']
-                    )
-                    results.append(together)
-                    print(_row(together, None), f'{together["speedup_vs_one_run"]:.2f}x vs 1 run')
+    for model, dtype, bs in itertools.product(args.models, args.dtypes, args.batch_sizes):
+        config = ml_collections.ConfigDict(base.to_dict())
+        config.model, config.batch_size, config.dtype = model, bs, dtype
+        if args.steps_per_call is not None:
+            config.steps_per_call = args.steps_per_call
+        try:
+            validation.validate_config(config)
+        except validation.ConfigError as e:
+            sys.stderr.write(f'error: {e}\n')
+            return 2
+        mine = bench_jax(config, images, labels, args.steps, args.epochs)
+        results.append(mine)
+        print(_row(mine), flush=True)
+        ips = mine['images_per_second']
+        for impl in (i for i in args.torch if i != 'none'):
+            theirs = bench_torch(
+                impl, model, bs, dtype, args.steps, args.data, args.torch_workers, args.epochs
+            )
+            theirs.update(model=model, batch_size=bs, dtype=dtype)
+            if 'images_per_second' in theirs:
+                theirs['jax_speedup'] = ips / theirs['images_per_second']
+            results.append(theirs)
+            print(_row(theirs, mine), flush=True)
+        if args.lanes:
+            together = bench_jax(config, images, labels, args.steps, runs=args.lanes)
+            together['speedup_vs_one_run'] = together['images_per_second'] / ips
+            results.append(together)
+            print(_row(together), f'{together["speedup_vs_one_run"]:.2f}x vs 1 run')
     if args.json:
         workdir.write_json(args.json, {'machine': info, 'results': results})
     return 0

@@ -47,26 +47,15 @@ def checkpoint_manager(
 ) -> ocp.CheckpointManager:
     """Orbax manager of ``workdir/checkpoints``; checkpoints are named by global step."""
     if read_only:  # (Options that only matter for saving would be warned about.)
-        options = ocp.CheckpointManagerOptions(
-            read_only=True, create=False, save_interval_steps=0, max_to_keep=None
-        )
+        options = dict(read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
     else:  # Temporary folders of saves that a kill or a full disk cut short are removed.
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True
-        )
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options
-    )
+        options = dict(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(**options))
 
 
 def _state_tree(state: train.TrainState) -> dict[str, Any]:
-    return {
-        'step': state.step,
-        'params': state.params,
-        'batch_stats': state.batch_stats,
-        'opt_state': state.opt_state,
-        'rng': state.rng,
-    }
+    return {k: getattr(state, k) for k in ('step', 'params', 'batch_stats', 'opt_state', 'rng')}
 
 
 def _metrics_tree(metrics: train.TrainMetrics | None) -> dict[str, Any]:
@@ -85,8 +74,8 @@ def save(
 
     ``meta['epoch']`` counts completed epochs and ``meta['position']`` the
     batches of the next epoch already trained (0 at an epoch boundary), whose
-    running ``metrics`` are saved too. A failed write (full disk, ...) raises
-    :class:`CheckpointError` after removing its temporary folder.
+    running ``metrics`` are saved too. A failed write (full disk, ...) closes
+    ``manager``, removes its temporary folder and raises :class:`CheckpointError`.
     """
     step = int(state.step)
     if step in manager.all_steps():  # Superseded (an interrupt saved this very step).
@@ -102,7 +91,7 @@ def save(
         )
         manager.wait_until_finished()
     except Exception as e:  # OSError, or TensorStore's ValueError (RESOURCE_EXHAUSTED, ...).
-        remove_partial_checkpoints(str(manager.directory))
+        close_quietly(manager)  # Its writer threads may still be creating the folder.
         raise CheckpointError(
             f'could not write the checkpoint of step {step} in {manager.directory}: '
             f'{short_error(e)}; the earlier checkpoints are intact'
@@ -116,8 +105,7 @@ def short_error(error: BaseException, limit: int = 200) -> str:
     text = str(error)
     if 'No space left on device' in text or 'RESOURCE_EXHAUSTED' in text:
         return 'No space left on device'
-    text = ' '.join(text.split()).split(' [tensorstore_spec')[0]
-    text = text or type(error).__name__
+    text = ' '.join(text.split()).split(' [tensorstore_spec')[0] or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
@@ -130,44 +118,41 @@ def remove_partial_checkpoints(directory: str) -> None:
 
 
 def close_quietly(manager: ocp.CheckpointManager) -> None:
-    """Finishes and closes ``manager``; a failed save was already reported."""
-    try:
+    """Finishes and closes ``manager``, then removes what failed saves left behind.
+
+    A failed save was already reported; the removal comes last because orbax's
+    writer threads may still create files until the manager is closed.
+    """
+    with contextlib.suppress(Exception):
         manager.wait_until_finished()
-    except Exception:  # pylint: disable=broad-except  # save() raised it.
-        remove_partial_checkpoints(str(manager.directory))
     with contextlib.suppress(Exception):
         manager.close()
-
-
-def _quiet_unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
-    """A ``sys.unraisablehook`` dropping orbax's noise after a failed read or write.
-
-    A restore that fails part-way leaves TensorStore callbacks that fire into
-    orbax's closed event loop, and a failed save leaves coroutines that die at
-    interpreter exit: hundreds of traceback lines about nothing actionable.
-    """
-
-    def hook(unraisable: Any) -> None:
-        text = str(unraisable.exc_value)
-        if 'Event loop is closed' in text or 'Python is likely shutting down' in text:
-            return
-        previous(unraisable)
-
-    hook.quiet_orbax = True
-    return hook
+    remove_partial_checkpoints(str(manager.directory))
 
 
 def quiet_orbax_noise() -> None:
-    """Installs :func:`_quiet_unraisable` (once; other unraisables still print).
+    """Drops orbax's noise after a failed read or write (once; other unraisables still print).
 
-    A failed read also abandons orbax coroutines; Python reports each as a
-    ``RuntimeWarning`` when it is collected, so those warnings are ignored too.
+    A restore that fails part-way leaves TensorStore callbacks that fire into
+    orbax's closed event loop, and a failed save leaves coroutines that die at
+    interpreter exit: hundreds of traceback lines about nothing actionable. A
+    failed read also abandons orbax coroutines, each reported as a
+    ``RuntimeWarning`` when it is collected.
     """
     warnings.filterwarnings(
         'ignore', message=r'coroutine .* was never awaited', category=RuntimeWarning
     )
-    if not getattr(sys.unraisablehook, 'quiet_orbax', False):
-        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    previous = sys.unraisablehook
+    if getattr(previous, 'quiet_orbax', False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        text = str(unraisable.exc_value)
+        if 'Event loop is closed' not in text and 'Python is likely shutting down' not in text:
+            previous(unraisable)
+
+    hook.quiet_orbax = True
+    sys.unraisablehook = hook
 
 
 def _restore_items(manager: ocp.CheckpointManager, step: int, state_tree: Any) -> Any:
@@ -281,9 +266,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def _read_variables(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     """The model variables of a checkpoint, whatever its optimiser state."""
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
-        'state'
-    ]
+    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    restored = manager.restore(step, args=args)['state']
     return {'params': restored['params'], 'batch_stats': restored['batch_stats']}
 
 

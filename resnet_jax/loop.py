@@ -476,16 +476,27 @@ def _train_runs(
         t_start=t_start,
         group_size=len(configs),
     )
+    model, _ = train.cached_model(config.model, config.num_classes, config.dtype, config.image_size)
+    state = train.create_train_state(config, jax.random.PRNGKey(0), len(sizes))
+    num_params = models.count_params(state.params)
+    flops = models.flops_per_image(model, state.variables(), config.image_size)
+    logger.info(
+        f'model {config.model}: {num_params:,} trainable parameters, '
+        f'{flops / 1e6:.1f} MFLOPs/image forward'
+    )
+    logger.info(
+        f'data: {data.source} ({data.path or "default"}), {len(data.train_labels)} train / '
+        f'{len(data.test_labels)} test images, {data.num_classes} classes; '
+        f'{len(sizes)} steps/epoch on {num_devices} device(s)'
+    )
+    if len(configs) > 1:
+        logger.info(
+            'vectorised: %d runs as one program, %d training set(s)', len(configs), len(sets)
+        )
     runs: list[_Run] = []
     try:
         for c, w, d in zip(configs, workdirs, index, strict=True):
             runs.append(_restore_run(c, w, d, shared))
-        model, _ = train.cached_model(
-            config.model, config.num_classes, config.dtype, config.image_size
-        )
-        num_params = models.count_params(runs[0].state.params)
-        flops = models.flops_per_image(model, runs[0].state.variables(), config.image_size)
-        _log_start(config, data, shared, num_params, flops, len(sets), num_devices)
         # Runs resumed at different points train in sub-groups, in that order.
         by_point: dict[tuple[int, int], list[_Run]] = {}
         for run in runs:
@@ -500,31 +511,6 @@ def _train_runs(
                 run.writer.close()
     summaries = [_finish(run, num_params, flops, data, mesh, shared) for run in runs]
     return [run.state for run in runs], summaries
-
-
-def _log_start(config, data, shared, num_params, flops, num_sets, num_devices) -> None:
-    logger.info(
-        'model %s: %s trainable parameters, %.1f MFLOPs/image forward',
-        config.model,
-        f'{num_params:,}',
-        flops / 1e6,
-    )
-    logger.info(
-        'data: %s (%s), %d train / %d test images, %d classes; %d steps/epoch on %d device(s)',
-        data.source,
-        data.path or 'default',
-        len(data.train_labels),
-        len(data.test_labels),
-        data.num_classes,
-        len(shared.sizes),
-        num_devices,
-    )
-    if shared.group_size > 1:
-        logger.info(
-            'vectorised: %d runs as one program, on %d distinct training set(s)',
-            shared.group_size,
-            num_sets,
-        )
 
 
 def _restore_run(

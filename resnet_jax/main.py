@@ -88,15 +88,6 @@ def _config_path(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _config_root_on_path(argv: Sequence[str]) -> None:
-    """Lets configs import ``configs.default`` from any working directory."""
-    path = _config_path(argv)
-    if path:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-        if root not in sys.path:
-            sys.path.insert(0, root)
-
-
 def _config_fields(argv: Sequence[str]) -> list[str]:
     """Dotted names of every field of the ``--config`` file (for suggestions)."""
     try:
@@ -168,7 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0
     sys.argv = argv  # config_flags finds --config.* overrides in sys.argv.
-    _config_root_on_path(argv)
+    path = _config_path(argv)
+    if path:  # Lets configs import ``configs.default`` from any working directory.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        if root not in sys.path:
+            sys.path.insert(0, root)
     try:
         rest = FLAGS(argv)
     except flags.Error as e:
@@ -182,7 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = os.path.expanduser(FLAGS.workdir)
     if FLAGS.mode == 'report':
         return _report(workdir)
-    path = _config_path(argv)
     if path is None:
         return _fail('--config is required, e.g. --config configs/default.py')
     if not os.path.isfile(path):
@@ -205,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not distributed.is_primary():
             logging.getLogger('resnet_jax').setLevel(logging.WARNING)
         if FLAGS.mode == 'eval':
-            return _evaluate(config, workdir)
+            result = loop.evaluate_workdir(workdir, config.data.path or None)
+            accuracy, loss = 100 * result['accuracy'], result['loss']
+            print(f'test accuracy {accuracy:.2f}% (loss {loss:.4f}) from {workdir}')
+            return 0
         if sweep.is_sweep(config):
             statuses = sweep.run_sweep(config, workdir, sweep.parse_shard(FLAGS.sweep_shard))
             bad = {k: v for k, v in statuses.items() if v != 'completed'}
@@ -245,16 +242,6 @@ def _new_workdir(path: str) -> str:
     if candidate != path:
         print(f'{path} holds a run: training into {candidate}', file=sys.stderr)
     return candidate
-
-
-def _evaluate(config, workdir: str) -> int:
-    from resnet_jax import loop
-
-    result = loop.evaluate_workdir(workdir, config.data.path or None)
-    print(
-        f'test accuracy {100 * result["accuracy"]:.2f}% (loss {result["loss"]:.4f}) from {workdir}'
-    )
-    return 0
 
 
 def _report(workdir: str) -> int:

@@ -9,8 +9,8 @@ the axes; nested sections name nested fields::
     config.sweep.shuffle = (True, False)
     config.sweep.data = ml_collections.ConfigDict({'train_subset': (5000, 0)})
 
-    runs = sweep.expand(config)                       # 18 x 2 Run objects
-    failed = sweep.run_sweep(config, 'runs/paper')    # trains, then writes the report
+    runs = sweep.expand(config)                         # 18 x 2 Run objects
+    statuses = sweep.run_sweep(config, 'runs/paper')    # trains, then writes the report
 
 Axes are taken in sorted name order (how ``ConfigDict`` lists its keys), values
 in the order given. Each run trains in ``workdir/<name>`` where the name lists
@@ -43,10 +43,9 @@ from resnet_jax import workdir as workdir_lib
 logger = logging.getLogger('resnet_jax')
 
 MANIFEST_FILE = workdir_lib.MANIFEST_FILE
-# Entries of config.sweep that are options of the sweep, not axes:
-# vectorize=True trains runs that differ only in learning rate, shuffle or seed
-# together as one vmapped program (resnet_jax/loop.py); repeats=k adds a
-# seed axis of k seeds counted from config.seed.
+# Entries of config.sweep that are options of the sweep, not axes: vectorize=True
+# trains runs that differ only in VECTORIZABLE fields together as one program
+# (resnet_jax/loop.py); repeats=k adds a seed axis (see above).
 OPTIONS = ('vectorize', 'repeats')
 SEED_AXIS = 'seed'
 
@@ -146,15 +145,6 @@ def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return base
 
 
-def _override(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
-    try:
-        validation.set_field(config, field, value)
-    except validation.ConfigError:
-        raise validation.ConfigError(f'config.sweep.{field}: config has no field {field}') from None
-    except TypeError as e:
-        raise validation.ConfigError(f'config.sweep.{field}={value!r}: {e}') from None
-
-
 def expand(config: ml_collections.ConfigDict) -> list[Run]:
     """Every run of the sweep, each config validated."""
     grid = axes(config)
@@ -164,7 +154,13 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
         overrides = dict(zip(grid, values, strict=True))
         run_config = ml_collections.ConfigDict(base.to_dict())
         for field, value in overrides.items():
-            _override(run_config, field, value)
+            try:
+                validation.set_field(run_config, field, value)
+            except validation.ConfigError:
+                error = f'config.sweep.{field}: config has no field {field}'
+                raise validation.ConfigError(error) from None
+            except TypeError as e:
+                raise validation.ConfigError(f'config.sweep.{field}={value!r}: {e}') from None
         try:
             validation.validate_config(run_config)
         except validation.ConfigError as e:
@@ -204,52 +200,51 @@ def write_manifest(config: ml_collections.ConfigDict, workdir: str, runs: list[R
     workdir_lib.write_json(os.path.join(workdir, MANIFEST_FILE), manifest)
 
 
-def _finished(run: Run, run_dir: str) -> bool:
-    """Completed earlier with the same config."""
-    summary = workdir_lib.read_json_object(os.path.join(run_dir, workdir_lib.SUMMARY_FILE))
-    if summary is None:
-        return False
-    same = summary.get('config') == workdir_lib.config_json(run.config)
-    return summary.get('status') == 'completed' and same
+def _skipped(run: Run, workdir: str) -> bool:
+    """Whether ``run`` completed earlier with the same config (then logged as skipped)."""
+    path = os.path.join(workdir, run.name, workdir_lib.SUMMARY_FILE)
+    summary = workdir_lib.read_json_object(path)
+    done = summary is not None and summary.get('status') == 'completed'
+    if done and summary.get('config') == workdir_lib.config_json(run.config):
+        logger.info('run %d %s: already completed, skipped', run.index, run.name)
+        return True
+    return False
 
 
-def _record_failure(run: Run, run_dir: str, status: str, error: str) -> None:
+def _record_failure(runs: list[Run], workdir: str, what: str, error: Exception) -> dict[str, str]:
+    """Logs that ``what`` failed with ``error`` and records it in each run's summary."""
     from resnet_jax import distributed  # pylint: disable=g-import-not-at-top
 
-    if not distributed.is_primary():
-        return
-    summary_path = os.path.join(run_dir, workdir_lib.SUMMARY_FILE)
-    summary = workdir_lib.read_json_object(summary_path) or {}
-    summary.update(status=status, error=error, config=workdir_lib.config_json(run.config))
-    workdir_lib.write_json(summary_path, summary)
+    if isinstance(error, (validation.ConfigError, datasets.DataError)):
+        message = str(error)  # Bad input: one line is the whole story.
+        logger.error('%s failed: %s', what, message)
+    else:
+        message = f'{type(error).__name__}: {error}'
+        logger.exception('%s failed: %s', what, message)
+    if distributed.is_primary():
+        for run in runs:
+            path = os.path.join(workdir, run.name, workdir_lib.SUMMARY_FILE)
+            summary = workdir_lib.read_json_object(path) or {}
+            config = workdir_lib.config_json(run.config)
+            summary.update(status='failed', error=message, config=config)
+            workdir_lib.write_json(path, summary)
+    return {run.name: 'failed' for run in runs}
 
 
 def run_one(run: Run, workdir: str) -> str:
     """Trains one run (or skips it); returns its status."""
     from resnet_jax import loop  # pylint: disable=g-import-not-at-top  # Heavy.
 
-    run_dir = os.path.join(workdir, run.name)
-    if _finished(run, run_dir):
-        logger.info('run %d %s: already completed, skipped', run.index, run.name)
+    if _skipped(run, workdir):
         return 'completed'
     logger.info('run %d %s: training', run.index, run.name)
     try:
-        _, summary = loop.train_and_evaluate(run.config, run_dir)
+        _, summary = loop.train_and_evaluate(run.config, os.path.join(workdir, run.name))
     except workdir_lib.WorkdirBusy as e:
         logger.warning('run %d %s: skipped, %s', run.index, run.name, e)
         return 'busy'
-    except KeyboardInterrupt:
-        raise
-    except (validation.ConfigError, datasets.DataError) as e:
-        message = str(e)  # Bad input: one line is the whole story.
-        logger.error('run %d %s failed: %s', run.index, run.name, message)
-        _record_failure(run, run_dir, 'failed', message)
-        return 'failed'
     except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
-        message = f'{type(e).__name__}: {e}'
-        logger.exception('run %d %s failed: %s', run.index, run.name, message)
-        _record_failure(run, run_dir, 'failed', message)
-        return 'failed'
+        return _record_failure([run], workdir, f'run {run.index} {run.name}', e)[run.name]
     return summary['status']
 
 
@@ -269,35 +264,15 @@ def run_group(runs: list[Run], workdir: str) -> dict[str, str]:
     except workdir_lib.WorkdirBusy as e:
         logger.warning('runs %s: %s; training them one by one', names, e)
         return {run.name: run_one(run, workdir) for run in runs}
-    except KeyboardInterrupt:
-        raise
-    except (validation.ConfigError, datasets.DataError) as e:
-        return _record_group_failure(runs, run_dirs, str(e), traceback=False)
     except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
-        return _record_group_failure(runs, run_dirs, f'{type(e).__name__}: {e}', traceback=True)
+        return _record_failure(runs, workdir, f'vectorised runs {names}', e)
     return {run.name: summary['status'] for run, summary in zip(runs, summaries, strict=True)}
-
-
-def _record_group_failure(
-    runs: list[Run], run_dirs: list[str], message: str, traceback: bool
-) -> dict[str, str]:
-    log = logger.exception if traceback else logger.error
-    log('vectorised runs %s failed: %s', ', '.join(run.name for run in runs), message)
-    for run, run_dir in zip(runs, run_dirs, strict=True):
-        _record_failure(run, run_dir, 'failed', message)
-    return {run.name: 'failed' for run in runs}
 
 
 def _run_vectorized(runs: list[Run], workdir: str) -> dict[str, str]:
     """Runs ``runs``, those differing only in vectorisable fields together."""
-    statuses: dict[str, str] = {}
-    pending = []
-    for run in runs:
-        if _finished(run, os.path.join(workdir, run.name)):
-            logger.info('run %d %s: already completed, skipped', run.index, run.name)
-            statuses[run.name] = 'completed'
-        else:
-            pending.append(run)
+    statuses = {run.name: 'completed' for run in runs if _skipped(run, workdir)}
+    pending = [run for run in runs if run.name not in statuses]
     for group in group_runs([run.config for run in pending]):
         members = [pending[i] for i in group]
         if len(members) == 1:
@@ -310,24 +285,16 @@ def _run_vectorized(runs: list[Run], workdir: str) -> dict[str, str]:
 def run_sweep(
     config: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] = (0, 1)
 ) -> dict[str, str]:
-    """Runs this shard's runs of the sweep, then writes the report.
-
-    Returns ``{run name: status}`` for this shard's runs.
-    """
+    """Runs this shard's runs of the sweep, then writes the report; ``{run name: status}``."""
     from resnet_jax import distributed  # pylint: disable=g-import-not-at-top
 
     runs = expand(config)
     if distributed.is_primary():
         write_manifest(config, workdir, runs)
     mine = shard_runs(runs, shard)
-    logger.info(
-        'sweep of %d runs over %s; shard %d/%d runs %d of them',
-        len(runs),
-        ', '.join(axes(config)),
-        shard[0],
-        shard[1],
-        len(mine),
-    )
+    axes_text = ', '.join(axes(config))
+    message = 'sweep of %d runs over %s; shard %d/%d runs %d of them'
+    logger.info(message, len(runs), axes_text, *shard, len(mine))
     if config.sweep.get('vectorize', False):
         statuses = _run_vectorized(mine, workdir)
     else:

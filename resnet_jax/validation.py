@@ -112,17 +112,12 @@ def _check_choice(config, field: str, choices) -> None:
         raise ConfigError(f'config.{field}={value!r} is not one of {", ".join(map(str, choices))}')
 
 
-def check_is_config(config: Any) -> None:
-    """Raises :class:`ConfigError` unless ``config`` is a ConfigDict (what get_config returns)."""
-    if not isinstance(config, ml_collections.ConfigDict):
+def validate_distributed(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.distributed``, which is read before anything else."""
+    if not isinstance(config, ml_collections.ConfigDict):  # What get_config() returned.
         raise ConfigError(
             f'get_config() must return an ml_collections.ConfigDict, got {type(config).__name__}'
         )
-
-
-def validate_distributed(config: ml_collections.ConfigDict) -> None:
-    """Checks ``config.distributed``, which is read before anything else."""
-    check_is_config(config)
     value = get_field(config, 'distributed.enabled')
     if not isinstance(value, bool):
         raise ConfigError(f'config.distributed.enabled must be True or False, got {value!r}')

@@ -119,21 +119,11 @@ def read_json_object(path: str) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _owner() -> str:
     return f'{socket.gethostname()} {os.getpid()}'
 
 
-def _stale(text: str | None) -> bool:
+def _stale(text: str) -> bool:
     """A lock nobody holds: of a dead process on this host, empty, or unreadable.
 
     Locks are written whole before they appear (:func:`_create_lock`), so an
@@ -141,10 +131,15 @@ def _stale(text: str | None) -> bool:
     another host cannot be checked and is taken as holding it.
     """
     try:
-        host, pid = (text or '').split()
-        return host == socket.gethostname() and not _pid_alive(int(pid))
-    except ValueError:
+        host, pid = text.split()
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)  # Signal 0: only checks that the process exists.
+    except (ValueError, ProcessLookupError):
         return True
+    except PermissionError:  # Alive, but another user's.
+        return False
+    return False
 
 
 def _create_lock(path: str) -> bool:
@@ -181,17 +176,6 @@ def _create_lock(path: str) -> bool:
             os.remove(tmp)
 
 
-def _read_lock(path: str) -> str | None:
-    """The lock's owner line; '' if it is unreadable, None if it is gone."""
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return ''
-
-
 @contextlib.contextmanager
 def lock(folder: str) -> Iterator[None]:
     """Holds ``folder/.lock`` for the duration of the block.
@@ -204,17 +188,20 @@ def lock(folder: str) -> Iterator[None]:
     for _ in range(3):
         if _create_lock(path):
             break
-        holder = _read_lock(path)
-        if holder is None:
+        try:
+            with open(path) as f:
+                holder = f.read().strip()
+        except FileNotFoundError:
             continue  # Released meanwhile: try again.
+        except (OSError, ValueError):
+            holder = ''  # Unreadable: stale.
         if not _stale(holder):
             raise WorkdirBusy(
                 f'{folder} is in use by process {holder!r} (remove {path} if it is not)'
             )
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         except OSError as e:
             raise WorkdirBusy(f'could not remove the stale lock {path}: {e.strerror}') from None
     else:
@@ -258,12 +245,6 @@ def is_run_config(obj: Any) -> bool:
     return isinstance(obj, Mapping) and all(k in obj for k in _RUN_CONFIG_FIELDS)
 
 
-def _has_run(workdir: str) -> bool:
-    return os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)) or os.path.exists(
-        os.path.join(workdir, METRICS_FILE)
-    )
-
-
 def check_writable(workdir: str) -> None:
     """Creates ``workdir`` if need be; :class:`ConfigError` if it cannot be written."""
     try:
@@ -297,7 +278,10 @@ def prepare(workdir: str, config: Any, overwrite: bool) -> None:
         for name in os.listdir(workdir):
             if name.startswith('events.out.tfevents.'):
                 os.remove(os.path.join(workdir, name))
-    elif _has_run(workdir) and os.path.exists(path):
+    elif os.path.exists(path) and (
+        os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))
+        or os.path.exists(os.path.join(workdir, METRICS_FILE))
+    ):
         diffs = config_differences(read_json(path), config_json(config))
         if diffs:
             raise ConfigError(
