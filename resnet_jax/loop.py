@@ -476,27 +476,13 @@ def _train_runs(
         t_start=t_start,
         group_size=len(configs),
     )
-    model, _ = train.cached_model(config.model, config.num_classes, config.dtype, config.image_size)
-    state = train.create_train_state(config, jax.random.PRNGKey(0), len(sizes))
-    num_params = models.count_params(state.params)
-    flops = models.flops_per_image(model, state.variables(), config.image_size)
-    logger.info(
-        f'model {config.model}: {num_params:,} trainable parameters, '
-        f'{flops / 1e6:.1f} MFLOPs/image forward'
-    )
-    logger.info(
-        f'data: {data.source} ({data.path or "default"}), {len(data.train_labels)} train / '
-        f'{len(data.test_labels)} test images, {data.num_classes} classes; '
-        f'{len(sizes)} steps/epoch on {num_devices} device(s)'
-    )
-    if len(configs) > 1:
-        logger.info(
-            'vectorised: %d runs as one program, %d training set(s)', len(configs), len(sets)
-        )
     runs: list[_Run] = []
     try:
         for c, w, d in zip(configs, workdirs, index, strict=True):
-            runs.append(_restore_run(c, w, d, shared))
+            runs.append(_new_run(c, w, d, shared))
+        num_params, flops = _log_start(runs[0], data, shared, len(sets), num_devices)
+        for run in runs:
+            _resume(run, shared)
         # Runs resumed at different points train in sub-groups, in that order.
         by_point: dict[tuple[int, int], list[_Run]] = {}
         for run in runs:
@@ -513,22 +499,50 @@ def _train_runs(
     return [run.state for run in runs], summaries
 
 
-def _restore_run(
+def _log_start(
+    run: _Run, data: datasets.Dataset, shared: _Shared, num_sets: int, num_devices: int
+) -> tuple[int, float]:
+    """Logs the model, the data and the group; returns the parameter and FLOP counts."""
+    config = run.config
+    model, _ = train.cached_model(config.model, config.num_classes, config.dtype, config.image_size)
+    num_params = models.count_params(run.state.params)
+    flops = models.flops_per_image(model, run.state.variables(), config.image_size)
+    logger.info(
+        f'model {config.model}: {num_params:,} trainable parameters, '
+        f'{flops / 1e6:.1f} MFLOPs/image forward'
+    )
+    logger.info(
+        f'data: {data.source} ({data.path or "default"}), {len(data.train_labels)} train / '
+        f'{len(data.test_labels)} test images, {data.num_classes} classes; '
+        f'{len(shared.sizes)} steps/epoch on {num_devices} device(s)'
+    )
+    if shared.group_size > 1:
+        logger.info(
+            'vectorised: %d runs as one program, %d training set(s)', shared.group_size, num_sets
+        )
+    return num_params, flops
+
+
+def _new_run(
     config: ml_collections.ConfigDict, workdir: str, dataset: int, shared: _Shared
 ) -> _Run:
-    """A run's initial state, or its newest readable checkpoint, and its writers."""
+    """A run's initial state (replicated over the global mesh: a restore reads
+    into its layout) and its checkpoint manager."""
     init_rng, order_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    # Replicated over the global mesh before the restore, which reads into its layout.
     state = jax.device_put(
         train.create_train_state(config, init_rng, len(shared.sizes)), shared.replicated
     )
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
-    run = _Run(config, workdir, manager, state, order_rng, dataset)
-    try:
-        restored = checkpoints.restore_latest_good(workdir, manager, state)
-    except BaseException:
-        manager.close()
-        raise
+    return _Run(config, workdir, manager, state, order_rng, dataset)
+
+
+def _resume(run: _Run, shared: _Shared) -> None:
+    """Restores a run's newest readable checkpoint, if any, and opens its writers.
+
+    Its ``config.json`` is written only once the checkpoint has been read.
+    """
+    workdir, config = run.workdir, run.config
+    restored = checkpoints.restore_latest_good(workdir, run.manager, run.state)
     if distributed.is_primary():
         workdir_lib.write_config(workdir, config)
     if restored is not None:
@@ -539,7 +553,6 @@ def _restore_run(
         logger.info('%sresuming after epoch %d%s', shared.prefix(run), run.epoch, where)
     run.records = writers.truncate_metrics(workdir, run.epoch, write=distributed.is_primary())
     run.writer = writers.MetricLogger(workdir, enabled=distributed.is_primary())
-    return run
 
 
 def _diverge(run: _Run, shared: _Shared, message: str) -> None:
