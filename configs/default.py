@@ -78,6 +78,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.path = ''  # '' with tfds: the default TFDS data dir
     config.data.download = True  # tfds only: download when no local copy
     config.data.train_subset = 0  # >0: a fixed, seeded subset of training images
+    # >0: hold out this many training images (balanced over the classes) for model
+    # selection; every epoch's record gains val_loss and val_accuracy. They are drawn
+    # with validation_seed, not with config.seed: every run of a sweep or search holds
+    # out the same images. 0: the study's recipe (train on all, report test).
+    config.data.validation_size = 0
+    config.data.validation_seed = 0
     # Augmentation (training only): zero-pad then random crop, random flip.
     config.data.pad = 4
     config.data.flip = True

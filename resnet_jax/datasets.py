@@ -115,10 +115,17 @@ class Dataset:
     class_names: tuple[str, ...]
     source: str  # 'tfds' | 'cifar' | 'folder'
     path: str  # Where it was read from ('' for tfds default dir).
+    # Training images held out for model selection (config.data.validation_size).
+    validation_images: np.ndarray | None = None  # (V, 32, 32, 3) uint8
+    validation_labels: np.ndarray | None = None  # (V,) int32
 
     def __post_init__(self):
         n = self.num_classes
-        for split in ('train', 'test'):
+        if self.validation_images is None:
+            shape = (0, *self.train_images.shape[1:])
+            object.__setattr__(self, 'validation_images', np.zeros(shape, np.uint8))
+            object.__setattr__(self, 'validation_labels', np.zeros((0,), np.int32))
+        for split in ('train', 'test', 'validation'):
             images, labels = getattr(self, f'{split}_images'), getattr(self, f'{split}_labels')
             shape = images.shape
             if images.dtype != np.uint8 or len(shape) != 4 or shape[2:] != (shape[1], 3):
@@ -197,7 +204,17 @@ def load_dataset(data_config: Any, seed: int) -> Dataset:
         elif source == 'cifar':
             dataset = _load_cifar(path)
         else:
-            dataset = _load_folder(path, image_size, seed)
+            dataset = _load_folder(path, image_size)
+    dataset = hold_out_validation(
+        dataset,
+        getattr(data_config, 'validation_size', 0),
+        getattr(data_config, 'validation_seed', 0),
+    )
+    if dataset.source == 'folder':  # Folders hold images class by class: a seeded order.
+        order = np.random.default_rng(seed).permutation(len(dataset.train_labels))
+        dataset = dataclasses.replace(
+            dataset, train_images=dataset.train_images[order], train_labels=dataset.train_labels[order]
+        )
     size, n = data_config.train_subset, len(dataset.train_labels)
     if size:  # A seeded subset, kept in stored order.
         if not 0 < size <= n:
@@ -207,6 +224,8 @@ def load_dataset(data_config: Any, seed: int) -> Dataset:
         keep = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
         images, labels = dataset.train_images[keep], dataset.train_labels[keep]
         dataset = dataclasses.replace(dataset, train_images=images, train_labels=labels)
+    if len(dataset.validation_labels):
+        logger.info('Held out %d training images for validation.', len(dataset.validation_labels))
     logger.info(
         'Loaded %d train + %d test images of %d classes (%s: %s) in %.1f s.',
         len(dataset.train_labels),
@@ -217,6 +236,54 @@ def load_dataset(data_config: Any, seed: int) -> Dataset:
         time.perf_counter() - start,
     )
     return dataset
+
+
+def validation_indices(labels: np.ndarray, size: int, seed: int, num_classes: int) -> np.ndarray:
+    """Sorted indices of ``size`` images balanced over the classes, drawn with ``seed``.
+
+    Every class gives ``size // num_classes`` images, the first ``size %
+    num_classes`` classes one more. The draw depends only on the labels, the
+    size and the seed: every run of a study (whatever its own seed) holds out
+    the same images.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(num_classes):
+        want = size // num_classes + (1 if c < size % num_classes else 0)
+        members = np.flatnonzero(labels == c)
+        if want > len(members):
+            raise DataError(
+                f'data.validation_size={size} needs {want} images of class {c}, but the '
+                f'training set has {len(members)}'
+            )
+        chosen.append(rng.choice(members, want, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros((0,), np.int64)
+
+
+def hold_out_validation(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """``dataset`` with ``size`` training images moved to its validation split.
+
+    Balanced over the classes and seeded by ``seed`` (``config.data.validation_seed``)
+    alone (:func:`validation_indices`); the training images keep their order.
+    """
+    n = len(dataset.train_labels)
+    if not size:
+        return dataset
+    if not 0 < size < n:
+        raise DataError(
+            f'data.validation_size={size} must lie in [0, {n}), below the size of the '
+            'training set'
+        )
+    held = validation_indices(dataset.train_labels, size, seed, dataset.num_classes)
+    keep = np.ones(n, bool)
+    keep[held] = False
+    return dataclasses.replace(
+        dataset,
+        train_images=dataset.train_images[keep],
+        train_labels=dataset.train_labels[keep],
+        validation_images=dataset.train_images[held],
+        validation_labels=dataset.train_labels[held],
+    )
 
 
 def load_for_config(config: Any) -> Dataset:
@@ -580,7 +647,7 @@ def _write_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
             os.remove(tmp)
 
 
-def _load_folder(path: str, image_size: int, seed: int) -> Dataset:
+def _load_folder(path: str, image_size: int) -> Dataset:
     """Reads an image folder, through the decoded-image cache when it is valid."""
     root = os.path.abspath(path)
     if not os.path.isdir(root):
@@ -613,9 +680,9 @@ def _load_folder(path: str, image_size: int, seed: int) -> Dataset:
         )
         _write_cache(cache, images)
     labels = {split: np.array([f.label for f in files[split]], np.int32) for split in files}
-    # Folders hold training images class by class: fix one seeded order.
-    order = np.random.default_rng(seed).permutation(len(labels['train']))
-    train = (images['train'][order], labels['train'][order])
+    # In the folder's own order (class by class): load_dataset orders it by the seed
+    # after holding out the validation images, which must not depend on that seed.
+    train = (images['train'], labels['train'])
     return Dataset(*train, images['test'], labels['test'], class_names, 'folder', root)
 
 

@@ -300,8 +300,11 @@ class _Run:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     writer: writers.MetricLogger | None = None
-    status: str = 'incomplete'
+    status: str = 'incomplete'  # -> 'completed', 'diverged' or 'pruned'
     error: str | None = None
+    # Called with each epoch's record (restored ones too); True stops the run as 'pruned'.
+    on_epoch: Callable[[dict[str, Any]], bool] | None = None
+    pruned_epoch: int | None = None
 
     @property
     def active(self) -> bool:
@@ -316,6 +319,7 @@ class _Shared:
     labels: jax.Array  # (sets x N,)
     num_train: int  # N: a run on training set d reads images[d * N + order].
     test: tuple[jax.Array, jax.Array, jax.Array]
+    validation: tuple[jax.Array, jax.Array, jax.Array] | None  # Held-out training images.
     sizes: list[int]
     eval_bs: int
     prep: augment.Preprocess
@@ -336,6 +340,7 @@ def train_and_evaluate(
     mesh: Mesh | None = None,
     *,
     overwrite: bool = False,
+    on_epoch: Callable[[dict[str, Any]], bool] | None = None,
 ) -> tuple[train.TrainState, dict[str, Any]]:
     """Trains ``config`` into ``workdir``, resuming from its latest checkpoint.
 
@@ -343,10 +348,15 @@ def train_and_evaluate(
     a run of another config is refused unless ``overwrite``, which deletes that
     run's outputs first. SIGINT/SIGTERM save a checkpoint (mid-epoch if need
     be) and raise :class:`Interrupted`; a non-finite loss or parameter stops the
-    run with status ``diverged``, keeping the last good checkpoint. Returns the
-    final state and the summary also written to ``workdir/summary.json``.
+    run with status ``diverged``, keeping the last good checkpoint. ``on_epoch``
+    sees every epoch's record (after a resume, the restored ones first); when it
+    returns True the run stops there with status ``pruned`` and a checkpoint of
+    that epoch. Returns the final state and the summary also written to
+    ``workdir/summary.json``.
     """
-    states, summaries = train_runs([config], [workdir], mesh, overwrite=overwrite)
+    states, summaries = train_runs(
+        [config], [workdir], mesh, overwrite=overwrite, on_epoch=[on_epoch]
+    )
     return states[0], summaries[0]
 
 
@@ -356,16 +366,21 @@ def train_runs(
     mesh: Mesh | None = None,
     *,
     overwrite: bool = False,
+    on_epoch: Sequence[Callable[[dict[str, Any]], bool] | None] | None = None,
 ) -> tuple[list[train.TrainState], list[dict[str, Any]]]:
     """Trains ``configs[i]`` into ``workdirs[i]``, all as one program.
 
     The configs must differ only in :data:`resnet_jax.sweep.VECTORIZABLE`
     fields. Each workdir behaves as with :func:`train_and_evaluate`; runs
     resumed at different points train in sub-groups, earliest first. Returns
-    the final states and the summaries.
+    the final states and the summaries. ``on_epoch[i]``, if given, is run i's
+    epoch callback (:func:`train_and_evaluate`).
     """
     if len(configs) != len(workdirs) or not configs:
         raise ValueError('train_runs needs one workdir per config, and at least one')
+    on_epoch = list(on_epoch) if on_epoch is not None else [None] * len(configs)
+    if len(on_epoch) != len(configs):
+        raise ValueError('train_runs needs one on_epoch callback (or None) per config')
     for config in configs:
         validation.validate_config(config)
     if len({sweep.group_key(c) for c in configs}) > 1:
@@ -377,7 +392,7 @@ def train_runs(
     with contextlib.ExitStack() as locks:
         for workdir in workdirs:
             locks.enter_context(distributed.primary_only(workdir_lib.lock(workdir)))
-        return _train_runs(list(configs), list(workdirs), mesh, overwrite)
+        return _train_runs(list(configs), list(workdirs), mesh, overwrite, on_epoch)
 
 
 def _training_sets(
@@ -440,11 +455,22 @@ def _device_test_set(
     return tuple(jax.device_put(a, replicated) for a in padded)
 
 
+def _device_validation_set(
+    data: datasets.Dataset, batch_size: int, replicated: NamedSharding
+) -> tuple[jax.Array, ...] | None:
+    """The held-out validation images on the device, or None without any."""
+    if not len(data.validation_labels):
+        return None
+    padded = augment.pad_test_set(data.validation_images, data.validation_labels, batch_size)
+    return tuple(jax.device_put(a, replicated) for a in padded)
+
+
 def _train_runs(
     configs: list[ml_collections.ConfigDict],
     workdirs: list[str],
     mesh: Mesh | None,
     overwrite: bool,
+    on_epoch: list[Callable[[dict[str, Any]], bool] | None],
 ) -> tuple[list[train.TrainState], list[dict[str, Any]]]:
     t_start = time.time()
     sets, index = _training_sets(configs)
@@ -467,6 +493,7 @@ def _train_runs(
         labels=jax.device_put(np.concatenate([d.train_labels for d in sets]), replicated),
         num_train=len(data.train_labels),
         test=_device_test_set(data, eval_bs, replicated),
+        validation=_device_validation_set(data, eval_bs, replicated),
         sizes=sizes,
         eval_bs=eval_bs,
         prep=augment.Preprocess.from_config(config),
@@ -478,8 +505,9 @@ def _train_runs(
     )
     runs: list[_Run] = []
     try:
-        for c, w, d in zip(configs, workdirs, index, strict=True):
+        for c, w, d, callback in zip(configs, workdirs, index, on_epoch, strict=True):
             runs.append(_new_run(c, w, d, shared))
+            runs[-1].on_epoch = callback
         num_params, flops = _log_start(runs[0], data, shared, len(sets), num_devices)
         for run in runs:
             _resume(run, shared)
@@ -553,6 +581,17 @@ def _resume(run: _Run, shared: _Shared) -> None:
         logger.info('%sresuming after epoch %d%s', shared.prefix(run), run.epoch, where)
     run.records = writers.truncate_metrics(workdir, run.epoch, write=distributed.is_primary())
     run.writer = writers.MetricLogger(workdir, enabled=distributed.is_primary())
+    for record in run.records:  # The callback sees the restored epochs too.
+        if run.active and _pruned(run, record):
+            logger.info('%spruned after epoch %d', shared.prefix(run), record['epoch'])
+
+
+def _pruned(run: _Run, record: dict[str, Any]) -> bool:
+    """Asks the run's epoch callback about ``record``; marks the run pruned if it says so."""
+    if run.on_epoch is None or not run.on_epoch(record):
+        return False
+    run.status, run.pruned_epoch = 'pruned', int(record['epoch'])
+    return True
 
 
 def _diverge(run: _Run, shared: _Shared, message: str) -> None:
@@ -652,6 +691,10 @@ def _train_group(runs: list[_Run], shared: _Shared) -> None:
             tests = train.evaluate(
                 states, shared.test, shared.eval_bs, shared.prep, shared.batch_sharding
             )
+            if shared.validation is not None:
+                vals = train.evaluate(
+                    states, shared.validation, shared.eval_bs, shared.prep, shared.batch_sharding
+                )
         if stop.agreed() is not None:  # Also when it came during evaluation.
             finite = np.asarray(train.runs_finite((states.params, states.batch_stats)))
             for r, run in enumerate(runs):
@@ -669,8 +712,11 @@ def _train_group(runs: list[_Run], shared: _Shared) -> None:
                 'command to resume',
             )
         save = epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs
+        callbacks = any(run.on_epoch is not None for run in runs)
         finite = (
-            np.asarray(train.runs_finite((states.params, states.batch_stats))) if save else None
+            np.asarray(train.runs_finite((states.params, states.batch_stats)))
+            if save or callbacks
+            else None
         )
         for r, run in enumerate(runs):
             if run.active and not math.isfinite(tests[r]['loss']):
@@ -684,14 +730,22 @@ def _train_group(runs: list[_Run], shared: _Shared) -> None:
                 'train_accuracy': result['accuracy'],
                 'test_loss': tests[r]['loss'],
                 'test_accuracy': tests[r]['accuracy'],
+                **(
+                    {'val_loss': vals[r]['loss'], 'val_accuracy': vals[r]['accuracy']}
+                    if shared.validation is not None
+                    else {}
+                ),
                 'learning_rate': float(schedules[r](epoch * n - 1)),
                 'epoch_seconds': train_seconds,
                 'images_per_second': sum(shared.sizes) / train_seconds,
             }
             run.records.append(record)
             run.writer.write(record)
-            if save:
+            pruned = _pruned(run, record)
+            if save or pruned:
                 _save(run, train.unstack(states, r), finite[r], shared, epoch, 0, None, 0.0)
+            if pruned:
+                logger.info('%spruned after epoch %d', shared.prefix(run), epoch)
     for r, run in enumerate(runs):
         run.state = train.unstack(states, r)
         if run.active and run.records and run.records[-1]['epoch'] == config.num_epochs:
@@ -742,6 +796,8 @@ def _finish(
         summary['vectorized_lanes'] = shared.group_size
     if run.error:
         summary['error'] = run.error
+    if run.pruned_epoch is not None:
+        summary['pruned_at_epoch'] = run.pruned_epoch
     if distributed.is_primary():
         workdir_lib.write_json(os.path.join(run.workdir, workdir_lib.SUMMARY_FILE), summary)
     if run.records:

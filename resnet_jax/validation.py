@@ -152,6 +152,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _check_int(config, field, 1)
     for field in (
         'data.train_subset',
+        'data.validation_size',
+        'data.validation_seed',
         'data.pad',
         'seed',
         'check_finite_every_steps',

@@ -51,6 +51,9 @@ RESUMABLE_CHANGES = (
     'data.download',
     'distributed.*',  # How many processes train it, and where they meet.
 )
+# Fields added after runs were first recorded, with the value a run recorded
+# without them had in effect: such a run resumes under a config that sets them so.
+ADDED_FIELDS = {'data.validation_size': 0, 'data.validation_seed': 0}
 # Fields every run config of this tool has: a config.json without them is not ours.
 _RUN_CONFIG_FIELDS = ('model', 'optimizer', 'learning_rate', 'batch_size', 'seed', 'data')
 
@@ -228,6 +231,9 @@ def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``'field: old -> new'`` for each field that differs, resumable ones excluded."""
     a, b = flatten(old), flatten(new)
+    for k, value in ADDED_FIELDS.items():
+        for tree in (a, b):
+            tree.setdefault(k, value)
     allowed = set(RESUMABLE_CHANGES)
     if b.get('schedule') == 'cosine':  # Its shape depends on the run's length.
         allowed.discard('num_epochs')

@@ -95,7 +95,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     last = records[-1] if records else {}
     scored = [r for r in records if _finite(r.get('test_accuracy'))]
     best = max(scored, key=lambda r: r['test_accuracy']) if scored else {}
-    return {
+    numbers = {
         'epochs_completed': int(last.get('epoch', 0)),
         'train_loss': last.get('train_loss'),
         'train_accuracy': last.get('train_accuracy'),
@@ -105,6 +105,16 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         'best_epoch': best.get('epoch'),
         'wall_seconds': sum(float(r.get('epoch_seconds') or 0.0) for r in records),
     }
+    validated = [r for r in records if _finite(r.get('val_accuracy'))]
+    if validated:  # With a validation split (config.data.validation_size > 0).
+        best_val = max(validated, key=lambda r: r['val_accuracy'])
+        numbers.update(
+            val_loss=last.get('val_loss'),
+            val_accuracy=last.get('val_accuracy'),
+            best_val_accuracy=best_val['val_accuracy'],
+            best_val_epoch=best_val['epoch'],
+        )
+    return numbers
 
 
 def _finite(x: Any) -> bool:
@@ -117,7 +127,12 @@ def format_record(record: Mapping[str, Any]) -> str:
         f'epoch {record["epoch"]:3d} | '
         f'train loss {record["train_loss"]:.4f} acc {100 * record["train_accuracy"]:6.2f}% | '
         f'test loss {record["test_loss"]:.4f} acc {100 * record["test_accuracy"]:6.2f}% | '
-        f'lr {record["learning_rate"]:.3g} | {record["epoch_seconds"]:.1f}s '
+        + (
+            f'val loss {record["val_loss"]:.4f} acc {100 * record["val_accuracy"]:6.2f}% | '
+            if 'val_accuracy' in record
+            else ''
+        )
+        + f'lr {record["learning_rate"]:.3g} | {record["epoch_seconds"]:.1f}s '
         f'{record["images_per_second"]:.0f} img/s'
     )
 
