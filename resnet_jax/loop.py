@@ -5,7 +5,7 @@
 
 Every group of runs carries a leading *run* axis: a single run is a group of
 one. Runs of a group share the model, the batch size and every other setting
-but their learning rate, shuffle and seed (:func:`resnet_jax.sweep.group_key`);
+but their learning rate, shuffle and seed (:func:`group_key`);
 one compiled call trains all of them, each on its own data order, augmentation
 draws and learning rate (:func:`train_chunk`, :func:`resnet_jax.train.over_runs`).
 
@@ -23,6 +23,7 @@ and raise :class:`Interrupted`.
 # No `from __future__ import annotations`: clu reads Metrics annotations at run time.
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -46,7 +47,6 @@ from resnet_jax import (
     datasets,
     distributed,
     models,
-    sweep,
     train,
     validation,
     writers,
@@ -334,6 +334,19 @@ class _Shared:
         return f'{run.workdir}: ' if self.group_size > 1 else ''
 
 
+# Config fields in which the runs of one group may differ: each run's learning
+# rate is optimiser state, its data order and initialisation come from its seed.
+VECTORIZABLE = ('learning_rate', 'shuffle', 'seed')
+
+
+def group_key(config: ml_collections.ConfigDict) -> str:
+    """The config without its vectorisable fields: runs with equal keys share a program."""
+    fields = workdir_lib.config_json(config)
+    for name in (*VECTORIZABLE, 'sweep', 'search'):
+        fields.pop(name, None)
+    return json.dumps(fields, sort_keys=True)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -370,8 +383,7 @@ def train_runs(
 ) -> tuple[list[train.TrainState], list[dict[str, Any]]]:
     """Trains ``configs[i]`` into ``workdirs[i]``, all as one program.
 
-    The configs must differ only in :data:`resnet_jax.sweep.VECTORIZABLE`
-    fields. Each workdir behaves as with :func:`train_and_evaluate`; runs
+    The configs must differ only in :data:`VECTORIZABLE` fields. Each workdir behaves as with :func:`train_and_evaluate`; runs
     resumed at different points train in sub-groups, earliest first. Returns
     the final states and the summaries. ``on_epoch[i]``, if given, is run i's
     epoch callback (:func:`train_and_evaluate`).
@@ -383,9 +395,9 @@ def train_runs(
         raise ValueError('train_runs needs one on_epoch callback (or None) per config')
     for config in configs:
         validation.validate_config(config)
-    if len({sweep.group_key(c) for c in configs}) > 1:
+    if len({group_key(c) for c in configs}) > 1:
         raise validation.ConfigError(
-            f'runs trained together may differ only in {", ".join(sweep.VECTORIZABLE)}'
+            f'runs trained together may differ only in {", ".join(VECTORIZABLE)}'
         )
     for workdir in workdirs:
         workdir_lib.check_writable(workdir)

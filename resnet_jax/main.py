@@ -3,8 +3,8 @@
     python -m resnet_jax.main --config configs/default.py --workdir runs/default \
         [--config.learning_rate=0.001 --config.data.path=data/cifar10-jpeg ...]
     python -m resnet_jax.main --config configs/default.py --workdir runs/default --mode=eval
-    python -m resnet_jax.main --config configs/paper_sweep.py --workdir runs/paper \
-        [--sweep_shard=0/4]
+    python -m resnet_jax.main --config configs/paper_sweep.py --workdir runs/paper [--workers=2]
+    python -m resnet_jax.main --config configs/paper_search.py --workdir runs/search [--workers=2]
     python -m resnet_jax.main --workdir runs/paper --mode=report
 
 Rerunning a training command on the same workdir resumes from its latest
@@ -55,15 +55,22 @@ flags.DEFINE_bool(
     'If --workdir already holds a run, train into the first free WORKDIR-2, '
     'WORKDIR-3, ... instead.',
 )
+flags.DEFINE_integer(
+    'workers',
+    1,
+    'Sweeps and searches: start this many worker processes that share the study '
+    '(one per GPU, or one per group of CPU cores). The same command started on '
+    'other machines joins the same study too.',
+    lower_bound=1,
+)
 flags.DEFINE_string(
     'sweep_shard',
     '0/1',
-    'i/n: run only the sweep runs of shard i of n (run k belongs to shard k % n), '
-    'so n processes can share one sweep workdir.',
+    'Replaced by workers: start the same command N times, or pass --workers=N.',
 )
 
 HELP_FLAGS = ('-h', '--help', '-help', '--helpshort', '--helpfull', '-?')
-OWN_FLAGS = ('config', 'workdir', 'mode', 'overwrite', 'new_run', 'sweep_shard')
+OWN_FLAGS = ('config', 'workdir', 'mode', 'overwrite', 'new_run', 'workers')
 
 EXIT_RUNS_FAILED = 1  # A sweep finished but some of its runs failed or diverged.
 EXIT_USAGE = 2
@@ -189,8 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
 
     # Imported after flag parsing so that `--help` and usage errors are instant.
-    from resnet_jax import checkpoints, datasets, distributed, loop, sweep, validation
+    from resnet_jax import checkpoints, datasets, distributed, loop, search, sweep, validation
     from resnet_jax import workdir as workdir_lib
+
+    if FLAGS.sweep_shard != '0/1':
+        return _fail(
+            '--sweep_shard is replaced by workers that share one queue: start the same '
+            'command N times (on any machines sharing the workdir), or pass --workers=N'
+        )
 
     checkpoints.quiet_orbax_noise()
     try:
@@ -203,9 +216,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             accuracy, loss = 100 * result['accuracy'], result['loss']
             print(f'test accuracy {accuracy:.2f}% (loss {loss:.4f}) from {workdir}')
             return 0
-        if sweep.is_sweep(config):
-            statuses = sweep.run_sweep(config, workdir, sweep.parse_shard(FLAGS.sweep_shard))
-            bad = {k: v for k, v in statuses.items() if v != 'completed'}
+        if search.is_search(config):
+            search.spec_from_config(config)  # Bad search input: an error before anything starts.
+            if FLAGS.workers > 1:
+                from resnet_jax import workers  # pylint: disable=g-import-not-at-top
+
+                return workers.run(argv, FLAGS.workers, workdir)
+            if sweep.is_sweep(config):
+                statuses = sweep.run_sweep(config, workdir)
+            else:
+                statuses = search.run_worker(config, workdir)
+            bad = {k: v for k, v in statuses.items() if v not in ('completed', 'pruned')}
             for name, status in bad.items():
                 print(f'run {name}: {status}', file=sys.stderr)
             return EXIT_RUNS_FAILED if bad else 0
@@ -249,7 +270,14 @@ def _report(workdir: str) -> int:
     from resnet_jax import report, sweep
 
     _setup_logging()
-    if os.path.exists(os.path.join(workdir, sweep.MANIFEST_FILE)):
+    from resnet_jax import search, validation  # pylint: disable=g-import-not-at-top
+
+    if os.path.exists(os.path.join(workdir, search.SEARCH_FILE)):
+        try:
+            written = search.write_report(workdir)
+        except validation.ConfigError as e:
+            return _fail(e)
+    elif os.path.exists(os.path.join(workdir, sweep.MANIFEST_FILE)):
         written = sweep.write_report(workdir)
     elif os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         try:

@@ -17,8 +17,8 @@ in the order given. Each run trains in ``workdir/<name>`` where the name lists
 its overrides (``batch_size=100,learning_rate=0.01,shuffle=True``). Finished
 runs are skipped, interrupted ones resume from their checkpoints, a failing or
 diverging run is recorded in its ``summary.json`` and the sweep goes on.
-``shard=(i, n)`` runs only every n-th run starting at i, so n processes can
-share one sweep workdir.
+A sweep runs as a grid study of :mod:`resnet_jax.search`: any number of
+workers (the same command started again, or ``--workers=N``) share its points.
 
 ``config.sweep.repeats = k`` repeats every point with k seeds: it is a ``seed``
 axis of ``config.seed, config.seed + 1, ..., config.seed + k - 1`` (so run names
@@ -30,21 +30,20 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 from typing import Any
 
 import ml_collections
 
-from resnet_jax import datasets, validation
+from resnet_jax import validation
 from resnet_jax import workdir as workdir_lib
 
 logger = logging.getLogger('resnet_jax')
 
 MANIFEST_FILE = workdir_lib.MANIFEST_FILE
 # Entries of config.sweep that are options of the sweep, not axes: vectorize=True
-# trains runs that differ only in VECTORIZABLE fields together as one program
+# trains runs that differ only in loop.VECTORIZABLE fields together as one program
 # (resnet_jax/loop.py); repeats=k adds a seed axis (see above).
 OPTIONS = ('vectorize', 'repeats')
 SEED_AXIS = 'seed'
@@ -200,108 +199,28 @@ def write_manifest(config: ml_collections.ConfigDict, workdir: str, runs: list[R
     workdir_lib.write_json(os.path.join(workdir, MANIFEST_FILE), manifest)
 
 
-def _skipped(run: Run, workdir: str) -> bool:
-    """Whether ``run`` completed earlier with the same config (then logged as skipped)."""
-    path = os.path.join(workdir, run.name, workdir_lib.SUMMARY_FILE)
-    summary = workdir_lib.read_json_object(path)
-    done = summary is not None and summary.get('status') == 'completed'
-    if done and summary.get('config') == workdir_lib.config_json(run.config):
-        logger.info('run %d %s: already completed, skipped', run.index, run.name)
-        return True
-    return False
-
-
-def _record_failure(runs: list[Run], workdir: str, what: str, error: Exception) -> dict[str, str]:
-    """Logs that ``what`` failed with ``error`` and records it in each run's summary."""
-    from resnet_jax import distributed  # pylint: disable=g-import-not-at-top
-
-    if isinstance(error, (validation.ConfigError, datasets.DataError)):
-        message = str(error)  # Bad input: one line is the whole story.
-        logger.error('%s failed: %s', what, message)
-    else:
-        message = f'{type(error).__name__}: {error}'
-        logger.exception('%s failed: %s', what, message)
-    if distributed.is_primary():
-        for run in runs:
-            path = os.path.join(workdir, run.name, workdir_lib.SUMMARY_FILE)
-            summary = workdir_lib.read_json_object(path) or {}
-            config = workdir_lib.config_json(run.config)
-            summary.update(status='failed', error=message, config=config)
-            workdir_lib.write_json(path, summary)
-    return {run.name: 'failed' for run in runs}
-
-
-def run_one(run: Run, workdir: str) -> str:
-    """Trains one run (or skips it); returns its status."""
-    from resnet_jax import loop  # pylint: disable=g-import-not-at-top  # Heavy.
-
-    if _skipped(run, workdir):
-        return 'completed'
-    logger.info('run %d %s: training', run.index, run.name)
-    try:
-        _, summary = loop.train_and_evaluate(run.config, os.path.join(workdir, run.name))
-    except workdir_lib.WorkdirBusy as e:
-        logger.warning('run %d %s: skipped, %s', run.index, run.name, e)
-        return 'busy'
-    except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
-        return _record_failure([run], workdir, f'run {run.index} {run.name}', e)[run.name]
-    return summary['status']
-
-
-def run_group(runs: list[Run], workdir: str) -> dict[str, str]:
-    """Trains ``runs`` together (:func:`resnet_jax.loop.train_runs`); returns their statuses.
-
-    If one of their workdirs is busy (another shard trains it), the runs are
-    trained one by one instead, which skips the busy one.
-    """
-    from resnet_jax import loop  # pylint: disable=g-import-not-at-top  # Heavy.
-
-    names = ', '.join(run.name for run in runs)
-    logger.info('runs %s: training together (vectorised)', names)
-    run_dirs = [os.path.join(workdir, run.name) for run in runs]
-    try:
-        _, summaries = loop.train_runs([run.config for run in runs], run_dirs)
-    except workdir_lib.WorkdirBusy as e:
-        logger.warning('runs %s: %s; training them one by one', names, e)
-        return {run.name: run_one(run, workdir) for run in runs}
-    except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
-        return _record_failure(runs, workdir, f'vectorised runs {names}', e)
-    return {run.name: summary['status'] for run, summary in zip(runs, summaries, strict=True)}
-
-
-def _run_vectorized(runs: list[Run], workdir: str) -> dict[str, str]:
-    """Runs ``runs``, those differing only in vectorisable fields together."""
-    statuses = {run.name: 'completed' for run in runs if _skipped(run, workdir)}
-    pending = [run for run in runs if run.name not in statuses]
-    for group in group_runs([run.config for run in pending]):
-        members = [pending[i] for i in group]
-        if len(members) == 1:
-            statuses[members[0].name] = run_one(members[0], workdir)
-        else:
-            statuses.update(run_group(members, workdir))
-    return {run.name: statuses[run.name] for run in runs}
-
-
 def run_sweep(
     config: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] = (0, 1)
 ) -> dict[str, str]:
-    """Runs this shard's runs of the sweep, then writes the report; ``{run name: status}``."""
-    from resnet_jax import distributed  # pylint: disable=g-import-not-at-top
+    """Runs the sweep as a grid study (:mod:`resnet_jax.search`); ``{run name: status}``.
 
+    Every point is trained once, by whichever worker takes it: start the same
+    command several times (or ``--workers=N``) to share the grid. ``shard`` is
+    kept for callers of the old API: only ``(0, 1)`` is accepted.
+    """
+    from resnet_jax import search  # pylint: disable=g-import-not-at-top
+
+    if tuple(shard) != (0, 1):
+        raise validation.ConfigError(
+            'sweep shards are replaced by workers that share one queue: start the same '
+            'command on every machine, or pass --workers=N'
+        )
     runs = expand(config)
-    if distributed.is_primary():
-        write_manifest(config, workdir, runs)
-    mine = shard_runs(runs, shard)
-    axes_text = ', '.join(axes(config))
-    message = 'sweep of %d runs over %s; shard %d/%d runs %d of them'
-    logger.info(message, len(runs), axes_text, *shard, len(mine))
-    if config.sweep.get('vectorize', False):
-        statuses = _run_vectorized(mine, workdir)
-    else:
-        statuses = {run.name: run_one(run, workdir) for run in mine}
-    if distributed.is_primary():
-        write_report(workdir)
-    return statuses
+    write_manifest(config, workdir, runs)
+    logger.info('sweep of %d runs over %s', len(runs), ', '.join(axes(config)))
+    statuses = search.run_worker(config, workdir)
+    names = {run.name for run in runs}
+    return {name: status for name, status in statuses.items() if name in names}
 
 
 def write_report(workdir: str) -> dict[str, str]:
@@ -318,22 +237,12 @@ def write_report(workdir: str) -> dict[str, str]:
     return paths
 
 
-# Config fields in which the runs of one group may differ: they train together
-# as one program (resnet_jax/loop.py).
-VECTORIZABLE = ('learning_rate', 'shuffle', 'seed')
-
-
-def group_key(config: ml_collections.ConfigDict) -> str:
-    """The config without its vectorisable fields: runs with equal keys share a program."""
-    fields = workdir_lib.config_json(config)
-    for name in (*VECTORIZABLE, 'sweep'):
-        fields.pop(name, None)
-    return json.dumps(fields, sort_keys=True)
-
-
 def group_runs(configs: list[ml_collections.ConfigDict]) -> list[list[int]]:
-    """Indices of ``configs`` grouped by :func:`group_key`, in first-seen order."""
+    """Indices of ``configs`` that train together (:func:`resnet_jax.loop.group_key`),
+    grouped in first-seen order."""
+    from resnet_jax import loop  # pylint: disable=g-import-not-at-top  # Heavy.
+
     groups: dict[str, list[int]] = {}
     for i, config in enumerate(configs):
-        groups.setdefault(group_key(config), []).append(i)
+        groups.setdefault(loop.group_key(config), []).append(i)
     return list(groups.values())

@@ -65,14 +65,26 @@ def to_planar(images: np.ndarray) -> np.ndarray:
     return planar.reshape(len(images), -1)
 
 
-def _fake_arrays(n_train: int, n_test: int, seed: int) -> tuple[np.ndarray, ...]:
-    """Random CIFAR-shaped train and test sets; training image 0 is the probe."""
+def _fake_arrays(
+    n_train: int, n_test: int, seed: int, learnable: bool = False
+) -> tuple[np.ndarray, ...]:
+    """Random CIFAR-shaped train and test sets; training image 0 is the probe.
+
+    ``learnable``: an image's brightness tells its class (noise on top), so a
+    model learns it in an epoch or two and the learning rate matters.
+    """
     rng = np.random.default_rng(seed)
     arrays = []
     for n in (n_train, n_test):
-        arrays.append(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
-        arrays.append(rng.integers(0, len(CLASS_NAMES), n).astype(np.int32))
-    arrays[0][0] = probe_image()
+        if learnable:
+            labels = rng.integers(0, len(CLASS_NAMES), n).astype(np.int32)
+            noise = rng.integers(0, 20, (n, 32, 32, 3))
+            arrays += [(labels[:, None, None, None] * 25 + noise).astype(np.uint8), labels]
+        else:
+            arrays.append(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+            arrays.append(rng.integers(0, len(CLASS_NAMES), n).astype(np.int32))
+    if not learnable:
+        arrays[0][0] = probe_image()
     return tuple(arrays)
 
 
@@ -136,6 +148,7 @@ def write_cifar_py(
     n_test: int = 50,
     seed: int = 0,
     style: str = 'py2',
+    learnable: bool = False,
 ) -> FakeCifar:
     """Writes root/cifar-10-batches-py/ like the official python version.
 
@@ -146,10 +159,11 @@ def write_cifar_py(
       seed: seed of the random pixels and labels.
       style: 'py2' (Python 2 cPickle opcodes, like the real files),
         'bytes_keys' or 'str_keys' (Python 3 ``pickle.dump``, protocol 2).
+      learnable: images whose brightness tells the class (see ``_fake_arrays``).
     """
     out = os.path.join(root, PY_DIR)
     os.makedirs(out, exist_ok=True)
-    arrays = _fake_arrays(NUM_TRAIN_BATCHES * n_train_per_batch, n_test, seed)
+    arrays = _fake_arrays(NUM_TRAIN_BATCHES * n_train_per_batch, n_test, seed, learnable)
     train_images, train_labels, test_images, test_labels = arrays
     for i, part in enumerate(_batch_slices(n_train_per_batch), start=1):
         batch = _batch_dict(
