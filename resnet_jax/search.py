@@ -6,8 +6,7 @@ under the workdir (metrics, TensorBoard, checkpoints, summary: what a single run
 writes) and reports ``config.search.metric`` after every epoch, so that a pruner
 can stop it early::
 
-    config.search = ml_collections.ConfigDict()
-    config.search.space = ml_collections.ConfigDict()
+    config.search = search.default_section()
     config.search.space.learning_rate = search.float_param(1e-4, 0.1, log=True)
     config.search.space.batch_size = search.categorical((100, 500, 1000))
     config.search.space.momentum = search.float_param(0.5, 0.99, when=('optimizer', 'sgd'))
@@ -270,6 +269,17 @@ SEARCH_DEFAULTS = {
     'vectorize': False,
 }
 _OPTIONS = (*SEARCH_DEFAULTS, 'space')
+
+
+def default_section() -> ml_collections.ConfigDict:
+    """A ``config.search`` section with every option at its default and an empty space.
+
+    Configs start from it so that every option can be set from the command line
+    (``--config.search.storage=postgresql://...``).
+    """
+    section = ml_collections.ConfigDict(dict(SEARCH_DEFAULTS))
+    section.space = ml_collections.ConfigDict()
+    return section
 
 
 def is_search(config: ml_collections.ConfigDict) -> bool:

@@ -1,0 +1,287 @@
+"""Searches (resnet_jax/search.py): validation split, bad configs, pruning, workers
+sharing one queue on SQLite and on a real PostgreSQL server, and a killed worker's
+trial finished from its checkpoint."""
+
+import json
+import os
+import signal
+import sqlite3
+import textwrap
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from resnet_jax import datasets, search
+from tests import fake_data, postgres_server
+from tests.conftest import run_cli, start_cli
+
+
+@pytest.fixture(scope='module')
+def learnable(tmp_path_factory) -> fake_data.FakeCifar:
+    """A fake CIFAR-10 (python version) whose classes a model learns: 200 train + 50 test."""
+    root = tmp_path_factory.mktemp('learnable')
+    return fake_data.write_cifar_py(root, n_train_per_batch=40, n_test=50, learnable=True)
+
+
+def search_config(data_path: str, **search_options) -> ml_collections.ConfigDict:
+    """A tiny study: 40 images held out, learning rates on a grid, 4 epochs."""
+    config = default.get_config()
+    config.num_epochs = 4
+    config.batch_size = 20
+    config.eval_batch_size = 50
+    config.steps_per_call = 0
+    config.decay_every_epochs = 10
+    config.data.path = data_path
+    config.data.validation_size = 40
+    config.search = search.default_section()
+    config.search.space.learning_rate = search.categorical((0.003, 1e-7))
+    config.search.sampler = 'grid'
+    for key, value in search_options.items():
+        config.search[key] = value
+    return config
+
+
+def write_config_file(tmp_path, body: str) -> str:
+    """A config file that builds on ``search_config``; returns its path."""
+    path = tmp_path / 'study_config.py'
+    path.write_text(
+        textwrap.dedent(
+            """
+            from resnet_jax import search
+            from tests.test_search import search_config
+
+            def get_config():
+                config = search_config(DATA)
+            """
+        ).replace('DATA', repr(str(tmp_path / 'unused')))
+        + textwrap.indent(textwrap.dedent(body).strip('\n') + '\n', '    ')
+        + '    return config\n'
+    )
+    return str(path)
+
+
+def trials_of(storage: str, study_name: str = 'search') -> list:
+    import optuna
+
+    return optuna.load_study(study_name=study_name, storage=storage).get_trials()
+
+
+def records(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------- validation ----
+
+
+def test_validation_split_is_balanced_and_independent_of_the_run_seed(learnable):
+    config = default.get_config()
+    config.data.path = learnable.path
+    config.data.validation_size = 30
+    splits = []
+    for seed in (0, 1):
+        config.seed = seed
+        data = datasets.load_for_config(config)
+        splits.append(data)
+        assert len(data.validation_labels) == 30 and len(data.train_labels) == 170
+        assert np.bincount(data.validation_labels, minlength=10).tolist() == [3] * 10
+    # The same held-out images whatever the run's seed, and none of them in training.
+    np.testing.assert_array_equal(splits[0].validation_images, splits[1].validation_images)
+    held = {img.tobytes() for img in splits[0].validation_images}
+    assert not held & {img.tobytes() for img in splits[0].train_images}
+    config.data.validation_seed = 1
+    other = datasets.load_for_config(config)
+    assert not np.array_equal(other.validation_images, splits[0].validation_images)
+
+
+def test_a_validation_split_larger_than_a_class_is_an_error(learnable):
+    config = default.get_config()
+    config.data.path = learnable.path
+    config.data.validation_size = 199
+    with pytest.raises(datasets.DataError, match='validation_size=199'):
+        datasets.load_for_config(config)
+
+
+# --------------------------------------------------------- bad configs ----
+
+
+BAD = {
+    'unknown field': ("config.search.space.learning_rat = search.float_param(0.1, 1.0)",
+                      'no field learning_rat'),
+    'low above high': ("config.search.space.learning_rate = search.float_param(0.1, 0.01)",
+                       'low=0.1 is greater than high=0.01'),
+    'log with low <= 0': ("config.search.space.learning_rate = search.float_param(0.0, 0.1, log=True)",
+                          'log scale needs low > 0'),
+    'empty choices': ("config.search.space.batch_size = search.categorical(())",
+                      'non-empty list'),
+    'unknown sampler': ("config.search.sampler = 'bayes'", "sampler='bayes' is unknown"),
+    'unknown pruner': ("config.search.pruner = 'early'", "pruner='early' is unknown"),
+    'unknown metric': ("config.search.metric = 'accuracy'", "metric='accuracy' is unknown"),
+    'val metric without a split': ("config.data.validation_size = 0", 'needs a validation split'),
+    'unreachable storage': ("config.search.storage = 'sqlite:////nonexistent/folder/study.db'",
+                            'cannot open the study storage'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD))
+def test_bad_search_config_is_one_error_line_before_anything_trains(tmp_path, learnable, case):
+    line, message = BAD[case]
+    config_file = write_config_file(tmp_path, line)
+    workdir = tmp_path / 'study'
+    result = run_cli([f'--config={config_file}', f'--config.data.path={learnable.path}',
+                      f'--workdir={workdir}'])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    assert message in lines[0]
+    # Nothing trained: no run folder holds metrics.
+    assert not list(workdir.glob('*/metrics.jsonl'))
+
+
+def test_distinct_points_get_distinct_folders(tmp_path):
+    a = search.folder_name({'data.path': '/d/a/b'})
+    b = search.folder_name({'data.path': '/d/a_b'})
+    assert a != b
+    # Plain values keep the readable names of sweeps.
+    assert search.folder_name({'batch_size': 100, 'learning_rate': 0.01}) == (
+        'batch_size=100,learning_rate=0.01'
+    )
+    search.check_overrides(str(tmp_path / 'run'), {'data.path': '/d/a/b'})
+    with pytest.raises(search.SearchError, match='holds the point'):
+        search.check_overrides(str(tmp_path / 'run'), {'data.path': '/d/a_b'})
+
+
+# ------------------------------------------------------------- pruning ----
+
+
+@pytest.mark.slow
+def test_a_pruner_stops_a_weak_trial_and_the_others_complete(tmp_path, learnable):
+    config = search_config(learnable.path, pruner='median', startup_trials=1)
+    workdir = str(tmp_path / 'study')
+    statuses = search.run_worker(config, workdir)
+    assert statuses == {'learning_rate=0.003': 'completed', 'learning_rate=1e-07': 'pruned'}
+    pruned_dir = os.path.join(workdir, 'learning_rate=1e-07')
+    with open(os.path.join(pruned_dir, 'summary.json')) as f:
+        summary = json.load(f)
+    assert summary['status'] == 'pruned'
+    assert summary['pruned_at_epoch'] < config.num_epochs
+    assert [r['epoch'] for r in records(pruned_dir)] == list(
+        range(1, summary['pruned_at_epoch'] + 1)
+    )
+    full = records(os.path.join(workdir, 'learning_rate=0.003'))
+    assert len(full) == config.num_epochs and all('val_accuracy' in r for r in full)
+    states = [t.state.name for t in trials_of(f'sqlite:///{workdir}/study.db')]
+    assert sorted(states) == ['COMPLETE', 'PRUNED']
+    # The report: the trials, the best one on validation and its test accuracy.
+    text = open(os.path.join(workdir, 'search.md')).read()
+    assert 'selected on val_accuracy' in text and 'learning_rate=0.003' in text
+    assert 'held-out estimate' in text
+    # A rerun of a finished study trains nothing and rewrites the report.
+    os.remove(os.path.join(workdir, 'search.md'))
+    assert search.run_worker(config, workdir) == {}
+    assert os.path.exists(os.path.join(workdir, 'search.md'))
+    assert len(trials_of(f'sqlite:///{workdir}/study.db')) == 2
+
+
+# ------------------------------------------------------------- workers ----
+
+
+@pytest.fixture(params=['sqlite', 'postgresql'])
+def storage(request, tmp_path):
+    """'' (SQLite in the workdir) or the URL of a real PostgreSQL server started here."""
+    if request.param == 'sqlite':
+        yield ''
+        return
+    bin_dir = postgres_server.server_bin()
+    if bin_dir is None:
+        if os.environ.get('CI'):
+            pytest.fail('the PostgreSQL server is not installed (.ci/run installs it)')
+        pytest.skip('no PostgreSQL server installed')
+    with postgres_server.PostgresServer(bin_dir) as url:
+        yield url
+
+
+def grid_args(config_file, data, workdir, storage, *extra):
+    args = [f'--config={config_file}', f'--config.data.path={data}', f'--workdir={workdir}']
+    if storage:
+        args.append(f'--config.search.storage={storage}')
+    return [*args, *extra]
+
+
+@pytest.mark.slow
+def test_workers_share_a_grid_and_train_every_point_once(tmp_path, learnable, storage):
+    config_file = write_config_file(
+        tmp_path,
+        """
+        config.num_epochs = 1
+        config.search.space.learning_rate = search.categorical((0.01, 0.003, 0.001))
+        config.search.space.shuffle = search.categorical((True, False))
+        """,
+    )
+    workdir = tmp_path / 'study'
+    result = run_cli(grid_args(config_file, learnable.path, workdir, storage, '--workers=2'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    trained = [line.split(' ')[3] for line in log.splitlines() if line.endswith(': training')]
+    assert len(trained) == 6 and len(set(trained)) == 6, trained
+    url = storage or f'sqlite:///{workdir}/study.db'
+    trials = trials_of(url)
+    assert len(trials) == 6 and all(t.state.name == 'COMPLETE' for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    for trial in trials:
+        assert len(records(workdir / trial.user_attrs['run'])) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_finished_from_its_checkpoint(tmp_path, learnable, storage):
+    config_file = write_config_file(
+        tmp_path,
+        """
+        config.num_epochs = 6
+        config.batch_size = 10
+        config.steps_per_call = 1
+        config.search.space.learning_rate = search.categorical((0.003,))
+        config.search.heartbeat_seconds = 1
+        config.search.grace_seconds = 2
+        config.search.poll_seconds = 0.5
+        """,
+    )
+    workdir = tmp_path / 'study'
+    run_dir = workdir / 'learning_rate=0.003'
+    args = grid_args(config_file, learnable.path, workdir, storage)
+    proc = start_cli(args)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        saved = [p for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit()]
+        if saved:  # A finished checkpoint (orbax renames it into place when complete).
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # No checkpoint on the way out, no tell: a dead worker.
+    proc.communicate()
+    done = [r['epoch'] for r in records(run_dir)]
+    assert done and done[-1] < 6, done
+    time.sleep(3)  # Past the grace period: the trial's heartbeat is stale.
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'resuming after epoch' in result.stdout, result.stdout
+    # Epochs up to the checkpoint were not trained again.
+    assert 'epoch   1 |' not in result.stdout
+    assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3, 4, 5, 6]
+    trials = trials_of(storage or f'sqlite:///{workdir}/study.db')
+    assert [t.state.name for t in trials] == ['FAIL', 'COMPLETE']
+    assert trials[1].system_attrs.get('failed_trial') == 0
+
+
+def test_a_rerun_with_another_space_is_refused(tmp_path, learnable):
+    workdir = str(tmp_path / 'study')
+    config = search_config(learnable.path, num_trials=1)
+    search.open_study(search.spec_from_config(config), workdir)
+    config.search.space.learning_rate = search.categorical((0.1,))
+    with pytest.raises(search.SearchError, match='another search config'):
+        search.open_study(search.spec_from_config(config), workdir)
+    # The grid was enqueued once, even though the study was opened twice.
+    with sqlite3.connect(os.path.join(workdir, 'study.db')) as db:
+        assert db.execute('select count(*) from trials').fetchone()[0] == 2
