@@ -289,6 +289,12 @@ def is_search(config: ml_collections.ConfigDict) -> bool:
 
 def spec_from_config(config: ml_collections.ConfigDict) -> Spec:
     """The study ``config`` describes; :class:`SearchError` on any bad entry."""
+    if config.get('distributed') is not None and config.distributed.get('enabled'):
+        raise SearchError(
+            'sweeps and searches share their trials among workers, one run per worker: '
+            'start workers (--workers=N, or the same command on each machine) instead of '
+            'config.distributed'
+        )
     if 'search' not in config:
         return spec_from_sweep(config)
     if 'sweep' in config:
