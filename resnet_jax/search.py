@@ -711,12 +711,22 @@ def _prepare(trial: Any, spec: Spec, workdir: str) -> _Point:
 
 
 def _finished(point: _Point) -> dict[str, Any] | None:
-    """The summary of a run folder that already finished this config, if any."""
+    """The summary of a run folder that already finished this config, if any.
+
+    Completed means trained to this config's ``num_epochs`` (a larger one resumes
+    the run); fields that do not change a run's result may differ.
+    """
     summary = workdir_lib.read_json_object(os.path.join(point.run_dir, workdir_lib.SUMMARY_FILE))
-    if summary and summary.get('status') in ('completed', 'pruned', 'diverged'):
-        if summary.get('config') == workdir_lib.config_json(point.config):
-            return summary
-    return None
+    if not summary or not isinstance(summary.get('config'), dict):
+        return None
+    status = summary.get('status')
+    if status not in ('completed', 'pruned', 'diverged'):
+        return None
+    if workdir_lib.config_differences(summary['config'], workdir_lib.config_json(point.config)):
+        return None
+    if status == 'completed' and summary.get('epochs_completed') != point.config.num_epochs:
+        return None
+    return summary
 
 
 def _epoch_callback(point: _Point, spec: Spec) -> Callable[[dict[str, Any]], bool]:
@@ -810,15 +820,21 @@ def train_points(study: Any, points: list[_Point], spec: Spec) -> None:
                 [p.run_dir for p in group],
                 on_epoch=[_epoch_callback(p, spec) for p in group],
             )
-        except loop.Interrupted:
-            _requeue(study, group)
-            raise
         except workdir_lib.WorkdirBusy as e:
             results = [{'status': 'failed', 'error': f'busy: {e}'} for _ in group]
-        except (validation.ConfigError, datasets.DataError) as e:
-            results = [{'status': 'failed', 'error': str(e)} for _ in group]
+        except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
+            bad_input = isinstance(e, (validation.ConfigError, datasets.DataError))
+            message = str(e) if bad_input else f'{type(e).__name__}: {e}'
+            if bad_input:
+                logger.error('trial %s failed: %s', group[0].name, message)
+            else:
+                logger.exception('trial %s failed: %s', group[0].name, message)
+            results = [{'status': 'failed', 'error': message} for _ in group]
             for p in group:
-                _record_failure(p, str(e))
+                _record_failure(p, message)
+        except BaseException:  # Interrupted: checkpoints are saved; the trials wait for a worker.
+            _requeue(study, group)
+            raise
         for i, result in zip(todo, results, strict=True):
             summaries[i] = result
     for point, summary in zip(points, summaries, strict=True):
