@@ -606,8 +606,35 @@ def open_study(spec: Spec, workdir: str) -> Any:
             for point in _grid_order(spec):
                 study.enqueue_trial(dict(point), skip_if_exists=True)
             study.set_user_attr('grid_enqueued', len(spec.grid))
+        elif spec.grid:
+            _requeue_lost(study, spec, workdir)
         workdir_lib.write_json(os.path.join(workdir, SEARCH_FILE), spec.describe())
     return study
+
+
+def _requeue_lost(study: Any, spec: Spec, workdir: str) -> None:
+    """Enqueues again the grid points that ended but whose run folder lost its result.
+
+    (A folder deleted or cut back by hand, to be trained again.) Points with a
+    waiting or running trial are left to it.
+    """
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    active = {TrialState.WAITING, TrialState.RUNNING}
+    trials = study.get_trials(deepcopy=False)
+    for point in spec.grid:
+        mine = [t for t in trials if t.params == point or t.system_attrs.get('fixed_params') == point]
+        if any(t.state in active for t in mine):
+            continue
+        name = folder_name(point)
+        probe = _Point(None, dict(point), name, os.path.join(workdir, name))
+        try:
+            probe.config = apply_overrides(spec.base, point)
+        except validation.ConfigError:
+            continue
+        if _finished(probe) is None:
+            logger.info('%s has no finished run: queued again', name)
+            study.enqueue_trial(dict(point))
 
 
 def _grid_order(spec: Spec) -> list[dict[str, Any]]:

@@ -168,23 +168,6 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
     return runs
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``'i/n'`` -> ``(i, n)`` with ``0 <= i < n``."""
-    try:
-        i, n = (int(part) for part in text.split('/'))
-    except ValueError:
-        raise validation.ConfigError(f'--sweep_shard must look like i/n, got {text!r}') from None
-    if n < 1 or not 0 <= i < n:
-        raise validation.ConfigError(f'--sweep_shard={text}: need 0 <= i < n')
-    return i, n
-
-
-def shard_runs(runs: list[Run], shard: tuple[int, int]) -> list[Run]:
-    """The runs of shard ``i`` of ``n``: every n-th run starting at i."""
-    i, n = shard
-    return [run for run in runs if run.index % n == i]
-
-
 def write_manifest(config: ml_collections.ConfigDict, workdir: str, runs: list[Run]) -> None:
     """``workdir/sweep.json``: the axes (with ``seed`` for ``repeats``), the sweep's
     options, every run and the base config."""
@@ -219,8 +202,12 @@ def run_sweep(
     write_manifest(config, workdir, runs)
     logger.info('sweep of %d runs over %s', len(runs), ', '.join(axes(config)))
     statuses = search.run_worker(config, workdir)
-    names = {run.name for run in runs}
-    return {name: status for name, status in statuses.items() if name in names}
+    for run in runs:  # Points other workers (or earlier invocations) ended.
+        if run.name not in statuses:
+            path = os.path.join(workdir, run.name, workdir_lib.SUMMARY_FILE)
+            summary = workdir_lib.read_json_object(path) or {}
+            statuses[run.name] = summary.get('status', 'pending')
+    return {run.name: statuses[run.name] for run in runs}
 
 
 def write_report(workdir: str) -> dict[str, str]:

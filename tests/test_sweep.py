@@ -9,7 +9,7 @@ import pytest
 
 from configs import paper_sweep
 from resnet_jax import report, sweep, validation, writers
-from tests.conftest import REPO, make_tiny_config, start_cli
+from tests.conftest import REPO, make_tiny_config, run_cli, start_cli
 
 
 def _grid_config(data_path, **axes):
@@ -60,15 +60,13 @@ def test_bad_sweeps_fail_before_training(axes, fragment):
         sweep.expand(_grid_config('', **axes))
 
 
-@pytest.mark.parametrize('n', [1, 2, 3, 7, 18, 25])
-def test_shards_cover_every_run_exactly_once(n):
-    runs = sweep.expand(paper_sweep.get_config())
-    seen = [r.name for i in range(n) for r in sweep.shard_runs(runs, (i, n))]
-    assert sorted(seen) == sorted(r.name for r in runs)
-    assert sweep.parse_shard('1/3') == (1, 3)
-    for bad in ('3/3', '-1/2', 'a/b', '1'):
-        with pytest.raises(validation.ConfigError):
-            sweep.parse_shard(bad)
+def test_sweep_shards_are_refused_with_a_pointer_to_workers(tmp_path):
+    result = run_cli(['--config', 'configs/paper_sweep.py', '--workdir', str(tmp_path),
+                      '--sweep_shard=1/3'])
+    assert result.returncode == 2
+    assert result.stderr.startswith('error: --sweep_shard is replaced by workers')
+    assert '--workers=N' in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not os.listdir(tmp_path)
 
 
 def _mtime(path):
@@ -124,7 +122,7 @@ def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     assert rows_after == rows_before
 
 
-def test_two_shards_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py):
+def test_two_workers_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py):
     """Runs: (60, 0.01) completes, (60, 3e38) diverges, (1000, *) fail: subset too big."""
     workdir = str(tmp_path / 'sweep')
     # A sweep config of one's own, outside the repository, built on smoke.py.
@@ -152,7 +150,7 @@ def test_two_shards_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py):
         '--config.optimizer=sgd',
         '--config.batch_size=20',
     ]
-    procs = [start_cli([*common, f'--sweep_shard={i}/2']) for i in range(2)]
+    procs = [start_cli(common) for _ in range(2)]  # The same command twice: two workers.
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 1, err[-2000:]
