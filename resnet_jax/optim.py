@@ -37,9 +37,7 @@ LearningRate = float | jax.Array | optax.Schedule
 OPTIMIZERS: Registry[Callable[[Any, LearningRate], optax.GradientTransformation]] = Registry(
     'optimizer'
 )
-SCHEDULES: Registry[Callable[[Any, int, float | jax.Array], optax.Schedule]] = Registry(
-    'schedule'
-)
+SCHEDULES: Registry[Callable[[Any, int, float | jax.Array], optax.Schedule]] = Registry('schedule')
 
 _ADAM_FIELDS = {
     'adam_b1': validation.UNIT,

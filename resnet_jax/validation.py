@@ -25,6 +25,7 @@ from typing import Any
 
 import ml_collections
 
+
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field."""
 
