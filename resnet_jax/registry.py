@@ -1,6 +1,7 @@
 """Named extension points: one registry each for models, optimisers, schedules and data sources.
 
-    from resnet_jax import models, optim
+    import optax
+    from resnet_jax import models, optim, validation
 
     @models.MODELS.register('tiny')
     def tiny(num_classes, dtype):               # -> a flax module
@@ -58,6 +59,10 @@ class Registry(Generic[T]):
             return obj
 
         return add if value is None else add(value)
+
+    def unregister(self, name: str) -> None:
+        """Removes ``name`` (if registered)."""
+        self._entries.pop(name, None)
 
     def entry(self, name: str) -> Entry[T]:
         """The entry of ``name``; ``ValueError`` naming the choices if there is none."""
