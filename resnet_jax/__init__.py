@@ -4,11 +4,14 @@
     model = resnet_jax.create_model('paper')            # the study's network
     model, variables, config = resnet_jax.restore('runs/default')
 
-Modules: ``models`` (the networks), ``datasets`` (CIFAR-10 from disk),
-``augment`` (on-device batching and augmentation), ``train`` (state, optimiser,
-steps, metrics), ``loop`` (the training loop over one or more runs),
-``checkpoints``, ``workdir`` (a run's files), ``sweep`` and ``report``, ``main``
-(the command line).
+Modules: ``config`` (the default config), ``models`` (the networks),
+``datasets`` (CIFAR-10 from disk), ``augment`` (on-device batching and
+augmentation), ``optim`` (optimisers and schedules), ``train`` (state, steps,
+metrics), ``loop`` (the training loop over one or more runs), ``checkpoints``,
+``workdir`` (a run's files), ``sweep`` and ``report``, ``main`` (the command
+line). Models, optimisers, schedules and data sources are chosen by name from
+registries (``models.MODELS``, ``optim.OPTIMIZERS``, ``optim.SCHEDULES``,
+``datasets.SOURCES``; see ``registry``).
 """
 
 import importlib

@@ -12,8 +12,11 @@ else extrapolated and marked so), compile time and peak memory. ``--torch`` runs
 process) on the same cases for JAX/PyTorch ratios; ``--lanes R`` also times R runs
 vectorised into one program (:mod:`resnet_jax.loop`). Images are random uint8
 unless ``--data`` names a dataset (speed does not depend on pixel values); other
-settings come from ``--config`` (default ``configs/default.py``). Timings belong in
-BENCHMARKS.md, never in tests.
+settings come from ``--config`` (default: :func:`resnet_jax.config.get_config`, the
+study's recipe). The PyTorch references are a script of the repository, not of
+the package: ``--torch_reference`` (default ``benchmarks/torch_reference.py``,
+from the working directory); without it they are reported as skipped. Timings
+belong in BENCHMARKS.md, never in tests.
 """
 
 from __future__ import annotations
@@ -41,10 +44,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax import augment, datasets, loop, models, train, validation, workdir
+from resnet_jax import config as config_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_REFERENCE = os.path.join(REPO, 'benchmarks', 'torch_reference.py')
-DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'default.py')
+TORCH_REFERENCE = os.path.join('benchmarks', 'torch_reference.py')
 SYNTHETIC_TRAIN = 50_000  # CIFAR-10's training set size.
 
 
@@ -70,8 +72,8 @@ def _list(kind: type, choices: Sequence[Any] | None = None):
 
 # The flags, in --help order: flag -> (type, default, help).
 ARGUMENTS = {
-    '--config': (str, DEFAULT_CONFIG, 'config file (get_config())'),
-    '--models': (_list(str, sorted(models.MODELS)), ['paper'], None),
+    '--config': (str, '', "config file (get_config()); default: resnet_jax's own"),
+    '--models': (_list(str, models.MODELS.names()), ['paper'], None),
     '--batch_sizes': (_list(int), [100, 500], None),
     '--dtypes': (_list(str, sorted(models.DTYPES)), ['float32'], None),
     '--steps': (int, 20, 'timed steps per case'),
@@ -85,6 +87,7 @@ ARGUMENTS = {
         'PyTorch references to run alongside (none: skip)',
     ),
     '--torch_workers': (int, 2, 'study-style DataLoader workers'),
+    '--torch_reference': (str, TORCH_REFERENCE, 'the PyTorch reference script'),
     '--json': (str, '', 'write every result to this JSON file'),
 }
 
@@ -98,13 +101,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error('--steps must be >= 1, --epochs 0 or >= 2, --lanes >= 0')
     if any(b < 1 for b in args.batch_sizes):
         p.error('--batch_sizes must be positive')
-    if not os.path.isfile(args.config):
+    if args.config and not os.path.isfile(args.config):
         p.error(f'--config {args.config}: no such file')
     return args
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of a config file."""
+    """``get_config()`` of a config file ('': the package's default config)."""
+    if not path:
+        return config_lib.get_config()
     spec = importlib.util.spec_from_file_location('_bench_config', path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
@@ -228,18 +233,19 @@ def bench_torch(
     data: str,
     workers: int,
     epochs: int = 0,
+    script: str = TORCH_REFERENCE,
 ) -> dict[str, Any]:
-    """Runs ``benchmarks/torch_reference.py`` in its own process; its JSON result."""
+    """Runs the PyTorch reference ``script`` in its own process; its JSON result."""
     if impl == 'study' and dtype != 'float32':
         return {'framework': 'torch', 'impl': impl, 'skipped': 'the study ran in float32'}
-    if not os.path.exists(TORCH_REFERENCE):
-        return {'framework': 'torch', 'impl': impl, 'skipped': f'{TORCH_REFERENCE} not found'}
-    command = [sys.executable, TORCH_REFERENCE, '--impl', impl, '--model', model]
+    if not os.path.exists(script):
+        return {'framework': 'torch', 'impl': impl, 'skipped': f'{script} not found'}
+    command = [sys.executable, script, '--impl', impl, '--model', model]
     command += ['--batch_size', str(batch_size), '--dtype', dtype, '--num_workers', str(workers)]
     command += ['--epochs', str(epochs)] if epochs else ['--steps', str(steps)]
     if data:
         command += ['--data', data]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
     if proc.returncode or not lines:
         reason = (proc.stderr.strip().splitlines() or ['no output'])[-1]
@@ -312,7 +318,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ips = mine['images_per_second']
         for impl in (i for i in args.torch if i != 'none'):
             theirs = bench_torch(
-                impl, model, bs, dtype, args.steps, args.data, args.torch_workers, args.epochs
+                impl,
+                model,
+                bs,
+                dtype,
+                args.steps,
+                args.data,
+                args.torch_workers,
+                args.epochs,
+                args.torch_reference,
             )
             theirs.update(model=model, batch_size=bs, dtype=dtype)
             if 'images_per_second' in theirs:

@@ -172,30 +172,70 @@ def restore_state(
     """Restores ``step`` (default: the latest) into the structure of ``state``.
 
     Returns the state, the checkpoint's ``meta`` and the running metrics of a
-    partly trained epoch. A checkpoint written before the learning rate became
-    optimiser state (``optax.inject_hyperparams``) is read into the inner state
-    and resumes with the learning rate of ``state``.
+    partly trained epoch. Checkpoints of earlier optimiser-state layouts (the
+    learning rate not yet optimiser state, or not yet the scheduled rate too)
+    are read into today's layout: :func:`_upgrade_opt_state`.
     """
     step = manager.latest_step() if step is None else step
     target = _state_tree(state)
     try:
         restored = _restore_items(manager, step, target)
-    except Exception as error:  # pylint: disable=broad-except  # Maybe the older layout.
-        inner = getattr(state.opt_state, 'inner_state', None)
-        if inner is None:
-            raise
+    except Exception as error:  # pylint: disable=broad-except  # Maybe an older layout.
         try:
-            restored = _restore_items(manager, step, dict(target, opt_state=inner))
+            raw = _restore_items(manager, step, None)  # As saved, then placed like target.
+            tree = dict(raw['state'])
+            opt_state = _upgrade_opt_state(tree.pop('opt_state'), state.opt_state, tree['step'])
+            tree = jax.tree_util.tree_map(_put_like, {k: target[k] for k in tree}, tree)
+            restored = {k: raw[k] for k in ('train_metrics', 'meta')}
+            restored['state'] = dict(tree, opt_state=opt_state)
         except Exception:  # pylint: disable=broad-except
             raise error from None
-        tree = restored['state']
-        tree['opt_state'] = state.opt_state._replace(
-            count=tree['step'], inner_state=tree['opt_state']
-        )
     metrics = flax.serialization.from_state_dict(
         train.TrainMetrics.empty(), restored['train_metrics']
     )
     return state.replace(**restored['state']), dict(restored['meta']), metrics
+
+
+def _put_like(like: jax.Array, value: Any) -> jax.Array:
+    """``value`` as an array of the dtype and sharding of ``like``."""
+    return jax.device_put(np.asarray(value, like.dtype), like.sharding)
+
+
+def _upgrade_opt_state(raw: Any, template: Any, step: jax.Array) -> Any:
+    """An optimiser state read without a target (``raw``) in the layout of ``template``.
+
+    Earlier layouts: the optimiser's own chain with its schedule inside (before
+    the learning rate was optimiser state), and that chain wrapped with the
+    base rate. The chain's arrays keep their places; the counts are the
+    checkpoint's; the rate of the last update is the base rate until the next
+    update sets it.
+    """
+    wrapped = isinstance(raw, Mapping) and 'hyperparams' in raw
+    chain = raw['inner_state'] if wrapped else raw
+    count = np.asarray(raw['count'] if wrapped else step, np.int32)
+    base = raw['hyperparams']['learning_rate'] if wrapped else template.hyperparams['learning_rate']
+    inner = template.inner_state
+
+    def lookup(path, like):
+        node = chain
+        for key in path:  # Attribute names, dict keys and sequence indices alike.
+            node = node[getattr(key, 'name', getattr(key, 'key', getattr(key, 'idx', None)))]
+        return _put_like(like, node)
+
+    put = lambda value, like: _put_like(like, value)
+    schedule_state = inner.hyperparams_states['learning_rate']
+    return template._replace(
+        count=put(count, template.count),
+        hyperparams={'learning_rate': put(base, template.hyperparams['learning_rate'])},
+        inner_state=inner._replace(
+            count=put(count, inner.count),
+            hyperparams={'learning_rate': put(base, inner.hyperparams['learning_rate'])},
+            hyperparams_states={
+                'learning_rate': schedule_state._replace(count=put(count, schedule_state.count))
+            },
+            inner_state=jax.tree_util.tree_map_with_path(lookup, inner.inner_state),
+        ),
+    )
 
 
 def restore_latest_good(

@@ -53,12 +53,15 @@ import socket
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from resnet_jax import validation
+from resnet_jax.registry import Registry
 
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
@@ -67,7 +70,9 @@ except ImportError:
 
 logger = logging.getLogger('resnet_jax')
 
-SOURCES = ('tfds', 'cifar', 'folder')
+# Data sources by name: ``load(path, data_config, image_size, seed) -> Dataset``,
+# registered beside each reader; 'auto' picks one (:func:`detect_source`).
+SOURCES: Registry[Callable[[str, Any, int, int], Dataset]] = Registry('data source')
 CIFAR_IMAGE_SIZE = 32
 
 _PIXELS_PER_IMAGE = 3 * CIFAR_IMAGE_SIZE * CIFAR_IMAGE_SIZE  # 3072
@@ -191,20 +196,17 @@ def load_dataset(data_config: Any, seed: int) -> Dataset:
         if source == 'auto':
             source = detect_source(path)
         if source not in SOURCES:
-            raise DataError(f"data.source must be 'auto' or one of {SOURCES}, not {source!r}")
+            raise DataError(
+                f"data.source must be 'auto' or one of {SOURCES.names()}, not {source!r}"
+            )
         if source != 'folder' and image_size != CIFAR_IMAGE_SIZE:
             raise DataError(
                 f'data.image_size={image_size} needs an image folder: '
                 f'{source} images are {CIFAR_IMAGE_SIZE}x{CIFAR_IMAGE_SIZE}'
             )
-        if source == 'tfds':
-            dataset = _load_tfds(path, getattr(data_config, 'download', True))
-        elif not path:
+        if 'data.path' in SOURCES.fields(source) and not path:
             raise DataError(f'data.source={source} needs data.path')
-        elif source == 'cifar':
-            dataset = _load_cifar(path)
-        else:
-            dataset = _load_folder(path, image_size)
+        dataset = SOURCES.get(source)(path, data_config, image_size, seed)
     dataset = hold_out_validation(
         dataset,
         getattr(data_config, 'validation_size', 0),
@@ -495,6 +497,12 @@ def _load_cifar(path: str) -> Dataset:
     )
 
 
+@SOURCES.register('cifar', fields={'data.path': validation.PATH_GIVEN})
+def _cifar_source(path: str, data_config: Any, image_size: int, seed: int) -> Dataset:
+    del data_config, image_size, seed
+    return _load_cifar(path)
+
+
 # ----------------------------------------------------------------- folder ----
 
 
@@ -686,6 +694,12 @@ def _load_folder(path: str, image_size: int) -> Dataset:
     return Dataset(*train, images['test'], labels['test'], class_names, 'folder', root)
 
 
+@SOURCES.register('folder', fields={'data.path': validation.PATH_GIVEN})
+def _folder_source(path: str, data_config: Any, image_size: int, seed: int) -> Dataset:
+    del data_config
+    return _load_folder(path, image_size)
+
+
 # ------------------------------------------------------------------- tfds ----
 
 
@@ -763,3 +777,9 @@ def _load_tfds(data_dir: str, download: bool) -> Dataset:
         splits = [_read_data_source(s) for s in sources]
     (train, test), class_names = splits, tuple(builder.info.features['label'].names)
     return Dataset(*train, *test, class_names, 'tfds', data_dir)
+
+
+@SOURCES.register('tfds')
+def _tfds_source(path: str, data_config: Any, image_size: int, seed: int) -> Dataset:
+    del image_size, seed
+    return _load_tfds(path, getattr(data_config, 'download', True))

@@ -653,7 +653,6 @@ def _train_group(runs: list[_Run], shared: _Shared) -> None:
     states = jax.device_put(train.stack([run.state for run in runs]), shared.replicated)
     partial = train.stack([run.partial for run in runs]) if position else None
     seconds_before = float(runs[0].meta.get('partial_seconds', 0.0)) if position else 0.0
-    schedules = [train.create_learning_rate_schedule(run.config, n) for run in runs]
 
     def active() -> bool:
         return any(run.active for run in runs)
@@ -725,6 +724,7 @@ def _train_group(runs: list[_Run], shared: _Shared) -> None:
             )
         save = epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs
         callbacks = any(run.on_epoch is not None for run in runs)
+        rates = np.asarray(train.applied_learning_rate(states))  # Of each run's last update.
         finite = (
             np.asarray(train.runs_finite((states.params, states.batch_stats)))
             if save or callbacks
@@ -736,21 +736,18 @@ def _train_group(runs: list[_Run], shared: _Shared) -> None:
             if not run.active:
                 continue
             result = {k: float(v) for k, v in train.unstack(total, r).compute().items()}
-            record = {
-                'epoch': epoch,
-                'train_loss': result['loss'],
-                'train_accuracy': result['accuracy'],
-                'test_loss': tests[r]['loss'],
-                'test_accuracy': tests[r]['accuracy'],
-                **(
-                    {'val_loss': vals[r]['loss'], 'val_accuracy': vals[r]['accuracy']}
-                    if shared.validation is not None
-                    else {}
-                ),
-                'learning_rate': float(schedules[r](epoch * n - 1)),
-                'epoch_seconds': train_seconds,
-                'images_per_second': sum(shared.sizes) / train_seconds,
-            }
+            record = train.EpochRecord(
+                epoch=epoch,
+                train_loss=result['loss'],
+                train_accuracy=result['accuracy'],
+                test_loss=tests[r]['loss'],
+                test_accuracy=tests[r]['accuracy'],
+                learning_rate=float(rates[r]),
+                epoch_seconds=train_seconds,
+                images_per_second=sum(shared.sizes) / train_seconds,
+                val_loss=vals[r]['loss'] if shared.validation is not None else None,
+                val_accuracy=vals[r]['accuracy'] if shared.validation is not None else None,
+            ).asdict()
             run.records.append(record)
             run.writer.write(record)
             pruned = _pruned(run, record)

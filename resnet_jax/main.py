@@ -141,9 +141,21 @@ def usage() -> str:
         lines.append(f'  --{name}: {flag.help}{default}')
     lines.append(
         '  --config.FIELD=VALUE: override one field of the config, e.g. '
-        '--config.learning_rate=0.001 (the fields are listed in configs/default.py)'
+        '--config.learning_rate=0.001 (the fields are listed in resnet_jax/config.py)'
     )
-    return '\n'.join(lines)
+    return '\n'.join([*lines, '', 'Choices (registered names):', *_choices()])
+
+
+def _choices() -> list[str]:
+    """The registered models, optimisers, schedules and data sources, one line each."""
+    from resnet_jax import datasets, models, optim  # pylint: disable=g-import-not-at-top
+
+    return [
+        f'  config.model: {models.MODELS.choices()}',
+        f'  config.optimizer: {optim.OPTIMIZERS.choices()}',
+        f'  config.schedule: {optim.SCHEDULES.choices()}',
+        f'  config.data.source: auto, {datasets.SOURCES.choices()}',
+    ]
 
 
 def _setup_logging() -> None:

@@ -7,13 +7,15 @@ Library use::
     state, metrics = train.train_step(state, {'image': x, 'label': y})  # x: float NHWC
     print(metrics.compute())   # {'loss': ..., 'accuracy': ...}
 
-The learning rate is optimiser state (``optax.inject_hyperparams``): runs that
+Optimisers and schedules are registered in :mod:`resnet_jax.optim`. The
+learning rate is optimiser state (``optax.inject_hyperparams``): runs that
 differ only in it share one optimiser, so their states stack along a leading
 *run* axis and train as one program (:func:`over_runs`, :mod:`resnet_jax.loop`).
 Whole runs: :func:`resnet_jax.loop.train_and_evaluate`.
 """
 
 # No `from __future__ import annotations`: clu reads Metrics annotations at run time.
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -26,24 +28,12 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metrics as clu_metrics
-from flax import struct
+from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 
-from resnet_jax import augment, models
+from resnet_jax import augment, models, optim
 
 logger = logging.getLogger('resnet_jax')
-
-# The names of one epoch's record in metrics.jsonl (accuracies are fractions).
-METRIC_KEYS = (
-    'epoch',
-    'train_loss',
-    'train_accuracy',
-    'test_loss',
-    'test_accuracy',
-    'learning_rate',
-    'epoch_seconds',
-    'images_per_second',
-)
 
 
 @flax.struct.dataclass
@@ -66,133 +56,57 @@ class TrainMetrics(clu_metrics.Collection):
     grad_norm: clu_metrics.Average.from_output('grad_norm')
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step changes; ``apply_fn`` and ``tx`` are static."""
+class TrainState(train_state.TrainState):
+    """flax's ``TrainState`` plus BatchNorm statistics and the augmentation key.
 
-    step: jax.Array
-    params: Any
+    ``apply_fn`` and ``tx`` are static; ``rng`` is folded with ``step`` for
+    each step's augmentation draws.
+    """
+
     batch_stats: Any
-    opt_state: optax.OptState
-    rng: jax.Array  # Key for the data augmentation, folded with ``step``.
-    apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    rng: jax.Array
 
     def variables(self) -> dict[str, Any]:
         return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochRecord:
+    """One epoch's line of metrics.jsonl (accuracies are fractions)."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    learning_rate: float  # Of the epoch's last update, from the optimiser state.
+    epoch_seconds: float
+    images_per_second: float
+    # On the held-out training images (config.data.validation_size > 0), else absent.
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+
+    def asdict(self) -> dict[str, Any]:
+        """The record as written: fields without a value (no validation split) left out."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+# The names of one epoch's record in metrics.jsonl, in order.
+METRIC_KEYS = tuple(field.name for field in dataclasses.fields(EpochRecord))
+
+
 # --------------------------------------------------------------------------
-# Optimiser and schedule.
+# Model and state.
 
-
-def create_learning_rate_schedule(
-    config: ml_collections.ConfigDict,
-    steps_per_epoch: int,
-    learning_rate: float | jax.Array | None = None,
-) -> optax.Schedule:
-    """The learning rate per step, from ``learning_rate`` (default ``config.learning_rate``).
-
-    Epochs are converted to steps with ``steps_per_epoch``.
-    """
-    lr = config.learning_rate if learning_rate is None else learning_rate
-    if config.schedule == 'constant':
-        return optax.constant_schedule(lr)
-    if config.schedule == 'cosine':
-        return optax.cosine_decay_schedule(lr, config.num_epochs * steps_per_epoch)
-    if config.schedule == 'piecewise':
-        every = config.decay_every_epochs * steps_per_epoch
-        boundaries = range(every, config.num_epochs * steps_per_epoch, every)
-        return optax.piecewise_constant_schedule(
-            lr, {b: 1.0 / config.decay_factor for b in boundaries}
-        )
-    raise ValueError(f'unknown schedule {config.schedule!r}')
-
-
-def _optimizer(
-    config: ml_collections.ConfigDict, schedule: optax.Schedule
-) -> optax.GradientTransformation:
-    """``config.optimizer`` following ``schedule``.
-
-    ``weight_decay`` is an L2 term added to the gradient (PyTorch's
-    ``weight_decay``) except for ``adamw``, where it is decoupled.
-    """
-    name = config.optimizer
-    if name == 'adamw':
-        return optax.adamw(
-            schedule,
-            b1=config.adam_b1,
-            b2=config.adam_b2,
-            eps=config.adam_eps,
-            weight_decay=config.weight_decay,
-        )
-    if name == 'adam':
-        tx = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
-    elif name == 'sgd':
-        tx = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
-    elif name == 'adagrad':
-        tx = optax.adagrad(
-            schedule,
-            initial_accumulator_value=config.adagrad_initial_accumulator,
-            eps=config.adagrad_eps,
-        )
-    else:
-        raise ValueError(f'unknown optimizer {name!r}')
-    if config.weight_decay:
-        tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
-    return tx
-
-
-def create_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> optax.GradientTransformation:
-    """The optax optimiser named by ``config.optimizer`` with its schedule.
-
-    The base learning rate is a hyperparameter in the optimiser's state
-    (``opt_state.hyperparams['learning_rate']``, ``optax.inject_hyperparams``),
-    which the schedule scales step by step.
-    """
-
-    def make(learning_rate):
-        return _optimizer(
-            config, create_learning_rate_schedule(config, steps_per_epoch, learning_rate)
-        )
-
-    return optax.inject_hyperparams(make)(learning_rate=config.learning_rate)
-
-
-# Fields that define the optimiser besides the steps per epoch and the learning
-# rate (which is optimiser state: runs differing in it share one optimiser).
-_OPTIMIZER_FIELDS = (
-    'optimizer',
-    'momentum',
-    'nesterov',
-    'weight_decay',
-    'adam_b1',
-    'adam_b2',
-    'adam_eps',
-    'adagrad_initial_accumulator',
-    'adagrad_eps',
-    'schedule',
-    'decay_every_epochs',
-    'decay_factor',
-    'num_epochs',
-)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_optimizer(
-    fields: tuple[tuple[str, Any], ...], steps_per_epoch: int
-) -> optax.GradientTransformation:
-    return create_optimizer(
-        ml_collections.ConfigDict(dict(fields, learning_rate=1.0)), steps_per_epoch
-    )
+# (Kept here for library users; the registries of both live in resnet_jax.optim.)
+create_learning_rate_schedule = optim.create_learning_rate_schedule
+create_optimizer = optim.create_optimizer
 
 
 @functools.lru_cache(maxsize=16)
 def cached_model(
     name: str, num_classes: int, dtype: str, image_size: int
-) -> tuple[models.ResNet, Callable[[jax.Array], Any]]:
+) -> tuple[flax.linen.Module, Callable[[jax.Array], Any]]:
     model = models.create_model(name, num_classes, dtype)
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     lowered = jax.jit(lambda rng: model.init(rng, x, train=False)).lower(jax.random.PRNGKey(0))
@@ -215,7 +129,7 @@ def create_train_state(
     compiled once for all.
     """
     model, init = cached_model(config.model, config.num_classes, config.dtype, config.image_size)
-    tx = _cached_optimizer(tuple((k, config[k]) for k in _OPTIMIZER_FIELDS), steps_per_epoch)
+    tx = optim.cached_optimizer(config, steps_per_epoch)
     init_rng, aug_rng = jax.random.split(rng)
     variables = init(init_rng)
     params = variables['params']
@@ -223,12 +137,12 @@ def create_train_state(
     opt_state.hyperparams['learning_rate'] = jnp.asarray(config.learning_rate, jnp.float32)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables['batch_stats'],
-        opt_state=opt_state,
-        rng=aug_rng,
         apply_fn=model.apply,
+        params=params,
         tx=tx,
+        opt_state=opt_state,
+        batch_stats=variables.get('batch_stats', {}),
+        rng=aug_rng,
     )
 
 
@@ -255,21 +169,16 @@ def update(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainStat
             mutable=['batch_stats'],
         )
         losses = _cross_entropy(logits, batch['label'])
-        return losses.mean(), (logits, losses, updates['batch_stats'])
+        return losses.mean(), (logits, losses, updates.get('batch_stats', {}))
 
     grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics = TrainMetrics.single_from_model_output(
         loss=losses,
         logits=logits,
         labels=batch['label'],
         grad_norm=optax.tree_utils.tree_norm(grads),
     )
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-    )
-    return new_state, metrics
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
 train_step = jax.jit(update, donate_argnums=0)
@@ -295,7 +204,12 @@ def merge_metrics(a: Metrics, b: Metrics) -> Metrics:
 
 def learning_rate(state: TrainState) -> jax.Array:
     """The base learning rate of a state (stacked states: one per run)."""
-    return state.opt_state.hyperparams['learning_rate']
+    return optim.base_learning_rate(state.opt_state)
+
+
+def applied_learning_rate(state: TrainState) -> jax.Array:
+    """The learning rate of a state's last update (stacked states: one per run)."""
+    return optim.applied_learning_rate(state.opt_state)
 
 
 # --------------------------------------------------------------------------

@@ -7,12 +7,16 @@
 The command line turns a :class:`ConfigError` into ``error: <message>`` on stderr
 and exit code 2. ``get_field`` and ``set_field`` are the one way the package
 reads and writes a config by a dotted name, on an ``ml_collections.ConfigDict``
-or a plain nested dict (a config read back from JSON). This module imports
-neither JAX nor Flax (the model names are looked up when a config is validated).
+or a plain nested dict (a config read back from JSON). The choices of model,
+optimiser, schedule and data source, and the fields each of them reads, come
+from their registries (:mod:`resnet_jax.registry`); this module imports neither
+JAX nor Flax until a config is validated. The checks of registered fields:
+:data:`POSITIVE`, :data:`NONNEGATIVE`, :data:`UNIT`, :data:`BOOL`, :data:`COUNT`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -20,10 +24,6 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import ml_collections
-
-OPTIMIZERS = ('adam', 'sgd', 'adagrad', 'adamw')
-SCHEDULES = ('piecewise', 'cosine', 'constant')
-SOURCES = ('auto', 'tfds', 'cifar', 'folder')
 
 
 class ConfigError(ValueError):
@@ -112,6 +112,43 @@ def _check_choice(config, field: str, choices) -> None:
         raise ConfigError(f'config.{field}={value!r} is not one of {", ".join(map(str, choices))}')
 
 
+def _check_unit(config, field: str) -> None:
+    value = get_field(config, field)
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ConfigError(f'config.{field} must be in [0, 1), got {value!r}')
+
+
+def _check_bool(config, field: str) -> None:
+    value = get_field(config, field)
+    if not isinstance(value, bool):
+        raise ConfigError(f'config.{field} must be True or False, got {value!r}')
+
+
+def _check_path_given(config, field: str) -> None:
+    if not get_field(config, field):
+        source = get_field(config, 'data.source')
+        raise ConfigError(f'config.data.source={source!r} needs config.{field}')
+
+
+# Checks of the fields a registered model, optimiser, schedule or source reads.
+POSITIVE = _check_positive  # A finite number > 0.
+NONNEGATIVE = functools.partial(_check_positive, allow_zero=True)  # A finite number >= 0.
+UNIT = _check_unit  # A number in [0, 1).
+BOOL = _check_bool
+COUNT = functools.partial(_check_int, minimum=1)  # An integer >= 1.
+PATH_GIVEN = _check_path_given  # A data source that reads config.data.path.
+
+
+def check_registered(config, registry, field: str) -> None:
+    """Checks that ``config.<field>`` names an entry of ``registry`` and the fields it reads."""
+    _check_choice(config, field, registry.names())
+    name = get_field(config, field)
+    for needed, check in registry.fields(name).items():
+        if get_field(config, needed, None) is None:
+            raise ConfigError(f'config.{needed} is missing ({field} {name!r} reads it)')
+        check(config, needed)
+
+
 def validate_distributed(config: ml_collections.ConfigDict) -> None:
     """Checks ``config.distributed``, which is read before anything else."""
     if not isinstance(config, ml_collections.ConfigDict):  # What get_config() returned.
@@ -131,21 +168,23 @@ def validate_distributed(config: ml_collections.ConfigDict) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` on the first invalid field."""
-    from resnet_jax import models  # pylint: disable=g-import-not-at-top  # (Imports JAX.)
+    # pylint: disable-next=g-import-not-at-top  # (They import JAX.)
+    from resnet_jax import datasets, models, optim
 
     validate_distributed(config)
-    _check_choice(config, 'model', sorted(models.MODELS))
+    check_registered(config, models.MODELS, 'model')
     _check_choice(config, 'dtype', sorted(models.DTYPES))
-    _check_choice(config, 'optimizer', OPTIMIZERS)
-    _check_choice(config, 'schedule', SCHEDULES)
-    _check_choice(config, 'data.source', SOURCES)
+    check_registered(config, optim.OPTIMIZERS, 'optimizer')
+    check_registered(config, optim.SCHEDULES, 'schedule')
+    _check_choice(config, 'data.source', ('auto', *datasets.SOURCES.names()))
+    if config.data.source != 'auto':
+        check_registered(config, datasets.SOURCES, 'data.source')
     for field in (
         'num_epochs',
         'batch_size',
         'eval_batch_size',
         'num_classes',
         'image_size',
-        'decay_every_epochs',
         'checkpoint_every_epochs',
         'keep_checkpoints',
     ):
@@ -160,20 +199,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         'steps_per_call',
     ):
         _check_int(config, field, 0)
-    for field in (
-        'learning_rate',
-        'decay_factor',
-        'adam_eps',
-        'adagrad_eps',
-        'progress_every_seconds',
-    ):
+    for field in ('learning_rate', 'progress_every_seconds'):
         _check_positive(config, field)
-    for field in ('weight_decay', 'adagrad_initial_accumulator'):
-        _check_positive(config, field, allow_zero=True)
-    for field in ('momentum', 'adam_b1', 'adam_b2'):
-        value = get_field(config, field)
-        if not _is_number(value) or not 0 <= value < 1:
-            raise ConfigError(f'config.{field} must be in [0, 1), got {value!r}')
     if config.data.normalize:
         for field in ('data.mean', 'data.std'):
             value = get_field(config, field)
@@ -184,5 +211,3 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     path = get_field(config, 'data.path')
     if path and not os.path.exists(os.path.expanduser(path)):
         raise ConfigError(f'data path does not exist: {path}')
-    if config.data.source in ('cifar', 'folder') and not path:
-        raise ConfigError(f'config.data.source={config.data.source!r} needs config.data.path')

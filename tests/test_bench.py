@@ -1,6 +1,9 @@
 """The benchmark's plumbing (no timings are asserted: those live in BENCHMARKS.md)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -47,3 +50,23 @@ def test_missing_data_is_one_error_line(tmp_path, capsys):
     assert bench.main(['--data', str(tmp_path / 'nothing'), '--torch', 'none']) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and len(err.strip().splitlines()) == 1
+
+
+def test_bench_needs_nothing_outside_the_package(tmp_path):
+    """From any directory: its default config is the package's own, nothing of the
+    repository (configs/, benchmarks/, tests/) is imported, and without the PyTorch
+    reference script the references are reported as skipped."""
+    code = (
+        'import sys\n'
+        'from resnet_jax import bench\n'
+        "config = bench.load_config('')\n"
+        "assert (config.model, config.optimizer, config.batch_size) == ('paper', 'adam', 100)\n"
+        "print(bench.bench_torch('tuned', 'paper', 8, 'float32', 1, '', 0)['skipped'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('configs', 'benchmarks', 'tests')))\n"
+    )
+    env = dict(os.environ, PYTHONPATH='')
+    proc = subprocess.run(
+        [sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ['benchmarks/torch_reference.py not found', '[]']

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,11 @@ def read_text(path):
         return f.read()
 
 
+def read_markdown(path):
+    """A Markdown file with runs of spaces collapsed (its tables pad cells to align)."""
+    return re.sub(' +', ' ', read_text(path))
+
+
 def test_full_grid_rows_in_manifest_order_and_round_trip(tmp_path):
     root = str(tmp_path / 'sweep')
     runs = make_sweep(root, {'batch_size': [100, 500], 'learning_rate': [0.1, 0.01]})
@@ -151,7 +157,7 @@ def test_full_grid_rows_in_manifest_order_and_round_trip(tmp_path):
         assert row['error'] is None
         assert isinstance(row['batch_size'], int) and isinstance(row['test_accuracy'], float)
     assert [r['best'] for r in rows] == [None, '*', None, None]
-    markdown = read_text(paths['results_md'])
+    markdown = read_markdown(paths['results_md'])
     assert '★' in markdown and '**85.68**' in markdown
     assert '4 completed' in markdown
     # The base config's shuffle=True puts every run on a study row.
@@ -206,7 +212,7 @@ def test_partial_sweep(tmp_path):
     assert rows[1]['test_accuracy'] == 40.0
     assert rows[2]['error'] == 'RuntimeError: out of memory | allocating 12 GiB'
     assert [r['best'] for r in rows] == [None, None, None, '*']
-    markdown = read_text(paths['results_md'])
+    markdown = read_markdown(paths['results_md'])
     assert '1 completed, 1 incomplete, 1 failed, 1 pending' in markdown
     assert 'incomplete (2/5)' in markdown
     assert 'RuntimeError: out of memory \\| allocating 12 GiB' in markdown  # Escaped in tables.
@@ -283,7 +289,7 @@ def test_comparison_with_the_study(tmp_path):
         assert row['note'] == 'ours: 2 epochs, theirs: 50'
     # bs 100, lr 0.01, no shuffle: the study has 95.87 / 88.16.
     assert rows[0]['test_difference'] == pytest.approx(41.24 - 88.16)
-    markdown = read_text(paths['results_md'])
+    markdown = read_markdown(paths['results_md'])
     assert '## Comparison with the study' in markdown
     assert report.PAPER_SOURCE in markdown
     assert '88.16' in markdown and '-46.92' in markdown
@@ -299,7 +305,7 @@ def test_comparison_skipped_for_other_grids(tmp_path):
     paths = report.write_report(root)
     assert 'comparison_csv' not in paths
     assert not os.path.exists(os.path.join(root, 'comparison.csv'))
-    markdown = read_text(paths['results_md'])
+    markdown = read_markdown(paths['results_md'])
     assert 'Not compared: no run of this sweep' in markdown
     assert '| batch_size | learning_rate | shuffle | train ours' not in markdown
 
@@ -357,7 +363,7 @@ def test_plots_for_the_study_grid(tmp_path):
     paths = report.write_report(root)
     _assert_png(paths['curves'], 20000)
     _assert_png(paths['heatmap'])
-    markdown = read_text(paths['results_md'])
+    markdown = read_markdown(paths['results_md'])
     assert '![Accuracy and loss per epoch](curves.png)' in markdown
     assert '![Final test accuracy](heatmap.png)' in markdown
     assert len(report.read_results_csv(paths['comparison_csv'])) == 18
@@ -373,7 +379,7 @@ def test_generic_axes_skip_the_heatmap(tmp_path):
     _assert_png(paths['curves'])
     rows = report.read_results_csv(paths['results_csv'])
     assert [(r['seed'], r['data.train_subset']) for r in rows] == [(0, 1000), (1, 1000)]
-    markdown = read_text(paths['results_md'])
+    markdown = read_markdown(paths['results_md'])
     assert 'heatmap.png not drawn' in markdown
     assert 'diverged: loss is nan at epoch 3' in markdown
     assert (
@@ -393,7 +399,7 @@ def test_data_statements(tmp_path):
     root = str(tmp_path / 'sweep')
     runs = make_sweep(root, {'learning_rate': [0.01]})
     write_run(root, runs[0])
-    markdown = read_text(report.write_report(root)['results_md'])
+    markdown = read_markdown(report.write_report(root)['results_md'])
     assert (
         'Data: image folder /work/main/data/cifar10-jpeg (JPEG re-encoding of CIFAR-10, '
         '50000 train / 10000 test images: accuracies are comparable only with runs on this copy'

@@ -14,7 +14,7 @@ import pytest
 
 from configs import default
 from resnet_jax import report, sweep
-from tests.test_report import make_sweep, read_text, write_run
+from tests.test_report import make_sweep, read_markdown, read_text, write_run
 
 
 @pytest.mark.parametrize(
@@ -248,7 +248,7 @@ def test_report_of_a_sweep_over_seeds(tmp_path):
     assert (overall['ci95_low'], overall['ci95_high']) == pytest.approx((0.489, 2.711), abs=1e-3)
     assert overall['batch_size'] is None
 
-    markdown = read_text(paths['results_md'])
+    markdown = read_markdown(paths['results_md'])
     assert '## Over seeds' in markdown
     assert '| 500 | 0.01 | True | 2 | 0 1 | 71.00 ± 1.41 | [58.29, 83.71] |' in markdown
     assert '### Paired comparison: shuffle=True − shuffle=False' in markdown
@@ -289,7 +289,7 @@ def test_seed_tables_removed_without_a_seed_axis(tmp_path):
     assert 'cells_csv' not in paths and 'paired_csv' not in paths
     assert not os.path.exists(os.path.join(root, 'cells.csv'))
     assert not os.path.exists(os.path.join(root, 'paired.csv'))
-    assert '## Over seeds' not in read_text(paths['results_md'])
+    assert '## Over seeds' not in read_markdown(paths['results_md'])
 
 
 def test_repeats_from_config_to_report(tmp_path):
