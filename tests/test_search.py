@@ -285,3 +285,18 @@ def test_a_rerun_with_another_space_is_refused(tmp_path, learnable):
     # The grid was enqueued once, even though the study was opened twice.
     with sqlite3.connect(os.path.join(workdir, 'study.db')) as db:
         assert db.execute('select count(*) from trials').fetchone()[0] == 2
+
+
+def test_the_sweep_report_selects_on_validation_when_there_is_a_split():
+    from resnet_jax.report import load, tables
+
+    def result(i, val, test):
+        return load.RunResult(name=f'run{i}', overrides={}, status='completed',
+                              epochs=[{'epoch': 1}], val_accuracy=val, test_accuracy=test)
+
+    with_split = [result(0, 50.0, 60.0), result(1, 55.0, 40.0)]
+    assert tables.selection_metric(with_split) == 'val_accuracy'
+    assert tables.best_run_index(with_split) == 1  # Not the best on test.
+    without = [result(0, None, 60.0), result(1, None, 40.0)]
+    assert tables.selection_metric(without) == 'test_accuracy'
+    assert tables.best_run_index(without) == 0

@@ -49,6 +49,8 @@ class RunResult:
     train_accuracy: float | None = None
     test_accuracy: float | None = None
     best_test_accuracy: float | None = None
+    # On the held-out training images, when the config has a validation split.
+    val_accuracy: float | None = None
     best_epoch: int | None = None
     wall_seconds: float | None = None
     # The median over epochs, without epoch 1 (compilation) when there are others.
@@ -116,7 +118,7 @@ def load_run(
     numbers = writers.summarize(records) if records else {}
     numbers.update((k, v) for k, v in s.items() if v is not None)
     best_epoch = numbers.get('best_epoch')
-    percents = ('train_accuracy', 'test_accuracy', 'best_test_accuracy')
+    percents = ('train_accuracy', 'test_accuracy', 'best_test_accuracy', 'val_accuracy')
     timed = [r for r in records if r.get('epoch') != 1] if len(records) >= 2 else records
     speeds = [v for v in (finite(r.get('images_per_second')) for r in timed) if v is not None]
     return RunResult(

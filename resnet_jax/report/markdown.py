@@ -29,6 +29,7 @@ from resnet_jax.report.tables import (
     format_interval,
     markdown_table,
     number_cell,
+    selection_metric,
     one_line,
     result_rows,
     run_label,
@@ -86,11 +87,21 @@ def results_markdown(
     best = best_run_index(results)
     if best is not None:
         r = results[best]
-        lines += [
-            '',
-            f'★ Best run: {run_label(r.overrides, r.name)}: final test accuracy '
-            f'{r.test_accuracy:.2f}% after {r.epochs_completed} epoch(s) ({r.status}).',
-        ]
+        if selection_metric(results) == 'val_accuracy':
+            lines += [
+                '',
+                f'★ Best run, selected on validation accuracy: {run_label(r.overrides, r.name)}: '
+                f'final validation accuracy {r.val_accuracy:.2f}%, test accuracy '
+                f'{r.test_accuracy:.2f}% (the held-out estimate) after {r.epochs_completed} '
+                f'epoch(s) ({r.status}).',
+            ]
+        else:
+            lines += [
+                '',
+                f'★ Best run, selected on test accuracy (no validation split): '
+                f'{run_label(r.overrides, r.name)}: final test accuracy '
+                f'{r.test_accuracy:.2f}% after {r.epochs_completed} epoch(s) ({r.status}).',
+            ]
     problems = [r for r in results if r.status in ('failed', 'diverged')]
     if problems:
         lines += ['', '### Failed and diverged runs', '']

@@ -102,13 +102,22 @@ def axis_columns(axes: Iterable[str]) -> list[str]:
     return [a for a in STUDY_AXES if a in axes] + [a for a in axes if a not in STUDY_AXES]
 
 
+def selection_metric(results: Sequence[RunResult]) -> str:
+    """What the best run is selected on: ``val_accuracy`` when the runs have a
+    validation split, else ``test_accuracy`` (the study's way)."""
+    return 'val_accuracy' if any(r.val_accuracy is not None for r in results) else 'test_accuracy'
+
+
 def best_run_index(results: Sequence[RunResult]) -> int | None:
-    """The run with the highest final test accuracy (first on ties; completed runs before
-    incomplete ones; never a failed or diverged one)."""
+    """The run with the highest final accuracy on :func:`selection_metric` (first on
+    ties; completed runs before incomplete ones; never a failed or diverged one)."""
+    metric = selection_metric(results)
     scored = [
-        (r.status == 'completed', r.test_accuracy, -i)
+        (r.status == 'completed', getattr(r, metric), -i)
         for i, r in enumerate(results)
-        if r.has_results and r.status in ('completed', 'incomplete')
+        if r.has_results
+        and r.status in ('completed', 'incomplete')
+        and getattr(r, metric) is not None
     ]
     return -max(scored)[2] if scored else None
 
