@@ -58,9 +58,13 @@ from resnet_jax.workdir import (
     MANIFEST_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
+    RecordError,
     read_json_object,
+    read_run_config,
+    read_summary,
     write_atomic,
 )
+from resnet_jax.workdir import read_manifest as read_checked_manifest
 
 RESULTS_CSV = 'results.csv'
 RESULTS_MD = 'results.md'
@@ -71,7 +75,9 @@ CELLS_CSV = 'cells.csv'
 PAIRED_CSV = 'paired.csv'
 SEED_AXIS = 'seed'  # Runs differing only in it form a cell of the statistics over seeds.
 
-STATUSES = ('completed', 'incomplete', 'failed', 'diverged', 'pending')
+# 'unreadable': a run whose records, summary or config are malformed (its error says which).
+STATUSES = ('completed', 'incomplete', 'failed', 'diverged', 'pending', 'unreadable')
+PROBLEM_STATUSES = ('failed', 'diverged', 'unreadable')  # Runs left out, with their error.
 STUDY_AXES = ('batch_size', 'learning_rate', 'shuffle')
 PAPER_CSV = 'paper_results.csv'
 PAPER_SOURCE = (
@@ -153,8 +159,7 @@ def read_manifest(sweep_dir: str) -> dict[str, Any]:
     path = os.path.join(sweep_dir, MANIFEST_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{sweep_dir} holds no sweep ({MANIFEST_FILE} not found)')
-    with open(path) as f:
-        return {'axes': {}, 'runs': [], 'base_config': {}} | json.load(f)
+    return read_checked_manifest(path)
 
 
 def collect(sweep_dir: str) -> list[RunResult]:
@@ -173,9 +178,16 @@ def load_run(
     overrides: Mapping[str, Any],
     base_config: Mapping[str, Any] | None = None,
 ) -> RunResult:
-    """Reads one run folder (which may not exist yet) into a ``RunResult``."""
-    records = writers.read_metrics(run_dir)
-    summary = read_json_object(os.path.join(run_dir, SUMMARY_FILE))
+    """Reads one run folder (which may not exist yet) into a ``RunResult``; a run
+    whose files are malformed is 'unreadable', its error naming the file."""
+    try:
+        records = writers.read_metrics(run_dir)
+        summary = read_summary(os.path.join(run_dir, SUMMARY_FILE))
+        if os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+            read_run_config(os.path.join(run_dir, CONFIG_FILE), whole=False)
+    except RecordError as e:
+        config = apply_overrides(base_config or {}, overrides)
+        return RunResult(name, dict(overrides), 'unreadable', config=config, error=str(e))
     last_epoch = int(records[-1]['epoch']) if records else 0
     if summary is not None and int(summary.get('epochs_completed') or 0) < last_epoch:
         # A summary older than the records: the run was resumed and is running again
@@ -381,8 +393,8 @@ class Cell:
 
     @property
     def excluded(self) -> int:
-        """How many runs failed or diverged (left out of the statistics)."""
-        return sum(r.status in ('failed', 'diverged') for r in self.runs)
+        """How many runs failed, diverged or are unreadable (left out of the statistics)."""
+        return sum(r.status in PROBLEM_STATUSES for r in self.runs)
 
     @property
     def unfinished(self) -> int:
@@ -739,7 +751,7 @@ def results_markdown(
         status = r.status
         if r.status == 'incomplete' and r.num_epochs:
             status = f'incomplete ({r.epochs_completed}/{r.num_epochs})'
-        elif r.status in ('failed', 'diverged') and r.error:
+        elif r.status in PROBLEM_STATUSES and r.error:
             status = f'{r.status}: {one_line(r.error, 60)}'
         body.append(['★' if row['best'] else '', *cells, status])
     lines += _md_table(header, body)
@@ -751,7 +763,7 @@ def results_markdown(
             f'★ Best run: {run_label(r.overrides, r.name)}: final test accuracy '
             f'{r.test_accuracy:.2f}% after {r.epochs_completed} epoch(s) ({r.status}).',
         ]
-    problems = [r for r in results if r.status in ('failed', 'diverged')]
+    problems = [r for r in results if r.status in PROBLEM_STATUSES]
     if problems:
         lines += ['', '### Failed and diverged runs', '']
         lines += [
