@@ -264,6 +264,8 @@ def _run(argv: list[str], path: str | None) -> int:
     except loop.Interrupted as e:
         print(f'interrupted: {e}', file=sys.stderr)
         return EXIT_TERMINATED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
+    except Terminated:
+        raise
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
