@@ -730,7 +730,7 @@ def results_markdown(
     lines = [
         '# Sweep report',
         '',
-        f'- Sweep: `{os.path.abspath(sweep_dir)}`',
+        f'- Sweep: `{sweep_dir}`',
         f'- Runs: {len(results)} ({counts or "none"})',
         f'- Axes: {"; ".join(values) or "none"}',
         '- ' + data_statement(results),

@@ -81,3 +81,10 @@ def test_a_torn_last_record_is_rebuilt_from_its_checkpoint(finished, cifar_py, t
         summary = json.load(f)
     assert summary['status'] == 'completed' and summary['epochs_completed'] == 2
     assert report.load_run(str(run), 'run', {}).status == 'completed'
+
+
+def test_the_summary_records_the_library_versions(finished):
+    with open(finished / 'summary.json') as f:
+        versions = json.load(f)['versions']
+    assert sorted(versions) == ['flax', 'jax', 'jaxlib', 'optax', 'orbax-checkpoint']
+    assert all(isinstance(v, str) and v[0].isdigit() for v in versions.values())
