@@ -863,7 +863,8 @@ def _finish(
     if not run.changed and run.status == 'completed':
         old = workdir_lib.read_summary(path)
         done = writers.summarize(run.records)['epochs_completed']
-        if old is not None and old.get('status') == 'completed' and old.get('epochs_completed') == done:
+        same = old is not None and old.get('epochs_completed') == done
+        if same and old.get('status') == 'completed':
             logger.info('%s%s is complete and was left as it is', shared.prefix(run), run.workdir)
             return old
     summary = {

@@ -14,8 +14,8 @@ into place whole, whose modification time the owner refreshes while it lives
 (:data:`LOCK_LEASE_SECONDS`). A lock whose lease expired (its owner died, on
 any host of a shared filesystem), left by a dead process of this host, or
 empty or unreadable, is taken over; processes create or take over the lock
-only while holding a short-lived guard file, so two never both take it. JSON is written strictly: NaN and
-infinities become ``null`` (see :func:`json_safe`).
+only while holding a short-lived guard file, so two never both take it. JSON
+is written strictly: NaN and infinities become ``null`` (see :func:`json_safe`).
 
 Files read back (``summary.json``, ``config.json``, ``sweep.json``) go through
 checked readers that raise :class:`RecordError` naming the file when one is
@@ -158,18 +158,20 @@ def _number(x: Any) -> bool:
     return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
 
 
+def _passes(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of type ``kind`` (a bool is no int), or passes the check ``kind``."""
+    if isinstance(kind, type):
+        return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    return bool(kind(value))
+
+
 def _check_fields(path: str, obj: Any, kinds: Mapping[str, Any]) -> dict[str, Any]:
     """``obj`` if it is a JSON object whose fields (when present) pass ``kinds``'
     checks (a type, or a predicate); else :class:`RecordError` naming ``path``."""
     if not isinstance(obj, dict):
         raise RecordError(f'{path} holds a {type(obj).__name__}, not a JSON object')
     for key, kind in kinds.items():
-        if key not in obj:
-            continue
-        ok = kind(obj[key]) if callable(kind) and not isinstance(kind, type) else (
-            isinstance(obj[key], kind) and not (kind is int and isinstance(obj[key], bool))
-        )
-        if not ok:
+        if key in obj and not _passes(obj[key], kind):
             raise RecordError(f'{path}: field {key!r} has the wrong type ({obj[key]!r})')
     return obj
 

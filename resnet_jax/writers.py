@@ -50,7 +50,9 @@ class TensorboardWriter:
 
     @staticmethod
     def _open(logdir: str) -> Any:
-        from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+        from tensorboardX.event_file_writer import (  # pylint: disable=g-import-not-at-top
+            EventsWriter,
+        )
 
         os.makedirs(logdir, exist_ok=True)
         # The process id keeps two writers started within one second apart.
@@ -68,9 +70,10 @@ class TensorboardWriter:
         self._events.flush()  # Flushed and fsynced.
 
     def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        from tensorboardX.proto.event_pb2 import Event  # pylint: disable=g-import-not-at-top
-        from tensorboardX.summary import hparams as hparams_summaries  # pylint: disable=g-import-not-at-top
-        from tensorboardX.summary import scalar  # pylint: disable=g-import-not-at-top
+        # pylint: disable=g-import-not-at-top
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import hparams as hparams_summaries
+        from tensorboardX.summary import scalar
 
         events = self._open(os.path.join(self._logdir, 'hparams'))
         try:

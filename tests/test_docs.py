@@ -9,7 +9,13 @@ import pytest
 
 from tests.conftest import REPO
 
-DOCS = ['README.md', 'BENCHMARKS.md', 'results/README.md', *glob.glob('benchmarks/*.sh', root_dir=REPO)]
+DOCS = [
+    'README.md',
+    'BENCHMARKS.md',
+    'results/README.md',
+    *glob.glob('benchmarks/*.sh', root_dir=REPO),
+]
+TEXT = ('.json', '.jsonl', '.md', '.csv', '.log', '.txt')
 # How the project was made is no part of it.
 MAKING = [r'\blent\b', r'\bsessions?\b', r'\brun\(', r'\bcarry=', r'\bissue \d', r'\.\./shared/']
 
@@ -24,7 +30,7 @@ def test_the_docs_speak_of_the_project_only(doc):
 def test_committed_results_hold_no_absolute_paths():
     found = []
     for path in glob.glob(os.path.join(REPO, 'results', '**', '*'), recursive=True):
-        if not os.path.isfile(path) or not path.endswith(('.json', '.jsonl', '.md', '.csv', '.log', '.txt')):
+        if not os.path.isfile(path) or not path.endswith(TEXT):
             continue
         with open(path, errors='replace') as f:
             text = f.read()
