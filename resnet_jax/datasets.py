@@ -191,7 +191,7 @@ def load_dataset(data_config: Any, seed: int) -> Dataset:
                 f'{source} images are {CIFAR_IMAGE_SIZE}x{CIFAR_IMAGE_SIZE}'
             )
         if source == 'tfds':
-            dataset = _load_tfds(path, getattr(data_config, 'download', True))
+            dataset = _load_tfds_checked(path, getattr(data_config, 'download', True))
         elif not path:
             raise DataError(f'data.source={source} needs data.path')
         elif source == 'cifar':
@@ -665,6 +665,21 @@ def _read_data_source(source: Any) -> tuple[np.ndarray, np.ndarray]:
         example = source[i]
         images[i], labels[i] = example['image'], example['label']
     return images, labels
+
+
+def _load_tfds_checked(data_dir: str, download: bool) -> Dataset:
+    """:func:`_load_tfds`, with whatever a damaged data dir raises (garbage
+    ``dataset_info.json`` or shards) as a :class:`DataError` naming it."""
+    try:
+        return _load_tfds(data_dir, download)
+    except DataError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except  # tfds and its readers raise many.
+        where = data_dir or 'the default TFDS data dir'
+        reason = ' '.join(str(e).split())
+        raise DataError(
+            f'cannot read TFDS cifar10 at {where}: {type(e).__name__}: {reason[:300]}'
+        ) from e
 
 
 def _load_tfds(data_dir: str, download: bool) -> Dataset:

@@ -169,3 +169,16 @@ def _manifest(tmp_path):
     path = tmp_path / 'sweep.json'
     path.write_text(json.dumps({'axes': {'seed': [0]}, 'runs': [{'name': 'seed=0'}]}))
     return path
+
+
+def test_a_tfds_dir_with_garbage_files_is_one_error_line(tmp_path):
+    version = tmp_path / 'tfds' / 'cifar10' / '3.0.2'
+    version.mkdir(parents=True)
+    (version / 'dataset_info.json').write_text('garbage')
+    (version / 'cifar10-train.array_record-00000-of-00001').write_bytes(b'garbage' * 100)
+    proc = run_cli([
+        '--config', 'configs/default.py', '--workdir', str(tmp_path / 'run'),
+        f'--config.data.path={tmp_path / "tfds"}', '--config.data.download=False',
+    ])  # fmt: skip
+    _one_error_line(proc, 'cannot read TFDS cifar10', str(tmp_path / 'tfds'))
+    assert not (tmp_path / 'run').exists()
