@@ -18,7 +18,37 @@ from resnet_jax import datasets, report, workdir, writers
 from tests import fake_data
 from tests.conftest import run_cli
 from tests.test_ownership import snapshot
-from tests.test_report import make_sweep, write_run
+
+
+def make_sweep(root, axes):
+    """A sweep's manifest over ``axes`` (one axis); returns its runs."""
+    ((axis, values),) = axes.items()
+    runs = [{'name': f'{axis}={v}', 'overrides': {axis: v}} for v in values]
+    base = {'model': 'paper', 'optimizer': 'adam', 'learning_rate': 0.01, 'batch_size': 100,
+            'num_epochs': 2, 'seed': 0, 'data': {'source': 'folder', 'path': 'data/x'}}  # fmt: skip
+    os.makedirs(root, exist_ok=True)
+    manifest = {'axes': axes, 'runs': runs, 'base_config': base}
+    workdir.write_json(os.path.join(root, 'sweep.json'), manifest)
+    return runs
+
+
+def write_run(root, run):
+    """A completed 2-epoch run folder of ``run``, as training writes it."""
+    with open(os.path.join(root, 'sweep.json')) as f:
+        config = report.apply_overrides(json.load(f)['base_config'], run['overrides'])
+    folder = os.path.join(root, run['name'])
+    os.makedirs(folder)
+    records = [
+        {'epoch': e, 'train_loss': 1.0 / e, 'train_accuracy': 0.4 * e, 'test_loss': 1.1 / e,
+         'test_accuracy': 0.3 * e, 'learning_rate': 0.01, 'epoch_seconds': 5.0,
+         'images_per_second': 100.0}
+        for e in (1, 2)
+    ]  # fmt: skip
+    with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    workdir.write_json(os.path.join(folder, 'config.json'), config)
+    summary = {**writers.summarize(records), 'config': config, 'status': 'completed'}
+    workdir.write_json(os.path.join(folder, 'summary.json'), summary)
 
 
 def _args(data, folder):
