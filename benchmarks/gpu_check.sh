@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check: the speed figures of issue 5 on one accelerator, in under 8 minutes.
+# The GPU check: the speed figures of BENCHMARKS.md on one accelerator, in under 8 minutes.
 #
-# Prepared for the lent H200 machine (jax with CUDA, flax, optax, orbax, torch,
-# pillow; no tensorflow, tfds, clu or ml_collections, no network). From this
-# machine, once: `bash benchmarks/fetch_wheels.sh` (wheels into .whl/, the data
-# archive into data/), then through the device tool:
+# Run it on a GPU machine from the repository root, with jax (CUDA), flax, optax,
+# orbax, torch and pillow installed and the data archive at data/cifar10-jpeg.tar.gz:
 #
-#   run(command='bash benchmarks/gpu_check.sh', timeout_s=560,
-#       carry=['.whl', 'data/cifar10-jpeg.tar.gz'])
+#   OUT=gpu_check_out bash benchmarks/gpu_check.sh
+#
+# Wheels found in .whl/ are installed first: on a machine without network access,
+# fetch the pure-Python ones it lacks (clu, ml_collections, tensorboardX) with
+# `bash benchmarks/fetch_wheels.sh` where the package registry is reachable.
 #
 # Each step has its own time limit and the script goes on when one fails, so a
 # partial result still comes back. Everything lands in $OUT (at most 8 files):

@@ -435,8 +435,15 @@ def _parse_batch(file: _File, version: str, num_classes: int) -> tuple[np.ndarra
                 f'{file.name} has no CIFAR-10 images: its "data" should '
                 f'be a uint8 array of shape (n, {_PIXELS_PER_IMAGE})'
             )
-        labels = np.asarray(labels if isinstance(labels, (list, np.ndarray)) else [])
-        if len(labels) != len(rows) or not np.issubdtype(labels.dtype, np.integer):
+        try:  # Ragged or nested lists are not labels.
+            labels = np.asarray(labels if isinstance(labels, (list, np.ndarray)) else [])
+        except (ValueError, TypeError):
+            labels = np.asarray([])
+        if (
+            labels.ndim != 1
+            or len(labels) != len(rows)
+            or not np.issubdtype(labels.dtype, np.integer)
+        ):
             raise DataError(
                 f'{file.name} should have a list of {len(rows)} integer labels, one per image'
             )
@@ -484,7 +491,6 @@ def _load_cifar(path: str) -> Dataset:
             f'no CIFAR-10 copy at {path}: expected cifar-10-batches-py/ or '
             'cifar-10-batches-bin/ (or the folder holding one), or its .tar.gz archive'
         )
-    location = os.path.abspath(location)
     version, files = _read_cifar(location)
     *batch_names, meta_name = _CIFAR_VERSIONS[version][1]
     class_names = _parse_meta(files[meta_name], version)
@@ -608,7 +614,7 @@ def _decode_images(files: list[_ImageFile], image_size: int) -> np.ndarray:
     if workers <= 1:
         return np.concatenate([decode(chunk) for chunk in chunks])
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context('spawn')
+        workers, mp_context=multiprocessing.get_context('spawn'), initializer=_die_with_parent
     )
     try:
         return np.concatenate(list(pool.map(decode, chunks)))
@@ -617,8 +623,24 @@ def _decode_images(files: list[_ImageFile], image_size: int) -> np.ndarray:
             'the image-decoding processes died: out of memory, or load_dataset was called '
             "from a script without an if __name__ == '__main__': guard"
         ) from e
+    except BaseException:  # A signal, an error: stop the workers now, not after their chunks.
+        for process in list((getattr(pool, '_processes', None) or {}).values()):
+            with contextlib.suppress(Exception):
+                process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def _die_with_parent() -> None:
+    """Makes a decoding worker die with the process that started it (Linux), even
+    when that one is killed outright."""
+    with contextlib.suppress(Exception):
+        import ctypes  # pylint: disable=g-import-not-at-top
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, 9)  # SIGKILL
 
 
 def _read_cache(path: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -691,7 +713,7 @@ def _load_folder(path: str, image_size: int) -> Dataset:
     # In the folder's own order (class by class): load_dataset orders it by the seed
     # after holding out the validation images, which must not depend on that seed.
     train = (images['train'], labels['train'])
-    return Dataset(*train, images['test'], labels['test'], class_names, 'folder', root)
+    return Dataset(*train, images['test'], labels['test'], class_names, 'folder', path)
 
 
 @SOURCES.register('folder', fields={'data.path': validation.PATH_GIVEN})
@@ -724,6 +746,21 @@ def _read_data_source(source: Any) -> tuple[np.ndarray, np.ndarray]:
         example = source[i]
         images[i], labels[i] = example['image'], example['label']
     return images, labels
+
+
+def _load_tfds_checked(data_dir: str, download: bool) -> Dataset:
+    """:func:`_load_tfds`, with whatever a damaged data dir raises (garbage
+    ``dataset_info.json`` or shards) as a :class:`DataError` naming it."""
+    try:
+        return _load_tfds(data_dir, download)
+    except DataError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except  # tfds and its readers raise many.
+        where = data_dir or 'the default TFDS data dir'
+        reason = ' '.join(str(e).split())
+        raise DataError(
+            f'cannot read TFDS cifar10 at {where}: {type(e).__name__}: {reason[:300]}'
+        ) from e
 
 
 def _load_tfds(data_dir: str, download: bool) -> Dataset:
@@ -774,7 +811,13 @@ def _load_tfds(data_dir: str, download: bool) -> Dataset:
             )
             builder.download_and_prepare()
             sources = builder.as_data_source(split=['train', 'test'])
-        splits = [_read_data_source(s) for s in sources]
+        try:
+            splits = [_read_data_source(s) for s in sources]
+        except Exception as e:  # Garbage shards raise whatever their reader raises.
+            raise DataError(
+                f'cannot read TFDS cifar10 at {where}: {type(e).__name__}: '
+                f'{" ".join(str(e).split())[:200]}'
+            ) from e
     (train, test), class_names = splits, tuple(builder.info.features['label'].names)
     return Dataset(*train, *test, class_names, 'tfds', data_dir)
 
@@ -782,4 +825,4 @@ def _load_tfds(data_dir: str, download: bool) -> Dataset:
 @SOURCES.register('tfds')
 def _tfds_source(path: str, data_config: Any, image_size: int, seed: int) -> Dataset:
     del image_size, seed
-    return _load_tfds(path, getattr(data_config, 'download', True))
+    return _load_tfds_checked(path, getattr(data_config, 'download', True))

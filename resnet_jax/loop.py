@@ -22,7 +22,9 @@ and raise :class:`Interrupted`.
 
 # No `from __future__ import annotations`: clu reads Metrics annotations at run time.
 import contextlib
+import ctypes
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import math
@@ -67,24 +69,53 @@ class Interrupted(KeyboardInterrupt):
 class StopSignals:
     """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop.
 
-    A second signal stops the process at once (the default action, at kernel
-    level: it does not wait for a compiled call or a save in flight). An
-    unfinished save is then never taken as a checkpoint.
+    A second signal stops the process at once, by the signal's default action:
+    it does not wait for a compiled call or a save in flight, and an unfinished
+    save is never taken as a checkpoint. Python runs signal handlers only
+    between bytecodes of the main thread, which waits inside a compiled call
+    for as long as it runs; so the signals are also counted by a thread that
+    reads them from :func:`signal.set_wakeup_fd`'s pipe the moment they arrive.
     """
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._pipe: tuple[int, int] | None = None
+        self._previous_wakeup = -1
+        self._watcher: threading.Thread | None = None
+        self._count = 0
+        self._lock = threading.Lock()
 
     def _handle(self, signum, frame):
         del frame
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
         for sig in self._previous:
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, signal.SIG_DFL)  # A next signal: the default action.
         logger.warning(
             '%s received: saving a checkpoint, then stopping (again: stop at once)',
             signal.Signals(signum).name,
         )
+
+    def _watch(self, read_fd: int) -> None:
+        """Counts the signals as they arrive; the second one ends the process."""
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except OSError:
+                return
+            for signum in data:
+                if signum == 0:  # Written by __exit__: stop watching.
+                    return
+                if signum not in self._previous:
+                    continue
+                with self._lock:
+                    self._count += 1
+                    if self.signum is None:
+                        self.signum = signum
+                    second = self._count >= 2
+                if second:
+                    die_by_signal(signum)
 
     def agreed(self) -> int | None:
         """The signal to stop on, as every process of the run sees it.
@@ -111,11 +142,45 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            self._pipe = (read_fd, write_fd)
+            self._previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            self._watcher = threading.Thread(
+                target=self._watch, args=(read_fd,), name='stop signals', daemon=True
+            )
+            self._watcher.start()
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            read_fd, write_fd = self._pipe
+            with contextlib.suppress(OSError):
+                os.write(write_fd, b'\0')
+            self._watcher.join()
+            os.close(read_fd)
+            os.close(write_fd)
+            self._pipe = None
+
+
+def die_by_signal(signum: int) -> None:
+    """Ends the process at once by ``signum``'s default action, from any thread.
+
+    ``signal.signal`` works only in the main thread, which may be waiting in a
+    compiled call; the C library's ``signal`` restores the default action here.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+        libc.signal(signum, None)  # SIG_DFL
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # Delivery is asynchronous.
+    finally:
+        os._exit(128 + signum)  # Where the signal could not be re-raised.
 
 
 class Progress:
@@ -302,6 +367,7 @@ class _Run:
     writer: writers.MetricLogger | None = None
     status: str = 'incomplete'  # -> 'completed', 'diverged' or 'pruned'
     error: str | None = None
+    changed: bool = False  # Whether this invocation trained it or repaired its records.
     # Called with each epoch's record (restored ones too); True stops the run as 'pruned'.
     on_epoch: Callable[[dict[str, Any]], bool] | None = None
     pruned_epoch: int | None = None
@@ -399,12 +465,20 @@ def train_runs(
         raise validation.ConfigError(
             f'runs trained together may differ only in {", ".join(VECTORIZABLE)}'
         )
-    for workdir in workdirs:
-        workdir_lib.check_writable(workdir)
-    with contextlib.ExitStack() as locks:
+    created = [w for w in workdirs if not os.path.exists(w)]
+    try:
         for workdir in workdirs:
-            locks.enter_context(distributed.primary_only(workdir_lib.lock(workdir)))
-        return _train_runs(list(configs), list(workdirs), mesh, overwrite, on_epoch)
+            workdir_lib.check_writable(workdir)
+        with contextlib.ExitStack() as locks:
+            for workdir in workdirs:
+                locks.enter_context(distributed.primary_only(workdir_lib.lock(workdir)))
+            return _train_runs(list(configs), list(workdirs), mesh, overwrite, on_epoch)
+    except BaseException:
+        for workdir in created:  # A run that failed before it wrote anything leaves nothing.
+            for folder in (os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), workdir):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # Only if empty.
+        raise
 
 
 def _training_sets(
@@ -579,22 +653,48 @@ def _new_run(
 def _resume(run: _Run, shared: _Shared) -> None:
     """Restores a run's newest readable checkpoint, if any, and opens its writers.
 
-    Its ``config.json`` is written only once the checkpoint has been read.
+    Its ``config.json`` is written only once the checkpoint has been read, and
+    not at all when the run has nothing left to train: a finished run is left
+    as it is. The record of the checkpoint's epoch, if ``metrics.jsonl`` lost it
+    (a torn last line), is rebuilt from the checkpoint, and epochs missing from
+    TensorBoard's files are written again.
     """
     workdir, config = run.workdir, run.config
     restored = checkpoints.restore_latest_good(workdir, run.manager, run.state)
-    if distributed.is_primary():
-        workdir_lib.write_config(workdir, config)
     if restored is not None:
         run.state, run.meta, partial = restored
         run.epoch, run.position = int(run.meta['epoch']), int(run.meta.get('position', 0))
         run.partial = partial if run.position else None
+        if run.epoch > config.num_epochs:
+            raise validation.ConfigError(
+                f'{workdir} holds a run trained for {run.epoch} epochs, more than num_epochs='
+                f'{config.num_epochs}; nothing was changed'
+            )
+    primary = distributed.is_primary()
+    finished = run.epoch == config.num_epochs and not run.position
+    config_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    if primary and not (finished and os.path.exists(config_path)):
+        workdir_lib.write_config(workdir, config)
+    run.records = writers.truncate_metrics(workdir, run.epoch, write=primary)
+    run.writer = writers.MetricLogger(workdir, enabled=primary)
+    _rebuild_record(run, shared)
+    restored_epochs = run.writer.restore_tensorboard(run.records)
+    if restored_epochs:
+        logger.warning(
+            '%sTensorBoard lacked epoch(s) %s of metrics.jsonl: written again',
+            shared.prefix(run),
+            ', '.join(map(str, restored_epochs)),
+        )
+    if finished:
+        logger.info(
+            '%sthe run is complete (%d epochs): nothing to train', shared.prefix(run), run.epoch
+        )
+    elif restored is not None:
         where = f' (step {run.position} of epoch {run.epoch + 1})' if run.position else ''
         logger.info('%sresuming after epoch %d%s', shared.prefix(run), run.epoch, where)
-    run.records = writers.truncate_metrics(workdir, run.epoch, write=distributed.is_primary())
-    run.writer = writers.MetricLogger(workdir, enabled=distributed.is_primary())
     for record in run.records:  # The callback sees the restored epochs too.
         if run.active and _pruned(run, record):
+            run.changed = True
             logger.info('%spruned after epoch %d', shared.prefix(run), record['epoch'])
 
 
@@ -604,6 +704,29 @@ def _pruned(run: _Run, record: dict[str, Any]) -> bool:
         return False
     run.status, run.pruned_epoch = 'pruned', int(record['epoch'])
     return True
+
+
+def _rebuild_record(run: _Run, shared: _Shared) -> None:
+    """Appends the checkpointed epoch's record if ``metrics.jsonl`` lacks it.
+
+    Every end-of-epoch checkpoint holds its epoch's record in its ``meta``.
+    """
+    record = run.meta.get('record')
+    last = run.records[-1]['epoch'] if run.records else 0
+    if run.position or not run.epoch or last >= run.epoch or not isinstance(record, dict):
+        return
+    where = f'the checkpoint of epoch {run.epoch} in {run.manager.directory}'
+    record = writers.check_record(dict(record), where)
+    if record['epoch'] != run.epoch:
+        return
+    run.records.append(record)
+    run.writer.write(record, log=False)
+    run.changed = True
+    logger.warning(
+        '%sthe record of epoch %d was missing from metrics.jsonl: rebuilt from its checkpoint',
+        shared.prefix(run),
+        run.epoch,
+    )
 
 
 def _diverge(run: _Run, shared: _Shared, message: str) -> None:
@@ -622,8 +745,12 @@ def _save(
     position: int,
     metrics: train.TrainMetrics | None,
     seconds: float,
+    record: dict[str, Any] | None = None,
 ) -> None:
-    """Checkpoints a run, unless its parameters stopped being finite (then it diverges)."""
+    """Checkpoints a run, unless its parameters stopped being finite (then it diverges).
+
+    At an epoch's end ``record`` is its epoch record, kept in the checkpoint.
+    """
     if not finite:
         _diverge(run, shared, 'non-finite parameters or batch statistics')
         return
@@ -633,6 +760,8 @@ def _save(
         'partial_seconds': seconds,
         'wall_seconds': float(run.meta.get('wall_seconds', 0.0)) + time.time() - shared.t_start,
     }
+    if record is not None:
+        meta['record'] = workdir_lib.json_safe(record)
     checkpoints.save(run.manager, state, meta, metrics)
 
 
@@ -710,6 +839,7 @@ def _train_group(runs: list[_Run], shared: _Shared) -> None:
             finite = np.asarray(train.runs_finite((states.params, states.batch_stats)))
             for r, run in enumerate(runs):
                 if run.active:
+                    run.changed = True
                     state, metrics = train.unstack(states, r), train.unstack(total, r)
                     _save(run, state, finite[r], shared, epoch - 1, done, metrics, train_seconds)
             where = (
@@ -749,14 +879,17 @@ def _train_group(runs: list[_Run], shared: _Shared) -> None:
                 val_accuracy=vals[r]['accuracy'] if shared.validation is not None else None,
             ).asdict()
             run.records.append(record)
+            run.changed = True
             run.writer.write(record)
             pruned = _pruned(run, record)
             if save or pruned:
-                _save(run, train.unstack(states, r), finite[r], shared, epoch, 0, None, 0.0)
+                _save(run, train.unstack(states, r), finite[r], shared, epoch, 0, None, 0.0, record)
             if pruned:
                 logger.info('%spruned after epoch %d', shared.prefix(run), epoch)
     for r, run in enumerate(runs):
         run.state = train.unstack(states, r)
+        if not run.active:
+            run.changed = True
         if run.active and run.records and run.records[-1]['epoch'] == config.num_epochs:
             run.status = 'completed'
             if start_epoch < config.num_epochs:  # Finished in this invocation.
@@ -785,7 +918,19 @@ def _finish(
     mesh: Mesh,
     shared: _Shared,
 ) -> dict[str, Any]:
-    """Writes a run's ``summary.json`` and returns it."""
+    """Writes a run's ``summary.json`` and returns it.
+
+    A run this invocation did not change (a rerun of a finished run) keeps its
+    summary as it is; that summary is returned.
+    """
+    path = os.path.join(run.workdir, workdir_lib.SUMMARY_FILE)
+    if not run.changed and run.status == 'completed':
+        old = workdir_lib.read_summary(path)
+        done = writers.summarize(run.records)['epochs_completed']
+        same = old is not None and old.get('epochs_completed') == done
+        if same and old.get('status') == 'completed':
+            logger.info('%s%s is complete and was left as it is', shared.prefix(run), run.workdir)
+            return old
     summary = {
         'config': workdir_lib.config_json(run.config),
         'num_params': num_params,
@@ -799,6 +944,7 @@ def _finish(
             'num_test': int(len(data.test_labels)),
         },
         'devices': [str(d) for d in mesh.devices.flat],
+        'versions': versions(),
         'status': run.status,
     }
     if shared.group_size > 1:
@@ -808,7 +954,7 @@ def _finish(
     if run.pruned_epoch is not None:
         summary['pruned_at_epoch'] = run.pruned_epoch
     if distributed.is_primary():
-        workdir_lib.write_json(os.path.join(run.workdir, workdir_lib.SUMMARY_FILE), summary)
+        workdir_lib.write_json(path, summary)
     if run.records:
         logger.info(
             '%s%s: final test accuracy %.2f%%, best %.2f%% (epoch %s), %.0fs',
@@ -820,6 +966,21 @@ def _finish(
             summary['wall_seconds'],
         )
     return summary
+
+
+# The packages whose versions a run's summary records.
+VERSIONED_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint')
+
+
+def versions() -> dict[str, str | None]:
+    """``{package: version}`` of :data:`VERSIONED_PACKAGES` (None where not installed)."""
+    found = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def evaluate_workdir(workdir: str, data_path: str | None = None) -> dict[str, float]:

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from absl import flags
@@ -77,6 +78,16 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (loading data, preparing the workdir)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """Turns SIGTERM into an exception, so that locks and worker processes are released."""
+    del signum, frame
+    raise Terminated()
 
 
 def _fail(message: str) -> int:
@@ -179,6 +190,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     sys.argv = argv  # config_flags finds --config.* overrides in sys.argv.
     path = _config_path(argv)
+    overrides = [arg for arg in argv[1:] if arg.startswith('--config.')]
+    if path is None and overrides:
+        return _fail(
+            f'{overrides[0].split("=")[0]} overrides a field of the config file, but no '
+            '--config is given, e.g. --config configs/default.py'
+        )
+    # config_flags warns through absl logging (get_config() returning None): the
+    # user gets this tool's own error line instead.
+    logging.getLogger('absl').setLevel(logging.CRITICAL)
+    if threading.current_thread() is not threading.main_thread():
+        return _run(argv, path)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(argv, path)
+    except Terminated:
+        print('interrupted: SIGTERM', file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str], path: str | None) -> int:
+    """Parses the flags and runs the mode; ``path`` is the config file's."""
     if path:  # Lets configs import ``configs.default`` from any working directory.
         root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
         if root not in sys.path:
@@ -202,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f'config file not found: {path}')
     try:
         config = FLAGS.config
+        if config is None:
+            return _fail(f'{path}: get_config() returned None, not a ConfigDict')
         config.keys()  # config_flags defers errors of loading the file until here.
     except Exception as e:  # pylint: disable=broad-except
         return _fail(f'could not load config file {path}: {str(e).splitlines()[-1]}')
@@ -252,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datasets.DataError,
         workdir_lib.WorkdirBusy,
         checkpoints.CheckpointError,
+        workdir_lib.RecordError,
         FileNotFoundError,
     ) as e:
         return _fail(e)
@@ -260,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except loop.Interrupted as e:
         print(f'interrupted: {e}', file=sys.stderr)
         return EXIT_TERMINATED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
+    except Terminated:
+        raise
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -280,6 +319,7 @@ def _new_workdir(path: str) -> str:
 def _report(workdir: str) -> int:
     """The sweep's report, or the curves of a single run's workdir."""
     from resnet_jax import report, sweep
+    from resnet_jax.workdir import RecordError
 
     _setup_logging()
     from resnet_jax import search, validation  # pylint: disable=g-import-not-at-top
@@ -287,14 +327,17 @@ def _report(workdir: str) -> int:
     if os.path.exists(os.path.join(workdir, search.SEARCH_FILE)):
         try:
             written = search.write_report(workdir)
-        except validation.ConfigError as e:
+        except (validation.ConfigError, RecordError) as e:
             return _fail(e)
     elif os.path.exists(os.path.join(workdir, sweep.MANIFEST_FILE)):
-        written = sweep.write_report(workdir)
+        try:
+            written = sweep.write_report(workdir)
+        except RecordError as e:  # The manifest itself: no run can be found.
+            return _fail(e)
     elif os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         try:
             written = report.write_run_report(workdir)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, RecordError) as e:
             return _fail(e)
     else:
         return _fail(

@@ -9,10 +9,18 @@ TensorBoard event files and ``checkpoints/``. Rerunning the same config resumes
 it; a different config is refused (see :data:`RESUMABLE_CHANGES`) unless the
 run is overwritten.
 
-The lock is a file holding the owner's host and process id, linked into place
-whole; a lock left by a dead process of this host, or an empty or unreadable
-one, is taken over. JSON is written strictly: NaN and infinities become
-``null`` (see :func:`json_safe`).
+The lock is a lease: a file holding the owner's host and process id, linked
+into place whole, whose modification time the owner refreshes while it lives
+(:data:`LOCK_LEASE_SECONDS`). A lock whose lease expired (its owner died, on
+any host of a shared filesystem), left by a dead process of this host, or
+empty or unreadable, is taken over; processes create or take over the lock
+only while holding a short-lived guard file, so two never both take it. JSON
+is written strictly: NaN and infinities become ``null`` (see :func:`json_safe`).
+
+Files read back (``summary.json``, ``config.json``, ``sweep.json``) go through
+checked readers that raise :class:`RecordError` naming the file when one is
+malformed. A workdir's files are replaced or deleted only when they are this
+tool's own (:func:`foreign_files`).
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ import math
 import os
 import shutil
 import socket
+import stat
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -56,10 +67,26 @@ RESUMABLE_CHANGES = (
 ADDED_FIELDS = {'data.validation_size': 0, 'data.validation_seed': 0}
 # Fields every run config of this tool has: a config.json without them is not ours.
 _RUN_CONFIG_FIELDS = ('model', 'optimizer', 'learning_rate', 'batch_size', 'seed', 'data')
+# The statuses a run's summary.json may hold.
+RUN_STATUSES = ('completed', 'incomplete', 'failed', 'diverged', 'pruned')
+EVENTS_PREFIX = 'events.out.tfevents.'
+# A lock whose owner has not refreshed it for this long is taken over: its owner
+# died (on this host or another one sharing the filesystem). The owner refreshes
+# it every LOCK_LEASE_SECONDS / LOCK_REFRESHES_PER_LEASE seconds.
+LOCK_LEASE_SECONDS = 300.0
+LOCK_REFRESHES_PER_LEASE = 10
+# The lock is created or taken over only while holding LOCK_FILE + GUARD_SUFFIX, for
+# milliseconds; a guard older than this was left by a process that died holding it.
+GUARD_SUFFIX = '.guard'
+GUARD_STALE_SECONDS = 10.0
 
 
 class WorkdirBusy(RuntimeError):
     """Another live process is writing into the same workdir."""
+
+
+class RecordError(ValueError):
+    """A file this tool reads back is malformed; the message names the file."""
 
 
 def json_safe(obj: Any) -> Any:
@@ -94,7 +121,13 @@ def write_atomic(path: str, data: bytes | str) -> None:
     (two sweep shards writing the report) do not collide.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp'
+        )
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), path) from None
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -102,9 +135,11 @@ def write_atomic(path: str, data: bytes | str) -> None:
             os.fsync(f.fileno())  # On disk before it replaces the old file.
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError):  # Disk full, ...: name the file, not the temporary one.
+            raise OSError(e.errno, e.strerror or str(e), path) from None
         raise
 
 
@@ -122,17 +157,133 @@ def read_json_object(path: str) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+def _number(x: Any) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def _passes(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of type ``kind`` (a bool is no int), or passes the check ``kind``."""
+    if isinstance(kind, type):
+        return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    return bool(kind(value))
+
+
+def _check_fields(path: str, obj: Any, kinds: Mapping[str, Any]) -> dict[str, Any]:
+    """``obj`` if it is a JSON object whose fields (when present) pass ``kinds``'
+    checks (a type, or a predicate); else :class:`RecordError` naming ``path``."""
+    if not isinstance(obj, dict):
+        raise RecordError(f'{path} holds a {type(obj).__name__}, not a JSON object')
+    for key, kind in kinds.items():
+        if key in obj and not _passes(obj[key], kind):
+            raise RecordError(f'{path}: field {key!r} has the wrong type ({obj[key]!r})')
+    return obj
+
+
+def read_checked_json(path: str) -> Any:
+    """Parsed JSON of ``path``; :class:`RecordError` naming it if it is not JSON."""
+    try:
+        return read_json(path)
+    except UnicodeDecodeError as e:
+        raise RecordError(f'{path} is not a JSON file ({e.reason})') from None
+    except ValueError as e:
+        raise RecordError(f'{path} is not valid JSON ({e})') from None
+
+
+def _int_at_least(low: int) -> Any:
+    return lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+# What a run config of this tool holds, field by field.
+_CONFIG_KINDS = {
+    'model': str,
+    'optimizer': str,
+    'learning_rate': _number,
+    'batch_size': _int_at_least(1),
+    'num_epochs': _int_at_least(1),
+    'seed': int,
+    'data': dict,
+}
+# What a run's summary.json holds (fields written by the training loop).
+_SUMMARY_KINDS = {
+    'status': lambda x: x in RUN_STATUSES,
+    'epochs_completed': _int_at_least(0),
+    'best_epoch': lambda x: x is None or _int_at_least(0)(x),
+    **dict.fromkeys(
+        ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'best_test_accuracy'),
+        _number,
+    ),
+    'wall_seconds': _number,
+    'num_params': int,
+    'config': dict,
+    'data': dict,
+    'error': lambda x: x is None or isinstance(x, str),
+    'versions': dict,
+}
+
+
+def check_run_config(path: str, obj: Any, whole: bool = True) -> dict[str, Any]:
+    """``obj`` (parsed ``path``) if its fields have the right types and, if
+    ``whole``, it has every field of a run config (:func:`is_run_config`)."""
+    obj = _check_fields(path, obj, _CONFIG_KINDS)
+    if whole and not is_run_config(obj):
+        raise RecordError(f'{path} is not the config of a resnet_jax run')
+    return obj
+
+
+def read_run_config(path: str, whole: bool = True) -> dict[str, Any]:
+    """A run's ``config.json``, checked (:class:`RecordError` naming it if malformed;
+    see :func:`check_run_config`)."""
+    return check_run_config(path, read_checked_json(path), whole)
+
+
+def read_summary(path: str) -> dict[str, Any] | None:
+    """A run's ``summary.json``, checked; None if there is none.
+
+    :class:`RecordError` names the file when it is not JSON, or a field has the
+    wrong type (a status this tool does not write, ``"epochs_completed": "x"``).
+    """
+    if not os.path.exists(path):
+        return None
+    summary = _check_fields(path, read_checked_json(path), _SUMMARY_KINDS)
+    if 'config' in summary:
+        _check_fields(path, summary['config'], _CONFIG_KINDS)
+    return summary
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """A sweep's ``sweep.json`` with ``axes``, ``runs`` (each a ``name`` and its
+    ``overrides``) and ``base_config``, checked (:class:`RecordError` naming it)."""
+    manifest = {'axes': {}, 'runs': [], 'base_config': {}} | _check_fields(
+        path, read_checked_json(path), {'axes': dict, 'runs': list, 'base_config': dict}
+    )
+    for values in manifest['axes'].values():
+        if not isinstance(values, list):
+            raise RecordError(f'{path}: every axis must be a list of values, got {values!r}')
+    for run in manifest['runs']:
+        if not isinstance(run, dict):
+            raise RecordError(f'{path}: every run must be an object, got {run!r}')
+        name = run.get('name')
+        if not isinstance(name, str) or not name or name in ('.', '..') or os.sep in name:
+            raise RecordError(f'{path}: a run has no usable folder name ({name!r})')
+        if not isinstance(run.get('overrides', {}), dict):
+            raise RecordError(f'{path}: the overrides of run {name} are not an object')
+    return manifest
+
+
 def _owner() -> str:
     return f'{socket.gethostname()} {os.getpid()}'
 
 
-def _stale(text: str) -> bool:
-    """A lock nobody holds: of a dead process on this host, empty, or unreadable.
+def _stale(text: str, age: float, lease: float) -> bool:
+    """Whether a lock holding ``text``, last refreshed ``age`` seconds ago, is free.
 
-    Locks are written whole before they appear (:func:`_create_lock`), so an
-    empty or garbled one was left by a failed write. A live process of
-    another host cannot be checked and is taken as holding it.
+    It is when its lease expired (its owner, on any host, stopped refreshing
+    it), when its owner is a dead process of this host, or when it is empty or
+    garbled: locks are written whole before they appear (:func:`_create_lock`),
+    so such a one was left by a failed write.
     """
+    if age > lease:
+        return True
     try:
         host, pid = text.split()
         if host != socket.gethostname():
@@ -145,12 +296,12 @@ def _stale(text: str) -> bool:
     return False
 
 
-def _create_lock(path: str) -> bool:
+def _create_lock(path: str, reported: str | None = None) -> bool:
     """Creates ``path`` holding this process's owner line; False if it exists.
 
     The owner is written to a temporary file first and hard-linked into
     place, so the lock never exists empty; a failed write (disk full) leaves
-    nothing behind and raises an ``OSError`` naming ``path``.
+    nothing behind and raises an ``OSError`` naming ``reported`` (default ``path``).
     """
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.lock.', suffix='.tmp')
     try:
@@ -173,47 +324,145 @@ def _create_lock(path: str) -> bool:
                 raise
         return True
     except OSError as e:
-        raise OSError(e.errno, f'could not create the lock: {e.strerror or e}', path) from None
+        raise OSError(
+            e.errno, f'could not create the lock: {e.strerror or e}', reported or path
+        ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
 
 
-@contextlib.contextmanager
-def lock(folder: str) -> Iterator[None]:
-    """Holds ``folder/.lock`` for the duration of the block.
+def _take_over(path: str, judged: os.stat_result) -> bool:
+    """Removes the stale file ``path`` (a guard) that ``judged`` (its stat) describes.
 
-    Raises :class:`WorkdirBusy` while a live process holds it; a stale lock
-    (see :func:`_stale`) is taken over.
+    The file is renamed to a name of this process's own (one rename of a
+    name succeeds), then its identity is compared with the one judged stale.
+    If another process had meanwhile replaced it with a live one, that one is
+    put back (linked, so a file created in the meantime is never overwritten)
+    and False is returned.
     """
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, LOCK_FILE)
-    for _ in range(3):
-        if _create_lock(path):
-            break
+    aside = f'{path}.stale.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}'
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return True  # Someone else removed it: try to create it again.
+    moved = os.stat(aside)
+    same = ('st_ino', 'st_dev', 'st_mtime_ns', 'st_size')  # Inode numbers are reused.
+    if all(getattr(moved, k) == getattr(judged, k) for k in same):
+        os.unlink(aside)
+        return True
+    with contextlib.suppress(FileExistsError):
+        os.link(aside, path)
+    os.unlink(aside)
+    return False
+
+
+class _Lease(threading.Thread):
+    """Refreshes a lock's modification time until stopped (a daemon thread)."""
+
+    def __init__(self, path: str, every: float):
+        super().__init__(name=f'lease {path}', daemon=True)
+        self._path, self._every, self._done = path, every, threading.Event()
+        self.identity = _identity(path)
+
+    def run(self) -> None:
+        while not self._done.wait(self._every):
+            with contextlib.suppress(OSError):  # A full disk or a network hiccup: next time.
+                if _identity(self._path) == self.identity:
+                    os.utime(self._path)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_dev
+
+
+@contextlib.contextmanager
+def _guard(path: str, lock_path: str) -> Iterator[None]:
+    """Holds ``path``, a short-lived mutex around checking and replacing a lock.
+
+    Every process that creates or takes over ``lock_path`` does so holding
+    it, so a stale lock is judged and replaced without a check-then-act race.
+    A guard older than :data:`GUARD_STALE_SECONDS` was left by a process that
+    died holding it, and is taken over (:func:`_take_over`).
+    """
+    waited = time.monotonic()
+    while not _create_lock(path, lock_path):
         try:
-            with open(path) as f:
-                holder = f.read().strip()
+            judged = os.stat(path)
         except FileNotFoundError:
-            continue  # Released meanwhile: try again.
-        except (OSError, ValueError):
-            holder = ''  # Unreadable: stale.
-        if not _stale(holder):
-            raise WorkdirBusy(
-                f'{folder} is in use by process {holder!r} (remove {path} if it is not)'
-            )
-        try:
+            continue
+        if time.time() - judged.st_mtime > GUARD_STALE_SECONDS:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        except OSError as e:
-            raise WorkdirBusy(f'could not remove the stale lock {path}: {e.strerror}') from None
-    else:
-        raise WorkdirBusy(f'could not lock {folder}')
+                _take_over(path, judged)
+        elif time.monotonic() - waited > 2 * GUARD_STALE_SECONDS:
+            raise WorkdirBusy(f'could not lock {lock_path}: {path} stays in place')
+        else:
+            time.sleep(0.01)
     try:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+@contextlib.contextmanager
+def lock(folder: str, lease_seconds: float = LOCK_LEASE_SECONDS) -> Iterator[None]:
+    """Holds ``folder/.lock`` for the duration of the block.
+
+    Raises :class:`WorkdirBusy` while a live process holds it; a stale lock
+    (see :func:`_stale`) is taken over, under a guard (:func:`_guard`) that
+    every process creating the lock holds. While held, a thread refreshes the
+    lock's lease every ``lease_seconds`` / :data:`LOCK_REFRESHES_PER_LEASE`
+    seconds.
+    """
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    with _guard(path + GUARD_SUFFIX, path):
+        for _ in range(3):
+            if _create_lock(path):
+                break
+            holder, judged = '', None
+            try:
+                judged = os.stat(path)
+                with open(path) as f:
+                    holder = f.read().strip()
+            except FileNotFoundError:
+                continue  # Released meanwhile by its owner: try again.
+            except (OSError, ValueError):
+                pass  # Unreadable: stale, if it is a file.
+            if judged is None or not stat.S_ISREG(judged.st_mode):
+                raise WorkdirBusy(f'{path} is not a lock file this tool can take over; remove it')
+            if not _stale(holder, time.time() - judged.st_mtime, lease_seconds):
+                raise WorkdirBusy(
+                    f'{folder} is in use by process {holder!r} (remove {path} if it is not)'
+                )
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise WorkdirBusy(
+                    f'could not remove the stale lock {path}: {e.strerror}'
+                ) from None
+        else:
+            raise WorkdirBusy(f'could not lock {folder}')
+    lease = _Lease(path, lease_seconds / LOCK_REFRESHES_PER_LEASE)
+    lease.start()
+    try:
+        yield
+    finally:
+        lease.stop()
+        if _identity(path) == lease.identity:  # Still ours: release it.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def config_json(config: Any) -> Any:
@@ -261,12 +510,61 @@ def check_writable(workdir: str) -> None:
         raise ConfigError(f'workdir {workdir} is not writable: {e.strerror or e}') from None
 
 
+def is_own_summary(summary: Any) -> bool:
+    """Whether ``summary`` (a parsed summary.json) is one this tool writes for a run."""
+    return (
+        isinstance(summary, Mapping)
+        and summary.get('status') in RUN_STATUSES
+        and is_run_config(summary.get('config'))
+    )
+
+
+def foreign_files(workdir: str) -> list[str]:
+    """The run outputs in ``workdir`` that this tool cannot tell are its own.
+
+    Without this tool's ``config.json`` (it is written before anything else of
+    a run), checkpoints, ``metrics.jsonl`` and TensorBoard files were written by
+    something else; so was a ``summary.json`` that is not a run summary (a
+    sweep records a run that failed before it started in a summary alone).
+    An empty ``checkpoints/`` may be this tool's, from a run killed at its start.
+    """
+    if os.path.exists(os.path.join(workdir, CONFIG_FILE)) or not os.path.isdir(workdir):
+        return []
+    found = []
+    checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
+    if os.path.isdir(checkpoints):
+        if any('.orbax-checkpoint-tmp' not in name for name in os.listdir(checkpoints)):
+            found.append(CHECKPOINT_DIR + os.sep)
+    elif os.path.lexists(checkpoints):
+        found.append(CHECKPOINT_DIR)
+    if os.path.lexists(os.path.join(workdir, METRICS_FILE)):
+        found.append(METRICS_FILE)
+    summary = os.path.join(workdir, SUMMARY_FILE)
+    if os.path.lexists(summary) and not is_own_summary(read_json_object(summary)):
+        found.append(SUMMARY_FILE)
+    found += sorted(n for n in os.listdir(workdir) if n.startswith(EVENTS_PREFIX))
+    return found
+
+
+def epochs_done(workdir: str) -> int:
+    """How many epochs the run in ``workdir`` has recorded (its records and summary
+    checked: :class:`RecordError` names a malformed one)."""
+    from resnet_jax import writers  # pylint: disable=g-import-not-at-top  # It imports this.
+
+    records = writers.read_metrics(workdir)
+    summary = read_summary(os.path.join(workdir, SUMMARY_FILE)) or {}
+    return max(records[-1]['epoch'] if records else 0, summary.get('epochs_completed') or 0)
+
+
 def prepare(workdir: str, config: Any, overwrite: bool) -> None:
     """Refuses a workdir holding another config's run, or clears it on request.
 
-    A ``config.json`` that is not a run config of this tool is never replaced,
-    not even with ``overwrite``. The config itself is written by
-    :func:`write_config` once the run's checkpoint has been read.
+    Only this tool's own files are ever replaced or deleted: a ``config.json``
+    that is not a run config of this tool, or run outputs without one
+    (:func:`foreign_files`), are refused, even with ``overwrite``. The records
+    and summary of the run are checked before anything is written. The config
+    itself is written by :func:`write_config` once the run's checkpoint has
+    been read.
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if os.path.exists(path) and not is_run_config(read_json_object(path)):
@@ -274,7 +572,16 @@ def prepare(workdir: str, config: Any, overwrite: bool) -> None:
             f'{path} exists and is not the config of a resnet_jax run; choose another '
             '--workdir (nothing was changed)'
         )
+    foreign = foreign_files(workdir)
+    if foreign:
+        raise ConfigError(
+            f'{workdir} holds {", ".join(foreign)} but no {CONFIG_FILE}: files resnet_jax did '
+            'not write, which it never replaces or deletes; choose another --workdir '
+            '(nothing was changed)'
+        )
     if overwrite:
+        if os.path.exists(path):
+            read_run_config(path)  # Ours, but readable? Else say which file is broken.
         for name in RUN_OUTPUTS:
             target = os.path.join(workdir, name)
             if os.path.isdir(target):
@@ -282,18 +589,26 @@ def prepare(workdir: str, config: Any, overwrite: bool) -> None:
             elif os.path.exists(target):
                 os.remove(target)
         for name in os.listdir(workdir):
-            if name.startswith('events.out.tfevents.'):
+            if name.startswith(EVENTS_PREFIX):
                 os.remove(os.path.join(workdir, name))
-    elif os.path.exists(path) and (
+        return
+    done = epochs_done(workdir)
+    if os.path.exists(path) and (
         os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))
         or os.path.exists(os.path.join(workdir, METRICS_FILE))
     ):
-        diffs = config_differences(read_json(path), config_json(config))
+        diffs = config_differences(read_run_config(path), config_json(config))
         if diffs:
             raise ConfigError(
                 f'{workdir} holds a run of a different config ({"; ".join(diffs)}); rerun '
                 'with --overwrite to replace it, or --new_run to train into a new workdir'
             )
+    if done > config.num_epochs:
+        raise ConfigError(
+            f'{workdir} holds a run trained for {done} epochs, more than num_epochs='
+            f'{config.num_epochs}; nothing was changed (extend it with num_epochs >= {done}, '
+            'or train into another --workdir)'
+        )
 
 
 def write_config(workdir: str, config: Any) -> None:

@@ -4,9 +4,18 @@
     logger.write(record)      # one dict per epoch, see train.METRIC_KEYS
     logger.close()
 
-TensorBoard event files are written by ``tensorboardX`` (no TensorFlow needed,
-whether or not it is installed): standard files that ``tensorboard --logdir``
-reads, with the run's hyperparameters under ``hparams/`` for the HParams tab.
+TensorBoard event files are written with ``tensorboardX``'s event writer (no
+TensorFlow needed, whether or not it is installed): standard files that
+``tensorboard --logdir`` reads, with the run's hyperparameters under
+``hparams/`` for the HParams tab. Each epoch's scalars are on disk (written and
+fsynced, not queued) before its record is appended to ``metrics.jsonl``, and a
+resumed run writes again the epochs its event files lack
+(:func:`tensorboard_steps`), so TensorBoard holds every epoch the records hold
+after any kill. An event file is created only when there is something to write.
+
+``metrics.jsonl`` is read back through :func:`read_metrics`, which checks every
+record and raises :class:`resnet_jax.workdir.RecordError` naming the file and
+line of a malformed one.
 """
 
 from __future__ import annotations
@@ -15,73 +24,207 @@ import json
 import logging
 import math
 import os
+import struct
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from resnet_jax.workdir import METRICS_FILE, dumps, write_atomic
+from resnet_jax.workdir import EVENTS_PREFIX, METRICS_FILE, RecordError, dumps, write_atomic
 
 logger = logging.getLogger('resnet_jax')
 
 
 class TensorboardWriter:
-    """TensorBoard event files through tensorboardX (no TensorFlow needed).
+    """TensorBoard event files through tensorboardX's event writer (no TensorFlow needed).
 
-    One writer whatever is installed: scalars per epoch in ``logdir``, the
-    run's hyperparameters and final metrics in ``logdir/hparams`` (the layout
-    of TensorBoard's HParams tab).
+    Scalars per epoch in ``logdir``, the run's hyperparameters and final
+    metrics in ``logdir/hparams`` (the layout of TensorBoard's HParams tab).
+    Writes are synchronous: when :meth:`write_scalars` returns, the scalars are
+    on disk (tensorboardX's ``SummaryWriter`` queues them for a thread, which
+    a kill loses). The event file is created on the first write.
     """
 
     def __init__(self, logdir: str):
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._logdir = logdir
+        self._events: Any = None
 
-        self._writer = SummaryWriter(logdir)
+    @staticmethod
+    def _open(logdir: str) -> Any:
+        from tensorboardX.event_file_writer import (  # pylint: disable=g-import-not-at-top
+            EventsWriter,
+        )
+
+        os.makedirs(logdir, exist_ok=True)
+        # The process id keeps two writers started within one second apart.
+        return EventsWriter(os.path.join(logdir, 'events'), filename_suffix=f'.{os.getpid()}')
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        from tensorboardX.proto.event_pb2 import Event  # pylint: disable=g-import-not-at-top
+        from tensorboardX.summary import scalar  # pylint: disable=g-import-not-at-top
+
+        if self._events is None:
+            self._events = self._open(self._logdir)
         for key, value in scalars.items():
-            self._writer.add_scalar(key, value, global_step=step)
+            summary = scalar(key, float('nan') if value is None else value)
+            self._events.write_event(Event(wall_time=time.time(), step=step, summary=summary))
+        self._events.flush()  # Flushed and fsynced.
 
     def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        self._writer.add_hparams(dict(hparams), dict(metrics), name='hparams')
+        # pylint: disable=g-import-not-at-top
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import hparams as hparams_summaries
+        from tensorboardX.summary import scalar
+
+        events = self._open(os.path.join(self._logdir, 'hparams'))
+        try:
+            for summary in hparams_summaries(dict(hparams), dict(metrics)):
+                events.write_event(Event(wall_time=time.time(), summary=summary))
+            for key, value in metrics.items():
+                events.write_event(Event(wall_time=time.time(), summary=scalar(key, value)))
+        finally:
+            events.close()
 
     def flush(self) -> None:
-        self._writer.flush()
+        if self._events is not None:
+            self._events.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+
+def _event_records(path: str) -> list[bytes]:
+    """The records of a TFRecord (event) file, up to a torn or corrupt end."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    records, i = [], 0
+    while i + 12 <= len(data):
+        (length,) = struct.unpack('<Q', data[i : i + 8])
+        if i + 12 + length + 4 > len(data):
+            break
+        records.append(data[i + 12 : i + 12 + length])
+        i += 12 + length + 4
+    return records
+
+
+def tensorboard_steps(logdir: str) -> dict[str, set[int]]:
+    """``{tag: steps}`` of the scalars in ``logdir``'s event files (not its subfolders).
+
+    A file cut by a kill is read up to its last whole record; an unreadable
+    one counts as empty.
+    """
+    from tensorboardX.proto.event_pb2 import Event  # pylint: disable=g-import-not-at-top
+
+    found: dict[str, set[int]] = {}
+    if not os.path.isdir(logdir):
+        return found
+    for name in sorted(os.listdir(logdir)):
+        path = os.path.join(logdir, name)
+        if not name.startswith(EVENTS_PREFIX) or not os.path.isfile(path):
+            continue
+        try:
+            records = _event_records(path)
+        except OSError:
+            continue
+        for data in records:
+            try:
+                event = Event.FromString(data)
+            except Exception:  # pylint: disable=broad-except  # A damaged record.
+                continue
+            for value in event.summary.value:
+                found.setdefault(value.tag, set()).add(int(event.step))
+    return found
+
+
+# The fields of an epoch record and the checks of their values.
+_RECORD_NUMBERS = (
+    'train_loss',
+    'train_accuracy',
+    'test_loss',
+    'test_accuracy',
+    'val_loss',
+    'val_accuracy',
+    'learning_rate',
+    'epoch_seconds',
+    'images_per_second',
+)
+
+
+def check_record(record: Any, where: str) -> dict[str, Any]:
+    """``record`` if it is an epoch record (``epoch`` an int >= 1, every metric a
+    number or null); else :class:`RecordError` naming ``where``."""
+    if not isinstance(record, dict):
+        raise RecordError(f'{where}: not a JSON object but {type(record).__name__}')
+    epoch = record.get('epoch')
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise RecordError(f'{where}: "epoch" must be an integer >= 1, not {epoch!r}')
+    for key in _RECORD_NUMBERS:
+        value = record.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise RecordError(f'{where}: {key!r} must be a number, not {value!r}')
+    return record
+
+
+def _parse_metrics(path: str) -> tuple[list[dict[str, Any]], bool]:
+    """``(records by epoch, whether the file needs rewriting)`` of ``metrics.jsonl``.
+
+    A last line that is not JSON was torn by a kill during its write: it is
+    left out (and the file needs rewriting). Any other bad line is a
+    :class:`RecordError` naming the file and line.
+    """
+    by_epoch: dict[int, dict[str, Any]] = {}
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read().split(b'\n')
+    except OSError as e:
+        raise RecordError(f'cannot read {path}: {e.strerror or e}') from None
+    if lines and not lines[-1]:
+        lines.pop()  # The file ends with a newline, as written.
+    dirty = False
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:  # UnicodeDecodeError included.
+            if number == len(lines):
+                dirty = True
+                continue
+            raise RecordError(f'{path} line {number} is not a JSON record') from None
+        record = check_record(record, f'{path} line {number}')
+        dirty = dirty or record['epoch'] in by_epoch
+        by_epoch[record['epoch']] = record
+    return [by_epoch[e] for e in sorted(by_epoch)], dirty
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The records of ``workdir/metrics.jsonl``, one per epoch in epoch order.
 
-    Tolerates a file being appended to or cut by a kill: an unparsable
-    (half-written) line is skipped, and of two records of the same epoch the
-    later one is kept. Empty if there is no file.
+    Tolerates a file being appended to or cut by a kill: a torn last line is
+    skipped, and of two records of the same epoch the later one is kept. A
+    malformed record raises :class:`RecordError` naming the file and line.
+    Empty if there is no file.
     """
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.isfile(path):
         return []
-    by_epoch: dict[int, dict[str, Any]] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and 'epoch' in record:
-                by_epoch[int(record['epoch'])] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
+    return _parse_metrics(path)[0]
 
 
 def truncate_metrics(workdir: str, last_epoch: int, write: bool = True) -> list[dict[str, Any]]:
     """Drops records after ``last_epoch`` (written after the last checkpoint).
 
-    Returns the records kept; ``write=False`` only reads (processes other than 0).
+    The file is rewritten only if that drops something (or a torn line, or
+    a repeated epoch). Returns the records kept; ``write=False`` only reads
+    (processes other than 0).
     """
-    records = [r for r in read_metrics(workdir) if r['epoch'] <= last_epoch]
     path = os.path.join(workdir, METRICS_FILE)
-    if write and os.path.exists(path):
-        write_atomic(path, ''.join(dumps(r) + '\n' for r in records))
-    return records
+    if not os.path.isfile(path):
+        return []
+    records, dirty = _parse_metrics(path)
+    kept = [r for r in records if r['epoch'] <= last_epoch]
+    if write and (dirty or len(kept) < len(records)):
+        write_atomic(path, ''.join(dumps(r) + '\n' for r in kept))
+    return kept
 
 
 def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -140,24 +283,56 @@ def format_record(record: Mapping[str, Any]) -> str:
 class MetricLogger:
     """Writes each epoch's record to TensorBoard, ``metrics.jsonl`` and the log.
 
-    ``enabled=False`` (processes other than 0 of a multi-process run) only logs.
+    TensorBoard first (synchronously), so every epoch ``metrics.jsonl`` holds
+    is in TensorBoard too; files are opened on the first write, so a logger
+    that writes nothing creates nothing. A failed write (disk full) raises an
+    ``OSError`` naming the file. ``enabled=False`` (processes other than 0 of a
+    multi-process run) only logs.
     """
 
     def __init__(self, workdir: str, enabled: bool = True):
         self._enabled = enabled
-        if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
-            self._tb = TensorboardWriter(workdir)
+        self._workdir = workdir
+        self._path = os.path.join(workdir, METRICS_FILE)
+        self._jsonl: Any = None
+        self._tb = TensorboardWriter(workdir) if enabled else None
 
-    def write(self, record: Mapping[str, Any]) -> None:
+    def write(self, record: Mapping[str, Any], log: bool = True) -> None:
         if self._enabled:
-            self._jsonl.write(dumps(dict(record)) + '\n')
-            self._jsonl.flush()
-            scalars = {k: v for k, v in record.items() if k != 'epoch'}
-            self._tb.write_scalars(int(record['epoch']), scalars)
-            self._tb.flush()
-        logger.info(format_record(record))
+            self.write_tensorboard(record)
+            try:
+                if self._jsonl is None:
+                    self._jsonl = open(self._path, 'a')  # noqa: SIM115
+                self._jsonl.write(dumps(dict(record)) + '\n')
+                self._jsonl.flush()
+            except OSError as e:
+                raise OSError(e.errno, e.strerror or str(e), self._path) from None
+        if log:
+            logger.info(format_record(record))
+
+    def write_tensorboard(self, record: Mapping[str, Any]) -> None:
+        """An epoch record's scalars, to TensorBoard only."""
+        if self._enabled:
+            scalars = {k: record[k] for k in _RECORD_NUMBERS if k in record}
+            try:
+                self._tb.write_scalars(int(record['epoch']), scalars)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror or str(e), e.filename or self._workdir) from None
+
+    def restore_tensorboard(self, records: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Writes to TensorBoard the epochs of ``records`` its event files lack
+        (a kill lost them); returns those epochs."""
+        if not self._enabled or not records:
+            return []
+        logged = tensorboard_steps(self._workdir)
+        missing = [
+            r
+            for r in records
+            if any(r['epoch'] not in logged.get(k, ()) for k in _RECORD_NUMBERS if k in r)
+        ]
+        for record in missing:
+            self.write_tensorboard(record)
+        return [int(r['epoch']) for r in missing]
 
     def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """A run's hyperparameters and final metrics for TensorBoard's HParams tab."""
@@ -166,5 +341,6 @@ class MetricLogger:
 
     def close(self) -> None:
         if self._enabled:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._tb.close()

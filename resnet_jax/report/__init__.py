@@ -48,6 +48,7 @@ import os
 
 from resnet_jax.report.load import (
     PAPER_CSV,
+    PROBLEM_STATUSES,
     STATUSES,
     RunResult,
     apply_overrides,
@@ -143,6 +144,7 @@ __all__ = [
     'RESULT_NUMBERS',
     'RunResult',
     'SEED_AXIS',
+    'PROBLEM_STATUSES',
     'STATUSES',
     'STUDY_AXES',
     'apply_overrides',

@@ -23,9 +23,20 @@ import pandas as pd
 
 from resnet_jax import writers
 from resnet_jax.validation import set_field
-from resnet_jax.workdir import CONFIG_FILE, MANIFEST_FILE, SUMMARY_FILE, read_json_object
+from resnet_jax.workdir import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    SUMMARY_FILE,
+    RecordError,
+    read_json_object,
+    read_run_config,
+    read_summary,
+)
+from resnet_jax.workdir import read_manifest as read_checked_manifest
 
-STATUSES = ('completed', 'incomplete', 'failed', 'diverged', 'pending')
+# 'unreadable': a run whose records, summary or config are malformed (its error says which).
+STATUSES = ('completed', 'incomplete', 'failed', 'diverged', 'pending', 'unreadable')
+PROBLEM_STATUSES = ('failed', 'diverged', 'unreadable')  # Runs left out, with their error.
 PAPER_CSV = 'paper_results.csv'
 
 
@@ -70,8 +81,7 @@ def read_manifest(sweep_dir: str) -> dict[str, Any]:
     path = os.path.join(sweep_dir, MANIFEST_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{sweep_dir} holds no sweep ({MANIFEST_FILE} not found)')
-    with open(path) as f:
-        return {'axes': {}, 'runs': [], 'base_config': {}} | json.load(f)
+    return read_checked_manifest(path)
 
 
 def collect(sweep_dir: str) -> list[RunResult]:
@@ -90,9 +100,16 @@ def load_run(
     overrides: Mapping[str, Any],
     base_config: Mapping[str, Any] | None = None,
 ) -> RunResult:
-    """Reads one run folder (which may not exist yet) into a ``RunResult``."""
-    records = writers.read_metrics(run_dir)
-    summary = read_json_object(os.path.join(run_dir, SUMMARY_FILE))
+    """Reads one run folder (which may not exist yet) into a ``RunResult``; a run
+    whose files are malformed is 'unreadable', its error naming the file."""
+    try:
+        records = writers.read_metrics(run_dir)
+        summary = read_summary(os.path.join(run_dir, SUMMARY_FILE))
+        if os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+            read_run_config(os.path.join(run_dir, CONFIG_FILE), whole=False)
+    except RecordError as e:
+        config = apply_overrides(base_config or {}, overrides)
+        return RunResult(name, dict(overrides), 'unreadable', config=config, error=str(e))
     last_epoch = int(records[-1]['epoch']) if records else 0
     if summary is not None and int(summary.get('epochs_completed') or 0) < last_epoch:
         # A summary older than the records: the run was resumed and is running again

@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from resnet_jax.report.load import RunResult, format_cell
+from resnet_jax.report.load import PROBLEM_STATUSES, RunResult, format_cell
 from resnet_jax.report.stats import (
     SEED_AXIS,
     Paired,
@@ -59,7 +59,7 @@ def results_markdown(
     lines = [
         '# Sweep report',
         '',
-        f'- Sweep: `{os.path.abspath(sweep_dir)}`',
+        f'- Sweep: `{sweep_dir}`',
         f'- Runs: {len(results)} ({counts or "none"})',
         f'- Axes: {"; ".join(values) or "none"}',
         '- ' + data_statement(results),
@@ -80,7 +80,7 @@ def results_markdown(
         status = r.status
         if r.status == 'incomplete' and r.num_epochs:
             status = f'incomplete ({r.epochs_completed}/{r.num_epochs})'
-        elif r.status in ('failed', 'diverged') and r.error:
+        elif r.status in PROBLEM_STATUSES and r.error:
             status = f'{r.status}: {one_line(r.error, 60)}'
         body.append(['★' if row['best'] else '', *cells, status])
     lines += markdown_table(header, body)
@@ -102,7 +102,7 @@ def results_markdown(
                 f'{run_label(r.overrides, r.name)}: final test accuracy '
                 f'{r.test_accuracy:.2f}% after {r.epochs_completed} epoch(s) ({r.status}).',
             ]
-    problems = [r for r in results if r.status in ('failed', 'diverged')]
+    problems = [r for r in results if r.status in PROBLEM_STATUSES]
     if problems:
         lines += ['', '### Failed and diverged runs', '']
         lines += [

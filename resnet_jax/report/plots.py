@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from resnet_jax.report.load import RunResult, finite, format_cell
+from resnet_jax.report.load import PROBLEM_STATUSES, RunResult, finite, format_cell
 from resnet_jax.report.stats import SEED_AXIS, Cell, group_cells, matches
 from resnet_jax.report.tables import MISSING, STUDY_AXES, format_estimate, run_label
 
@@ -75,7 +75,7 @@ def curve_groups(
         return [(run_label(r.overrides, r.name) + note, [r]) for r, note in labels if r.epochs]
     groups = []
     for cell in group_cells(results, seed_axis):
-        runs = [r for r in cell.runs if r.epochs and r.status not in ('failed', 'diverged')]
+        runs = [r for r in cell.runs if r.epochs and r.status not in PROBLEM_STATUSES]
         if not runs:
             continue
         notes = [f'{len(runs)} seed(s)']

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from resnet_jax.report.load import RunResult, format_cell
+from resnet_jax.report.load import PROBLEM_STATUSES, RunResult, format_cell
 from resnet_jax.validation import get_field
 
 SEED_AXIS = 'seed'  # Runs differing only in it form a cell of the statistics over seeds.
@@ -88,7 +88,7 @@ class Cell:
     @property
     def excluded(self) -> int:
         """How many runs failed or diverged (left out of the statistics)."""
-        return sum(r.status in ('failed', 'diverged') for r in self.runs)
+        return sum(r.status in PROBLEM_STATUSES for r in self.runs)
 
     @property
     def unfinished(self) -> int:

@@ -1,0 +1,92 @@
+"""Error messages: one ``error:`` line that names what went wrong, nothing left behind.
+
+A config file whose ``get_config()`` returns None, overrides without
+``--config``, a full disk while writing records, and an error found once
+the data is loaded (the workdir it created is removed again).
+"""
+
+import errno
+import os
+
+import pytest
+
+from resnet_jax import writers
+from tests.conftest import run_cli
+
+
+def _one_error_line(proc, *fragments):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_get_config_returning_none_is_one_line(tmp_path):
+    config = tmp_path / 'none.py'
+    config.write_text('def get_config():\n    return None\n')
+    proc = run_cli(['--config', str(config), '--workdir', str(tmp_path / 'run')])
+    _one_error_line(proc, 'get_config() returned None')
+    assert 'WARNING' not in proc.stderr + proc.stdout
+
+
+def test_overrides_without_a_config_file_say_that_it_is_missing(tmp_path):
+    proc = run_cli(['--workdir', str(tmp_path), '--config.num_epochs=2', '--config.batch_size=50'])
+    line = _one_error_line(proc, '--config', 'configs/default.py')
+    assert 'config_config' not in line
+
+
+def test_an_error_found_after_loading_the_data_leaves_no_workdir(cifar_py, tmp_path):
+    workdir = tmp_path / 'runs' / 'big_batch'
+    proc = run_cli([
+        '--config', 'configs/default.py', '--workdir', str(workdir),
+        '--config.batch_size=1000', f'--config.data.path={cifar_py.path}',
+    ])  # fmt: skip
+    _one_error_line(proc, 'batch')
+    assert not workdir.exists()
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def fileno(self):
+        return 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_full_disk_while_writing_records_names_the_file(tmp_path, monkeypatch):
+    logger = writers.MetricLogger(str(tmp_path))
+    monkeypatch.setattr(writers, 'open', lambda *a, **k: _FullDisk(), raising=False)
+    record = {'epoch': 1, 'test_accuracy': 0.5}
+    with pytest.raises(OSError) as raised:
+        logger.write(record, log=False)
+    assert raised.value.strerror == 'No space left on device'
+    assert raised.value.filename == os.path.join(str(tmp_path), 'metrics.jsonl')
+    logger.close()
+
+
+def test_a_full_disk_while_writing_a_summary_names_the_file(tmp_path, monkeypatch):
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, 'fdopen', lambda fd, *a: (real_fdopen(fd, *a).close(), _FullDisk())[1])
+    path = str(tmp_path / 'summary.json')
+    with pytest.raises(OSError) as raised:
+        from resnet_jax import workdir  # pylint: disable=g-import-not-at-top
+
+        workdir.write_json(path, {'status': 'completed'})
+    assert raised.value.filename == path
+    assert os.listdir(tmp_path) == []  # No temporary file left.
