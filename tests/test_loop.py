@@ -113,31 +113,6 @@ def test_rerunning_a_finished_run_trains_nothing(finished_run, cifar_py):
     assert len(writers.read_metrics(workdir)) == 3
 
 
-def test_shuffle_off_uses_the_stored_order_every_epoch():
-    rng = jax.random.PRNGKey(0)
-    np.testing.assert_array_equal(augment.epoch_order(rng, 1, 10, False), np.arange(10))
-    a, b = (np.asarray(augment.epoch_order(rng, e, 1000, True)) for e in (1, 2))
-    assert sorted(a) == list(range(1000)) and not np.array_equal(a, b)
-    np.testing.assert_array_equal(a, augment.epoch_order(rng, 1, 1000, True))
-
-
-def test_train_batch_gathers_in_order_and_augments_on_device():
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), np.uint8))
-    labels = jnp.arange(10, dtype=jnp.int32)
-    order = jnp.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0], jnp.int32)
-    prep = augment.Preprocess(pad=0, flip=False, mean=None, std=None)
-    batch = augment.train_batch(
-        images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
-    )
-    np.testing.assert_array_equal(batch['label'], [7, 6, 5, 4])
-    np.testing.assert_allclose(batch['image'], np.asarray(images)[[7, 6, 5, 4]] / 255.0, rtol=1e-6)
-    prep = augment.Preprocess(pad=4, flip=True, mean=None, std=None)
-    aug = augment.train_batch(
-        images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
-    )
-    assert not np.allclose(aug['image'], batch['image'])
-
-
 @pytest.fixture(scope='module')
 def sgd_step_by_step(tmp_path_factory, cifar_py):
     """The tiny run with plain SGD, step by step: the reference for scanned steps."""
