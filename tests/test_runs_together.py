@@ -148,22 +148,6 @@ def test_a_single_run_is_the_plain_program_bit_for_bit():
     assert float(train.unstack(ms, 0).compute()['loss']) == float(m.compute()['loss'])
 
 
-def test_a_checkpoint_from_before_per_run_learning_rates_resumes(tmp_path):
-    """Checkpoints whose optimiser state has no injected learning rate (written
-    before it became state) restore into today's state, at the config's rate."""
-    config = make_tiny_config('')
-    state = train.create_train_state(config, jax.random.PRNGKey(0), 2)
-    old_layout = state.replace(step=jnp.int32(7), opt_state=state.opt_state.inner_state)
-    manager = checkpoints.checkpoint_manager(str(tmp_path))
-    checkpoints.save(manager, old_layout, {'epoch': 1, 'position': 0})
-    restored, meta, _ = checkpoints.restore_state(manager, state)
-    manager.close()
-    assert meta['epoch'] == 1 and int(restored.step) == 7
-    assert int(restored.opt_state.count) == 7
-    assert float(train.learning_rate(restored)) == pytest.approx(config.learning_rate)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, state.params)
-
-
 def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, monkeypatch):
     """SIGTERM at step 2 of epoch 2 checkpoints every lane; rerunning finishes them
     with the very numbers of the uninterrupted group."""
