@@ -10,6 +10,8 @@ import pytest
 from tests import fake_data
 from tests.conftest import REPO, one_error_line, run_cli
 
+pytestmark = pytest.mark.slow  # Every test here trains or starts the CLI.
+
 
 def _assert_usage_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr

@@ -8,9 +8,12 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from resnet_jax import writers
 from tests.conftest import REPO, start_cli
+
+pytestmark = pytest.mark.slow  # Every test here trains or starts the CLI.
 
 KEYS = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy')
 

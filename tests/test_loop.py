@@ -24,6 +24,7 @@ def finished_run(tmp_path_factory, cifar_py):
     return c, workdir, state, summary
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(finished_run):
     config, workdir, state, summary = finished_run
     records = writers.read_metrics(workdir)
@@ -47,6 +48,7 @@ def test_run_writes_every_output(finished_run):
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [4, 8, 12]
 
 
+@pytest.mark.slow
 def test_tensorboard_file_holds_the_scalars(finished_run):
     from tensorboard.backend.event_processing import event_accumulator
 
@@ -66,6 +68,7 @@ def test_tensorboard_file_holds_the_scalars(finished_run):
     )
 
 
+@pytest.mark.slow
 def test_eval_counts_every_test_image_once(finished_run, cifar_py):
     """Test accuracy equals a plain numpy count over all 50 test images."""
     config, workdir, _, summary = finished_run
@@ -79,6 +82,7 @@ def test_eval_counts_every_test_image_once(finished_run, cifar_py):
     assert result['accuracy'] == pytest.approx(correct / 50, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path, monkeypatch):
     config, _, full_state, _ = finished_run
     workdir = str(tmp_path)
@@ -105,6 +109,7 @@ def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path,
     jax.tree_util.tree_map(np.testing.assert_array_equal, state.batch_stats, full_state.batch_stats)
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_trains_nothing(finished_run, cifar_py):
     _, workdir, state, summary = finished_run
     again, summary2 = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
@@ -128,6 +133,7 @@ def _sgd(config):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('steps_per_call', [0])  # 0: one call per epoch's full batches.
 def test_scanned_steps_match_the_step_path(
     steps_per_call, sgd_step_by_step, cifar_py, tmp_path, monkeypatch
@@ -163,6 +169,7 @@ def test_chunks_of_an_epoch():
     assert loop.call_chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bf16_and_keeps_float32_state(cifar_py, tmp_path):
     config = make_tiny_config(cifar_py.path)
     config.dtype, config.num_epochs = 'bfloat16', 1

@@ -22,6 +22,8 @@ import pytest
 from resnet_jax import checkpoints, loop, train, validation, writers
 from tests.conftest import REPO, make_tiny_config, one_error_line, run_cli
 
+pytestmark = pytest.mark.slow  # Every test here trains or starts the CLI.
+
 TINY = [
     '--config.num_epochs=3',
     '--config.batch_size=32',

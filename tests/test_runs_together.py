@@ -57,6 +57,7 @@ def test_groups_of_the_paper_sweep():
         assert len({runs[i].config.batch_size for i in group}) == 1
 
 
+@pytest.mark.slow
 def test_lanes_match_runs_trained_one_by_one(together, cifar_py, tmp_path):
     workdirs, summaries, compiles = together
     # 104 images in batches of 32: one program for the full and one for the last
@@ -148,6 +149,7 @@ def test_a_single_run_is_the_plain_program_bit_for_bit():
     assert float(train.unstack(ms, 0).compute()['loss']) == float(m.compute()['loss'])
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, monkeypatch):
     """SIGTERM at step 2 of epoch 2 checkpoints every lane; rerunning finishes them
     with the very numbers of the uninterrupted group."""
@@ -176,6 +178,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, mo
         assert _records(workdir) == _records(reference)
 
 
+@pytest.mark.slow
 def test_vectorized_sweep_isolates_a_diverging_lane(tmp_path, cifar_py):
     config = make_tiny_config(cifar_py.path)
     config.num_epochs = 1
