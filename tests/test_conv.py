@@ -74,6 +74,9 @@ def test_scanned_train_steps_have_only_canonical_convolutions():
 def test_parameter_names_are_flax_convs():
     """Checkpoints and the PyTorch weight transfer rely on flax's Conv_N names."""
     model = models.create_model('paper')
-    params = models.init_variables(model, jax.random.PRNGKey(0))['params']
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    params = variables['params']
     assert set(params['BasicBlock_0']) == {'Conv_0', 'Conv_1', 'BatchNorm_0', 'BatchNorm_1'}
     assert params['BasicBlock_2']['shortcut_conv']['kernel'].shape == (3, 3, 16, 32)

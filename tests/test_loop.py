@@ -173,6 +173,7 @@ def test_chunks_of_an_epoch():
 def test_bfloat16_computes_in_bf16_and_keeps_float32_state(cifar_py, tmp_path):
     config = make_tiny_config(cifar_py.path)
     config.dtype, config.num_epochs = 'bfloat16', 1
+    config.data.train_subset = 64  # Two full batches: one program.
     state, summary = loop.train_and_evaluate(config, str(tmp_path))
     leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state))
     assert {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {

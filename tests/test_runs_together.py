@@ -129,6 +129,7 @@ def test_one_step_of_three_lanes_is_three_single_steps():
 def test_a_single_run_is_the_plain_program_bit_for_bit():
     """R = 1 runs the compiled single-run step itself: identical to train_step."""
     config = make_tiny_config('')
+    config.optimizer = 'sgd'  # train_step as compiled for the test above (and test_train.py).
     prep = augment.Preprocess.from_config(config)
     images = jax.random.randint(jax.random.PRNGKey(1), (64, 32, 32, 3), 0, 256, jnp.int32)
     images = images.astype(jnp.uint8)
@@ -184,6 +185,7 @@ def test_vectorized_sweep_isolates_a_diverging_lane(tmp_path, cifar_py):
     config.num_epochs = 1
     config.optimizer = 'sgd'
     config.check_finite_every_steps = 1
+    config.data.train_subset = 64  # Two full batches: one program per number of lanes.
     config.sweep = ml_collections.ConfigDict()
     config.sweep.learning_rate = (0.01, 3e38)
     config.sweep.shuffle = (True, False)

@@ -13,13 +13,15 @@ import pytest
 from resnet_jax import train
 from tests.conftest import make_tiny_config
 
-BATCH = 4
+BATCH = 32  # As in test_runs_together.py's one-step test: the same compiled SGD step.
+LEARNING_RATE = 0.1
 
 
 def _state(**changes):
-    """The tiny config's initial state; plain SGD unless ``changes`` say otherwise."""
+    """The tiny config's initial state with SGD (momentum 0.9: its first step is plain SGD)."""
     config = make_tiny_config('')
-    config.update(dict(optimizer='sgd', learning_rate=0.1, momentum=0.0) | changes)
+    config.optimizer, config.learning_rate = 'sgd', LEARNING_RATE
+    config.update(changes)
     return train.create_train_state(config, jax.random.PRNGKey(0), 2)
 
 
@@ -32,38 +34,46 @@ def _copy(tree):
     return jax.tree_util.tree_map(jnp.copy, tree)  # train_step donates its state.
 
 
+def _add(params, step, scale):
+    return jax.tree_util.tree_map(lambda p, d: p + scale * d, params, step)
+
+
 def test_update_is_one_sgd_step_on_the_mean_cross_entropy():
     state, batch = _state(), _batch()
 
-    def loss(params):
+    @jax.jit
+    def forward(params):
+        """Mean cross-entropy, logits and new BatchNorm statistics, in training mode."""
+        variables = {'params': params, 'batch_stats': state.batch_stats}
         logits, updates = state.apply_fn(
-            {'params': params, 'batch_stats': state.batch_stats},
-            batch['image'],
-            train=True,
-            mutable=['batch_stats'],
+            variables, batch['image'], train=True, mutable=['batch_stats']
         )
-        labels = jax.nn.one_hot(batch['label'], 10)
-        return -(labels * jax.nn.log_softmax(logits)).sum(-1).mean(), (logits, updates)
+        log_p = jax.nn.log_softmax(logits)
+        losses = -jnp.take_along_axis(log_p, batch['label'][:, None], axis=1)
+        return losses.mean(), logits, updates['batch_stats']
 
-    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    (want_loss, (logits, updates)), grads = value_and_grad(state.params)
+    loss, logits, batch_stats = forward(state.params)
     new, metrics = train.train_step(_copy(state), batch)
     assert int(new.step) == 1
-    expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, state.params, grads)
+    got = metrics.compute()  # The batch's metrics before the update.
+    assert got['loss'] == pytest.approx(float(loss), rel=1e-5)
+    correct = np.asarray(logits).argmax(-1) == np.asarray(batch['label'])
+    assert got['accuracy'] == pytest.approx(correct.mean())
     jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new.params, expected
-    )
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
         new.batch_stats,
-        updates['batch_stats'],
+        batch_stats,
     )
     np.testing.assert_array_equal(new.rng, state.rng)  # Folded with the step, never split.
-    got = metrics.compute()
-    assert got['loss'] == pytest.approx(float(want_loss), rel=1e-5)
-    correct = (np.asarray(logits).argmax(-1) == np.asarray(batch['label'])).mean()
-    assert got['accuracy'] == pytest.approx(correct)
-    assert got['grad_norm'] == pytest.approx(float(optax.tree_utils.tree_norm(grads)), rel=1e-4)
+    # The step is -lr * gradient: its length is lr times the reported gradient
+    # norm, and the loss falls along it at the rate |step|^2 / lr (central
+    # differences), which only a step along the gradient achieves.
+    step = jax.tree_util.tree_map(lambda a, b: a - b, new.params, state.params)
+    length = float(optax.tree_utils.tree_norm(step))
+    assert length == pytest.approx(LEARNING_RATE * float(got['grad_norm']), rel=1e-4)
+    t = 0.01
+    slope = forward(_add(state.params, step, t))[0] - forward(_add(state.params, step, -t))[0]
+    assert float(slope) / (2 * t) == pytest.approx(-(length**2) / LEARNING_RATE, rel=1e-2)
 
 
 def test_repeated_updates_fit_one_batch():
