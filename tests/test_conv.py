@@ -48,6 +48,7 @@ def test_values_and_gradients_equal_lax(size, cin, cout, k, stride, padding, dty
         np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol * scale)
 
 
+@pytest.mark.slow  # Compiles a scanned training program (tens of seconds).
 def test_scanned_train_steps_have_only_canonical_convolutions():
     """XLA's CPU backend runs non-canonical convolutions inside loops element by
     element (30-45x slower): the scanned step must have none."""

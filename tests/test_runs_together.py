@@ -87,6 +87,7 @@ def test_lanes_match_runs_trained_one_by_one(together, cifar_py, tmp_path):
     assert len({s['train_loss'] for s in summaries}) == 3
 
 
+@pytest.mark.slow  # Compiles the three-lane training program (tens of seconds).
 def test_one_step_of_three_lanes_is_three_single_steps():
     """Per step, lanes equal the plain step up to rounding (runs then drift apart
     chaotically, hence the looser tolerances over whole runs above)."""
