@@ -1,7 +1,7 @@
 """Checkpoints: save and restore a train state, older layouts, unreadable checkpoints.
 
 Unit tests of resnet_jax/checkpoints.py on a freshly initialised state (no
-training); what a whole run does with a corrupt checkpoint is in test_faults.py.
+training); what a whole run does with a corrupt checkpoint is in test_recovery.py.
 """
 
 import errno

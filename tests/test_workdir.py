@@ -86,7 +86,7 @@ def test_a_live_lock_is_respected_and_a_lock_is_never_empty(tmp_path):
                 pass
 
 
-def test_a_dead_processs_lock_is_taken_over_and_another_hosts_is_respected(tmp_path):
+def test_a_lock_of_a_dead_process_is_taken_over_and_one_of_another_host_respected(tmp_path):
     path = tmp_path / workdir.LOCK_FILE
     host = workdir._owner().split()[0]
     path.write_text(f'{host} {2**22 + 12345}')  # Above Linux's largest process id.
