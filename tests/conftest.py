@@ -46,6 +46,17 @@ def run_cli(args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def one_error_line(proc, *fragments) -> str:
+    """Asserts that ``proc`` failed with exit code 2 and exactly one ``error:`` line
+    holding every fragment; returns the line."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def make_tiny_config(data_path: str) -> ml_collections.ConfigDict:
     """The default config shrunk for CPU tests on ``cifar_py``.
 

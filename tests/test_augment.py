@@ -1,4 +1,5 @@
-"""On-device augmentation: crop offsets, zero padding, flips, test untouched."""
+"""On-device augmentation: crop offsets, zero padding, flips; epoch orders, batches, batch
+sizes and the padded test set."""
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +63,43 @@ def test_to_float_scales_without_normalisation_by_default():
     np.testing.assert_allclose(np.asarray(x), [[[[0.0, 1.0, 0.2]]]], rtol=1e-6)
     y = augment.to_float(jnp.array([[[[0, 255, 51]]]], jnp.uint8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     np.testing.assert_allclose(np.asarray(y), [[[[-1.0, 1.0, -0.6]]]], rtol=1e-6)
+
+
+def test_shuffle_off_uses_the_stored_order_every_epoch():
+    rng = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(augment.epoch_order(rng, 1, 10, False), np.arange(10))
+    a, b = (np.asarray(augment.epoch_order(rng, e, 1000, True)) for e in (1, 2))
+    assert sorted(a) == list(range(1000)) and not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, augment.epoch_order(rng, 1, 1000, True))
+
+
+def test_train_batch_gathers_in_order_and_augments_on_device():
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), np.uint8))
+    labels = jnp.arange(10, dtype=jnp.int32)
+    order = jnp.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0], jnp.int32)
+    prep = augment.Preprocess(pad=0, flip=False, mean=None, std=None)
+    batch = augment.train_batch(
+        images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
+    )
+    np.testing.assert_array_equal(batch['label'], [7, 6, 5, 4])
+    np.testing.assert_allclose(batch['image'], np.asarray(images)[[7, 6, 5, 4]] / 255.0, rtol=1e-6)
+    prep = augment.Preprocess(pad=4, flip=True, mean=None, std=None)
+    aug = augment.train_batch(
+        images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
+    )
+    assert not np.allclose(aug['image'], batch['image'])
+
+
+def test_train_batch_sizes_keep_or_drop_the_remainder():
+    assert augment.train_batch_sizes(50_000, 500, False) == [500] * 100
+    assert augment.train_batch_sizes(105, 25, False) == [25] * 4 + [5]
+    assert augment.train_batch_sizes(105, 25, True) == [25] * 4
+    assert augment.train_batch_sizes(105, 24, False, num_devices=8) == [24] * 4 + [8]
+
+
+def test_pad_test_set_masks_the_padding():
+    images = np.ones((25, 32, 32, 3), np.uint8)
+    labels = np.arange(25, dtype=np.int32)
+    pi, pl, mask = augment.pad_test_set(images, labels, 10)
+    assert pi.shape[0] == pl.shape[0] == mask.shape[0] == 30
+    assert mask.sum() == 25 and not mask[25:].any() and (pi[25:] == 0).all()

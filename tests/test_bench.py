@@ -10,6 +10,7 @@ import pytest
 from resnet_jax import bench
 
 
+@pytest.mark.slow  # Trains.
 def test_bench_writes_every_case(tmp_path, cifar_py, capsys):
     out = tmp_path / 'bench.json'
     args = ['--data', cifar_py.path, '--batch_sizes', '24', '--steps', '2', '--epochs', '2']

@@ -1,4 +1,5 @@
-"""The command line: a smoke run, eval mode, and one-line errors with exit code 2."""
+"""The command line: a smoke run, eval mode, help, `~` in --workdir, and one-line errors
+with exit code 2 (bad configs and data, extra arguments, a foreign config.json)."""
 
 import json
 import os
@@ -7,7 +8,9 @@ import pickle
 import pytest
 
 from tests import fake_data
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, one_error_line, run_cli
+
+pytestmark = pytest.mark.slow  # Every test here trains or starts the CLI.
 
 
 def _assert_usage_error(proc, *fragments):
@@ -173,3 +176,60 @@ def test_batch_not_divisible_by_the_devices(tmp_path, cifar_py):
         env=env,
     )
     _assert_usage_error(proc, 'not divisible by the 8 devices')
+
+
+@pytest.mark.parametrize(
+    'body,fragment',
+    [
+        (
+            'c = default.get_config(); del c.distributed; return c',
+            'config.distributed.enabled is missing',
+        ),
+        ('return dict(default.get_config())', 'must return an ml_collections.ConfigDict'),
+    ],
+)
+def test_a_config_without_distributed_or_not_a_configdict_is_one_error(tmp_path, body, fragment):
+    config = tmp_path / 'configs' / 'odd.py'
+    config.parent.mkdir()
+    config.write_text(
+        f'from configs import default\n\n\ndef get_config():\n    {body}\n',
+    )
+    env = {'PYTHONPATH': REPO}
+    proc = run_cli(['--config', str(config), '--workdir', str(tmp_path / 'w')], env=env)
+    one_error_line(proc, fragment)
+
+
+@pytest.mark.parametrize('flag', ['--help', '-h'])
+def test_help_prints_usage_and_exits_0(flag):
+    proc = run_cli([flag])
+    assert proc.returncode == 0, proc.stderr
+    assert '--workdir' in proc.stdout and '--config.FIELD=VALUE' in proc.stdout
+    assert proc.stderr == ''
+
+
+def test_extra_positional_arguments_are_refused(tmp_path):
+    proc = run_cli(['--config', 'configs/smoke.py', '--workdir', str(tmp_path), 'oops'])
+    one_error_line(proc, 'unexpected argument(s): oops')
+
+
+def test_workdir_tilde_is_the_home_directory(tmp_path, cifar_py):
+    home = tmp_path / 'home'
+    home.mkdir()
+    config = os.path.join(REPO, 'configs/smoke.py')
+    args = ['--config', config, '--workdir=~/x', '--config.num_epochs=1']
+    args += ['--config.data.train_subset=64', f'--config.data.path={cifar_py.path}']
+    proc = run_cli(args, cwd=tmp_path, env={'HOME': str(home), 'PYTHONPATH': REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (home / 'x' / 'summary.json').exists() and not (tmp_path / '~').exists()
+
+
+def test_a_foreign_config_json_is_never_overwritten(cifar_py, tmp_path):
+    (tmp_path / 'config.json').write_text('{"name": "my-app"}')
+    for extra in ([], ['--overwrite']):
+        args = ['--config', 'configs/smoke.py', '--workdir', str(tmp_path), *extra]
+        proc = run_cli(
+            [*args, '--config.data.train_subset=0', f'--config.data.path={cifar_py.path}']
+        )
+        one_error_line(proc, 'is not the config of a resnet_jax run')
+        assert (tmp_path / 'config.json').read_text() == '{"name": "my-app"}'
+    assert sorted(os.listdir(tmp_path)) == ['config.json']

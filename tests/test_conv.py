@@ -24,7 +24,8 @@ from resnet_jax import augment, conv, loop, models, train
         (7, 2, 3, 3, 1, 0),
     ],
 )
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+# Every shape path in float32 among the unit tests; their bfloat16 repeats in the full suite.
+@pytest.mark.parametrize('dtype', [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_values_and_gradients_equal_lax(size, cin, cout, k, stride, padding, dtype, monkeypatch):
     monkeypatch.setattr(conv, 'DW_CHUNK_ELEMENTS', 1 << 16)  # Several chunks at batch 6.
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -48,6 +49,7 @@ def test_values_and_gradients_equal_lax(size, cin, cout, k, stride, padding, dty
         np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol * scale)
 
 
+@pytest.mark.slow  # Compiles a scanned training program (tens of seconds).
 def test_scanned_train_steps_have_only_canonical_convolutions():
     """XLA's CPU backend runs non-canonical convolutions inside loops element by
     element (30-45x slower): the scanned step must have none."""
@@ -74,6 +76,9 @@ def test_scanned_train_steps_have_only_canonical_convolutions():
 def test_parameter_names_are_flax_convs():
     """Checkpoints and the PyTorch weight transfer rely on flax's Conv_N names."""
     model = models.create_model('paper')
-    params = models.init_variables(model, jax.random.PRNGKey(0))['params']
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    params = variables['params']
     assert set(params['BasicBlock_0']) == {'Conv_0', 'Conv_1', 'BatchNorm_0', 'BatchNorm_1'}
     assert params['BasicBlock_2']['shortcut_conv']['kernel'].shape == (3, 3, 16, 32)

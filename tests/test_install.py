@@ -3,6 +3,7 @@
 import importlib.metadata
 import os
 import re
+
 import tomllib
 
 from resnet_jax import loop

@@ -1,6 +1,5 @@
 """Model variants: parameter counts, padding, BatchNorm settings, FLOPs."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,12 +42,12 @@ def test_paper_architecture_shapes():
 
 
 def test_stride2_padding_matches_pytorch_by_hand():
-    """3x3 stride-2 conv of a 4x4 input with padding 1 on every side (PyTorch).
+    """models.Conv, 3x3 stride 2 on a 4x4 input: padding 1 on every side (PyTorch).
 
     Flax's 'SAME' would pad (0, 1) here and read different pixels.
     """
     x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
-    conv = nn.Conv(1, (3, 3), (2, 2), padding=models._pad(3), use_bias=False)
+    conv = models.Conv(1, (3, 3), (2, 2), padding=models._pad(3))
     kernel = jnp.ones((3, 3, 1, 1))
     y = conv.apply({'params': {'kernel': kernel}}, x)[0, :, :, 0]
     # Padded input has a zero border; output (i, j) sums rows 2i-1..2i+1, cols 2j-1..2j+1.
@@ -59,34 +58,62 @@ def test_stride2_padding_matches_pytorch_by_hand():
     )
     np.testing.assert_array_equal(np.asarray(y), expected)
     assert expected[0, 0] == 0 + 1 + 4 + 5  # Top-left window sees padding.
-    same = nn.Conv(1, (3, 3), (2, 2), padding='SAME', use_bias=False)
-    y_same = same.apply({'params': {'kernel': kernel}}, x)[0, :, :, 0]
-    assert not np.array_equal(np.asarray(y_same), expected)
+
+
+def test_conv_refuses_what_it_does_not_compute():
+    x = jnp.zeros((1, 4, 4, 1))
+    for kwargs in (
+        dict(kernel_size=(3, 1)),
+        dict(kernel_size=(3, 3), strides=(1, 2)),
+        dict(kernel_size=(3, 3), use_bias=True),
+    ):
+        with pytest.raises(ValueError, match='square kernels, equal strides and no bias'):
+            models.Conv(1, **kwargs).init(jax.random.PRNGKey(0), x)
 
 
 def test_batchnorm_settings_match_pytorch():
     model = models.create_model('paper')
     x = jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3))
     v = models.init_variables(model, jax.random.PRNGKey(0))
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
+    apply = jax.jit(
+        lambda v, x: model.apply(
+            v, x, train=True, mutable=['batch_stats', 'intermediates'], capture_intermediates=True
+        )
+    )
     _, updates = apply(v, x)
     # Stem BN running mean after one step: 0.9 * 0 + 0.1 * batch mean (PyTorch momentum 0.1).
-    stem = nn.Conv(16, (3, 3), padding=models._pad(3), use_bias=False)
-    h = stem.apply({'params': v['params']['stem_conv']}, x)
+    stem = models.Conv(16, (3, 3), padding=models._pad(3))
+    h = np.asarray(stem.apply({'params': v['params']['stem_conv']}, x), np.float64)
     np.testing.assert_allclose(
         updates['batch_stats']['stem_bn']['mean'],
-        0.1 * np.asarray(h).mean(axis=(0, 1, 2)),
+        0.1 * h.mean(axis=(0, 1, 2)),
         rtol=1e-5,
         atol=1e-7,
     )
-    assert models.BN_EPSILON == 1e-5
+    # Training normalises with the batch statistics and PyTorch's epsilon 1e-5
+    # (scale 1, bias 0 at the start).
+    mean, var = h.mean(axis=(0, 1, 2)), h.var(axis=(0, 1, 2))
+    (normalised,) = updates['intermediates']['stem_bn']['__call__']
+    np.testing.assert_allclose(normalised, (h - mean) / np.sqrt(var + 1e-5), rtol=1e-3, atol=1e-4)
+    # Tiny activations, where epsilon dominates the variance: 1e-5, not flax's default 1e-6.
+    _, small = apply(v, 1e-3 * x)
+    h_small = 1e-3 * h
+    (normalised,) = small['intermediates']['stem_bn']['__call__']
+    expected = (h_small - h_small.mean(axis=(0, 1, 2))) / np.sqrt(
+        h_small.var(axis=(0, 1, 2)) + 1e-5
+    )
+    np.testing.assert_allclose(normalised, expected, rtol=1e-3, atol=1e-6)
+    assert np.abs(expected).max() < 0.5  # Far from unit variance: epsilon matters here.
 
 
 def test_forward_shapes_and_dtype():
+    """Shapes and dtypes only (jax.eval_shape: nothing is compiled); that the
+    convolutions run in bfloat16 is checked on a trained run in test_loop.py."""
     model = models.create_model('paper', num_classes=7, dtype='bfloat16')
-    v = models.init_variables(model, jax.random.PRNGKey(0))
+    x = jnp.zeros((2, 32, 32, 3))
+    v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x[:1], train=False))
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(v['params']))
-    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, jnp.zeros((2, 32, 32, 3)))
+    logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), v, x)
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32
 
 

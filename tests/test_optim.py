@@ -1,11 +1,10 @@
 """Optimisers and learning-rate schedules, converted from epochs to steps."""
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from configs import default
-from resnet_jax import augment, train
+from resnet_jax import train
 
 
 def _config(**kw):
@@ -64,18 +63,3 @@ def test_adamw_decay_is_decoupled():
     cfg = _config(optimizer='adamw', learning_rate=0.1, weight_decay=0.5)
     # Adam's normalised step -0.1 plus decoupled decay -0.1 * 0.5 * 2.
     assert _one_update(train.create_optimizer(cfg, 10)) == pytest.approx(-0.2, rel=1e-5)
-
-
-def test_train_batch_sizes_keep_or_drop_the_remainder():
-    assert augment.train_batch_sizes(50_000, 500, False) == [500] * 100
-    assert augment.train_batch_sizes(105, 25, False) == [25] * 4 + [5]
-    assert augment.train_batch_sizes(105, 25, True) == [25] * 4
-    assert augment.train_batch_sizes(105, 24, False, num_devices=8) == [24] * 4 + [8]
-
-
-def test_pad_test_set_masks_the_padding():
-    images = np.ones((25, 32, 32, 3), np.uint8)
-    labels = np.arange(25, dtype=np.int32)
-    pi, pl, mask = augment.pad_test_set(images, labels, 10)
-    assert pi.shape[0] == pl.shape[0] == mask.shape[0] == 30
-    assert mask.sum() == 25 and not mask[25:].any() and (pi[25:] == 0).all()

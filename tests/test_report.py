@@ -10,13 +10,10 @@ import math
 import os
 import re
 import statistics
-import subprocess
-import sys
 
-import ml_collections
 import pytest
 
-from resnet_jax import report, validation, writers
+from resnet_jax import report, writers
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 JPEG_DATA = {'source': 'folder', 'path': '/work/main/data/cifar10-jpeg'}
@@ -431,38 +428,3 @@ def test_a_run_in_flight_reads_as_writers_summarize_makes_of_its_records(tmp_pat
     assert result.train_accuracy == pytest.approx(100 * expected['train_accuracy'])
     assert result.test_accuracy is None  # NaN: no final test accuracy to show.
     assert result.wall_seconds == pytest.approx(expected['wall_seconds']) == 11 + 12 + 13
-
-
-def test_one_dotted_config_path_getter_and_setter_for_dicts_and_configdicts():
-    plain = {'data': {'path': '/d'}, 'seed': 0}
-    config = ml_collections.ConfigDict({'data': {'path': '/d'}, 'seed': 0})
-    for c in (plain, config):
-        assert validation.get_field(c, 'data.path') == '/d'
-        assert validation.get_field(c, 'data.absent', None) is None
-        assert validation.get_field(c, 'seed.deeper', 'x') == 'x'  # seed is not a section.
-        with pytest.raises(validation.ConfigError, match=r'^config\.data\.absent is missing$'):
-            validation.get_field(c, 'data.absent')
-        validation.set_field(c, 'data.path', '/e')
-        assert validation.get_field(c, 'data.path') == '/e'
-        for absent in ('data.absent', 'absent.path', 'seed.deeper'):
-            with pytest.raises(validation.ConfigError, match=rf'^config\.{absent} is missing$'):
-                validation.set_field(c, absent, 1)
-    with pytest.raises(TypeError):
-        validation.set_field(config, 'seed', 'one')  # A ConfigDict's type check passes through.
-    validation.set_field(plain, 'a.b.c', 1, create=True)
-    assert plain == {'data': {'path': '/e'}, 'seed': 0, 'a': {'b': {'c': 1}}}
-    base = {'data': {'path': '/d'}, 'seed': 0}
-    overridden = report.apply_overrides(base, {'data.path': '/f', 'x.y': 2})
-    assert overridden == {'data': {'path': '/f'}, 'seed': 0, 'x': {'y': 2}}
-    assert base == {'data': {'path': '/d'}, 'seed': 0}  # A deep copy.
-
-
-def test_validation_imports_without_jax():
-    # The one config-path getter and setter live there, for readers of configs on disk too.
-    code = (
-        'import sys, resnet_jax.validation; print([m for m in ("jax", "flax") if m in sys.modules])'
-    )
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=repo)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == '[]'

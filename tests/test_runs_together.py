@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from configs import paper_sweep
-from resnet_jax import augment, checkpoints, loop, optim, sweep, train, writers
+from resnet_jax import augment, checkpoints, loop, sweep, train, writers
 from tests.conftest import make_tiny_config
 
 # (learning_rate, shuffle, seed) of three lanes: every vectorisable field varies.
@@ -58,6 +57,7 @@ def test_groups_of_the_paper_sweep():
         assert len({runs[i].config.batch_size for i in group}) == 1
 
 
+@pytest.mark.slow
 def test_lanes_match_runs_trained_one_by_one(together, cifar_py, tmp_path):
     workdirs, summaries, compiles = together
     # 104 images in batches of 32: one program for the full and one for the last
@@ -87,6 +87,7 @@ def test_lanes_match_runs_trained_one_by_one(together, cifar_py, tmp_path):
     assert len({s['train_loss'] for s in summaries}) == 3
 
 
+@pytest.mark.slow  # Compiles the three-lane training program (tens of seconds).
 def test_one_step_of_three_lanes_is_three_single_steps():
     """Per step, lanes equal the plain step up to rounding (runs then drift apart
     chaotically, hence the looser tolerances over whole runs above)."""
@@ -129,6 +130,7 @@ def test_one_step_of_three_lanes_is_three_single_steps():
 def test_a_single_run_is_the_plain_program_bit_for_bit():
     """R = 1 runs the compiled single-run step itself: identical to train_step."""
     config = make_tiny_config('')
+    config.optimizer = 'sgd'  # train_step as compiled for the test above (and test_train.py).
     prep = augment.Preprocess.from_config(config)
     images = jax.random.randint(jax.random.PRNGKey(1), (64, 32, 32, 3), 0, 256, jnp.int32)
     images = images.astype(jnp.uint8)
@@ -149,53 +151,7 @@ def test_a_single_run_is_the_plain_program_bit_for_bit():
     assert float(train.unstack(ms, 0).compute()['loss']) == float(m.compute()['loss'])
 
 
-def _schedule_inside(config, steps_per_epoch, learning_rate=None):
-    """The optimiser chain of checkpoints written before the learning rate was
-    optimiser state: the schedule inside it (with its own step count)."""
-    schedule = optim.create_learning_rate_schedule(config, steps_per_epoch, learning_rate)
-    return optim.OPTIMIZERS.get(config.optimizer)(config, schedule)
-
-
-def test_a_checkpoint_from_before_per_run_learning_rates_resumes(tmp_path):
-    """Checkpoints whose optimiser state has no injected learning rate (written
-    before it became state) restore into today's state, at the config's rate."""
-    config = make_tiny_config('')
-    state = train.create_train_state(config, jax.random.PRNGKey(0), 2)
-    old_layout = state.replace(
-        step=jnp.int32(7), opt_state=_schedule_inside(config, 2).init(state.params)
-    )
-    manager = checkpoints.checkpoint_manager(str(tmp_path))
-    checkpoints.save(manager, old_layout, {'epoch': 1, 'position': 0})
-    restored, meta, _ = checkpoints.restore_state(manager, state)
-    manager.close()
-    assert meta['epoch'] == 1 and int(restored.step) == 7
-    assert int(restored.opt_state.count) == 7
-    assert float(train.learning_rate(restored)) == pytest.approx(config.learning_rate)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, state.params)
-
-
-def test_a_checkpoint_from_before_the_applied_rate_was_state_resumes_exactly(tmp_path):
-    """Checkpoints whose optimiser held only the base rate (the schedule inside
-    the optimiser) restore into today's layout and update bit for bit alike."""
-    config = make_tiny_config('')
-    config.weight_decay = 0.01
-    state = train.create_train_state(config, jax.random.PRNGKey(0), 2)
-    old_tx = optax.inject_hyperparams(
-        lambda learning_rate: _schedule_inside(config, 2, learning_rate)
-    )(learning_rate=config.learning_rate)
-    grads = jax.tree_util.tree_map(jnp.ones_like, state.params)
-    _, old_state = old_tx.update(grads, old_tx.init(state.params), state.params)  # Count 1.
-    manager = checkpoints.checkpoint_manager(str(tmp_path))
-    checkpoints.save(manager, state.replace(step=jnp.int32(1), opt_state=old_state), {'epoch': 0})
-    restored, _, _ = checkpoints.restore_state(manager, state)
-    manager.close()
-    assert int(restored.opt_state.count) == int(restored.opt_state.inner_state.count) == 1
-    old_updates, _ = old_tx.update(grads, old_state, state.params)
-    new_updates, new_state = restored.tx.update(grads, restored.opt_state, state.params)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, new_updates, old_updates)
-    assert float(optim.applied_learning_rate(new_state)) == pytest.approx(config.learning_rate)
-
-
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, monkeypatch):
     """SIGTERM at step 2 of epoch 2 checkpoints every lane; rerunning finishes them
     with the very numbers of the uninterrupted group."""
@@ -224,11 +180,13 @@ def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, mo
         assert _records(workdir) == _records(reference)
 
 
+@pytest.mark.slow
 def test_vectorized_sweep_isolates_a_diverging_lane(tmp_path, cifar_py):
     config = make_tiny_config(cifar_py.path)
     config.num_epochs = 1
     config.optimizer = 'sgd'
     config.check_finite_every_steps = 1
+    config.data.train_subset = 64  # Two full batches: one program per number of lanes.
     config.sweep = ml_collections.ConfigDict()
     config.sweep.learning_rate = (0.01, 3e38)
     config.sweep.shuffle = (True, False)

@@ -5,7 +5,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # Every test here trains or starts the CLI.
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np

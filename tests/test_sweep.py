@@ -73,6 +73,7 @@ def _mtime(path):
     return os.stat(path).st_mtime_ns
 
 
+@pytest.mark.slow
 def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     config = _grid_config(cifar_py.path, seed=[0, 1], shuffle=[True, False])
     workdir = str(tmp_path)
@@ -122,6 +123,7 @@ def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     assert rows_after == rows_before
 
 
+@pytest.mark.slow
 def test_two_workers_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py):
     """Runs: (60, 0.01) completes, (60, 3e38) diverges, (1000, *) fail: subset too big."""
     workdir = str(tmp_path / 'sweep')

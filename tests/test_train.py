@@ -1,203 +1,119 @@
-"""End to end: outputs of a run, resume equivalence, restore and evaluation."""
+"""The train step and its state: one update by hand, masked evaluation, the run axis.
 
-import glob
-import json
-import os
+Unit tests of resnet_jax/train.py on a tiny batch (no data, no loop); whole runs
+are in test_loop.py, optimisers and schedules in test_optim.py.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from resnet_jax import augment, checkpoints, loop, train, writers
+from resnet_jax import train
 from tests.conftest import make_tiny_config
 
-COMPARED = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate')
+BATCH = 32  # As in test_runs_together.py's one-step test: the same compiled SGD step.
+LEARNING_RATE = 0.1
 
 
-@pytest.fixture(scope='module')
-def finished_run(tmp_path_factory, cifar_py):
-    """One uninterrupted 3-epoch run, shared by the tests of this module."""
-    c = make_tiny_config(cifar_py.path)
-    workdir = str(tmp_path_factory.mktemp('run'))
-    state, summary = loop.train_and_evaluate(c, workdir)
-    return c, workdir, state, summary
+def _state(**changes):
+    """The tiny config's initial state with SGD (momentum 0.9: its first step is plain SGD)."""
+    config = make_tiny_config('')
+    config.optimizer, config.learning_rate = 'sgd', LEARNING_RATE
+    config.update(changes)
+    return train.create_train_state(config, jax.random.PRNGKey(0), 2)
 
 
-def test_run_writes_every_output(finished_run):
-    config, workdir, state, summary = finished_run
-    records = writers.read_metrics(workdir)
-    assert [r['epoch'] for r in records] == [1, 2, 3]
-    for r in records:
-        assert tuple(r) == train.METRIC_KEYS
-        assert 0 <= r['train_accuracy'] <= 1 and 0 <= r['test_accuracy'] <= 1
-        assert np.isfinite(r['train_loss']) and r['images_per_second'] > 0
-    # /2 every epoch, reported for each epoch.
-    assert [r['learning_rate'] for r in records] == pytest.approx([0.01, 0.005, 0.0025])
-    with open(os.path.join(workdir, 'summary.json')) as f:
-        on_disk = json.load(f)
-    assert on_disk['status'] == 'completed'
-    assert on_disk['num_params'] == 195_738
-    assert on_disk['test_accuracy'] == records[-1]['test_accuracy']
-    assert on_disk['best_test_accuracy'] == max(r['test_accuracy'] for r in records)
-    assert on_disk['config']['batch_size'] == 32 and on_disk['wall_seconds'] > 0
-    assert int(state.step) == 3 * 4  # 120 images / 32: 3 full batches + 1 of 24.
-    assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
-    # Named by global step: 4 steps per epoch.
-    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [4, 8, 12]
+def _batch(seed=1, n=BATCH):
+    images = jax.random.uniform(jax.random.PRNGKey(seed), (n, 32, 32, 3))
+    return {'image': images, 'label': jnp.arange(n, dtype=jnp.int32) % 10}
 
 
-def test_tensorboard_file_holds_the_scalars(finished_run):
-    from tensorboard.backend.event_processing import event_accumulator
+def _copy(tree):
+    return jax.tree_util.tree_map(jnp.copy, tree)  # train_step donates its state.
 
-    _, workdir, _, _ = finished_run
-    acc = event_accumulator.EventAccumulator(workdir)
-    acc.Reload()
-    assert set(train.METRIC_KEYS[1:]) <= set(acc.Tags()['scalars'])
-    steps = [e.step for e in acc.Scalars('test_accuracy')]
-    assert steps == [1, 2, 3]
-    # The HParams tab: the config's scalars and the final accuracies.
-    hp = event_accumulator.EventAccumulator(os.path.join(workdir, 'hparams'))
-    hp.Reload()
-    final = hp.Scalars('hparam/test_accuracy')[-1].value
-    assert final == pytest.approx(writers.read_metrics(workdir)[-1]['test_accuracy'])
-    assert b'learning_rate' in b''.join(
-        open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, 'hparams', 'events*'))
+
+def _add(params, step, scale):
+    return jax.tree_util.tree_map(lambda p, d: p + scale * d, params, step)
+
+
+def test_update_is_one_sgd_step_on_the_mean_cross_entropy():
+    state, batch = _state(), _batch()
+
+    @jax.jit
+    def forward(params):
+        """Mean cross-entropy, logits and new BatchNorm statistics, in training mode."""
+        variables = {'params': params, 'batch_stats': state.batch_stats}
+        logits, updates = state.apply_fn(
+            variables, batch['image'], train=True, mutable=['batch_stats']
+        )
+        log_p = jax.nn.log_softmax(logits)
+        losses = -jnp.take_along_axis(log_p, batch['label'][:, None], axis=1)
+        return losses.mean(), logits, updates['batch_stats']
+
+    loss, logits, batch_stats = forward(state.params)
+    new, metrics = train.train_step(_copy(state), batch)
+    assert int(new.step) == 1
+    got = metrics.compute()  # The batch's metrics before the update.
+    assert got['loss'] == pytest.approx(float(loss), rel=1e-5)
+    correct = np.asarray(logits).argmax(-1) == np.asarray(batch['label'])
+    assert got['accuracy'] == pytest.approx(correct.mean())
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        new.batch_stats,
+        batch_stats,
     )
+    np.testing.assert_array_equal(new.rng, state.rng)  # Folded with the step, never split.
+    # The step is -lr * gradient: its length is lr times the reported gradient
+    # norm, and the loss falls along it at the rate |step|^2 / lr (central
+    # differences), which only a step along the gradient achieves.
+    step = jax.tree_util.tree_map(lambda a, b: a - b, new.params, state.params)
+    length = float(optax.tree_utils.tree_norm(step))
+    assert length == pytest.approx(LEARNING_RATE * float(got['grad_norm']), rel=1e-4)
+    t = 0.01
+    slope = forward(_add(state.params, step, t))[0] - forward(_add(state.params, step, -t))[0]
+    assert float(slope) / (2 * t) == pytest.approx(-(length**2) / LEARNING_RATE, rel=1e-2)
 
 
-def test_eval_counts_every_test_image_once(finished_run, cifar_py):
-    """Test accuracy equals a plain numpy count over all 50 test images."""
-    config, workdir, _, summary = finished_run
-    model, variables, restored_config = checkpoints.restore(workdir)
-    assert restored_config.batch_size == 32
-    x = augment.to_float(jnp.asarray(cifar_py.test_images))
-    logits = model.apply(variables, x, train=False)
-    correct = (np.asarray(logits).argmax(-1) == cifar_py.test_labels).sum()
-    assert summary['test_accuracy'] == pytest.approx(correct / 50, abs=1e-6)
-    result = loop.evaluate_workdir(workdir)
-    assert result['accuracy'] == pytest.approx(correct / 50, abs=1e-6)
+def test_repeated_updates_fit_one_batch():
+    state, batch = _state(), _batch()
+    losses = []
+    for _ in range(8):
+        state, metrics = train.train_step(state, batch)
+        losses.append(metrics.compute()['loss'])
+    assert int(state.step) == 8
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path, monkeypatch):
-    config, _, full_state, _ = finished_run
-    workdir = str(tmp_path)
-    real_write = writers.MetricLogger.write
-
-    def write_then_die(self, record):
-        if record['epoch'] == 3:
-            raise KeyboardInterrupt  # Killed after epoch 2's checkpoint.
-        real_write(self, record)
-
-    monkeypatch.setattr(writers.MetricLogger, 'write', write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
-    assert [r['epoch'] for r in writers.read_metrics(workdir)] == [1, 2]
-    monkeypatch.setattr(writers.MetricLogger, 'write', real_write)
-
-    state, summary = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
-    resumed = writers.read_metrics(workdir)
-    full = writers.read_metrics(finished_run[1])
-    assert [r['epoch'] for r in resumed] == [1, 2, 3]
-    for a, b in zip(resumed, full, strict=True):
-        assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
-    jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, full_state.params)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, state.batch_stats, full_state.batch_stats)
-
-
-def test_rerunning_a_finished_run_trains_nothing(finished_run, cifar_py):
-    _, workdir, state, summary = finished_run
-    again, summary2 = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
-    assert int(again.step) == int(state.step)
-    assert summary2['test_accuracy'] == summary['test_accuracy']
-    assert len(writers.read_metrics(workdir)) == 3
-
-
-def test_shuffle_off_uses_the_stored_order_every_epoch():
-    rng = jax.random.PRNGKey(0)
-    np.testing.assert_array_equal(augment.epoch_order(rng, 1, 10, False), np.arange(10))
-    a, b = (np.asarray(augment.epoch_order(rng, e, 1000, True)) for e in (1, 2))
-    assert sorted(a) == list(range(1000)) and not np.array_equal(a, b)
-    np.testing.assert_array_equal(a, augment.epoch_order(rng, 1, 1000, True))
-
-
-def test_train_batch_gathers_in_order_and_augments_on_device():
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), np.uint8))
-    labels = jnp.arange(10, dtype=jnp.int32)
-    order = jnp.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0], jnp.int32)
-    prep = augment.Preprocess(pad=0, flip=False, mean=None, std=None)
-    batch = augment.train_batch(
-        images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
+def test_eval_counts_only_unmasked_examples():
+    state = _state()
+    batch = _batch(n=2 * BATCH)
+    mask = jnp.arange(2 * BATCH) < BATCH  # The second half is padding.
+    masked = train.eval_step(state, dict(batch, mask=mask))
+    assert float(masked.loss.count) == float(masked.accuracy.count) == BATCH
+    logits = jax.jit(state.apply_fn, static_argnames='train')(
+        state.variables(), batch['image'][:BATCH], train=False
     )
-    np.testing.assert_array_equal(batch['label'], [7, 6, 5, 4])
-    np.testing.assert_allclose(batch['image'], np.asarray(images)[[7, 6, 5, 4]] / 255.0, rtol=1e-6)
-    prep = augment.Preprocess(pad=4, flip=True, mean=None, std=None)
-    aug = augment.train_batch(
-        images, labels, order, jnp.int32(2), jax.random.PRNGKey(0), jnp.int32(0), size=4, prep=prep
-    )
-    assert not np.allclose(aug['image'], batch['image'])
+    labels = np.asarray(batch['label'])[:BATCH]
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    got = masked.compute()
+    assert got['loss'] == pytest.approx(-log_p[np.arange(BATCH), labels].mean(), rel=1e-5)
+    assert got['accuracy'] == pytest.approx((log_p.argmax(-1) == labels).mean())
 
 
-@pytest.fixture(scope='module')
-def sgd_step_by_step(tmp_path_factory, cifar_py):
-    """The tiny run with plain SGD, step by step: the reference for scanned steps."""
-    workdir = str(tmp_path_factory.mktemp('sgd'))
-    loop.train_and_evaluate(_sgd(make_tiny_config(cifar_py.path)), workdir)
-    return writers.read_metrics(workdir)
+def test_states_stack_along_a_run_axis_with_their_own_learning_rates():
+    states = [_state(learning_rate=lr) for lr in (0.1, 0.01)]
+    assert states[0].tx is states[1].tx  # One optimiser: the rate is state.
+    stacked = train.stack(states)
+    assert train.num_runs(stacked) == 2
+    np.testing.assert_allclose(train.learning_rate(stacked), [0.1, 0.01])
+    second = train.unstack(stacked, 1)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, second.params, states[1].params)
+    assert float(train.learning_rate(second)) == pytest.approx(0.01)
 
 
-def _sgd(config):
-    # SGD at a small rate: Adam's first steps (about lr * sign(g)) would amplify the
-    # float noise between two compilations of the same step into visible differences.
-    config.optimizer, config.learning_rate = 'sgd', 0.01
-    return config
-
-
-@pytest.mark.parametrize('steps_per_call', [0])  # 0: one call per epoch's full batches.
-def test_scanned_steps_match_the_step_path(
-    steps_per_call, sgd_step_by_step, cifar_py, tmp_path, monkeypatch
-):
-    """Several steps per compiled call (lax.scan): same results, compiled once."""
-    config = _sgd(make_tiny_config(cifar_py.path))
-    config.steps_per_call = steps_per_call
-    cache_sizes = []
-    real_write = writers.MetricLogger.write
-
-    def write(self, record):
-        cache_sizes.append(loop.scan_updates.single._cache_size())
-        real_write(self, record)
-
-    monkeypatch.setattr(writers.MetricLogger, 'write', write)
-    loop.train_and_evaluate(config, str(tmp_path))
-    assert cache_sizes[0] >= 1 and cache_sizes == cache_sizes[:1] * 3  # No recompiles.
-    scanned = writers.read_metrics(str(tmp_path))
-    for a, b in zip(scanned, sgd_step_by_step, strict=True):
-        for key in COMPARED:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
-
-
-def test_chunks_of_an_epoch():
-    assert loop.call_chunks([32, 32, 32, 24], 0, 1) == [
-        (0, 32, 1),
-        (1, 32, 1),
-        (2, 32, 1),
-        (3, 24, 1),
-    ]
-    assert loop.call_chunks([32, 32, 32, 24], 0, 2) == [(0, 32, 2), (2, 32, 1), (3, 24, 1)]
-    assert loop.call_chunks([32, 32, 32, 24], 1, 0) == [(1, 32, 2), (3, 24, 1)]
-    assert loop.call_chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
-
-
-def test_bfloat16_computes_in_bf16_and_keeps_float32_state(cifar_py, tmp_path):
-    config = make_tiny_config(cifar_py.path)
-    config.dtype, config.num_epochs = 'bfloat16', 1
-    state, summary = loop.train_and_evaluate(config, str(tmp_path))
-    leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state))
-    assert {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {
-        np.dtype('float32')
-    }
-    assert summary['status'] == 'completed' and np.isfinite(summary['train_loss'])
-    hlo = jax.jit(lambda v, x: state.apply_fn(v, x, train=False)).lower(
-        state.variables(), jnp.zeros((2, 32, 32, 3))
-    )
-    assert 'bf16' in hlo.as_text()  # The convolutions run in bfloat16.
+def test_runs_finite_flags_each_run():
+    tree = {'a': jnp.ones((3, 2)), 'b': jnp.ones((3, 4, 5))}
+    tree['b'] = tree['b'].at[1, 2, 3].set(jnp.nan).at[2, 0, 0].set(jnp.inf)
+    np.testing.assert_array_equal(train.runs_finite(tree), [True, False, False])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,10 +28,10 @@ from resnet_jax.report.tables import (
     format_interval,
     markdown_table,
     number_cell,
-    selection_metric,
     one_line,
     result_rows,
     run_label,
+    selection_metric,
     status_counts,
 )
 

@@ -1,0 +1,186 @@
+"""End to end: outputs of a run, resume equivalence, restore and evaluation."""
+
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import augment, checkpoints, loop, train, writers
+from tests.conftest import make_tiny_config
+
+COMPARED = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate')
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory, cifar_py):
+    """One uninterrupted 3-epoch run, shared by the tests of this module."""
+    c = make_tiny_config(cifar_py.path)
+    workdir = str(tmp_path_factory.mktemp('run'))
+    state, summary = loop.train_and_evaluate(c, workdir)
+    return c, workdir, state, summary
+
+
+@pytest.mark.slow
+def test_run_writes_every_output(finished_run):
+    config, workdir, state, summary = finished_run
+    records = writers.read_metrics(workdir)
+    assert [r['epoch'] for r in records] == [1, 2, 3]
+    for r in records:
+        assert tuple(r) == train.METRIC_KEYS
+        assert 0 <= r['train_accuracy'] <= 1 and 0 <= r['test_accuracy'] <= 1
+        assert np.isfinite(r['train_loss']) and r['images_per_second'] > 0
+    # /2 every epoch, reported for each epoch.
+    assert [r['learning_rate'] for r in records] == pytest.approx([0.01, 0.005, 0.0025])
+    with open(os.path.join(workdir, 'summary.json')) as f:
+        on_disk = json.load(f)
+    assert on_disk['status'] == 'completed'
+    assert on_disk['num_params'] == 195_738
+    assert on_disk['test_accuracy'] == records[-1]['test_accuracy']
+    assert on_disk['best_test_accuracy'] == max(r['test_accuracy'] for r in records)
+    assert on_disk['config']['batch_size'] == 32 and on_disk['wall_seconds'] > 0
+    assert int(state.step) == 3 * 4  # 120 images / 32: 3 full batches + 1 of 24.
+    assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+    # Named by global step: 4 steps per epoch.
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [4, 8, 12]
+
+
+@pytest.mark.slow
+def test_tensorboard_file_holds_the_scalars(finished_run):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    _, workdir, _, _ = finished_run
+    acc = event_accumulator.EventAccumulator(workdir)
+    acc.Reload()
+    assert set(train.METRIC_KEYS[1:]) <= set(acc.Tags()['scalars'])
+    steps = [e.step for e in acc.Scalars('test_accuracy')]
+    assert steps == [1, 2, 3]
+    # The HParams tab: the config's scalars and the final accuracies.
+    hp = event_accumulator.EventAccumulator(os.path.join(workdir, 'hparams'))
+    hp.Reload()
+    final = hp.Scalars('hparam/test_accuracy')[-1].value
+    assert final == pytest.approx(writers.read_metrics(workdir)[-1]['test_accuracy'])
+    assert b'learning_rate' in b''.join(
+        open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, 'hparams', 'events*'))
+    )
+
+
+@pytest.mark.slow
+def test_eval_counts_every_test_image_once(finished_run, cifar_py):
+    """Test accuracy equals a plain numpy count over all 50 test images."""
+    config, workdir, _, summary = finished_run
+    model, variables, restored_config = checkpoints.restore(workdir)
+    assert restored_config.batch_size == 32
+    x = augment.to_float(jnp.asarray(cifar_py.test_images))
+    logits = model.apply(variables, x, train=False)
+    correct = (np.asarray(logits).argmax(-1) == cifar_py.test_labels).sum()
+    assert summary['test_accuracy'] == pytest.approx(correct / 50, abs=1e-6)
+    result = loop.evaluate_workdir(workdir)
+    assert result['accuracy'] == pytest.approx(correct / 50, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path, monkeypatch):
+    config, _, full_state, _ = finished_run
+    workdir = str(tmp_path)
+    real_write = writers.MetricLogger.write
+
+    def write_then_die(self, record):
+        if record['epoch'] == 3:
+            raise KeyboardInterrupt  # Killed after epoch 2's checkpoint.
+        real_write(self, record)
+
+    monkeypatch.setattr(writers.MetricLogger, 'write', write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+    assert [r['epoch'] for r in writers.read_metrics(workdir)] == [1, 2]
+    monkeypatch.setattr(writers.MetricLogger, 'write', real_write)
+
+    state, summary = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+    resumed = writers.read_metrics(workdir)
+    full = writers.read_metrics(finished_run[1])
+    assert [r['epoch'] for r in resumed] == [1, 2, 3]
+    for a, b in zip(resumed, full, strict=True):
+        assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, full_state.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state.batch_stats, full_state.batch_stats)
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_trains_nothing(finished_run, cifar_py):
+    _, workdir, state, summary = finished_run
+    again, summary2 = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+    assert int(again.step) == int(state.step)
+    assert summary2['test_accuracy'] == summary['test_accuracy']
+    assert len(writers.read_metrics(workdir)) == 3
+
+
+@pytest.fixture(scope='module')
+def sgd_step_by_step(tmp_path_factory, cifar_py):
+    """The tiny run with plain SGD, step by step: the reference for scanned steps."""
+    workdir = str(tmp_path_factory.mktemp('sgd'))
+    loop.train_and_evaluate(_sgd(make_tiny_config(cifar_py.path)), workdir)
+    return writers.read_metrics(workdir)
+
+
+def _sgd(config):
+    # SGD at a small rate: Adam's first steps (about lr * sign(g)) would amplify the
+    # float noise between two compilations of the same step into visible differences.
+    config.optimizer, config.learning_rate = 'sgd', 0.01
+    return config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('steps_per_call', [0])  # 0: one call per epoch's full batches.
+def test_scanned_steps_match_the_step_path(
+    steps_per_call, sgd_step_by_step, cifar_py, tmp_path, monkeypatch
+):
+    """Several steps per compiled call (lax.scan): same results, compiled once."""
+    config = _sgd(make_tiny_config(cifar_py.path))
+    config.steps_per_call = steps_per_call
+    cache_sizes = []
+    real_write = writers.MetricLogger.write
+
+    def write(self, record):
+        cache_sizes.append(loop.scan_updates.single._cache_size())
+        real_write(self, record)
+
+    monkeypatch.setattr(writers.MetricLogger, 'write', write)
+    loop.train_and_evaluate(config, str(tmp_path))
+    assert cache_sizes[0] >= 1 and cache_sizes == cache_sizes[:1] * 3  # No recompiles.
+    scanned = writers.read_metrics(str(tmp_path))
+    for a, b in zip(scanned, sgd_step_by_step, strict=True):
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_chunks_of_an_epoch():
+    assert loop.call_chunks([32, 32, 32, 24], 0, 1) == [
+        (0, 32, 1),
+        (1, 32, 1),
+        (2, 32, 1),
+        (3, 24, 1),
+    ]
+    assert loop.call_chunks([32, 32, 32, 24], 0, 2) == [(0, 32, 2), (2, 32, 1), (3, 24, 1)]
+    assert loop.call_chunks([32, 32, 32, 24], 1, 0) == [(1, 32, 2), (3, 24, 1)]
+    assert loop.call_chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
+
+
+@pytest.mark.slow
+def test_bfloat16_computes_in_bf16_and_keeps_float32_state(cifar_py, tmp_path):
+    config = make_tiny_config(cifar_py.path)
+    config.dtype, config.num_epochs = 'bfloat16', 1
+    config.data.train_subset = 64  # Two full batches: one program.
+    state, summary = loop.train_and_evaluate(config, str(tmp_path))
+    leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state))
+    assert {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {
+        np.dtype('float32')
+    }
+    assert summary['status'] == 'completed' and np.isfinite(summary['train_loss'])
+    hlo = jax.jit(lambda v, x: state.apply_fn(v, x, train=False)).lower(
+        state.variables(), jnp.zeros((2, 32, 32, 3))
+    )
+    assert 'bf16' in hlo.as_text()  # The convolutions run in bfloat16.
