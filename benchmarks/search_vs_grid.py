@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('search')
     parser.add_argument('--within', type=float, default=0.005)
     args = parser.parse_args(argv)
-    frames = {name: study_frames(path) for name, path in (('grid', args.grid), ('search', args.search))}
+    frames = {
+        name: study_frames(path) for name, path in (('grid', args.grid), ('search', args.search))
+    }
     grid_trials = frames['grid'][1]
     best = grid_trials.loc[grid_trials['state'] == 'complete', 'value'].max()
     target = best - args.within
@@ -38,22 +40,30 @@ def main(argv: list[str] | None = None) -> int:
     for name, (described, trials, history) in frames.items():
         done = trials[trials['state'] == 'complete']
         pick = done.loc[done['value'].idxmax()]
-        params = ', '.join(f'{k[len("param."):]}={pick[k]:.4g}' if isinstance(pick[k], float)
-                           else f'{k[len("param."):]}={pick[k]}'
-                           for k in trials.columns if k.startswith('param.'))
+        params = ', '.join(
+            f'{k[len("param.") :]}={pick[k]:.4g}'
+            if isinstance(pick[k], float)
+            else f'{k[len("param.") :]}={pick[k]}'
+            for k in trials.columns
+            if k.startswith('param.')
+        )
         reached = search_report.images_to_reach(history, target, described['direction'])
-        rows.append({
-            'study': name,
-            'trials': len(trials),
-            'images trained': int(trials.drop_duplicates('run')['images'].sum()),
-            f'images to reach {100 * target:.2f}% val': reached,
-            'pick': params,
-            'pick val %': round(100 * pick['value'], 2),
-            'pick test %': round(100 * pick['test_accuracy'], 2),
-        })
+        rows.append(
+            {
+                'study': name,
+                'trials': len(trials),
+                'images trained': int(trials.drop_duplicates('run')['images'].sum()),
+                f'images to reach {100 * target:.2f}% val': reached,
+                'pick': params,
+                'pick val %': round(100 * pick['value'], 2),
+                'pick test %': round(100 * pick['test_accuracy'], 2),
+            }
+        )
     table = pd.DataFrame(rows)
-    print(f"grid's best validation accuracy {100 * best:.2f}%; target: within "
-          f'{100 * args.within:.1f} points ({100 * target:.2f}%)\n')
+    print(
+        f"grid's best validation accuracy {100 * best:.2f}%; target: within "
+        f'{100 * args.within:.1f} points ({100 * target:.2f}%)\n'
+    )
     print(table.to_markdown(index=False))
     return 0
 

@@ -153,8 +153,10 @@ def history_frame(trials: pd.DataFrame, direction: str) -> pd.DataFrame:
 
 def images_to_reach(history: pd.DataFrame, target: float, direction: str) -> int | None:
     """Images trained until the best value so far first reached ``target``; None if never."""
-    reached = history['best_so_far'] >= target if direction == 'maximize' else (
-        history['best_so_far'] <= target
+    reached = (
+        history['best_so_far'] >= target
+        if direction == 'maximize'
+        else (history['best_so_far'] <= target)
     )
     hits = history.loc[reached.fillna(False), 'images_so_far']
     return int(hits.iloc[0]) if len(hits) else None
@@ -181,7 +183,9 @@ def compute_table(
     spent = int(trials.drop_duplicates('run')['images'].sum()) if len(trials) else 0
     rows: list[tuple[str, int | None]] = [('images trained', spent)]
     if described['grid']:
-        rows.append(('full grid, every point to the end', len(described['grid']) * num_epochs * num_train))
+        rows.append(
+            ('full grid, every point to the end', len(described['grid']) * num_epochs * num_train)
+        )
     else:
         counted = int((trials['retry_of'].isna()).sum()) if len(trials) else 0
         rows.append(('every trial to the end', counted * num_epochs * num_train))

@@ -109,20 +109,27 @@ def test_a_validation_split_larger_than_a_class_is_an_error(learnable):
 
 
 BAD = {
-    'unknown field': ("config.search.space.learning_rat = search.float_param(0.1, 1.0)",
-                      'no field learning_rat'),
-    'low above high': ("config.search.space.learning_rate = search.float_param(0.1, 0.01)",
-                       'low=0.1 is greater than high=0.01'),
-    'log with low <= 0': ("config.search.space.learning_rate = search.float_param(0.0, 0.1, log=True)",
-                          'log scale needs low > 0'),
-    'empty choices': ("config.search.space.batch_size = search.categorical(())",
-                      'non-empty list'),
+    'unknown field': (
+        'config.search.space.learning_rat = search.float_param(0.1, 1.0)',
+        'no field learning_rat',
+    ),
+    'low above high': (
+        'config.search.space.learning_rate = search.float_param(0.1, 0.01)',
+        'low=0.1 is greater than high=0.01',
+    ),
+    'log with low <= 0': (
+        'config.search.space.learning_rate = search.float_param(0.0, 0.1, log=True)',
+        'log scale needs low > 0',
+    ),
+    'empty choices': ('config.search.space.batch_size = search.categorical(())', 'non-empty list'),
     'unknown sampler': ("config.search.sampler = 'bayes'", "sampler='bayes' is unknown"),
     'unknown pruner': ("config.search.pruner = 'early'", "pruner='early' is unknown"),
     'unknown metric': ("config.search.metric = 'accuracy'", "metric='accuracy' is unknown"),
-    'val metric without a split': ("config.data.validation_size = 0", 'needs a validation split'),
-    'unreachable storage': ("config.search.storage = 'sqlite:////nonexistent/folder/study.db'",
-                            'cannot open the study storage'),
+    'val metric without a split': ('config.data.validation_size = 0', 'needs a validation split'),
+    'unreachable storage': (
+        "config.search.storage = 'sqlite:////nonexistent/folder/study.db'",
+        'cannot open the study storage',
+    ),
 }
 
 
@@ -131,8 +138,9 @@ def test_bad_search_config_is_one_error_line_before_anything_trains(tmp_path, le
     line, message = BAD[case]
     config_file = write_config_file(tmp_path, line)
     workdir = tmp_path / 'study'
-    result = run_cli([f'--config={config_file}', f'--config.data.path={learnable.path}',
-                      f'--workdir={workdir}'])
+    result = run_cli(
+        [f'--config={config_file}', f'--config.data.path={learnable.path}', f'--workdir={workdir}']
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
@@ -291,8 +299,14 @@ def test_the_sweep_report_selects_on_validation_when_there_is_a_split():
     from resnet_jax.report import load, tables
 
     def result(i, val, test):
-        return load.RunResult(name=f'run{i}', overrides={}, status='completed',
-                              epochs=[{'epoch': 1}], val_accuracy=val, test_accuracy=test)
+        return load.RunResult(
+            name=f'run{i}',
+            overrides={},
+            status='completed',
+            epochs=[{'epoch': 1}],
+            val_accuracy=val,
+            test_accuracy=test,
+        )
 
     with_split = [result(0, 50.0, 60.0), result(1, 55.0, 40.0)]
     assert tables.selection_metric(with_split) == 'val_accuracy'
