@@ -184,6 +184,9 @@ def _setup_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the process exit code."""
+    from resnet_jax import workers  # pylint: disable=g-import-not-at-top
+
+    workers.pin_from_env()  # A worker of --workers=N: before JAX starts its threads.
     argv = list(sys.argv if argv is None else argv)
     if any(arg in HELP_FLAGS for arg in argv[1:]):
         print(usage())

@@ -21,6 +21,18 @@ from collections.abc import Sequence
 logger = logging.getLogger('resnet_jax')
 
 WORKER_ENV = 'RESNET_JAX_WORKER'  # 'i/N' in each worker's environment.
+CPUS_ENV = 'RESNET_JAX_WORKER_CPUS'  # The CPU cores a worker runs on: '0,1'.
+
+
+def pin_from_env() -> None:
+    """Pins this process to the cores ``RESNET_JAX_WORKER_CPUS`` names, if set.
+
+    Called first thing in a worker, before JAX starts its thread pools (they
+    size themselves by the cores the process may use).
+    """
+    cores = os.environ.get(CPUS_ENV)
+    if cores and hasattr(os, 'sched_setaffinity'):
+        os.sched_setaffinity(0, [int(c) for c in cores.split(',')])
 
 
 def visible_gpus() -> list[str]:
@@ -77,17 +89,12 @@ def run(argv: Sequence[str], n: int, workdir: str) -> int:
     procs: list[subprocess.Popen] = []
     for i in range(n):
         env = dict(os.environ, **{WORKER_ENV: f'{i}/{n}'})
-        preexec = None
         if gpus:
             env['CUDA_VISIBLE_DEVICES'] = gpus[i % len(gpus)]
         else:
-            cores = shares[i]
+            env[CPUS_ENV] = ','.join(map(str, shares[i]))
             env.setdefault('JAX_PLATFORMS', 'cpu')
-
-            def preexec(cores=cores):  # Runs in the child before exec.
-                os.sched_setaffinity(0, cores)
-
-        procs.append(subprocess.Popen(command, env=env, preexec_fn=preexec))
+        procs.append(subprocess.Popen(command, env=env))
     where = f'GPU {", ".join(gpus)}' if gpus else f'CPU cores split {shares}'
     print(f'{n} workers on the study in {workdir} ({where})', file=sys.stderr, flush=True)
 

@@ -314,3 +314,17 @@ def test_the_sweep_report_selects_on_validation_when_there_is_a_split():
     without = [result(0, None, 60.0), result(1, None, 40.0)]
     assert tables.selection_metric(without) == 'test_accuracy'
     assert tables.best_run_index(without) == 0
+
+
+def test_workers_split_the_cores_and_drop_their_own_flag(monkeypatch):
+    from resnet_jax import workers
+
+    assert workers.core_shares([0, 1], 2) == [[0], [1]]
+    assert workers.core_shares([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
+    assert workers.core_shares([0], 3) == [[0], [0], [0]]
+    argv = ['main.py', '--config=c.py', '--workers', '4', '--workdir=w', '--workers=2']
+    assert workers.worker_argv(argv)[-2:] == ['--config=c.py', '--workdir=w']
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '2,3')
+    assert workers.visible_gpus() == ['2', '3']
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+    assert workers.visible_gpus() == []
