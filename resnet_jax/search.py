@@ -134,13 +134,23 @@ def open_storage(url: str, spec: Spec) -> Any:
         raise SearchError(f'cannot open the study storage {redact(url)}: {message}') from None
 
 
-def make_sampler(spec: Spec) -> Any:
+def make_sampler(spec: Spec, offset: int = 0) -> Any:
+    """The study's sampler, seeded with ``config.search.seed + offset``.
+
+    Workers draw each new trial with a sampler seeded by the number of trials
+    before it (:func:`claim`): as reproducible as one seeded sampler with one
+    worker, and never the same draw in two workers. TPE counts running trials
+    as bad results (its constant liar), so parallel workers spread out.
+    """
     import optuna  # pylint: disable=g-import-not-at-top
 
+    seed = spec.seed + offset
     if spec.sampler == 'tpe':
-        return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup_trials)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=spec.startup_trials, constant_liar=True
+        )
     # A grid's points are all enqueued (each exactly once): its sampler is never asked.
-    return optuna.samplers.RandomSampler(seed=spec.seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_pruner(spec: Spec) -> Any:
@@ -294,6 +304,8 @@ def claim(study: Any, spec: Spec) -> list[Any]:
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     if not waiting and (spec.grid or sum(map(_counted, trials)) >= spec.num_trials):
         return []
+    if not waiting:  # A new draw: a sampler seeded by the trials before it.
+        study.sampler = make_sampler(spec, offset=len(trials))
     first = study.ask()
     claimed = [first]
     if spec.vectorize and spec.grid and waiting:
@@ -445,8 +457,6 @@ def _record_failure(point: _Point, message: str) -> None:
 
 def train_points(study: Any, points: list[_Point], spec: Spec) -> None:
     """Trains claimed trials (together if more than one) and tells the study their outcome."""
-    from resnet_jax import loop  # pylint: disable=g-import-not-at-top  # Heavy.
-
     summaries: list[dict[str, Any] | None] = [None] * len(points)
     todo = []
     for i, point in enumerate(points):
@@ -467,17 +477,34 @@ def train_points(study: Any, points: list[_Point], spec: Spec) -> None:
         else:
             todo.append(i)
     if todo:
-        group = [points[i] for i in todo]
-        for point in group:
-            logger.info('trial %d %s: training', point.trial.number, point.name)
+        results = _train([points[i] for i in todo], study, spec)
+        for i, result in zip(todo, results, strict=True):
+            summaries[i] = result
+    for point, summary in zip(points, summaries, strict=True):
+        _tell(study, point, summary, spec)
+
+
+def _train(group: list[_Point], study: Any, spec: Spec) -> list[dict[str, Any]]:
+    """Trains ``group`` as one program; the runs' summaries (a failure recorded as one).
+
+    A run folder another process is training (the same point drawn twice) is
+    waited for: its result then counts for this trial too.
+    """
+    from resnet_jax import loop  # pylint: disable=g-import-not-at-top  # Heavy.
+
+    for point in group:
+        logger.info('trial %d %s: training', point.trial.number, point.name)
+    while True:
         try:
             _, results = loop.train_runs(
                 [p.config for p in group],
                 [p.run_dir for p in group],
                 on_epoch=[_epoch_callback(p, spec) for p in group],
             )
+            return results
         except workdir_lib.WorkdirBusy as e:
-            results = [{'status': 'failed', 'error': f'busy: {e}'} for _ in group]
+            logger.info('%s; waiting for it', e)
+            time.sleep(spec.poll_seconds)
         except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
             bad_input = isinstance(e, (validation.ConfigError, datasets.DataError))
             message = str(e) if bad_input else f'{type(e).__name__}: {e}'
@@ -485,16 +512,12 @@ def train_points(study: Any, points: list[_Point], spec: Spec) -> None:
                 logger.error('trial %s failed: %s', group[0].name, message)
             else:
                 logger.exception('trial %s failed: %s', group[0].name, message)
-            results = [{'status': 'failed', 'error': message} for _ in group]
             for p in group:
                 _record_failure(p, message)
+            return [{'status': 'failed', 'error': message} for _ in group]
         except BaseException:  # Interrupted: checkpoints are saved; the trials wait for a worker.
             _requeue(study, group)
             raise
-        for i, result in zip(todo, results, strict=True):
-            summaries[i] = result
-    for point, summary in zip(points, summaries, strict=True):
-        _tell(study, point, summary, spec)
 
 
 def _records(run_dir: str) -> list[dict[str, Any]]:

@@ -91,8 +91,14 @@ class EpochRecord:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-# The names of one epoch's record in metrics.jsonl, in order.
-METRIC_KEYS = tuple(field.name for field in dataclasses.fields(EpochRecord))
+# The names of one epoch's record in metrics.jsonl, in order; with a validation
+# split (config.data.validation_size > 0) VALIDATION_KEYS follow them.
+METRIC_KEYS = tuple(
+    f.name for f in dataclasses.fields(EpochRecord) if f.default is dataclasses.MISSING
+)
+VALIDATION_KEYS = tuple(
+    f.name for f in dataclasses.fields(EpochRecord) if f.default is not dataclasses.MISSING
+)
 
 
 # --------------------------------------------------------------------------

@@ -328,3 +328,24 @@ def test_workers_split_the_cores_and_drop_their_own_flag(monkeypatch):
     assert workers.visible_gpus() == ['2', '3']
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
     assert workers.visible_gpus() == []
+
+
+def test_two_workers_draw_different_first_trials(tmp_path, learnable):
+    """Each worker's sampler is seeded by the trials before its draw: two workers
+    starting together never draw the same point (the seeded start of TPE would)."""
+    config = search_config(learnable.path, sampler='tpe', num_trials=4)
+    config.search.space.learning_rate = search.float_param(1e-4, 0.1, log=True)
+    spec = search.spec_from_config(config)
+    workdir = str(tmp_path / 'study')
+    studies = [search.open_study(spec, workdir) for _ in range(2)]  # Two workers.
+    drawn = []
+    for study in studies:
+        with search.claim_lock(workdir):
+            (trial,) = search.claim(study, spec)
+        drawn.append(search.sample(trial, spec.params, spec.base))
+    assert drawn[0] != drawn[1]
+    # And the draws are reproducible: the same seed and history give the same point.
+    again = search.open_study(spec, str(tmp_path / 'again'))
+    with search.claim_lock(str(tmp_path / 'again')):
+        (trial,) = search.claim(again, spec)
+    assert search.sample(trial, spec.params, spec.base) == drawn[0]
