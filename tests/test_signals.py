@@ -75,8 +75,8 @@ def test_a_second_sigterm_during_a_compiled_call_stops_at_once(cifar_py, tmp_pat
 DECODING = textwrap.dedent("""
     import concurrent.futures, os, signal, sys
     data, workdir = sys.argv[1:]
-    from resnet_jax import datasets, main
-    datasets._DECODE_CHUNK = 5
+    from resnet_jax import image_folder, main
+    image_folder._DECODE_CHUNK = 5
     real_map = concurrent.futures.ProcessPoolExecutor.map
 
     def map_then_terminate(self, *args, **kwargs):
