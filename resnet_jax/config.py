@@ -16,7 +16,19 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """Every hyperparameter of a run; other configs start from this one."""
     config = ml_collections.ConfigDict()
+    _model(config)
+    _training(config)
+    _optimizer(config)
+    _schedule(config)
+    config.seed = 0
+    _checkpoints(config)
+    _distributed(config)
+    _data(config)
+    return config
 
+
+def _model(config: ml_collections.ConfigDict) -> None:
+    """The network and its computation dtype."""
     # Model: a name in the registry resnet_jax.models.MODELS ('paper': the
     # study's 3-stage net).
     config.model = 'paper'
@@ -25,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Computation dtype: 'float32' or 'bfloat16' (parameters stay float32).
     config.dtype = 'float32'
 
+
+def _training(config: ml_collections.ConfigDict) -> None:
+    """Training length, batching and the compiled calls."""
     # Training length and batching.
     config.num_epochs = 50
     config.batch_size = 100
@@ -39,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     # wait for (seconds on CPUs, milliseconds on GPUs: BENCHMARKS.md).
     config.steps_per_call = 50
 
+
+def _optimizer(config: ml_collections.ConfigDict) -> None:
+    """The optimiser and the hyperparameters the registered optimisers read."""
     # Optimiser: a name in the registry resnet_jax.optim.OPTIMIZERS ('adam': the
     # study's). The fields below are those the registered optimisers read; each
     # optimiser declares its own, and validation checks the chosen one's.
@@ -53,14 +71,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.adagrad_initial_accumulator = 0.0  # PyTorch's default
     config.adagrad_eps = 1e-10  # PyTorch's default
 
+
+def _schedule(config: ml_collections.ConfigDict) -> None:
+    """The learning-rate schedule."""
     # Schedule: a name in the registry resnet_jax.optim.SCHEDULES ('piecewise':
     # the study's, divide by decay_factor every decay_every_epochs).
     config.schedule = 'piecewise'
     config.decay_every_epochs = 20
     config.decay_factor = 3.0
 
-    config.seed = 0
 
+def _checkpoints(config: ml_collections.ConfigDict) -> None:
+    """Checkpoints (orbax), logging and the NaN checks."""
     # Checkpoints (orbax) and logging.
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 3
@@ -68,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Check the running loss for NaN/inf every this many steps (0: at epoch ends).
     config.check_finite_every_steps = 50
 
+
+def _distributed(config: ml_collections.ConfigDict) -> None:
+    """Multi-process training (jax.distributed)."""
     # Multi-process training (jax.distributed); see resnet_jax/distributed.py.
     config.distributed = ml_collections.ConfigDict()
     config.distributed.enabled = False
@@ -76,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.distributed.process_id = 0
     config.distributed.cpu_collectives = 'gloo'  # For CPU devices.
 
+
+def _data(config: ml_collections.ConfigDict) -> None:
+    """Where the images come from, the held-out split and the augmentation."""
     config.data = ml_collections.ConfigDict()
     # 'auto' (detect from path) or a name in the registry
     # resnet_jax.datasets.SOURCES ('cifar': the official python/binary batches,
@@ -97,5 +125,3 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.normalize = False
     config.data.mean = (0.4914, 0.4822, 0.4465)
     config.data.std = (0.2470, 0.2435, 0.2616)
-
-    return config

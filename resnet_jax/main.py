@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -245,16 +246,19 @@ def _run(argv: list[str], path: str | None) -> int:
     except Exception as e:  # pylint: disable=broad-except
         return _fail(f'could not load config file {path}: {str(e).splitlines()[-1]}')
     _setup_logging()
-
-    # Imported after flag parsing so that `--help` and usage errors are instant.
-    from resnet_jax import checkpoints, datasets, distributed, loop, search, sweep, validation
-    from resnet_jax import workdir as workdir_lib
-
     if FLAGS.sweep_shard != '0/1':
         return _fail(
             '--sweep_shard is replaced by workers that share one queue: start the same '
             'command N times (on any machines sharing the workdir), or pass --workers=N'
         )
+    return _run_mode(argv, config, workdir)
+
+
+def _run_mode(argv: list[str], config: Any, workdir: str) -> int:
+    """Evaluates, searches or trains; bad input and signals become exit codes."""
+    # Imported after flag parsing so that `--help` and usage errors are instant.
+    from resnet_jax import checkpoints, datasets, distributed, loop, search, validation
+    from resnet_jax import workdir as workdir_lib
 
     checkpoints.quiet_orbax_noise()
     try:
@@ -268,19 +272,7 @@ def _run(argv: list[str], path: str | None) -> int:
             print(f'test accuracy {accuracy:.2f}% (loss {loss:.4f}) from {workdir}')
             return 0
         if search.is_search(config):
-            search.spec_from_config(config)  # Bad search input: an error before anything starts.
-            if FLAGS.workers > 1:
-                from resnet_jax import workers  # pylint: disable=g-import-not-at-top
-
-                return workers.run(argv, FLAGS.workers, workdir)
-            if sweep.is_sweep(config):
-                statuses = sweep.run_sweep(config, workdir)
-            else:
-                statuses = search.run_worker(config, workdir)
-            bad = {k: v for k, v in statuses.items() if v not in ('completed', 'pruned')}
-            for name, status in bad.items():
-                print(f'run {name}: {status}', file=sys.stderr)
-            return EXIT_RUNS_FAILED if bad else 0
+            return _run_search(argv, config, workdir)
         run_dir = _new_workdir(workdir) if FLAGS.new_run else workdir
         _, summary = loop.train_and_evaluate(config, run_dir, overwrite=FLAGS.overwrite)
         if summary['status'] == 'diverged':
@@ -306,6 +298,25 @@ def _run(argv: list[str], path: str | None) -> int:
         print('interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def _run_search(argv: list[str], config: Any, workdir: str) -> int:
+    """A sweep or a search: its runs here, or in ``--workers`` processes."""
+    from resnet_jax import search, sweep
+
+    search.spec_from_config(config)  # Bad search input: an error before anything starts.
+    if FLAGS.workers > 1:
+        from resnet_jax import workers  # pylint: disable=g-import-not-at-top
+
+        return workers.run(argv, FLAGS.workers, workdir)
+    if sweep.is_sweep(config):
+        statuses = sweep.run_sweep(config, workdir)
+    else:
+        statuses = search.run_worker(config, workdir)
+    bad = {k: v for k, v in statuses.items() if v not in ('completed', 'pruned')}
+    for name, status in bad.items():
+        print(f'run {name}: {status}', file=sys.stderr)
+    return EXIT_RUNS_FAILED if bad else 0
 
 
 def _new_workdir(path: str) -> str:

@@ -9,12 +9,8 @@ TensorBoard event files and ``checkpoints/``. Rerunning the same config resumes
 it; a different config is refused (see :data:`RESUMABLE_CHANGES`) unless the
 run is overwritten.
 
-The lock is a lease: a file holding the owner's host and process id, linked
-into place whole, whose modification time the owner refreshes while it lives
-(:data:`LOCK_LEASE_SECONDS`). A lock whose lease expired (its owner died, on
-any host of a shared filesystem), left by a dead process of this host, or
-empty or unreadable, is taken over; processes create or take over the lock
-only while holding a short-lived guard file, so two never both take it. JSON
+The lock is a lease (:mod:`resnet_jax.locks`, whose :func:`lock`,
+:class:`WorkdirBusy` and lock constants this module re-exports). JSON
 is written strictly: NaN and infinities become ``null`` (see :func:`json_safe`).
 
 Files read back (``summary.json``, ``config.json``, ``sweep.json``) go through
@@ -30,17 +26,22 @@ import json
 import math
 import os
 import shutil
-import socket
-import stat
 import tempfile
-import threading
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+# The lease lock lives in resnet_jax.locks; its names stay reachable from here.
+from resnet_jax.locks import (  # noqa: F401
+    GUARD_STALE_SECONDS,
+    GUARD_SUFFIX,
+    LOCK_FILE,
+    LOCK_LEASE_SECONDS,
+    LOCK_REFRESHES_PER_LEASE,
+    WorkdirBusy,
+    lock,
+)
 from resnet_jax.validation import ConfigError
 
-LOCK_FILE = '.lock'
 # The files of a run's workdir and of a sweep's workdir.
 CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'
@@ -70,19 +71,6 @@ _RUN_CONFIG_FIELDS = ('model', 'optimizer', 'learning_rate', 'batch_size', 'seed
 # The statuses a run's summary.json may hold.
 RUN_STATUSES = ('completed', 'incomplete', 'failed', 'diverged', 'pruned')
 EVENTS_PREFIX = 'events.out.tfevents.'
-# A lock whose owner has not refreshed it for this long is taken over: its owner
-# died (on this host or another one sharing the filesystem). The owner refreshes
-# it every LOCK_LEASE_SECONDS / LOCK_REFRESHES_PER_LEASE seconds.
-LOCK_LEASE_SECONDS = 300.0
-LOCK_REFRESHES_PER_LEASE = 10
-# The lock is created or taken over only while holding LOCK_FILE + GUARD_SUFFIX, for
-# milliseconds; a guard older than this was left by a process that died holding it.
-GUARD_SUFFIX = '.guard'
-GUARD_STALE_SECONDS = 10.0
-
-
-class WorkdirBusy(RuntimeError):
-    """Another live process is writing into the same workdir."""
 
 
 class RecordError(ValueError):
@@ -268,201 +256,6 @@ def read_manifest(path: str) -> dict[str, Any]:
         if not isinstance(run.get('overrides', {}), dict):
             raise RecordError(f'{path}: the overrides of run {name} are not an object')
     return manifest
-
-
-def _owner() -> str:
-    return f'{socket.gethostname()} {os.getpid()}'
-
-
-def _stale(text: str, age: float, lease: float) -> bool:
-    """Whether a lock holding ``text``, last refreshed ``age`` seconds ago, is free.
-
-    It is when its lease expired (its owner, on any host, stopped refreshing
-    it), when its owner is a dead process of this host, or when it is empty or
-    garbled: locks are written whole before they appear (:func:`_create_lock`),
-    so such a one was left by a failed write.
-    """
-    if age > lease:
-        return True
-    try:
-        host, pid = text.split()
-        if host != socket.gethostname():
-            return False
-        os.kill(int(pid), 0)  # Signal 0: only checks that the process exists.
-    except (ValueError, ProcessLookupError):
-        return True
-    except PermissionError:  # Alive, but another user's.
-        return False
-    return False
-
-
-def _create_lock(path: str, reported: str | None = None) -> bool:
-    """Creates ``path`` holding this process's owner line; False if it exists.
-
-    The owner is written to a temporary file first and hard-linked into
-    place, so the lock never exists empty; a failed write (disk full) leaves
-    nothing behind and raises an ``OSError`` naming ``reported`` (default ``path``).
-    """
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.lock.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(_owner())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError:  # No hard links on this filesystem: exclusive create.
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            try:
-                with os.fdopen(fd, 'w') as f:
-                    f.write(_owner())
-            except BaseException:
-                os.unlink(path)
-                raise
-        return True
-    except OSError as e:
-        raise OSError(
-            e.errno, f'could not create the lock: {e.strerror or e}', reported or path
-        ) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
-def _take_over(path: str, judged: os.stat_result) -> bool:
-    """Removes the stale file ``path`` (a guard) that ``judged`` (its stat) describes.
-
-    The file is renamed to a name of this process's own (one rename of a
-    name succeeds), then its identity is compared with the one judged stale.
-    If another process had meanwhile replaced it with a live one, that one is
-    put back (linked, so a file created in the meantime is never overwritten)
-    and False is returned.
-    """
-    aside = f'{path}.stale.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}'
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return True  # Someone else removed it: try to create it again.
-    moved = os.stat(aside)
-    same = ('st_ino', 'st_dev', 'st_mtime_ns', 'st_size')  # Inode numbers are reused.
-    if all(getattr(moved, k) == getattr(judged, k) for k in same):
-        os.unlink(aside)
-        return True
-    with contextlib.suppress(FileExistsError):
-        os.link(aside, path)
-    os.unlink(aside)
-    return False
-
-
-class _Lease(threading.Thread):
-    """Refreshes a lock's modification time until stopped (a daemon thread)."""
-
-    def __init__(self, path: str, every: float):
-        super().__init__(name=f'lease {path}', daemon=True)
-        self._path, self._every, self._done = path, every, threading.Event()
-        self.identity = _identity(path)
-
-    def run(self) -> None:
-        while not self._done.wait(self._every):
-            with contextlib.suppress(OSError):  # A full disk or a network hiccup: next time.
-                if _identity(self._path) == self.identity:
-                    os.utime(self._path)
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_dev
-
-
-@contextlib.contextmanager
-def _guard(path: str, lock_path: str) -> Iterator[None]:
-    """Holds ``path``, a short-lived mutex around checking and replacing a lock.
-
-    Every process that creates or takes over ``lock_path`` does so holding
-    it, so a stale lock is judged and replaced without a check-then-act race.
-    A guard older than :data:`GUARD_STALE_SECONDS` was left by a process that
-    died holding it, and is taken over (:func:`_take_over`).
-    """
-    waited = time.monotonic()
-    while not _create_lock(path, lock_path):
-        try:
-            judged = os.stat(path)
-        except FileNotFoundError:
-            continue
-        if time.time() - judged.st_mtime > GUARD_STALE_SECONDS:
-            with contextlib.suppress(FileNotFoundError):
-                _take_over(path, judged)
-        elif time.monotonic() - waited > 2 * GUARD_STALE_SECONDS:
-            raise WorkdirBusy(f'could not lock {lock_path}: {path} stays in place')
-        else:
-            time.sleep(0.01)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-@contextlib.contextmanager
-def lock(folder: str, lease_seconds: float = LOCK_LEASE_SECONDS) -> Iterator[None]:
-    """Holds ``folder/.lock`` for the duration of the block.
-
-    Raises :class:`WorkdirBusy` while a live process holds it; a stale lock
-    (see :func:`_stale`) is taken over, under a guard (:func:`_guard`) that
-    every process creating the lock holds. While held, a thread refreshes the
-    lock's lease every ``lease_seconds`` / :data:`LOCK_REFRESHES_PER_LEASE`
-    seconds.
-    """
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, LOCK_FILE)
-    with _guard(path + GUARD_SUFFIX, path):
-        for _ in range(3):
-            if _create_lock(path):
-                break
-            holder, judged = '', None
-            try:
-                judged = os.stat(path)
-                with open(path) as f:
-                    holder = f.read().strip()
-            except FileNotFoundError:
-                continue  # Released meanwhile by its owner: try again.
-            except (OSError, ValueError):
-                pass  # Unreadable: stale, if it is a file.
-            if judged is None or not stat.S_ISREG(judged.st_mode):
-                raise WorkdirBusy(f'{path} is not a lock file this tool can take over; remove it')
-            if not _stale(holder, time.time() - judged.st_mtime, lease_seconds):
-                raise WorkdirBusy(
-                    f'{folder} is in use by process {holder!r} (remove {path} if it is not)'
-                )
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise WorkdirBusy(
-                    f'could not remove the stale lock {path}: {e.strerror}'
-                ) from None
-        else:
-            raise WorkdirBusy(f'could not lock {folder}')
-    lease = _Lease(path, lease_seconds / LOCK_REFRESHES_PER_LEASE)
-    lease.start()
-    try:
-        yield
-    finally:
-        lease.stop()
-        if _identity(path) == lease.identity:  # Still ours: release it.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
 
 
 def config_json(config: Any) -> Any:

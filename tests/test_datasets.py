@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resnet_jax import datasets
+from resnet_jax import datasets, image_folder, tfds_source
 from resnet_jax.datasets import DataError
 from tests import fake_data
 
@@ -279,11 +279,11 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     def no_decoding(*args):
         raise AssertionError('decoded although the cache is valid')
 
-    real_decode = datasets._decode_image
-    monkeypatch.setattr(datasets, '_decode_image', no_decoding)
+    real_decode = image_folder._decode_image
+    monkeypatch.setattr(image_folder, '_decode_image', no_decoding)
     np.testing.assert_array_equal(_load(fake.path).train_images, first.train_images)
     # Replacing one image changes its size and mtime: the folder is decoded again.
-    monkeypatch.setattr(datasets, '_decode_image', real_decode)
+    monkeypatch.setattr(image_folder, '_decode_image', real_decode)
     path = os.path.join(fake.path, 'test', 'cat', '0000.png')
     Image.new('RGB', (32, 32), (1, 2, 3)).save(path)
     os.utime(path, ns=(0, 0))
@@ -305,7 +305,7 @@ def test_unwritable_cache_only_warns(tmp_path, monkeypatch, caplog):
 
 def test_parallel_decoding_matches_and_reports_bad_files(tmp_path, monkeypatch):
     """Chunks of 40 images: 150 images decode in several spawned processes."""
-    monkeypatch.setattr(datasets, '_DECODE_CHUNK', 40)
+    monkeypatch.setattr(image_folder, '_DECODE_CHUNK', 40)
     fake = fake_data.write_image_folder(tmp_path / 'images')
     dataset = _load(fake.path, seed=0)
     order = np.random.default_rng(0).permutation(100)
@@ -393,7 +393,7 @@ def network_probe(monkeypatch):
         calls.append(1)
         return False
 
-    monkeypatch.setattr(datasets, '_network_available', offline)
+    monkeypatch.setattr(tfds_source, '_network_available', offline)
     return calls
 
 
@@ -427,8 +427,8 @@ def test_tfds_not_prepared_and_offline(tmp_path, network_probe):
 
 
 def test_tfds_not_prepared_and_no_tensorflow(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, '_network_available', lambda: True)
-    monkeypatch.setattr(datasets, '_tensorflow_available', lambda: False)
+    monkeypatch.setattr(tfds_source, '_network_available', lambda: True)
+    monkeypatch.setattr(tfds_source, '_tensorflow_available', lambda: False)
     with pytest.raises(DataError, match='preparing it needs TensorFlow'):
         _load(tmp_path, source='tfds', download=True)
 

@@ -104,15 +104,15 @@ def test_two_processes_match_two_devices_and_resume(two_devices, cifar_py, tmp_p
 # (epoch 2, step 2) when its process id is 1; the other one gets no signal.
 SIGNALLED = textwrap.dedent("""
     import os, signal, sys
-    from resnet_jax import loop, main
+    from resnet_jax import main, steps
     if '--config.distributed.process_id=1' in sys.argv:
-        real, calls = loop.update_runs, [0]
+        real, calls = steps.update_runs, [0]
         def step(*args, **kwargs):
             calls[0] += 1
             if calls[0] == 6:
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
-        loop.update_runs = step
+        steps.update_runs = step
     sys.exit(main.main(['main', *sys.argv[1:]]))
 """)
 

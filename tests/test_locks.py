@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from resnet_jax import workdir
+from resnet_jax import locks, workdir
 
 
 def _write_lock(folder, owner, age):
@@ -60,7 +60,7 @@ def test_a_guard_takeover_gives_back_a_guard_renewed_since_it_was_judged(tmp_pat
     judged = os.stat(path)
     os.unlink(path)  # Meanwhile its owner's lock was replaced by a live one.
     live = _write_lock(tmp_path, 'node-18.cluster 7', 0)
-    assert not workdir._take_over(str(path), judged)
+    assert not locks._take_over(str(path), judged)
     assert live.read_text() == 'node-18.cluster 7'
     assert sorted(os.listdir(tmp_path)) == [workdir.LOCK_FILE]
 

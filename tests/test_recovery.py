@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoints, loop, train, validation, writers
+from resnet_jax import checkpoints, loop, steps, train, validation, writers
 from tests.conftest import REPO, make_tiny_config, one_error_line, run_cli
 
 pytestmark = pytest.mark.slow  # Every test here trains or starts the CLI.
@@ -55,7 +55,7 @@ def reference(tmp_path_factory, cifar_py):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import orbax.checkpoint as ocp
-    from resnet_jax import loop, main, train
+    from resnet_jax import main, steps, train
     moment, data, workdir = sys.argv[1:4]
     sig = signal.SIGKILL if moment.startswith('kill') else getattr(signal, moment)
 
@@ -72,7 +72,7 @@ KILLER = textwrap.dedent("""
         return wrapped
 
     if moment in ('kill_mid_epoch', 'SIGTERM', 'SIGINT'):
-        loop.update_runs = counting(loop.update_runs, 6)  # Epoch 2, second step.
+        steps.update_runs = counting(steps.update_runs, 6)  # Epoch 2, second step.
     elif moment == 'kill_during_eval':
         train.eval_steps = counting(train.eval_steps, 3)  # Epoch 2's evaluation.
     elif moment == 'kill_during_save':
@@ -113,14 +113,14 @@ def _child(moment, data, workdir):
 FAULTY = textwrap.dedent("""
     import os, resource, signal, sys, time
     fault, data, workdir, *rest = sys.argv[1:]
-    from resnet_jax import checkpoints, loop, main
+    from resnet_jax import checkpoints, main, steps
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death.
 
     def limit(size):
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(size), resource.RLIM_INFINITY))
 
-    real_save, real_step = checkpoints.save, loop.update_runs
-    saves, steps = [0], [0]
+    real_save, real_step = checkpoints.save, steps.update_runs
+    saves, step_calls = [0], [0]
     if fault == 'fsize_now':
         limit(rest[0])
     elif fault == 'fsize_at_save':
@@ -132,8 +132,8 @@ FAULTY = textwrap.dedent("""
         checkpoints.save = save
     elif fault == 'double_signal':
         def step(*args, **kwargs):
-            steps[0] += 1
-            if steps[0] == 6:
+            step_calls[0] += 1
+            if step_calls[0] == 6:
                 os.kill(os.getpid(), signal.SIGINT)
             return real_step(*args, **kwargs)
         def slow_save(*args, **kwargs):
@@ -143,7 +143,7 @@ FAULTY = textwrap.dedent("""
                 time.sleep(60)
             saves[0] += 1
             return real_save(*args, **kwargs)
-        loop.update_runs, checkpoints.save = step, slow_save
+        steps.update_runs, checkpoints.save = step, slow_save
     sys.exit(main.main([
         'main', '--config', 'configs/default.py', '--workdir', workdir,
         '--config.num_epochs=3', '--config.batch_size=32', '--config.eval_batch_size=32',
@@ -278,7 +278,7 @@ def test_non_finite_loss_stops_within_the_epoch_and_keeps_good_checkpoints(
 ):
     config = make_tiny_config(cifar_py.path)
     config.check_finite_every_steps = 2
-    real_step = loop.update_runs
+    real_step = steps.update_runs
     calls = [0]
 
     def poisoned(states, batches):
@@ -287,7 +287,7 @@ def test_non_finite_loss_stops_within_the_epoch_and_keeps_good_checkpoints(
             batches = dict(batches, image=batches['image'] * np.nan)
         return real_step(states, batches)
 
-    monkeypatch.setattr(loop, 'update_runs', poisoned)
+    monkeypatch.setattr(steps, 'update_runs', poisoned)
     state, summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary['status'] == 'diverged'
     assert summary['error'] == 'non-finite loss or gradients in epoch 2 (by step 2)'

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import paper_sweep
-from resnet_jax import augment, checkpoints, loop, sweep, train, writers
+from resnet_jax import augment, checkpoints, loop, steps, sweep, train, writers
 from tests.conftest import make_tiny_config
 
 # (learning_rate, shuffle, seed) of three lanes: every vectorisable field varies.
@@ -157,7 +157,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, mo
     with the very numbers of the uninterrupted group."""
     workdirs = [str(tmp_path / f'lane{i}') for i in range(len(LANES))]
     calls = []
-    real = loop.train_chunk
+    real = steps.train_chunk
 
     def train_chunk(*args, **kwargs):
         calls.append(1)
@@ -165,7 +165,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, mo
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, 'train_chunk', train_chunk)
+    monkeypatch.setattr(steps, 'train_chunk', train_chunk)
     with pytest.raises(loop.Interrupted):
         loop.train_runs(_configs(cifar_py.path), workdirs)
     for workdir in workdirs:
@@ -173,7 +173,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, mo
         manager = checkpoints.checkpoint_manager(workdir, read_only=True)
         assert manager.latest_step() == 6  # 4 steps of epoch 1, 2 of epoch 2.
         manager.close()
-    monkeypatch.setattr(loop, 'train_chunk', real)
+    monkeypatch.setattr(steps, 'train_chunk', real)
     _, summaries = loop.train_runs(_configs(cifar_py.path), workdirs)
     assert [s['status'] for s in summaries] == ['completed'] * 3
     for workdir, reference in zip(workdirs, together[0], strict=True):

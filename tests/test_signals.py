@@ -23,14 +23,14 @@ IN_FLIGHT = textwrap.dedent("""
     import os, signal, sys, threading, time
     import jax, jax.numpy as jnp
     data, workdir = sys.argv[1:]
-    from resnet_jax import loop, main
+    from resnet_jax import main, steps
 
     @jax.jit
     def long_call(x):  # Minutes of matrix products.
         return jax.lax.fori_loop(0, 20000, lambda i, a: jnp.tanh(a @ a), x)
 
     x = jnp.ones((256, 256)) / 256
-    real, calls = loop.train_chunk, []
+    real, calls = steps.train_chunk, []
 
     def chunk(*args, **kwargs):
         if not calls:
@@ -45,7 +45,7 @@ IN_FLIGHT = textwrap.dedent("""
             jax.block_until_ready(long_call(x))
         return real(*args, **kwargs)
 
-    loop.train_chunk = chunk
+    steps.train_chunk = chunk
     sys.exit(main.main([
         'main', '--config', 'configs/default.py', '--workdir', workdir,
         '--config.num_epochs=2', '--config.batch_size=32', '--config.eval_batch_size=32',
@@ -75,8 +75,8 @@ def test_a_second_sigterm_during_a_compiled_call_stops_at_once(cifar_py, tmp_pat
 DECODING = textwrap.dedent("""
     import concurrent.futures, os, signal, sys
     data, workdir = sys.argv[1:]
-    from resnet_jax import datasets, main
-    datasets._DECODE_CHUNK = 5
+    from resnet_jax import image_folder, main
+    image_folder._DECODE_CHUNK = 5
     real_map = concurrent.futures.ProcessPoolExecutor.map
 
     def map_then_terminate(self, *args, **kwargs):

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from configs import default
-from resnet_jax import train, validation, workdir, writers
+from resnet_jax import locks, train, validation, workdir, writers
 
 # ---------------------------------------------------------------- JSON ----
 
@@ -88,10 +88,10 @@ def test_a_live_lock_is_respected_and_a_lock_is_never_empty(tmp_path):
 
 def test_a_lock_of_a_dead_process_is_taken_over_and_one_of_another_host_respected(tmp_path):
     path = tmp_path / workdir.LOCK_FILE
-    host = workdir._owner().split()[0]
+    host = locks._owner().split()[0]
     path.write_text(f'{host} {2**22 + 12345}')  # Above Linux's largest process id.
     with workdir.lock(str(tmp_path)):  # Dead: taken over.
-        assert path.read_text() == workdir._owner()
+        assert path.read_text() == locks._owner()
     path.write_text('some-other-host 1')  # Cannot be checked: taken as held.
     with pytest.raises(workdir.WorkdirBusy, match="'some-other-host 1'"):
         with workdir.lock(str(tmp_path)):
