@@ -38,9 +38,9 @@ def test_write_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):
     assert path.read_text() == 'second'
     assert os.listdir(tmp_path) == ['f.txt']
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
-    with pytest.raises(FileNotFoundError):  # The folder must exist; nothing is left behind.
-        workdir.write_atomic(str(tmp_path / 'no' / 'f.txt'), 'x')
-    assert os.listdir(tmp_path) == ['f.txt']
+    workdir.write_atomic(str(tmp_path / 'new' / 'f.txt'), 'x')  # The folder is created.
+    assert sorted(os.listdir(tmp_path)) == ['f.txt', 'new']
+    assert os.listdir(tmp_path / 'new') == ['f.txt']
 
 
 def test_write_atomic_removes_its_temporary_when_the_write_fails(tmp_path):
