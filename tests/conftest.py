@@ -57,6 +57,17 @@ def one_error_line(proc, *fragments) -> str:
     return lines[0]
 
 
+def corrupt_checkpoint_arrays(folder) -> None:
+    """Overwrites the array data files (TensorStore's) of every checkpoint in ``folder``."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.sep + 'd' + os.sep in path:
+                size = os.path.getsize(path)
+                with open(path, 'r+b') as f:
+                    f.write(b'garbage!' * max(1, size // 8))
+
+
 def make_tiny_config(data_path: str) -> ml_collections.ConfigDict:
     """The default config shrunk for CPU tests on ``cifar_py``.
 

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from resnet_jax import checkpoints, optim, train
-from tests.conftest import make_tiny_config
+from tests.conftest import corrupt_checkpoint_arrays, make_tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -26,17 +26,6 @@ def state():
 
 def _assert_same_tree(a, b):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
-
-
-def _corrupt_arrays(folder):
-    """Overwrites the array data files (TensorStore's) of every checkpoint in ``folder``."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            if os.sep + 'd' + os.sep in path:
-                size = os.path.getsize(path)
-                with open(path, 'r+b') as f:
-                    f.write(b'garbage!' * max(1, size // 8))
 
 
 def test_save_and_restore_round_trip_with_meta_and_running_metrics(state, tmp_path):
@@ -129,7 +118,7 @@ def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_previous_restore
     assert checkpoints.restore_latest_good(str(tmp_path), manager, state) is None  # None yet.
     for step in (2, 4):
         checkpoints.save(manager, state.replace(step=jnp.int32(step)), {'epoch': step // 2})
-    _corrupt_arrays(tmp_path / 'checkpoints' / '4')
+    corrupt_checkpoint_arrays(tmp_path / 'checkpoints' / '4')
     restored, meta, _ = checkpoints.restore_latest_good(str(tmp_path), manager, state)
     assert int(restored.step) == 2 and meta == {'epoch': 1}
     assert manager.all_steps() == [2]
@@ -144,7 +133,7 @@ def test_no_readable_checkpoint_names_the_steps_and_moves_nothing(state, tmp_pat
     manager = checkpoints.checkpoint_manager(str(tmp_path))
     for step in (2, 4):
         checkpoints.save(manager, state.replace(step=jnp.int32(step)), {'epoch': step // 2})
-    _corrupt_arrays(tmp_path / 'checkpoints')
+    corrupt_checkpoint_arrays(tmp_path / 'checkpoints')
     with pytest.raises(
         checkpoints.CheckpointError, match=r'no readable checkpoint in .*\(steps 4, 2: '
     ):

@@ -11,29 +11,20 @@ import os
 import pytest
 
 from resnet_jax import writers
-from tests.conftest import run_cli
-
-
-def _one_error_line(proc, *fragments):
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+from tests.conftest import one_error_line, run_cli
 
 
 def test_get_config_returning_none_is_one_line(tmp_path):
     config = tmp_path / 'none.py'
     config.write_text('def get_config():\n    return None\n')
     proc = run_cli(['--config', str(config), '--workdir', str(tmp_path / 'run')])
-    _one_error_line(proc, 'get_config() returned None')
+    one_error_line(proc, 'get_config() returned None')
     assert 'WARNING' not in proc.stderr + proc.stdout
 
 
 def test_overrides_without_a_config_file_say_that_it_is_missing(tmp_path):
     proc = run_cli(['--workdir', str(tmp_path), '--config.num_epochs=2', '--config.batch_size=50'])
-    line = _one_error_line(proc, '--config', 'configs/default.py')
+    line = one_error_line(proc, '--config', 'configs/default.py')
     assert 'config_config' not in line
 
 
@@ -43,7 +34,7 @@ def test_an_error_found_after_loading_the_data_leaves_no_workdir(cifar_py, tmp_p
         '--config', 'configs/default.py', '--workdir', str(workdir),
         '--config.batch_size=1000', f'--config.data.path={cifar_py.path}',
     ])  # fmt: skip
-    _one_error_line(proc, 'batch')
+    one_error_line(proc, 'batch')
     assert not workdir.exists()
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from resnet_jax import datasets, report, workdir, writers
 from tests import fake_data
-from tests.conftest import run_cli
+from tests.conftest import one_error_line, run_cli
 from tests.test_ownership import snapshot
 
 
@@ -59,14 +59,6 @@ def _args(data, folder):
     ]  # fmt: skip
 
 
-def _one_error_line(proc, *fragments):
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_a_record_of_the_wrong_type_is_named(tmp_path):
     path = tmp_path / 'metrics.jsonl'
     path.write_text('{"epoch": 1, "test_accuracy": 0.5}\n{"epoch": "x"}\n')
@@ -98,7 +90,7 @@ def test_resuming_from_a_malformed_file_is_one_line(cifar_py, tmp_path, file, co
         content = json.dumps(dict(config, batch_size='32'))
     (tmp_path / file).write_text(content)
     before = snapshot(tmp_path)
-    _one_error_line(run_cli(_args(cifar_py.path, tmp_path)), fragment)
+    one_error_line(run_cli(_args(cifar_py.path, tmp_path)), fragment)
     assert snapshot(tmp_path) == before
 
 
@@ -124,7 +116,7 @@ def test_report_of_a_malformed_run_folder_is_one_line(tmp_path):
     folder = tmp_path / 'sweep' / runs[0]['name']
     with open(folder / 'metrics.jsonl', 'a') as f:
         f.write('{"epoch": "x"}\n{"epoch": 5}\n')
-    _one_error_line(run_cli(['--workdir', str(folder), '--mode=report']), 'metrics.jsonl')
+    one_error_line(run_cli(['--workdir', str(folder), '--mode=report']), 'metrics.jsonl')
 
 
 @pytest.mark.parametrize(
@@ -139,12 +131,10 @@ def test_report_of_a_malformed_run_folder_is_one_line(tmp_path):
 )
 def test_a_malformed_manifest_is_one_line(tmp_path, manifest):
     (tmp_path / 'sweep.json').write_text(manifest)
-    _one_error_line(run_cli(['--workdir', str(tmp_path), '--mode=report']), 'sweep.json')
+    one_error_line(run_cli(['--workdir', str(tmp_path), '--mode=report']), 'sweep.json')
 
 
-@pytest.mark.parametrize(
-    'labels', [[[1, 2], 3], [1.5] * 24, [[1]] * 24, 'labels']
-)
+@pytest.mark.parametrize('labels', [[[1, 2], 3], [1.5] * 24, [[1]] * 24, 'labels'])
 def test_a_cifar_batch_with_ragged_or_wrong_labels_is_named(tmp_path, labels):
     fake = fake_data.write_cifar_py(tmp_path, n_train_per_batch=24, n_test=10)
     path = os.path.join(fake.path, 'data_batch_2')
@@ -152,9 +142,7 @@ def test_a_cifar_batch_with_ragged_or_wrong_labels_is_named(tmp_path, labels):
     with open(path, 'wb') as f:
         pickle.dump(batch, f, protocol=2)
     with pytest.raises(datasets.DataError, match='data_batch_2'):
-        datasets.load_dataset(
-            _data_config(fake.path, 'cifar'), seed=0
-        )
+        datasets.load_dataset(_data_config(fake.path, 'cifar'), seed=0)
 
 
 def _data_config(path, source):
@@ -201,7 +189,7 @@ def _manifest(tmp_path):
     return path
 
 
-def test_a_tfds_dir_with_garbage_files_is_one_error_line(tmp_path):
+def test_a_tfds_dir_with_garbage_files_isone_error_line(tmp_path):
     version = tmp_path / 'tfds' / 'cifar10' / '3.0.2'
     version.mkdir(parents=True)
     (version / 'dataset_info.json').write_text('garbage')
@@ -210,5 +198,5 @@ def test_a_tfds_dir_with_garbage_files_is_one_error_line(tmp_path):
         '--config', 'configs/default.py', '--workdir', str(tmp_path / 'run'),
         f'--config.data.path={tmp_path / "tfds"}', '--config.data.download=False',
     ])  # fmt: skip
-    _one_error_line(proc, 'cannot read TFDS cifar10', str(tmp_path / 'tfds'))
+    one_error_line(proc, 'cannot read TFDS cifar10', str(tmp_path / 'tfds'))
     assert not (tmp_path / 'run').exists()

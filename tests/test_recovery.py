@@ -20,7 +20,13 @@ import numpy as np
 import pytest
 
 from resnet_jax import checkpoints, loop, steps, train, validation, writers
-from tests.conftest import REPO, make_tiny_config, one_error_line, run_cli
+from tests.conftest import (
+    REPO,
+    corrupt_checkpoint_arrays,
+    make_tiny_config,
+    one_error_line,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow  # Every test here trains or starts the CLI.
 
@@ -211,17 +217,6 @@ def _corrupt(folder, how):
                     f.write(b'garbage!' * max(1, size // 8))
 
 
-def _corrupt_arrays(folder):
-    """Overwrites the array data files (TensorStore's) of every checkpoint in ``folder``."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            if os.sep + 'd' + os.sep in path:
-                size = os.path.getsize(path)
-                with open(path, 'r+b') as f:
-                    f.write(b'garbage!' * max(1, size // 8))
-
-
 @pytest.mark.parametrize('how', ['truncate', 'garbage', 'arrays'])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
     how, reference, cifar_py, tmp_path, caplog
@@ -229,7 +224,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(
     config = make_tiny_config(cifar_py.path)
     shutil.copytree(reference[2], tmp_path, dirs_exist_ok=True)  # A finished 3-epoch run.
     if how == 'arrays':
-        _corrupt_arrays(tmp_path / 'checkpoints' / '12')
+        corrupt_checkpoint_arrays(tmp_path / 'checkpoints' / '12')
     else:
         _corrupt(tmp_path / 'checkpoints' / '12', how)
     caplog.clear()
@@ -249,7 +244,7 @@ def test_no_readable_checkpoint_is_exactly_one_line_and_rewrites_nothing(cifar_p
     args.append(f'--config.data.path={cifar_py.path}')
     assert run_cli([*args[:-5], '--config.num_epochs=2', *args[-4:]]).returncode == 0
     before = (tmp_path / 'config.json').read_text()
-    _corrupt_arrays(tmp_path / 'checkpoints')
+    corrupt_checkpoint_arrays(tmp_path / 'checkpoints')
     proc = run_cli(args)  # num_epochs 2 -> 3
     one_error_line(proc, f'no readable checkpoint in {tmp_path}/checkpoints (steps 8, 4')
     assert (tmp_path / 'config.json').read_text() == before
@@ -261,7 +256,7 @@ def test_eval_falls_back_to_the_newest_readable_checkpoint(cifar_py, tmp_path):
     config = make_tiny_config(cifar_py.path)
     config.num_epochs = 2
     _, summary = loop.train_and_evaluate(config, str(tmp_path))
-    _corrupt_arrays(tmp_path / 'checkpoints' / '8')
+    corrupt_checkpoint_arrays(tmp_path / 'checkpoints' / '8')
     args = ['--config', 'configs/default.py', '--workdir', str(tmp_path), '--mode=eval']
     proc = run_cli(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -269,7 +264,7 @@ def test_eval_falls_back_to_the_newest_readable_checkpoint(cifar_py, tmp_path):
     first = writers.read_metrics(str(tmp_path))[0]
     assert f'test accuracy {100 * first["test_accuracy"]:.2f}%' in proc.stdout
     assert proc.stderr == '' and _steps(tmp_path) == [4, 8]  # Read-only: nothing moved.
-    _corrupt_arrays(tmp_path / 'checkpoints' / '4')
+    corrupt_checkpoint_arrays(tmp_path / 'checkpoints' / '4')
     one_error_line(run_cli(args), 'no readable checkpoint')
 
 
