@@ -16,7 +16,7 @@ import pytest
 from resnet_jax import report, writers
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-JPEG_DATA = {'source': 'folder', 'path': '/work/main/data/cifar10-jpeg'}
+JPEG_DATA = {'source': 'folder', 'path': '/srv/data/cifar10-jpeg'}
 
 
 def run_name(overrides):
@@ -398,7 +398,7 @@ def test_data_statements(tmp_path):
     write_run(root, runs[0])
     markdown = read_markdown(report.write_report(root)['results_md'])
     assert (
-        'Data: image folder /work/main/data/cifar10-jpeg (JPEG re-encoding of CIFAR-10, '
+        'Data: image folder /srv/data/cifar10-jpeg (JPEG re-encoding of CIFAR-10, '
         '50000 train / 10000 test images: accuracies are comparable only with runs on this copy'
     ) in markdown
     cifar = report.describe_data({'source': 'cifar', 'path': '/d/cifar-10-batches-py'})
