@@ -9,9 +9,11 @@ import os
 import sys
 import types
 
+import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from resnet_jax import train, writers
+from resnet_jax import workdir as workdir_lib
 
 
 def test_one_writer_even_where_clu_metric_writers_imports(tmp_path, monkeypatch):
@@ -35,14 +37,12 @@ def _write_lines(workdir, *lines):
     (workdir / 'metrics.jsonl').write_text(''.join(line + '\n' for line in lines))
 
 
-def test_read_metrics_keeps_the_last_record_of_each_epoch_and_skips_torn_lines(tmp_path):
+def test_read_metrics_keeps_the_last_record_of_each_epoch_and_skips_a_torn_last_line(tmp_path):
     assert writers.read_metrics(str(tmp_path)) == []  # No file yet.
     _write_lines(
         tmp_path,
         '{"epoch": 2, "loss": 1.0}',
         '{"epoch": 1, "loss": 2.0}',
-        '[1, 2]',
-        '{"no_epoch": 1}',
         '{"epoch": 2, "loss": 0.5}',  # Rewritten after a resume: the later record wins.
         '{"epoch": 3, "lo',  # Being appended (or cut by a kill).
     )
@@ -50,6 +50,13 @@ def test_read_metrics_keeps_the_last_record_of_each_epoch_and_skips_torn_lines(t
         {'epoch': 1, 'loss': 2.0},
         {'epoch': 2, 'loss': 0.5},
     ]
+
+
+@pytest.mark.parametrize('line', ['[1, 2]', '{"no_epoch": 1}', '{"epoch": "x"}'])
+def test_read_metrics_names_a_line_that_is_not_a_record(tmp_path, line):
+    _write_lines(tmp_path, '{"epoch": 1, "loss": 2.0}', line, '{"epoch": 2, "loss": 0.5}')
+    with pytest.raises(workdir_lib.RecordError, match='metrics.jsonl line 2'):
+        writers.read_metrics(str(tmp_path))
 
 
 def test_truncate_metrics_drops_epochs_after_the_last_checkpoint(tmp_path):
