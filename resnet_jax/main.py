@@ -304,10 +304,11 @@ def _run_search(argv: list[str], config: Any, workdir: str) -> int:
     """A sweep or a search: its runs here, or in ``--workers`` processes."""
     from resnet_jax import search, sweep
 
-    search.spec_from_config(config)  # Bad search input: an error before anything starts.
+    spec = search.spec_from_config(config)  # Bad search input: an error before anything starts.
     if FLAGS.workers > 1:
         from resnet_jax import workers  # pylint: disable=g-import-not-at-top
 
+        search.open_study(spec, workdir)  # One error line for a bad storage, not one per worker.
         return workers.run(argv, FLAGS.workers, workdir)
     if sweep.is_sweep(config):
         statuses = sweep.run_sweep(config, workdir)

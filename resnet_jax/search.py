@@ -203,9 +203,12 @@ def open_study(spec: Spec, workdir: str) -> Any:
     import optuna  # pylint: disable=g-import-not-at-top
 
     url = storage_url(spec.storage, workdir)
+    # A storage elsewhere is reached before the workdir is created: an unreachable
+    # one leaves nothing behind. The default SQLite file lives in the workdir.
+    storage = open_storage(url, spec) if spec.storage else None
     os.makedirs(workdir, exist_ok=True)
     with claim_lock(workdir):
-        storage = open_storage(url, spec)
+        storage = storage or open_storage(url, spec)
         try:
             study = optuna.create_study(
                 storage=storage,

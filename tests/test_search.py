@@ -349,3 +349,19 @@ def test_two_workers_draw_different_first_trials(tmp_path, learnable):
     with search.claim_lock(str(tmp_path / 'again')):
         (trial,) = search.claim(again, spec)
     assert search.sample(trial, spec.params, spec.base) == drawn[0]
+
+
+@pytest.mark.slow
+def test_an_unreachable_storage_with_workers_is_one_line_and_leaves_nothing(tmp_path, learnable):
+    config_file = write_config_file(
+        tmp_path, "config.search.storage = 'sqlite:////nonexistent/folder/study.db'"
+    )
+    workdir = tmp_path / 'study'
+    result = run_cli(
+        [f'--config={config_file}', f'--config.data.path={learnable.path}',
+         f'--workdir={workdir}', '--workers=2']
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: cannot open the study storage')
+    assert not workdir.exists()
