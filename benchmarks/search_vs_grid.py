@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 'study': name,
                 'trials': len(trials),
-                'images trained': int(trials.drop_duplicates('run')['images'].sum()),
+                'images trained': search_report.images_trained(trials),
                 f'images to reach {100 * target:.2f}% val': reached,
                 'pick': params,
                 'pick val %': round(100 * pick['value'], 2),

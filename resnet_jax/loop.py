@@ -234,20 +234,11 @@ def device_eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) 
     return -(-config.eval_batch_size // num_devices) * num_devices
 
 
-def _device_test_set(
-    data: datasets.Dataset, batch_size: int, replicated: NamedSharding
+def _device_eval_set(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, replicated: NamedSharding
 ) -> tuple[jax.Array, ...]:
-    padded = augment.pad_test_set(data.test_images, data.test_labels, batch_size)
-    return tuple(jax.device_put(a, replicated) for a in padded)
-
-
-def _device_validation_set(
-    data: datasets.Dataset, batch_size: int, replicated: NamedSharding
-) -> tuple[jax.Array, ...] | None:
-    """The held-out validation images on the device, or None without any."""
-    if not len(data.validation_labels):
-        return None
-    padded = augment.pad_test_set(data.validation_images, data.validation_labels, batch_size)
+    """An evaluation split (test or validation) padded to whole batches, on the device."""
+    padded = augment.pad_test_set(images, labels, batch_size)
     return tuple(jax.device_put(a, replicated) for a in padded)
 
 
@@ -278,8 +269,12 @@ def _train_runs(
         images=jax.device_put(np.concatenate([d.train_images for d in sets]), replicated),
         labels=jax.device_put(np.concatenate([d.train_labels for d in sets]), replicated),
         num_train=len(data.train_labels),
-        test=_device_test_set(data, eval_bs, replicated),
-        validation=_device_validation_set(data, eval_bs, replicated),
+        test=_device_eval_set(data.test_images, data.test_labels, eval_bs, replicated),
+        validation=(  # The held-out training images, if the config holds any out.
+            _device_eval_set(data.validation_images, data.validation_labels, eval_bs, replicated)
+            if len(data.validation_labels)
+            else None
+        ),
         sizes=sizes,
         eval_bs=eval_bs,
         prep=augment.Preprocess.from_config(config),
@@ -549,7 +544,7 @@ def evaluate_workdir(workdir: str, data_path: str | None = None) -> dict[str, fl
     )
     (result,) = train.evaluate(
         jax.device_put(train.stack([state]), replicated),
-        _device_test_set(data, eval_bs, replicated),
+        _device_eval_set(data.test_images, data.test_labels, eval_bs, replicated),
         eval_bs,
         augment.Preprocess.from_config(config),
         NamedSharding(mesh, P('data')),

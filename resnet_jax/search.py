@@ -45,7 +45,7 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import datasets, validation
+from resnet_jax import datasets, validation, writers
 from resnet_jax import sweep as sweep_lib
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.search_space import (  # noqa: F401  # The search API, re-exported.
@@ -57,7 +57,6 @@ from resnet_jax.search_space import (  # noqa: F401  # The search API, re-export
     Param,
     SearchError,
     Spec,
-    _is_number,
     apply_overrides,
     categorical,
     default_section,
@@ -260,12 +259,11 @@ def _requeue_lost(study: Any, spec: Spec, workdir: str) -> None:
         if any(t.state in active for t in mine):
             continue
         name = folder_name(point)
-        probe = _Point(None, dict(point), name, os.path.join(workdir, name))
         try:
-            probe.config = apply_overrides(spec.base, point)
+            config = apply_overrides(spec.base, point)
         except validation.ConfigError:
             continue
-        if _finished(probe) is None:
+        if _finished(os.path.join(workdir, name), config) is None:
             logger.info('%s has no finished run: queued again', name)
             study.enqueue_trial(dict(point))
 
@@ -274,14 +272,8 @@ def _grid_order(spec: Spec) -> list[dict[str, Any]]:
     """A grid's points, those that train together (``vectorize``) next to each other."""
     if not spec.vectorize:
         return list(spec.grid)
-    from resnet_jax import loop  # pylint: disable=g-import-not-at-top  # Heavy.
-
-    keys = [loop.group_key(apply_overrides(spec.base, p)) for p in spec.grid]
-    first = {}
-    for i, k in enumerate(keys):
-        first.setdefault(k, i)
-    order = sorted(range(len(spec.grid)), key=lambda i: (first[keys[i]], i))
-    return [spec.grid[i] for i in order]
+    groups = sweep_lib.group_runs([apply_overrides(spec.base, p) for p in spec.grid])
+    return [spec.grid[i] for group in groups for i in group]
 
 
 # ---------------------------------------------------------------- workers ----
@@ -372,21 +364,21 @@ def _prepare(trial: Any, spec: Spec, workdir: str) -> _Point:
     return point
 
 
-def _finished(point: _Point) -> dict[str, Any] | None:
-    """The summary of a run folder that already finished this config, if any.
+def _finished(run_dir: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """The summary of ``run_dir`` if it already finished ``config``, else None.
 
     Completed means trained to this config's ``num_epochs`` (a larger one resumes
     the run); fields that do not change a run's result may differ.
     """
-    summary = workdir_lib.read_json_object(os.path.join(point.run_dir, workdir_lib.SUMMARY_FILE))
+    summary = workdir_lib.read_json_object(os.path.join(run_dir, workdir_lib.SUMMARY_FILE))
     if not summary or not isinstance(summary.get('config'), dict):
         return None
     status = summary.get('status')
     if status not in ('completed', 'pruned', 'diverged'):
         return None
-    if workdir_lib.config_differences(summary['config'], workdir_lib.config_json(point.config)):
+    if workdir_lib.config_differences(summary['config'], workdir_lib.config_json(config)):
         return None
-    if status == 'completed' and summary.get('epochs_completed') != point.config.num_epochs:
+    if status == 'completed' and summary.get('epochs_completed') != config.num_epochs:
         return None
     return summary
 
@@ -394,7 +386,7 @@ def _finished(point: _Point) -> dict[str, Any] | None:
 def _epoch_callback(point: _Point, spec: Spec) -> Callable[[dict[str, Any]], bool]:
     def on_epoch(record: dict[str, Any]) -> bool:
         value = record.get(spec.metric)
-        if not _is_number(value):
+        if not validation.is_finite_number(value):
             return False
         point.trial.report(float(value), int(record['epoch']))
         if int(record['epoch']) >= point.config.num_epochs:
@@ -420,7 +412,7 @@ def _tell(study: Any, point: _Point, summary: Mapping[str, Any] | None, spec: Sp
     if error:
         trial.set_user_attr('error', str(error)[:500])
     value = (summary or {}).get(spec.metric)
-    if status == 'completed' and _is_number(value):
+    if status == 'completed' and validation.is_finite_number(value):
         study.tell(trial, float(value))
     elif status == 'pruned':
         study.tell(trial, state=TrialState.PRUNED)
@@ -431,7 +423,7 @@ def _tell(study: Any, point: _Point, summary: Mapping[str, Any] | None, spec: Sp
         trial.number,
         point.name,
         status,
-        f' ({spec.metric} {value:.4f})' if _is_number(value) else '',
+        f' ({spec.metric} {value:.4f})' if validation.is_finite_number(value) else '',
     )
 
 
@@ -467,15 +459,16 @@ def train_points(study: Any, points: list[_Point], spec: Spec) -> None:
             logger.error('trial %d: %s', point.trial.number, point.error)
             _record_failure(point, point.error)
             summaries[i] = {'status': 'failed', 'error': point.error}
-        elif (done := _finished(point)) is not None:
+        elif (done := _finished(point.run_dir, point.config)) is not None:
             logger.info(
                 'trial %d %s: already %s, not trained again',
                 point.trial.number,
                 point.name,
                 done['status'],
             )
-            for record in _records(point.run_dir):
-                _epoch_callback(point, spec)(record)
+            report_epoch = _epoch_callback(point, spec)  # The pruner sees its history.
+            for record in writers.read_metrics(point.run_dir):
+                report_epoch(record)
             summaries[i] = done
         else:
             todo.append(i)
@@ -521,12 +514,6 @@ def _train(group: list[_Point], study: Any, spec: Spec) -> list[dict[str, Any]]:
         except BaseException:  # Interrupted: checkpoints are saved; the trials wait for a worker.
             _requeue(study, group)
             raise
-
-
-def _records(run_dir: str) -> list[dict[str, Any]]:
-    from resnet_jax import writers  # pylint: disable=g-import-not-at-top
-
-    return writers.read_metrics(run_dir)
 
 
 def _others_running(study: Any) -> bool:
@@ -584,11 +571,12 @@ def write_report(workdir: str) -> dict[str, str]:
 
     paths: dict[str, str] = {}
     if os.path.exists(os.path.join(workdir, sweep_lib.MANIFEST_FILE)):
-        paths.update(sweep_lib.write_report(workdir))
+        paths.update(sweep_lib.write_report(workdir))  # Logs its own files.
     try:
-        paths.update(search_report.write_report(workdir))
+        written = search_report.write_report(workdir)
     except ImportError as e:
         logger.warning('search report not written: %s', e)
-    for kind, path in paths.items():
+        return paths
+    for kind, path in written.items():
         logger.info('report %s: %s', kind, path)
-    return paths
+    return {**paths, **written}

@@ -99,12 +99,22 @@ def _run_numbers(workdir: str, name: str | None) -> dict[str, Any]:
     }
 
 
-def trials_frame(study: Any, workdir: str) -> pd.DataFrame:
-    """One row per trial, with its run folder's numbers."""
+def read_runs(study: Any, workdir: str) -> dict[str | None, dict[str, Any]]:
+    """The numbers and records of every run folder of the study, each read once
+    (a retried trial shares its folder with the trial it retries)."""
+    names = {trial.user_attrs.get('run') for trial in study.get_trials(deepcopy=False)}
+    return {name: _run_numbers(workdir, name) for name in names}
+
+
+def trials_frame(
+    study: Any, workdir: str, runs: Mapping[str | None, dict[str, Any]] | None = None
+) -> pd.DataFrame:
+    """One row per trial, with its run folder's numbers (``runs``: :func:`read_runs`)."""
+    runs = read_runs(study, workdir) if runs is None else runs
     rows = []
     for trial in study.get_trials(deepcopy=False):
         name = trial.user_attrs.get('run')
-        numbers = _run_numbers(workdir, name)
+        numbers = runs[name]
         rows.append(
             {
                 'trial': trial.number,
@@ -130,6 +140,11 @@ def trials_frame(study: Any, workdir: str) -> pd.DataFrame:
     frame['num_train'] = frame['num_train'].fillna(fallback).astype(int)
     frame['images'] = frame['epochs'] * frame['num_train']
     return frame
+
+
+def images_trained(trials: pd.DataFrame) -> int:
+    """The images the study trained: each run folder counted once."""
+    return int(trials.drop_duplicates('run')['images'].sum()) if len(trials) else 0
 
 
 def history_frame(trials: pd.DataFrame, direction: str) -> pd.DataFrame:
@@ -180,8 +195,7 @@ def compute_table(
     """Images trained, next to the full grid or every trial trained to the end."""
     num_epochs = int(described['base_config'].get('num_epochs', 0))
     num_train = int(trials['num_train'].max()) if len(trials) else 0
-    spent = int(trials.drop_duplicates('run')['images'].sum()) if len(trials) else 0
-    rows: list[tuple[str, int | None]] = [('images trained', spent)]
+    rows: list[tuple[str, int | None]] = [('images trained', images_trained(trials))]
     if described['grid']:
         rows.append(
             ('full grid, every point to the end', len(described['grid']) * num_epochs * num_train)
@@ -253,6 +267,7 @@ def _markdown(
 
 def _plots(
     workdir: str,
+    runs: Mapping[str | None, dict[str, Any]],
     trials: pd.DataFrame,
     history: pd.DataFrame,
     imp: pd.Series,
@@ -288,7 +303,7 @@ def _plots(
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for _, row in trials.iterrows():
-        records = _run_numbers(workdir, row['run']).get('records') or []
+        records = runs.get(row['run'], {}).get('records') or []
         points = [(r['epoch'], r.get(metric)) for r in records if r.get(metric) is not None]
         if points:
             style = '--' if row['state'] == 'pruned' else '-'
@@ -299,8 +314,8 @@ def _plots(
         ax.set_ylabel(metric)
         ax.set_title('trials by epoch (pruned: dashed)')
         fig.tight_layout()
-        paths['curves'] = os.path.join(workdir, CURVES_PNG)
-        fig.savefig(paths['curves'], dpi=120)
+        paths['search_curves'] = os.path.join(workdir, CURVES_PNG)
+        fig.savefig(paths['search_curves'], dpi=120)
     plt.close(fig)
     return paths
 
@@ -309,7 +324,8 @@ def write_report(workdir: str) -> dict[str, str]:
     """Writes the study's report files into ``workdir``; returns ``{kind: path}``."""
     described = read_description(workdir)
     study = load_study(workdir, described)
-    trials = trials_frame(study, workdir)
+    runs = read_runs(study, workdir)
+    trials = trials_frame(study, workdir, runs)
     paths: dict[str, str] = {}
     if trials.empty:
         logger.info('study %s has no trials yet', described['study_name'])
@@ -328,7 +344,7 @@ def write_report(workdir: str) -> dict[str, str]:
     paths['search'] = os.path.join(workdir, SEARCH_MD)
     workdir_lib.write_atomic(paths['search'], text)
     try:
-        paths.update(_plots(workdir, trials, history, imp, described['metric']))
+        paths.update(_plots(workdir, runs, trials, history, imp, described['metric']))
     except Exception as e:  # pylint: disable=broad-except  # Plots are extras.
         logger.warning('search plots not drawn: %s', e)
     return paths

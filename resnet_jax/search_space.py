@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -95,10 +94,6 @@ class Param:
         return trial.suggest_categorical(self.name, list(self.choices))
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def parse_param(name: str, node: Any) -> Param:
     """Checks one entry of ``config.search.space``; raises :class:`SearchError`."""
     where = f'config.search.space.{name}'
@@ -125,7 +120,7 @@ def parse_param(name: str, node: Any) -> Param:
                 )
         return Param(name, kind, choices=tuple(choices), when=when)
     low, high, log = node.get('low'), node.get('high'), node.get('log', False)
-    if not _is_number(low) or not _is_number(high):
+    if not validation.is_finite_number(low) or not validation.is_finite_number(high):
         raise SearchError(f'{where} needs numbers low and high, got {low!r} and {high!r}')
     if low > high:
         raise SearchError(f'{where}: low={low} is greater than high={high}')
@@ -310,7 +305,7 @@ def _check_options(options: dict[str, Any]) -> None:
         check_int(name, minimum)
     if options['grace_seconds'] <= options['heartbeat_seconds']:
         raise SearchError('config.search.grace_seconds must exceed heartbeat_seconds')
-    if not _is_number(options['poll_seconds']) or options['poll_seconds'] <= 0:
+    if not validation.is_finite_number(options['poll_seconds']) or options['poll_seconds'] <= 0:
         raise SearchError(
             f'config.search.poll_seconds must be > 0, got {options["poll_seconds"]!r}'
         )

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import struct
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from resnet_jax.validation import is_finite_number
 from resnet_jax.workdir import EVENTS_PREFIX, METRICS_FILE, RecordError, dumps, write_atomic
 
 logger = logging.getLogger('resnet_jax')
@@ -236,7 +236,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     highest finite test accuracy.
     """
     last = records[-1] if records else {}
-    scored = [r for r in records if _finite(r.get('test_accuracy'))]
+    scored = [r for r in records if is_finite_number(r.get('test_accuracy'))]
     best = max(scored, key=lambda r: r['test_accuracy']) if scored else {}
     numbers = {
         'epochs_completed': int(last.get('epoch', 0)),
@@ -248,7 +248,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         'best_epoch': best.get('epoch'),
         'wall_seconds': sum(float(r.get('epoch_seconds') or 0.0) for r in records),
     }
-    validated = [r for r in records if _finite(r.get('val_accuracy'))]
+    validated = [r for r in records if is_finite_number(r.get('val_accuracy'))]
     if validated:  # With a validation split (config.data.validation_size > 0).
         best_val = max(validated, key=lambda r: r['val_accuracy'])
         numbers.update(
@@ -258,10 +258,6 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             best_val_epoch=best_val['epoch'],
         )
     return numbers
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def format_record(record: Mapping[str, Any]) -> str:

@@ -16,7 +16,7 @@ import pytest
 from configs import default
 from resnet_jax import datasets, search
 from tests import fake_data, postgres_server
-from tests.conftest import run_cli, start_cli
+from tests.conftest import make_tiny_config, run_cli, start_cli
 
 
 @pytest.fixture(scope='module')
@@ -27,14 +27,14 @@ def learnable(tmp_path_factory) -> fake_data.FakeCifar:
 
 
 def search_config(data_path: str, **search_options) -> ml_collections.ConfigDict:
-    """A tiny study: 40 images held out, learning rates on a grid, 4 epochs."""
-    config = default.get_config()
+    """A tiny study: 40 images held out, learning rates on a grid, 4 epochs at a
+    constant rate (no decay within the run), a whole epoch per compiled call."""
+    config = make_tiny_config(data_path)
     config.num_epochs = 4
     config.batch_size = 20
     config.eval_batch_size = 50
     config.steps_per_call = 0
     config.decay_every_epochs = 10
-    config.data.path = data_path
     config.data.validation_size = 40
     config.search = search.default_section()
     config.search.space.learning_rate = search.categorical((0.003, 1e-7))
