@@ -81,7 +81,7 @@ fi
 
 # 1. The paper model's epoch time at batch 100/500/1000, fp32 and bf16, whole
 #    epochs in one compiled call each (steps_per_call=0).
-step bench_paper 100 python3 -m resnet_jax.bench --data "$DATA" --models paper \
+step bench_paper 100 python3 -m resnet_jax.cli.bench --data "$DATA" --models paper \
     --batch_sizes $PAPER_BS --dtypes $DTYPES --steps $BENCH_STEPS --epochs $BENCH_EPOCHS \
     --steps_per_call 0 --torch none --json "$WORK/bench_paper.json"
 
@@ -96,7 +96,7 @@ step sweep 150 python3 -m resnet_jax.main --config configs/paper_sweep.py \
     --config.steps_per_call=0 --config.num_epochs=$SWEEP_EPOCHS $SWEEP_SUB
 
 # 4. ResNet-18 images/s, fp32 and bf16, against tuned PyTorch (torch.compile).
-step bench_resnet18 70 python3 -m resnet_jax.bench --models resnet18 --batch_sizes $R18_BS \
+step bench_resnet18 70 python3 -m resnet_jax.cli.bench --models resnet18 --batch_sizes $R18_BS \
     --dtypes $DTYPES --steps $BENCH_STEPS --steps_per_call 0 --torch tuned \
     --json "$WORK/bench_resnet18.json"
 

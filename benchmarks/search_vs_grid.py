@@ -2,7 +2,7 @@
 
     python benchmarks/search_vs_grid.py runs/cpu_grid runs/cpu_search [--within 0.005]
 
-Both workdirs are studies (resnet_jax.search) selecting on the same validation
+Both workdirs are studies (resnet_jax.studies.search) selecting on the same validation
 split. For each it prints, as a Markdown table: the images it trained in all,
 the images it had trained when its best validation accuracy so far first came
 within ``--within`` (a fraction: 0.005 is half a point) of the grid's best, its
@@ -14,7 +14,7 @@ import sys
 
 import pandas as pd
 
-from resnet_jax import search_report
+from resnet_jax.reports import study_report as search_report
 
 
 def study_frames(workdir: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:

@@ -1,6 +1,6 @@
 """PyTorch references of the study's ResNet and recipe, for speed comparisons only.
 
-Two implementations of the same network (:mod:`resnet_jax.models`) and training
+Two implementations of the same network (:mod:`resnet_jax.models.resnet`) and training
 recipe (``configs/default.py``: inputs scaled to [0, 1], pad-4 random crop and
 horizontal flip, Adam, learning rate divided by 3 every 20 epochs,
 cross-entropy), selected by ``impl``:
@@ -61,7 +61,7 @@ DEFAULT_STEPS = 20  # Timing mode when neither steps nor epochs is given.
 EVAL_BATCH_SIZE = 1000
 
 # Per model: stage widths, blocks per stage, stem width, projection-shortcut kernel
-# (as resnet_jax.models.PaperResNet / ResNet18).
+# (as resnet_jax.models.resnet.PaperResNet / ResNet18).
 ARCHITECTURES = {
     'paper': ((16, 32, 64), (2, 2, 2), 16, 3),
     'resnet18': ((64, 128, 256, 512), (2, 2, 2, 2), 64, 1),

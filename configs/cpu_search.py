@@ -13,7 +13,7 @@ search trains a fraction of what the grid trains (results/search/).
 import ml_collections
 
 from configs import default
-from resnet_jax import search
+from resnet_jax.studies import search_space
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -21,10 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 6
     config.data.train_subset = 3000
     config.data.validation_size = 1000
-    config.search = search.default_section()
-    config.search.space.batch_size = search.categorical((100, 500, 1000))
-    config.search.space.learning_rate = search.float_param(1e-4, 0.1, log=True)
-    config.search.space.shuffle = search.categorical((True, False))
+    config.search = search_space.default_section()
+    config.search.space.batch_size = search_space.categorical((100, 500, 1000))
+    config.search.space.learning_rate = search_space.float_param(1e-4, 0.1, log=True)
+    config.search.space.shuffle = search_space.categorical((True, False))
     config.search.num_trials = 16
     config.search.sampler = 'tpe'
     config.search.startup_trials = 5

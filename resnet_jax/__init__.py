@@ -18,13 +18,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    'create_model': 'resnet_jax.models',
-    'TrainState': 'resnet_jax.train',
-    'create_train_state': 'resnet_jax.train',
-    'train_step': 'resnet_jax.train',
-    'eval_step': 'resnet_jax.train',
-    'train_and_evaluate': 'resnet_jax.loop',
-    'restore': 'resnet_jax.checkpoints',
+    'create_model': 'resnet_jax.models.resnet',
+    'TrainState': 'resnet_jax.training.train',
+    'create_train_state': 'resnet_jax.training.train',
+    'train_step': 'resnet_jax.training.train',
+    'eval_step': 'resnet_jax.training.train',
+    'train_and_evaluate': 'resnet_jax.training.loop',
+    'restore': 'resnet_jax.training.checkpoints',
 }
 
 

@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 def _model(config: ml_collections.ConfigDict) -> None:
     """The network and its computation dtype."""
-    # Model: a name in the registry resnet_jax.models.MODELS ('paper': the
+    # Model: a name in the registry resnet_jax.models.resnet.MODELS ('paper': the
     # study's 3-stage net).
     config.model = 'paper'
     config.num_classes = 10
@@ -57,7 +57,7 @@ def _training(config: ml_collections.ConfigDict) -> None:
 
 def _optimizer(config: ml_collections.ConfigDict) -> None:
     """The optimiser and the hyperparameters the registered optimisers read."""
-    # Optimiser: a name in the registry resnet_jax.optim.OPTIMIZERS ('adam': the
+    # Optimiser: a name in the registry resnet_jax.training.optim.OPTIMIZERS ('adam': the
     # study's). The fields below are those the registered optimisers read; each
     # optimiser declares its own, and validation checks the chosen one's.
     config.optimizer = 'adam'
@@ -74,7 +74,7 @@ def _optimizer(config: ml_collections.ConfigDict) -> None:
 
 def _schedule(config: ml_collections.ConfigDict) -> None:
     """The learning-rate schedule."""
-    # Schedule: a name in the registry resnet_jax.optim.SCHEDULES ('piecewise':
+    # Schedule: a name in the registry resnet_jax.training.optim.SCHEDULES ('piecewise':
     # the study's, divide by decay_factor every decay_every_epochs).
     config.schedule = 'piecewise'
     config.decay_every_epochs = 20
@@ -106,7 +106,7 @@ def _data(config: ml_collections.ConfigDict) -> None:
     """Where the images come from, the held-out split and the augmentation."""
     config.data = ml_collections.ConfigDict()
     # 'auto' (detect from path) or a name in the registry
-    # resnet_jax.datasets.SOURCES ('cifar': the official python/binary batches,
+    # resnet_jax.datasets.loading.SOURCES ('cifar': the official python/binary batches,
     # 'folder': split/class/*.png|jpg, 'tfds').
     config.data.source = 'auto'
     config.data.path = ''  # '' with tfds: the default TFDS data dir

@@ -1,7 +1,8 @@
 """Named extension points: one registry each for models, optimisers, schedules and data sources.
 
     import optax
-    from resnet_jax import models, optim, validation
+    from resnet_jax import models, validation
+    from resnet_jax.training import optim
 
     @models.MODELS.register('tiny')
     def tiny(num_classes, dtype):               # -> a flax module

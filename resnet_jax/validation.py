@@ -1,16 +1,16 @@
-"""Checks a run's config before any data is read or anything is compiled.
+"""The config's check primitives: one clear sentence per invalid field.
 
-    validate_config(config)        # raises ConfigError with one clear sentence
     get_field(config, 'data.path')                 # dotted get (ConfigError if missing)
     set_field(config, 'data.path', '/data/cifar')  # dotted set (ConfigError if missing)
 
 The command line turns a :class:`ConfigError` into ``error: <message>`` on stderr
-and exit code 2. ``get_field`` and ``set_field`` are the one way the package
-reads and writes a config by a dotted name, on an ``ml_collections.ConfigDict``
+and exit code 2. A whole run config is checked by
+:func:`resnet_jax.training.checks.validate_config`, from these parts.
+``get_field`` and ``set_field`` are the one way the package reads and writes a config by a dotted name, on an ``ml_collections.ConfigDict``
 or a plain nested dict (a config read back from JSON). The choices of model,
 optimiser, schedule and data source, and the fields each of them reads, come
-from their registries (:mod:`resnet_jax.registry`); this module imports neither
-JAX nor Flax until a config is validated. The checks of registered fields:
+from their registries (:func:`check_registered`); this module imports neither
+JAX nor Flax, nor any other part of the package. The checks of registered fields:
 :data:`POSITIVE`, :data:`NONNEGATIVE`, :data:`UNIT`, :data:`BOOL`, :data:`COUNT`.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -85,7 +84,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -94,7 +93,7 @@ def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_int(config, field: str, minimum: int) -> None:
+def check_int(config, field: str, minimum: int) -> None:
     value = get_field(config, field)
     if not _is_int(value):
         raise ConfigError(f'config.{field} must be an integer, got {value!r}')
@@ -102,16 +101,16 @@ def _check_int(config, field: str, minimum: int) -> None:
         raise ConfigError(f'config.{field} must be >= {minimum}, got {value}')
 
 
-def _check_positive(config, field: str, allow_zero: bool = False) -> None:
+def check_positive(config, field: str, allow_zero: bool = False) -> None:
     value = get_field(config, field)
-    if not _is_number(value):
+    if not is_number(value):
         raise ConfigError(f'config.{field} must be a number, got {value!r}')
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = '>= 0' if allow_zero else '> 0'
         raise ConfigError(f'config.{field} must be a finite number {bound}, got {value}')
 
 
-def _check_choice(config, field: str, choices) -> None:
+def check_choice(config, field: str, choices) -> None:
     value = get_field(config, field)
     if value not in choices:
         raise ConfigError(f'config.{field}={value!r} is not one of {", ".join(map(str, choices))}')
@@ -119,7 +118,7 @@ def _check_choice(config, field: str, choices) -> None:
 
 def _check_unit(config, field: str) -> None:
     value = get_field(config, field)
-    if not _is_number(value) or not 0 <= value < 1:
+    if not is_number(value) or not 0 <= value < 1:
         raise ConfigError(f'config.{field} must be in [0, 1), got {value!r}')
 
 
@@ -136,17 +135,17 @@ def _check_path_given(config, field: str) -> None:
 
 
 # Checks of the fields a registered model, optimiser, schedule or source reads.
-POSITIVE = _check_positive  # A finite number > 0.
-NONNEGATIVE = functools.partial(_check_positive, allow_zero=True)  # A finite number >= 0.
+POSITIVE = check_positive  # A finite number > 0.
+NONNEGATIVE = functools.partial(check_positive, allow_zero=True)  # A finite number >= 0.
 UNIT = _check_unit  # A number in [0, 1).
 BOOL = _check_bool
-COUNT = functools.partial(_check_int, minimum=1)  # An integer >= 1.
+COUNT = functools.partial(check_int, minimum=1)  # An integer >= 1.
 PATH_GIVEN = _check_path_given  # A data source that reads config.data.path.
 
 
 def check_registered(config, registry, field: str) -> None:
     """Checks that ``config.<field>`` names an entry of ``registry`` and the fields it reads."""
-    _check_choice(config, field, registry.names())
+    check_choice(config, field, registry.names())
     name = get_field(config, field)
     for needed, check in registry.fields(name).items():
         if get_field(config, needed, None) is None:
@@ -167,52 +166,5 @@ def validate_distributed(config: ml_collections.ConfigDict) -> None:
         value = get_field(config, field)
         if not isinstance(value, str):
             raise ConfigError(f'config.{field} must be a string, got {value!r}')
-    _check_int(config, 'distributed.num_processes', 1)
-    _check_int(config, 'distributed.process_id', 0)
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises :class:`ConfigError` on the first invalid field."""
-    # pylint: disable-next=g-import-not-at-top  # (They import JAX.)
-    from resnet_jax import datasets, models, optim
-
-    validate_distributed(config)
-    check_registered(config, models.MODELS, 'model')
-    _check_choice(config, 'dtype', sorted(models.DTYPES))
-    check_registered(config, optim.OPTIMIZERS, 'optimizer')
-    check_registered(config, optim.SCHEDULES, 'schedule')
-    _check_choice(config, 'data.source', ('auto', *datasets.SOURCES.names()))
-    if config.data.source != 'auto':
-        check_registered(config, datasets.SOURCES, 'data.source')
-    for field in (
-        'num_epochs',
-        'batch_size',
-        'eval_batch_size',
-        'num_classes',
-        'image_size',
-        'checkpoint_every_epochs',
-        'keep_checkpoints',
-    ):
-        _check_int(config, field, 1)
-    for field in (
-        'data.train_subset',
-        'data.validation_size',
-        'data.validation_seed',
-        'data.pad',
-        'seed',
-        'check_finite_every_steps',
-        'steps_per_call',
-    ):
-        _check_int(config, field, 0)
-    for field in ('learning_rate', 'progress_every_seconds'):
-        _check_positive(config, field)
-    if config.data.normalize:
-        for field in ('data.mean', 'data.std'):
-            value = get_field(config, field)
-            if len(value) != 3 or not all(_is_number(v) for v in value):
-                raise ConfigError(f'config.{field} must be 3 numbers, got {value!r}')
-        if min(config.data.std) <= 0:
-            raise ConfigError(f'config.data.std must be > 0, got {config.data.std!r}')
-    path = get_field(config, 'data.path')
-    if path and not os.path.exists(os.path.expanduser(path)):
-        raise ConfigError(f'data path does not exist: {path}')
+    check_int(config, 'distributed.num_processes', 1)
+    check_int(config, 'distributed.process_id', 0)

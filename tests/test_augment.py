@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import augment
+from resnet_jax.datasets import augment
 
 
 def _images(n=4, size=32):

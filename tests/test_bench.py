@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from resnet_jax import bench
+from resnet_jax.cli import bench
 
 
 @pytest.mark.slow  # Trains.
@@ -59,7 +59,7 @@ def test_bench_needs_nothing_outside_the_package(tmp_path):
     reference script the references are reported as skipped."""
     code = (
         'import sys\n'
-        'from resnet_jax import bench\n'
+        'from resnet_jax.cli import bench\n'
         "config = bench.load_config('')\n"
         "assert (config.model, config.optimizer, config.batch_size) == ('paper', 'adam', 100)\n"
         "print(bench.bench_torch('tuned', 'paper', 8, 'float32', 1, '', 0)['skipped'])\n"

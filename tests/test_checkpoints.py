@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import checkpoints, optim, train
+from resnet_jax.training import checkpoints, optim, train
 from tests.conftest import corrupt_checkpoint_arrays, make_tiny_config
 
 

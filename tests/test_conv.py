@@ -10,7 +10,10 @@ import pytest
 from jax import lax
 
 from configs import default
-from resnet_jax import augment, conv, loop, models, train
+from resnet_jax import models
+from resnet_jax.datasets import augment
+from resnet_jax.models import conv
+from resnet_jax.training import steps, train
 
 
 @pytest.mark.parametrize(
@@ -58,7 +61,7 @@ def test_scanned_train_steps_have_only_canonical_convolutions():
     state = train.create_train_state(config, jax.random.PRNGKey(0), 4)
     images = jnp.zeros((16, 32, 32, 3), jnp.uint8)
     labels = jnp.zeros((16,), jnp.int32)
-    compiled = loop.scan_updates.single.lower(
+    compiled = steps.scan_updates.single.lower(
         state,
         jnp.arange(16, dtype=jnp.int32),
         images,

@@ -12,8 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resnet_jax import datasets, image_folder, tfds_source
-from resnet_jax.datasets import DataError
+from resnet_jax import datasets
+from resnet_jax.datasets import DataError, image_folder, tfds_source
 from tests import fake_data
 
 

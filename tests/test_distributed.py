@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from resnet_jax import writers
+from resnet_jax.rundir import workdir as workdir_lib
 from tests.conftest import REPO, start_cli
 
 pytestmark = pytest.mark.slow  # Every test here trains or starts the CLI.
@@ -66,7 +66,7 @@ def _two_processes(args):
 
 
 def _metrics(workdir):
-    return np.array([[r[k] for k in KEYS] for r in writers.read_metrics(str(workdir))])
+    return np.array([[r[k] for k in KEYS] for r in workdir_lib.read_metrics(str(workdir))])
 
 
 @pytest.fixture(scope='module')
@@ -104,7 +104,8 @@ def test_two_processes_match_two_devices_and_resume(two_devices, cifar_py, tmp_p
 # (epoch 2, step 2) when its process id is 1; the other one gets no signal.
 SIGNALLED = textwrap.dedent("""
     import os, signal, sys
-    from resnet_jax import main, steps
+    from resnet_jax.cli import main
+    from resnet_jax.training import steps
     if '--config.distributed.process_id=1' in sys.argv:
         real, calls = steps.update_runs, [0]
         def step(*args, **kwargs):

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from resnet_jax import writers
+from resnet_jax.rundir import writers
 from tests.conftest import one_error_line, run_cli
 
 
@@ -76,7 +76,7 @@ def test_a_full_disk_while_writing_a_summary_names_the_file(tmp_path, monkeypatc
     monkeypatch.setattr(os, 'fdopen', lambda fd, *a: (real_fdopen(fd, *a).close(), _FullDisk())[1])
     path = str(tmp_path / 'summary.json')
     with pytest.raises(OSError) as raised:
-        from resnet_jax import workdir  # pylint: disable=g-import-not-at-top
+        from resnet_jax.rundir import workdir  # pylint: disable=g-import-not-at-top
 
         workdir.write_json(path, {'status': 'completed'})
     assert raised.value.filename == path

@@ -6,7 +6,7 @@ import re
 
 import tomllib
 
-from resnet_jax import loop
+from resnet_jax.training import runs
 from tests.conftest import REPO
 
 
@@ -44,7 +44,7 @@ def test_ci_installs_with_the_constraints():
 
 
 def test_the_versions_a_summary_records():
-    assert loop.versions() == {
+    assert runs.versions() == {
         name: importlib.metadata.version(name)
         for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint')
     }

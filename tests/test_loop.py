@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import augment, checkpoints, loop, train, writers
+from resnet_jax.datasets import augment
+from resnet_jax.rundir import workdir as workdir_lib
+from resnet_jax.rundir import writers
+from resnet_jax.training import checkpoints, loop, steps, train
 from tests.conftest import make_tiny_config
 
 COMPARED = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate')
@@ -31,7 +34,7 @@ def finished_run(tmp_path_factory, cifar_py):
 @pytest.mark.slow
 def test_run_writes_every_output(finished_run):
     config, workdir, state, summary = finished_run
-    records = writers.read_metrics(workdir)
+    records = workdir_lib.read_metrics(workdir)
     assert [r['epoch'] for r in records] == [1, 2, 3]
     for r in records:
         assert tuple(r) == NO_SPLIT_KEYS
@@ -66,7 +69,7 @@ def test_tensorboard_file_holds_the_scalars(finished_run):
     hp = event_accumulator.EventAccumulator(os.path.join(workdir, 'hparams'))
     hp.Reload()
     final = hp.Scalars('hparam/test_accuracy')[-1].value
-    assert final == pytest.approx(writers.read_metrics(workdir)[-1]['test_accuracy'])
+    assert final == pytest.approx(workdir_lib.read_metrics(workdir)[-1]['test_accuracy'])
     assert b'learning_rate' in b''.join(
         open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, 'hparams', 'events*'))
     )
@@ -100,12 +103,12 @@ def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path,
     monkeypatch.setattr(writers.MetricLogger, 'write', write_then_die)
     with pytest.raises(KeyboardInterrupt):
         loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
-    assert [r['epoch'] for r in writers.read_metrics(workdir)] == [1, 2]
+    assert [r['epoch'] for r in workdir_lib.read_metrics(workdir)] == [1, 2]
     monkeypatch.setattr(writers.MetricLogger, 'write', real_write)
 
     state, summary = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
-    resumed = writers.read_metrics(workdir)
-    full = writers.read_metrics(finished_run[1])
+    resumed = workdir_lib.read_metrics(workdir)
+    full = workdir_lib.read_metrics(finished_run[1])
     assert [r['epoch'] for r in resumed] == [1, 2, 3]
     for a, b in zip(resumed, full, strict=True):
         assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}
@@ -119,7 +122,7 @@ def test_rerunning_a_finished_run_trains_nothing(finished_run, cifar_py):
     again, summary2 = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
     assert int(again.step) == int(state.step)
     assert summary2['test_accuracy'] == summary['test_accuracy']
-    assert len(writers.read_metrics(workdir)) == 3
+    assert len(workdir_lib.read_metrics(workdir)) == 3
 
 
 @pytest.fixture(scope='module')
@@ -127,7 +130,7 @@ def sgd_step_by_step(tmp_path_factory, cifar_py):
     """The tiny run with plain SGD, step by step: the reference for scanned steps."""
     workdir = str(tmp_path_factory.mktemp('sgd'))
     loop.train_and_evaluate(_sgd(make_tiny_config(cifar_py.path)), workdir)
-    return writers.read_metrics(workdir)
+    return workdir_lib.read_metrics(workdir)
 
 
 def _sgd(config):
@@ -149,28 +152,28 @@ def test_scanned_steps_match_the_step_path(
     real_write = writers.MetricLogger.write
 
     def write(self, record):
-        cache_sizes.append(loop.scan_updates.single._cache_size())
+        cache_sizes.append(steps.scan_updates.single._cache_size())
         real_write(self, record)
 
     monkeypatch.setattr(writers.MetricLogger, 'write', write)
     loop.train_and_evaluate(config, str(tmp_path))
     assert cache_sizes[0] >= 1 and cache_sizes == cache_sizes[:1] * 3  # No recompiles.
-    scanned = writers.read_metrics(str(tmp_path))
+    scanned = workdir_lib.read_metrics(str(tmp_path))
     for a, b in zip(scanned, sgd_step_by_step, strict=True):
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
 def test_chunks_of_an_epoch():
-    assert loop.call_chunks([32, 32, 32, 24], 0, 1) == [
+    assert steps.call_chunks([32, 32, 32, 24], 0, 1) == [
         (0, 32, 1),
         (1, 32, 1),
         (2, 32, 1),
         (3, 24, 1),
     ]
-    assert loop.call_chunks([32, 32, 32, 24], 0, 2) == [(0, 32, 2), (2, 32, 1), (3, 24, 1)]
-    assert loop.call_chunks([32, 32, 32, 24], 1, 0) == [(1, 32, 2), (3, 24, 1)]
-    assert loop.call_chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
+    assert steps.call_chunks([32, 32, 32, 24], 0, 2) == [(0, 32, 2), (2, 32, 1), (3, 24, 1)]
+    assert steps.call_chunks([32, 32, 32, 24], 1, 0) == [(1, 32, 2), (3, 24, 1)]
+    assert steps.call_chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import models
+from resnet_jax.models import resnet
 
 
 @pytest.mark.parametrize(
@@ -42,12 +43,12 @@ def test_paper_architecture_shapes():
 
 
 def test_stride2_padding_matches_pytorch_by_hand():
-    """models.Conv, 3x3 stride 2 on a 4x4 input: padding 1 on every side (PyTorch).
+    """resnet.Conv, 3x3 stride 2 on a 4x4 input: padding 1 on every side (PyTorch).
 
     Flax's 'SAME' would pad (0, 1) here and read different pixels.
     """
     x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
-    conv = models.Conv(1, (3, 3), (2, 2), padding=models._pad(3))
+    conv = resnet.Conv(1, (3, 3), (2, 2), padding=resnet._pad(3))
     kernel = jnp.ones((3, 3, 1, 1))
     y = conv.apply({'params': {'kernel': kernel}}, x)[0, :, :, 0]
     # Padded input has a zero border; output (i, j) sums rows 2i-1..2i+1, cols 2j-1..2j+1.
@@ -68,7 +69,7 @@ def test_conv_refuses_what_it_does_not_compute():
         dict(kernel_size=(3, 3), use_bias=True),
     ):
         with pytest.raises(ValueError, match='square kernels, equal strides and no bias'):
-            models.Conv(1, **kwargs).init(jax.random.PRNGKey(0), x)
+            resnet.Conv(1, **kwargs).init(jax.random.PRNGKey(0), x)
 
 
 def test_batchnorm_settings_match_pytorch():
@@ -82,7 +83,7 @@ def test_batchnorm_settings_match_pytorch():
     )
     _, updates = apply(v, x)
     # Stem BN running mean after one step: 0.9 * 0 + 0.1 * batch mean (PyTorch momentum 0.1).
-    stem = models.Conv(16, (3, 3), padding=models._pad(3))
+    stem = resnet.Conv(16, (3, 3), padding=resnet._pad(3))
     h = np.asarray(stem.apply({'params': v['params']['stem_conv']}, x), np.float64)
     np.testing.assert_allclose(
         updates['batch_stats']['stem_bn']['mean'],

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from resnet_jax import workdir
+from resnet_jax.rundir import workdir
 from tests.conftest import make_tiny_config, run_cli
 
 

@@ -13,7 +13,8 @@ import shutil
 
 import pytest
 
-from resnet_jax import report, writers
+from resnet_jax.reports import sweep_report as report
+from resnet_jax.rundir import workdir as workdir_lib
 from tests.conftest import run_cli
 from tests.test_ownership import snapshot
 
@@ -69,14 +70,14 @@ def test_fewer_epochs_than_done_is_refused_and_changes_nothing(finished, cifar_p
 
 def test_a_torn_last_record_is_rebuilt_from_its_checkpoint(finished, cifar_py, tmp_path):
     run = _copy(finished, tmp_path)
-    records = writers.read_metrics(str(run))
+    records = workdir_lib.read_metrics(str(run))
     text = (run / 'metrics.jsonl').read_text()
     torn = text[: len(text) - len(json.dumps(records[-1])) // 2]  # Half the last line.
     (run / 'metrics.jsonl').write_text(torn)
-    assert [r['epoch'] for r in writers.read_metrics(str(run))] == [1]
+    assert [r['epoch'] for r in workdir_lib.read_metrics(str(run))] == [1]
     proc = run_cli(_args(cifar_py.path, run))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert writers.read_metrics(str(run)) == records  # Exactly the lost record.
+    assert workdir_lib.read_metrics(str(run)) == records  # Exactly the lost record.
     with open(run / 'summary.json') as f:
         summary = json.load(f)
     assert summary['status'] == 'completed' and summary['epochs_completed'] == 2

@@ -14,7 +14,10 @@ import pickle
 import numpy as np
 import pytest
 
-from resnet_jax import datasets, report, workdir, writers
+from resnet_jax import datasets
+from resnet_jax.reports import sweep_report as report
+from resnet_jax.rundir import workdir, writers
+from resnet_jax.rundir import workdir as workdir_lib
 from tests import fake_data
 from tests.conftest import one_error_line, run_cli
 from tests.test_ownership import snapshot
@@ -63,15 +66,15 @@ def test_a_record_of_the_wrong_type_is_named(tmp_path):
     path = tmp_path / 'metrics.jsonl'
     path.write_text('{"epoch": 1, "test_accuracy": 0.5}\n{"epoch": "x"}\n')
     with pytest.raises(workdir.RecordError, match=r'metrics.jsonl line 2.*epoch'):
-        writers.read_metrics(str(tmp_path))
+        workdir_lib.read_metrics(str(tmp_path))
     path.write_text('{"epoch": 1, "test_accuracy": "high"}\n')
     with pytest.raises(workdir.RecordError, match='test_accuracy'):
-        writers.read_metrics(str(tmp_path))
+        workdir_lib.read_metrics(str(tmp_path))
     path.write_text('not json\n{"epoch": 1}\n')  # Only a last line may be torn.
     with pytest.raises(workdir.RecordError, match='line 1'):
-        writers.read_metrics(str(tmp_path))
+        workdir_lib.read_metrics(str(tmp_path))
     path.write_text('{"epoch": 1}\n{"epo')  # A torn last line: skipped.
-    assert writers.read_metrics(str(tmp_path)) == [{'epoch': 1}]
+    assert workdir_lib.read_metrics(str(tmp_path)) == [{'epoch': 1}]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoints, loop, steps, train, validation, writers
+from resnet_jax import validation
+from resnet_jax.rundir import workdir as workdir_lib
+from resnet_jax.training import checkpoints, loop, steps, train
 from tests.conftest import (
     REPO,
     corrupt_checkpoint_arrays,
@@ -41,7 +43,7 @@ STEPS_PER_EPOCH = 4  # 120 training images in batches of 32 (the last of 24).
 
 
 def _metrics(workdir):
-    return [{k: r[k] for k in COMPARED} for r in writers.read_metrics(str(workdir))]
+    return [{k: r[k] for k in COMPARED} for r in workdir_lib.read_metrics(str(workdir))]
 
 
 def _steps(workdir):
@@ -61,7 +63,9 @@ def reference(tmp_path_factory, cifar_py):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import orbax.checkpoint as ocp
-    from resnet_jax import main, steps, train
+    from resnet_jax.cli import main
+    from resnet_jax.training import steps
+    from resnet_jax.training import train
     moment, data, workdir = sys.argv[1:4]
     sig = signal.SIGKILL if moment.startswith('kill') else getattr(signal, moment)
 
@@ -119,7 +123,9 @@ def _child(moment, data, workdir):
 FAULTY = textwrap.dedent("""
     import os, resource, signal, sys, time
     fault, data, workdir, *rest = sys.argv[1:]
-    from resnet_jax import checkpoints, main, steps
+    from resnet_jax.training import checkpoints
+    from resnet_jax.cli import main
+    from resnet_jax.training import steps
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death.
 
     def limit(size):
@@ -189,7 +195,7 @@ def test_signal_saves_a_mid_epoch_checkpoint_and_resumes(name, code, reference, 
     assert 'interrupted: stopped in epoch 2 after 2/4 steps' in proc.stderr
     assert 'Traceback' not in proc.stderr
     assert _steps(tmp_path) == [4, 6]  # Epoch 1's and the mid-epoch one.
-    assert len(writers.read_metrics(str(tmp_path))) == 1
+    assert len(workdir_lib.read_metrics(str(tmp_path))) == 1
     loop.train_and_evaluate(make_tiny_config(cifar_py.path), str(tmp_path))
     assert _metrics(tmp_path) == reference[0]
 
@@ -249,7 +255,7 @@ def test_no_readable_checkpoint_is_exactly_one_line_and_rewrites_nothing(cifar_p
     one_error_line(proc, f'no readable checkpoint in {tmp_path}/checkpoints (steps 8, 4')
     assert (tmp_path / 'config.json').read_text() == before
     assert _steps(tmp_path) == [4, 8] and not (tmp_path / 'checkpoints_corrupt').exists()
-    assert len(writers.read_metrics(str(tmp_path))) == 2  # Nothing started over.
+    assert len(workdir_lib.read_metrics(str(tmp_path))) == 2  # Nothing started over.
 
 
 def test_eval_falls_back_to_the_newest_readable_checkpoint(cifar_py, tmp_path):
@@ -261,7 +267,7 @@ def test_eval_falls_back_to_the_newest_readable_checkpoint(cifar_py, tmp_path):
     proc = run_cli(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'checkpoint 8 is unreadable' in proc.stdout and 'using checkpoint 4' in proc.stdout
-    first = writers.read_metrics(str(tmp_path))[0]
+    first = workdir_lib.read_metrics(str(tmp_path))[0]
     assert f'test accuracy {100 * first["test_accuracy"]:.2f}%' in proc.stdout
     assert proc.stderr == '' and _steps(tmp_path) == [4, 8]  # Read-only: nothing moved.
     corrupt_checkpoint_arrays(tmp_path / 'checkpoints' / '4')
@@ -288,7 +294,7 @@ def test_non_finite_loss_stops_within_the_epoch_and_keeps_good_checkpoints(
     assert summary['error'] == 'non-finite loss or gradients in epoch 2 (by step 2)'
     assert calls[0] == 6  # Stopped at the check, not at the end of the epoch.
     assert _steps(tmp_path) == [4]
-    assert len(writers.read_metrics(str(tmp_path))) == 1
+    assert len(workdir_lib.read_metrics(str(tmp_path))) == 1
     monkeypatch.undo()
     model, variables, _ = checkpoints.restore(str(tmp_path))
     assert bool(train.runs_finite(train.stack([variables]))[0])
@@ -308,7 +314,7 @@ def test_a_nan_test_loss_stops_the_run(cifar_py, tmp_path, monkeypatch):
     _, summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary['status'] == 'diverged'
     assert summary['error'] == 'non-finite test loss in epoch 2'
-    assert _steps(tmp_path) == [4] and len(writers.read_metrics(str(tmp_path))) == 1
+    assert _steps(tmp_path) == [4] and len(workdir_lib.read_metrics(str(tmp_path))) == 1
 
 
 def test_a_different_config_is_refused_unless_overwritten(cifar_py, tmp_path):
@@ -326,7 +332,7 @@ def test_a_different_config_is_refused_unless_overwritten(cifar_py, tmp_path):
     _, summary = loop.train_and_evaluate(config, str(tmp_path), overwrite=True)
     assert summary['config']['learning_rate'] == 0.001
     assert json.loads((tmp_path / 'config.json').read_text())['batch_size'] == 16
-    assert len(writers.read_metrics(str(tmp_path))) == 1
+    assert len(workdir_lib.read_metrics(str(tmp_path))) == 1
 
     config.num_epochs = 2  # Extending a run is allowed.
     _, summary = loop.train_and_evaluate(config, str(tmp_path))

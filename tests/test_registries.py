@@ -10,8 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import datasets, main, models, optim, train, validation
+from resnet_jax import datasets, models, validation
+from resnet_jax.cli import main
 from resnet_jax.registry import Registry
+from resnet_jax.training import checks, optim, train
 from tests.conftest import make_tiny_config
 
 
@@ -47,7 +49,7 @@ def _batch(n=8):
 
 
 def _one_step(config):
-    validation.validate_config(config)
+    checks.validate_config(config)
     state = train.create_train_state(config, jax.random.PRNGKey(0), steps_per_epoch=4)
     new, metrics = train.train_step(jax.tree_util.tree_map(jnp.copy, state), _batch())
     assert int(new.step) == 1 and np.isfinite(float(metrics.compute()['loss']))
@@ -71,10 +73,10 @@ def test_a_registered_optimiser_declares_its_fields_and_trains_a_step(registered
     config = make_tiny_config('')
     config.model, config.optimizer = 'tiny_net', 'rmsprop_test'
     with pytest.raises(validation.ConfigError, match=r'^config\.rmsprop_decay is missing'):
-        validation.validate_config(config)
+        checks.validate_config(config)
     config.rmsprop_decay = 1.5
     with pytest.raises(validation.ConfigError, match=r'rmsprop_decay must be in \[0, 1\)'):
-        validation.validate_config(config)
+        checks.validate_config(config)
     config.rmsprop_decay = 0.9
     state, new = _one_step(config)
     # The update is optax's rmsprop at the scheduled rate the state records.
@@ -102,7 +104,7 @@ def test_choices_come_from_the_registries(registered):
     config = make_tiny_config('')
     config.optimizer = 'no_such'
     with pytest.raises(validation.ConfigError, match='rmsprop_test') as e:
-        validation.validate_config(config)
+        checks.validate_config(config)
     assert 'adam, sgd, adagrad, adamw' in str(e.value)
     text = main.usage()
     assert 'tiny_net' in text and 'rmsprop_test' in text

@@ -13,7 +13,8 @@ import statistics
 
 import pytest
 
-from resnet_jax import report, writers
+from resnet_jax.reports import sweep_report as report
+from resnet_jax.rundir import writers
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 JPEG_DATA = {'source': 'folder', 'path': '/srv/data/cifar10-jpeg'}
@@ -124,7 +125,7 @@ def test_full_grid_rows_in_manifest_order_and_round_trip(tmp_path):
         write_run(root, run, final_test=acc, final_train=acc + 0.1)
         summaries.append(json.loads(read_text(os.path.join(root, run['name'], 'summary.json'))))
 
-    paths = report.write_report(root)
+    paths = report.write_sweep_report(root)
     assert paths['results_csv'] == os.path.join(root, 'results.csv')
     rows = report.read_results_csv(paths['results_csv'])
     with open(paths['results_csv']) as f:
@@ -202,7 +203,7 @@ def test_partial_sweep(tmp_path):
     assert results[1].wall_seconds == pytest.approx(11.0 + 12.0)
     assert results[2].error.startswith('RuntimeError')
 
-    paths = report.write_report(root)
+    paths = report.write_sweep_report(root)
     rows = report.read_results_csv(paths['results_csv'])
     assert [r['status'] for r in rows] == ['pending', 'incomplete', 'failed', 'completed']
     assert rows[0]['test_accuracy'] is None and rows[0]['epochs'] == 0
@@ -250,9 +251,9 @@ def test_regenerating_gives_identical_files(tmp_path):
     runs = make_sweep(root, {'batch_size': [100, 500], 'learning_rate': [0.01], 'shuffle': [True]})
     write_run(root, runs[0], final_test=0.6)
     write_run(root, runs[1], final_test=0.7, summary=False, epochs=2)
-    first = report.write_report(root)
+    first = report.write_sweep_report(root)
     contents = {k: open(p, 'rb').read() for k, p in first.items()}
-    second = report.write_report(root)
+    second = report.write_sweep_report(root)
     assert second == first
     assert {k: open(p, 'rb').read() for k, p in second.items()} == contents
 
@@ -263,7 +264,7 @@ def test_comparison_with_the_study(tmp_path):
     runs = make_sweep(root, axes, num_epochs=2)
     write_run(root, runs[0], epochs=2, num_epochs=2, final_test=0.41237, final_train=0.5)
     write_run(root, runs[1], epochs=2, num_epochs=2, final_test=0.45, final_train=0.55)
-    paths = report.write_report(root)
+    paths = report.write_sweep_report(root)
 
     paper = {
         (r['batch_size'], r['learning_rate'], r['shuffle']): r for r in report.load_paper_results()
@@ -299,7 +300,7 @@ def test_comparison_skipped_for_other_grids(tmp_path):
     runs = make_sweep(root, {'batch_size': [64], 'learning_rate': [0.05]})
     write_run(root, runs[0])
     open(os.path.join(root, 'comparison.csv'), 'w').close()  # A stale one is removed.
-    paths = report.write_report(root)
+    paths = report.write_sweep_report(root)
     assert 'comparison_csv' not in paths
     assert not os.path.exists(os.path.join(root, 'comparison.csv'))
     markdown = read_markdown(paths['results_md'])
@@ -335,7 +336,7 @@ def test_paper_csv_argument(tmp_path):
     root = str(tmp_path / 'sweep')
     runs = make_sweep(root, {'batch_size': [64], 'learning_rate': [0.05]})
     write_run(root, runs[0], final_test=0.8123)
-    paths = report.write_report(root, paper_csv=str(path))
+    paths = report.write_sweep_report(root, paper_csv=str(path))
     (row,) = report.read_results_csv(paths['comparison_csv'])
     assert row['test_difference'] == pytest.approx(1.23)
 
@@ -357,7 +358,7 @@ def test_plots_for_the_study_grid(tmp_path):
     runs = make_sweep(root, axes, num_epochs=3)
     for i, run in enumerate(runs[:-2]):  # The last two stay pending: blank heatmap cells.
         write_run(root, run, final_test=0.5 + 0.02 * i, epochs=3 if i % 5 else 2, summary=i % 5 > 0)
-    paths = report.write_report(root)
+    paths = report.write_sweep_report(root)
     _assert_png(paths['curves'], 20000)
     _assert_png(paths['heatmap'])
     markdown = read_markdown(paths['results_md'])
@@ -371,7 +372,7 @@ def test_generic_axes_skip_the_heatmap(tmp_path):
     runs = make_sweep(root, {'seed': [0, 1], 'data.train_subset': [1000]})
     write_run(root, runs[0], final_test=0.3)
     write_run(root, runs[1], final_test=0.2, status='diverged', error='loss is nan at epoch 3')
-    paths = report.write_report(root)
+    paths = report.write_sweep_report(root)
     assert 'heatmap' not in paths
     _assert_png(paths['curves'])
     rows = report.read_results_csv(paths['results_csv'])
@@ -396,7 +397,7 @@ def test_data_statements(tmp_path):
     root = str(tmp_path / 'sweep')
     runs = make_sweep(root, {'learning_rate': [0.01]})
     write_run(root, runs[0])
-    markdown = read_markdown(report.write_report(root)['results_md'])
+    markdown = read_markdown(report.write_sweep_report(root)['results_md'])
     assert (
         'Data: image folder /srv/data/cifar10-jpeg (JPEG re-encoding of CIFAR-10, '
         '50000 train / 10000 test images: accuracies are comparable only with runs on this copy'

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 
 from configs import paper_sweep
-from resnet_jax import augment, checkpoints, loop, steps, sweep, train, writers
+from resnet_jax.datasets import augment
+from resnet_jax.reports import sweep_report
+from resnet_jax.rundir import workdir as workdir_lib
+from resnet_jax.studies import search, sweep
+from resnet_jax.training import checkpoints, loop, signals, steps, train
 from tests.conftest import make_tiny_config
 
 # (learning_rate, shuffle, seed) of three lanes: every vectorisable field varies.
@@ -36,7 +40,7 @@ def _configs(data_path, num_epochs=2):
 
 
 def _records(workdir):
-    return [{k: r[k] for k in KEYS} for r in writers.read_metrics(workdir)]
+    return [{k: r[k] for k in KEYS} for r in workdir_lib.read_metrics(workdir)]
 
 
 @pytest.fixture(scope='module')
@@ -44,9 +48,9 @@ def together(tmp_path_factory, cifar_py):
     """The three lanes trained as one group, uninterrupted; the compiles it took."""
     root = tmp_path_factory.mktemp('together')
     workdirs = [str(root / f'lane{i}') for i in range(len(LANES))]
-    before = loop.update_runs.mapped._cache_size()
+    before = steps.update_runs.mapped._cache_size()
     _, summaries = loop.train_runs(_configs(cifar_py.path), workdirs)
-    return workdirs, summaries, loop.update_runs.mapped._cache_size() - before
+    return workdirs, summaries, steps.update_runs.mapped._cache_size() - before
 
 
 def test_groups_of_the_paper_sweep():
@@ -107,7 +111,7 @@ def test_one_step_of_three_lanes_is_three_single_steps():
         states.append(train.create_train_state(config, init_rng, 2))
     assert len({id(s.tx) for s in states}) == 1
     initial = states[0]
-    stacked, metrics = loop.train_chunk(
+    stacked, metrics = steps.train_chunk(
         train.stack(states), orders, images, labels, jnp.int32(0), size=32, count=1, prep=prep
     )
     np.testing.assert_allclose(train.learning_rate(stacked), rates)
@@ -142,7 +146,7 @@ def test_a_single_run_is_the_plain_program_bit_for_bit():
     )
     copy = jax.tree_util.tree_map(jnp.copy, state)
     alone, m = train.train_step(copy, batch)
-    stacked, ms = loop.train_chunk(
+    stacked, ms = steps.train_chunk(
         train.stack([state]), order[None], images, labels, jnp.int32(0), size=32, count=1, prep=prep
     )
     jax.tree_util.tree_map(
@@ -166,10 +170,10 @@ def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, mo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(steps, 'train_chunk', train_chunk)
-    with pytest.raises(loop.Interrupted):
+    with pytest.raises(signals.Interrupted):
         loop.train_runs(_configs(cifar_py.path), workdirs)
     for workdir in workdirs:
-        assert len(writers.read_metrics(workdir)) == 1
+        assert len(workdir_lib.read_metrics(workdir)) == 1
         manager = checkpoints.checkpoint_manager(workdir, read_only=True)
         assert manager.latest_step() == 6  # 4 steps of epoch 1, 2 of epoch 2.
         manager.close()
@@ -191,7 +195,7 @@ def test_vectorized_sweep_isolates_a_diverging_lane(tmp_path, cifar_py):
     config.sweep.learning_rate = (0.01, 3e38)
     config.sweep.shuffle = (True, False)
     config.sweep.vectorize = True
-    statuses = sweep.run_sweep(config, str(tmp_path))
+    statuses = search.run_study(config, str(tmp_path))
     assert statuses == {
         'learning_rate=0.01,shuffle=True': 'completed',
         'learning_rate=0.01,shuffle=False': 'completed',
@@ -201,12 +205,13 @@ def test_vectorized_sweep_isolates_a_diverging_lane(tmp_path, cifar_py):
     for name, status in statuses.items():
         summary = json.loads((tmp_path / name / 'summary.json').read_text())
         assert summary['status'] == status and summary['vectorized_lanes'] == 4
-        assert len(writers.read_metrics(str(tmp_path / name))) == (status == 'completed')
+        assert len(workdir_lib.read_metrics(str(tmp_path / name))) == (status == 'completed')
         if status == 'diverged':
             assert 'non-finite' in summary['error']
+    sweep_report.write_sweep_report(str(tmp_path))
     assert (tmp_path / 'results.md').exists()
     # Rerunning skips the completed runs and retrains only the diverged ones.
-    statuses = sweep.run_sweep(config, str(tmp_path))
+    statuses = search.run_study(config, str(tmp_path))
     assert sorted(statuses.values()) == ['completed', 'completed', 'diverged', 'diverged']
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from resnet_jax import datasets, search
+from resnet_jax import datasets
+from resnet_jax.studies import search, search_space
 from tests import fake_data, postgres_server
 from tests.conftest import make_tiny_config, run_cli, start_cli
 
@@ -36,8 +37,8 @@ def search_config(data_path: str, **search_options) -> ml_collections.ConfigDict
     config.steps_per_call = 0
     config.decay_every_epochs = 10
     config.data.validation_size = 40
-    config.search = search.default_section()
-    config.search.space.learning_rate = search.categorical((0.003, 1e-7))
+    config.search = search_space.default_section()
+    config.search.space.learning_rate = search_space.categorical((0.003, 1e-7))
     config.search.sampler = 'grid'
     for key, value in search_options.items():
         config.search[key] = value
@@ -50,7 +51,7 @@ def write_config_file(tmp_path, body: str) -> str:
     path.write_text(
         textwrap.dedent(
             """
-            from resnet_jax import search
+            from resnet_jax.studies import search_space
             from tests.test_search import search_config
 
             def get_config():
@@ -110,18 +111,21 @@ def test_a_validation_split_larger_than_a_class_is_an_error(learnable):
 
 BAD = {
     'unknown field': (
-        'config.search.space.learning_rat = search.float_param(0.1, 1.0)',
+        'config.search.space.learning_rat = search_space.float_param(0.1, 1.0)',
         'no field learning_rat',
     ),
     'low above high': (
-        'config.search.space.learning_rate = search.float_param(0.1, 0.01)',
+        'config.search.space.learning_rate = search_space.float_param(0.1, 0.01)',
         'low=0.1 is greater than high=0.01',
     ),
     'log with low <= 0': (
-        'config.search.space.learning_rate = search.float_param(0.0, 0.1, log=True)',
+        'config.search.space.learning_rate = search_space.float_param(0.0, 0.1, log=True)',
         'log scale needs low > 0',
     ),
-    'empty choices': ('config.search.space.batch_size = search.categorical(())', 'non-empty list'),
+    'empty choices': (
+        'config.search.space.batch_size = search_space.categorical(())',
+        'non-empty list',
+    ),
     'unknown sampler': ("config.search.sampler = 'bayes'", "sampler='bayes' is unknown"),
     'unknown pruner': ("config.search.pruner = 'early'", "pruner='early' is unknown"),
     'unknown metric': ("config.search.metric = 'accuracy'", "metric='accuracy' is unknown"),
@@ -150,15 +154,15 @@ def test_bad_search_config_is_one_error_line_before_anything_trains(tmp_path, le
 
 
 def test_distinct_points_get_distinct_folders(tmp_path):
-    a = search.folder_name({'data.path': '/d/a/b'})
-    b = search.folder_name({'data.path': '/d/a_b'})
+    a = search_space.folder_name({'data.path': '/d/a/b'})
+    b = search_space.folder_name({'data.path': '/d/a_b'})
     assert a != b
     # Plain values keep the readable names of sweeps.
-    assert search.folder_name({'batch_size': 100, 'learning_rate': 0.01}) == (
+    assert search_space.folder_name({'batch_size': 100, 'learning_rate': 0.01}) == (
         'batch_size=100,learning_rate=0.01'
     )
     search.check_overrides(str(tmp_path / 'run'), {'data.path': '/d/a/b'})
-    with pytest.raises(search.SearchError, match='holds the point'):
+    with pytest.raises(search_space.SearchError, match='holds the point'):
         search.check_overrides(str(tmp_path / 'run'), {'data.path': '/d/a_b'})
 
 
@@ -225,8 +229,8 @@ def test_workers_share_a_grid_and_train_every_point_once(tmp_path, learnable, st
         tmp_path,
         """
         config.num_epochs = 1
-        config.search.space.learning_rate = search.categorical((0.01, 0.003, 0.001))
-        config.search.space.shuffle = search.categorical((True, False))
+        config.search.space.learning_rate = search_space.categorical((0.01, 0.003, 0.001))
+        config.search.space.shuffle = search_space.categorical((True, False))
         """,
     )
     workdir = tmp_path / 'study'
@@ -251,7 +255,7 @@ def test_a_killed_workers_trial_is_finished_from_its_checkpoint(tmp_path, learna
         config.num_epochs = 6
         config.batch_size = 10
         config.steps_per_call = 1
-        config.search.space.learning_rate = search.categorical((0.003,))
+        config.search.space.learning_rate = search_space.categorical((0.003,))
         config.search.heartbeat_seconds = 1
         config.search.grace_seconds = 2
         config.search.poll_seconds = 0.5
@@ -286,17 +290,17 @@ def test_a_killed_workers_trial_is_finished_from_its_checkpoint(tmp_path, learna
 def test_a_rerun_with_another_space_is_refused(tmp_path, learnable):
     workdir = str(tmp_path / 'study')
     config = search_config(learnable.path, num_trials=1)
-    search.open_study(search.spec_from_config(config), workdir)
-    config.search.space.learning_rate = search.categorical((0.1,))
-    with pytest.raises(search.SearchError, match='another search config'):
-        search.open_study(search.spec_from_config(config), workdir)
+    search.open_study(search_space.spec_from_config(config), workdir)
+    config.search.space.learning_rate = search_space.categorical((0.1,))
+    with pytest.raises(search_space.SearchError, match='another search config'):
+        search.open_study(search_space.spec_from_config(config), workdir)
     # The grid was enqueued once, even though the study was opened twice.
     with sqlite3.connect(os.path.join(workdir, 'study.db')) as db:
         assert db.execute('select count(*) from trials').fetchone()[0] == 2
 
 
 def test_the_sweep_report_selects_on_validation_when_there_is_a_split():
-    from resnet_jax.report import load, tables
+    from resnet_jax.reports import load, tables
 
     def result(i, val, test):
         return load.RunResult(
@@ -317,7 +321,7 @@ def test_the_sweep_report_selects_on_validation_when_there_is_a_split():
 
 
 def test_workers_split_the_cores_and_drop_their_own_flag(monkeypatch):
-    from resnet_jax import workers
+    from resnet_jax.studies import workers
 
     assert workers.core_shares([0, 1], 2) == [[0], [1]]
     assert workers.core_shares([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
@@ -334,21 +338,21 @@ def test_two_workers_draw_different_first_trials(tmp_path, learnable):
     """Each worker's sampler is seeded by the trials before its draw: two workers
     starting together never draw the same point (the seeded start of TPE would)."""
     config = search_config(learnable.path, sampler='tpe', num_trials=4)
-    config.search.space.learning_rate = search.float_param(1e-4, 0.1, log=True)
-    spec = search.spec_from_config(config)
+    config.search.space.learning_rate = search_space.float_param(1e-4, 0.1, log=True)
+    spec = search_space.spec_from_config(config)
     workdir = str(tmp_path / 'study')
     studies = [search.open_study(spec, workdir) for _ in range(2)]  # Two workers.
     drawn = []
     for study in studies:
         with search.claim_lock(workdir):
             (trial,) = search.claim(study, spec)
-        drawn.append(search.sample(trial, spec.params, spec.base))
+        drawn.append(search_space.sample(trial, spec.params, spec.base))
     assert drawn[0] != drawn[1]
     # And the draws are reproducible: the same seed and history give the same point.
     again = search.open_study(spec, str(tmp_path / 'again'))
     with search.claim_lock(str(tmp_path / 'again')):
         (trial,) = search.claim(again, spec)
-    assert search.sample(trial, spec.params, spec.base) == drawn[0]
+    assert search_space.sample(trial, spec.params, spec.base) == drawn[0]
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ import ml_collections
 import pytest
 
 from configs import default
-from resnet_jax import report, sweep
+from resnet_jax.reports import sweep_report as report
+from resnet_jax.studies import sweep
 from tests.test_report import make_sweep, read_markdown, read_text, write_run
 
 
@@ -207,7 +208,7 @@ def _write_seed_sweep(root):
 def test_report_of_a_sweep_over_seeds(tmp_path):
     root = str(tmp_path / 'sweep')
     runs = _write_seed_sweep(root)
-    paths = report.write_report(root)
+    paths = report.write_sweep_report(root)
     assert {'cells_csv', 'paired_csv', 'curves', 'heatmap', 'comparison_csv'} <= set(paths)
 
     # The per-run table is still there, one row per run.
@@ -285,7 +286,7 @@ def test_seed_tables_removed_without_a_seed_axis(tmp_path):
     write_run(root, run)
     for stale in ('cells.csv', 'paired.csv'):
         open(os.path.join(root, stale), 'w').close()
-    paths = report.write_report(root)
+    paths = report.write_sweep_report(root)
     assert 'cells_csv' not in paths and 'paired_csv' not in paths
     assert not os.path.exists(os.path.join(root, 'cells.csv'))
     assert not os.path.exists(os.path.join(root, 'paired.csv'))
@@ -304,7 +305,7 @@ def test_repeats_from_config_to_report(tmp_path):
     manifest = json.loads(read_text(os.path.join(root, 'sweep.json')))
     for run, acc in zip(manifest['runs'], (0.5, 0.6, 0.7, 0.9), strict=True):
         write_run(root, run, final_test=acc)
-    cells = report.read_results_csv(report.write_report(root)['cells_csv'])
+    cells = report.read_results_csv(report.write_sweep_report(root)['cells_csv'])
     assert [(c['learning_rate'], c['n'], c['seeds']) for c in cells] == [
         (0.1, 2, '0 1'),
         (0.01, 2, '0 1'),

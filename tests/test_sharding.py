@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow  # Every test here trains or starts the CLI.
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from resnet_jax import loop, train
+    from resnet_jax.training import loop
+    from resnet_jax.training import train
     from tests.conftest import make_tiny_config
     from tests import fake_data
     import sys, tempfile

@@ -12,7 +12,7 @@ import sys
 import textwrap
 import time
 
-from resnet_jax import writers
+from resnet_jax.rundir import workdir as workdir_lib
 from tests import fake_data
 from tests.conftest import REPO
 
@@ -23,7 +23,8 @@ IN_FLIGHT = textwrap.dedent("""
     import os, signal, sys, threading, time
     import jax, jax.numpy as jnp
     data, workdir = sys.argv[1:]
-    from resnet_jax import main, steps
+    from resnet_jax.cli import main
+    from resnet_jax.training import steps
 
     @jax.jit
     def long_call(x):  # Minutes of matrix products.
@@ -67,7 +68,7 @@ def test_a_second_sigterm_during_a_compiled_call_stops_at_once(cifar_py, tmp_pat
     # Ended by the second signal itself, not after the call by a checkpoint and exit 143.
     assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
     assert not [s for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
-    assert writers.read_metrics(str(tmp_path)) == []
+    assert workdir_lib.read_metrics(str(tmp_path)) == []
 
 
 # A child that trains on an image folder decoded by worker processes (chunks of
@@ -75,7 +76,8 @@ def test_a_second_sigterm_during_a_compiled_call_stops_at_once(cifar_py, tmp_pat
 DECODING = textwrap.dedent("""
     import concurrent.futures, os, signal, sys
     data, workdir = sys.argv[1:]
-    from resnet_jax import image_folder, main
+    from resnet_jax.datasets import image_folder
+    from resnet_jax.cli import main
     image_folder._DECODE_CHUNK = 5
     real_map = concurrent.futures.ProcessPoolExecutor.map
 

@@ -8,7 +8,10 @@ import ml_collections
 import pytest
 
 from configs import paper_sweep
-from resnet_jax import report, sweep, validation, writers
+from resnet_jax import validation
+from resnet_jax.reports import sweep_report as report
+from resnet_jax.rundir import workdir as workdir_lib
+from resnet_jax.studies import search, sweep
 from tests.conftest import REPO, make_tiny_config, run_cli, start_cli
 
 
@@ -61,8 +64,9 @@ def test_bad_sweeps_fail_before_training(axes, fragment):
 
 
 def test_sweep_shards_are_refused_with_a_pointer_to_workers(tmp_path):
-    result = run_cli(['--config', 'configs/paper_sweep.py', '--workdir', str(tmp_path),
-                      '--sweep_shard=1/3'])
+    result = run_cli(
+        ['--config', 'configs/paper_sweep.py', '--workdir', str(tmp_path), '--sweep_shard=1/3']
+    )
     assert result.returncode == 2
     assert result.stderr.startswith('error: --sweep_shard is replaced by workers')
     assert '--workers=N' in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -77,7 +81,8 @@ def _mtime(path):
 def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     config = _grid_config(cifar_py.path, seed=[0, 1], shuffle=[True, False])
     workdir = str(tmp_path)
-    statuses = sweep.run_sweep(config, workdir)
+    statuses = search.run_study(config, workdir)
+    report.write_sweep_report(workdir)
     assert list(statuses.values()) == ['completed'] * 4
     manifest = json.loads((tmp_path / 'sweep.json').read_text())
     names = [r['name'] for r in manifest['runs']]
@@ -87,7 +92,7 @@ def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     }
     for name in names:
         assert json.loads((tmp_path / name / 'summary.json').read_text())['status'] == 'completed'
-        assert len(writers.read_metrics(str(tmp_path / name))) == 2
+        assert len(workdir_lib.read_metrics(str(tmp_path / name))) == 2
     assert (tmp_path / 'results.csv').exists() and (tmp_path / 'results.md').exists()
     accuracy_columns = ('train_accuracy', 'test_accuracy', 'best_test_accuracy', 'status')
     rows_before = [
@@ -96,21 +101,22 @@ def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     ]
 
     # Shuffle on and off train on different orders; different seeds differ too.
-    finals = [writers.read_metrics(str(tmp_path / n))[-1]['train_loss'] for n in names]
+    finals = [workdir_lib.read_metrics(str(tmp_path / n))[-1]['train_loss'] for n in names]
     assert len(set(finals)) == 4
 
     deleted, cut, kept = names[0], names[1], names[2:]
-    expected_cut = writers.read_metrics(str(tmp_path / cut))
+    expected_cut = workdir_lib.read_metrics(str(tmp_path / cut))
     shutil.rmtree(tmp_path / deleted)
     last = max(int(s) for s in os.listdir(tmp_path / cut / 'checkpoints'))
     shutil.rmtree(tmp_path / cut / 'checkpoints' / str(last))  # Killed before epoch 2's.
     os.remove(tmp_path / cut / 'summary.json')
     kept_mtimes = [_mtime(tmp_path / k / 'summary.json') for k in kept]
 
-    statuses = sweep.run_sweep(config, workdir)
+    statuses = search.run_study(config, workdir)
+    report.write_sweep_report(workdir)
     assert list(statuses.values()) == ['completed'] * 4
     assert [_mtime(tmp_path / k / 'summary.json') for k in kept] == kept_mtimes  # Skipped.
-    resumed = writers.read_metrics(str(tmp_path / cut))
+    resumed = workdir_lib.read_metrics(str(tmp_path / cut))
     keys = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy')
     assert [{k: r[k] for k in keys} for r in resumed] == [
         {k: r[k] for k in keys} for r in expected_cut

@@ -14,7 +14,8 @@ import textwrap
 
 from tensorboard.backend.event_processing import event_accumulator
 
-from resnet_jax import writers
+from resnet_jax.rundir import workdir as workdir_lib
+from resnet_jax.rundir import writers
 from tests.conftest import REPO, run_cli
 
 # A child that trains 3 epochs and is killed (SIGKILL) right after epoch 2's
@@ -22,7 +23,8 @@ from tests.conftest import REPO, run_cli
 KILLED = textwrap.dedent("""
     import os, signal, sys
     data, workdir = sys.argv[1:]
-    from resnet_jax import checkpoints, main
+    from resnet_jax.training import checkpoints
+    from resnet_jax.cli import main
     real_save, saves = checkpoints.save, []
 
     def save(*args, **kwargs):
@@ -47,7 +49,7 @@ def _tensorboard_epochs(workdir, tag='test_accuracy'):
 
 
 def _epochs(workdir):
-    return [r['epoch'] for r in writers.read_metrics(str(workdir))]
+    return [r['epoch'] for r in workdir_lib.read_metrics(str(workdir))]
 
 
 def test_a_kill_after_an_epoch_loses_nothing_in_tensorboard(cifar_py, tmp_path):

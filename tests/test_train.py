@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import train
+from resnet_jax.training import train
 from tests.conftest import make_tiny_config
 
 BATCH = 32  # As in test_runs_together.py's one-step test: the same compiled SGD step.

@@ -11,7 +11,9 @@ import ml_collections
 import pytest
 
 from configs import default
-from resnet_jax import report, validation
+from resnet_jax import validation
+from resnet_jax.reports import sweep_report as report
+from resnet_jax.training import checks
 from tests.conftest import make_tiny_config
 
 
@@ -55,17 +57,17 @@ def test_non_finite_learning_rate_is_refused(value):
     config = make_tiny_config('')
     config.learning_rate = float(value)
     with pytest.raises(validation.ConfigError, match='learning_rate must be a finite number'):
-        validation.validate_config(config)
+        checks.validate_config(config)
 
 
 def test_the_shipped_configs_are_valid():
     from configs import paper_sweep, smoke  # pylint: disable=g-import-not-at-top
 
     for module in (default, smoke):
-        validation.validate_config(module.get_config())
+        checks.validate_config(module.get_config())
     sweep_config = paper_sweep.get_config()
     del sweep_config['sweep']
-    validation.validate_config(sweep_config)
+    checks.validate_config(sweep_config)
 
 
 def _invalid(field, value):
@@ -102,22 +104,22 @@ def _invalid(field, value):
 def test_each_invalid_field_is_named(field, value, message):
     config = _invalid(field, value)
     if message is None:
-        validation.validate_config(config)
+        checks.validate_config(config)
     else:
         with pytest.raises(validation.ConfigError, match=f'^{message}'):
-            validation.validate_config(config)
+            checks.validate_config(config)
 
 
 def test_normalisation_needs_three_positive_stds():
     config = default.get_config()
     config.data.std = (0.0, 0.0, 0.0)  # Unused while normalize is off.
-    validation.validate_config(config)
+    checks.validate_config(config)
     config.data.normalize = True
     with pytest.raises(validation.ConfigError, match=r'config\.data\.std must be > 0'):
-        validation.validate_config(config)
+        checks.validate_config(config)
     config.data.mean = (0.5, 0.5)
     with pytest.raises(validation.ConfigError, match=r'config\.data\.mean must be 3 numbers'):
-        validation.validate_config(config)
+        checks.validate_config(config)
 
 
 @pytest.mark.parametrize('source', ['cifar', 'folder'])
@@ -125,7 +127,7 @@ def test_a_local_source_needs_a_path(source):
     config = default.get_config()
     config.data.source = source
     with pytest.raises(validation.ConfigError, match=f"source='{source}' needs config.data.path"):
-        validation.validate_config(config)
+        checks.validate_config(config)
 
 
 def test_the_distributed_section_is_checked_first():

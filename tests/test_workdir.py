@@ -9,7 +9,9 @@ import os
 import pytest
 
 from configs import default
-from resnet_jax import locks, train, validation, workdir, writers
+from resnet_jax import validation
+from resnet_jax.rundir import locks, workdir, writers
+from resnet_jax.training import train
 
 # ---------------------------------------------------------------- JSON ----
 
@@ -64,37 +66,37 @@ def test_read_json_object_is_none_for_missing_garbled_or_non_objects(tmp_path):
 
 @pytest.mark.parametrize('content', ['', 'garbage', None])
 def test_an_empty_or_unreadable_lock_is_stale(tmp_path, content):
-    path = tmp_path / workdir.LOCK_FILE
+    path = tmp_path / locks.LOCK_FILE
     if content is None:
         path.mkdir()  # Unreadable as a file.
         (path / 'x').write_text('')
-        with pytest.raises(workdir.WorkdirBusy):  # It cannot be removed: says so.
-            with workdir.lock(str(tmp_path)):
+        with pytest.raises(locks.WorkdirBusy):  # It cannot be removed: says so.
+            with locks.lock(str(tmp_path)):
                 pass
         return
     path.write_text(content)
-    with workdir.lock(str(tmp_path)):
+    with locks.lock(str(tmp_path)):
         assert path.read_text().split()[1] == str(os.getpid())
     assert not path.exists()
 
 
 def test_a_live_lock_is_respected_and_a_lock_is_never_empty(tmp_path):
-    with workdir.lock(str(tmp_path)):
-        assert (tmp_path / workdir.LOCK_FILE).read_text().strip()
-        with pytest.raises(workdir.WorkdirBusy, match='is in use by process'):
-            with workdir.lock(str(tmp_path)):
+    with locks.lock(str(tmp_path)):
+        assert (tmp_path / locks.LOCK_FILE).read_text().strip()
+        with pytest.raises(locks.WorkdirBusy, match='is in use by process'):
+            with locks.lock(str(tmp_path)):
                 pass
 
 
 def test_a_lock_of_a_dead_process_is_taken_over_and_one_of_another_host_respected(tmp_path):
-    path = tmp_path / workdir.LOCK_FILE
+    path = tmp_path / locks.LOCK_FILE
     host = locks._owner().split()[0]
     path.write_text(f'{host} {2**22 + 12345}')  # Above Linux's largest process id.
-    with workdir.lock(str(tmp_path)):  # Dead: taken over.
+    with locks.lock(str(tmp_path)):  # Dead: taken over.
         assert path.read_text() == locks._owner()
     path.write_text('some-other-host 1')  # Cannot be checked: taken as held.
-    with pytest.raises(workdir.WorkdirBusy, match="'some-other-host 1'"):
-        with workdir.lock(str(tmp_path)):
+    with pytest.raises(locks.WorkdirBusy, match="'some-other-host 1'"):
+        with locks.lock(str(tmp_path)):
             pass
     assert path.read_text() == 'some-other-host 1'
 

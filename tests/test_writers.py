@@ -12,8 +12,9 @@ import types
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from resnet_jax import train, writers
-from resnet_jax import workdir as workdir_lib
+from resnet_jax.rundir import workdir as workdir_lib
+from resnet_jax.rundir import writers
+from resnet_jax.training import train
 
 
 def test_one_writer_even_where_clu_metric_writers_imports(tmp_path, monkeypatch):
@@ -38,7 +39,7 @@ def _write_lines(workdir, *lines):
 
 
 def test_read_metrics_keeps_the_last_record_of_each_epoch_and_skips_a_torn_last_line(tmp_path):
-    assert writers.read_metrics(str(tmp_path)) == []  # No file yet.
+    assert workdir_lib.read_metrics(str(tmp_path)) == []  # No file yet.
     _write_lines(
         tmp_path,
         '{"epoch": 2, "loss": 1.0}',
@@ -46,7 +47,7 @@ def test_read_metrics_keeps_the_last_record_of_each_epoch_and_skips_a_torn_last_
         '{"epoch": 2, "loss": 0.5}',  # Rewritten after a resume: the later record wins.
         '{"epoch": 3, "lo',  # Being appended (or cut by a kill).
     )
-    assert writers.read_metrics(str(tmp_path)) == [
+    assert workdir_lib.read_metrics(str(tmp_path)) == [
         {'epoch': 1, 'loss': 2.0},
         {'epoch': 2, 'loss': 0.5},
     ]
@@ -56,7 +57,7 @@ def test_read_metrics_keeps_the_last_record_of_each_epoch_and_skips_a_torn_last_
 def test_read_metrics_names_a_line_that_is_not_a_record(tmp_path, line):
     _write_lines(tmp_path, '{"epoch": 1, "loss": 2.0}', line, '{"epoch": 2, "loss": 0.5}')
     with pytest.raises(workdir_lib.RecordError, match='metrics.jsonl line 2'):
-        writers.read_metrics(str(tmp_path))
+        workdir_lib.read_metrics(str(tmp_path))
 
 
 def test_truncate_metrics_drops_epochs_after_the_last_checkpoint(tmp_path):

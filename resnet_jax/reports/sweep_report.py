@@ -1,0 +1,256 @@
+"""Sweep reports: results tables, the comparison with the study, training curves.
+
+    from resnet_jax.reports import sweep_report
+    results = sweep_report.collect('runs/paper')     # one RunResult per manifest run
+    paths = sweep_report.write_sweep_report('runs/paper')  # {kind: path} of the files written
+
+or ``python -m resnet_jax.main --workdir runs/paper --mode=report`` (no training; a
+sweep may be partly done). All is read from disk: the manifest ``sweep.json``
+(``axes``, ``runs`` with ``name`` and ``overrides``, ``base_config``) and in each run
+folder ``<sweep_dir>/<name>/`` ``metrics.jsonl`` (a record per epoch), ``summary.json``
+(written when the run ends) and ``config.json``; a run without records is 'pending',
+one with records but no summary 'incomplete'. ``write_sweep_report`` writes into the sweep
+dir, each file atomically (``os.replace`` of a unique temporary file: concurrent
+writers never leave a torn file):
+
+* ``results.csv`` / ``results.md``: a row per run in manifest order in the study's
+  layout (``epochs``, the axes, final train and test accuracy in %), then best test
+  accuracy and its epoch, wall time, images/s and status; the best run is starred.
+  ``read_results_csv`` parses any csv of the report back.
+* ``comparison.csv`` (and a section of ``results.md``): ours vs the study's final
+  accuracies where (batch_size, learning_rate, shuffle) is a row of its table.
+* ``curves.png`` (the study's Figure 3: test and train accuracy and loss per epoch, a
+  line per run) and ``heatmap.png`` (final test accuracy over batch size x learning
+  rate, a panel per shuffle setting); without matplotlib, skipped as ``results.md`` says.
+* With a ``seed`` axis (``config.sweep.seed`` or ``.repeats``), the runs differing only
+  in their seed form a cell: ``cells.csv`` (and a section) gives per cell n, mean ±
+  sample sd and the 95% Student t interval of final test and train accuracy over the
+  completed runs (failed and diverged ones counted and left out); ``paired.csv`` (and
+  a section) the differences between the two values of each two-valued axis, paired on
+  seed and the other axes, per cell and pooled, and whether their interval excludes 0.
+  The comparison then uses cell means, the heatmap mean ± sd and the curves a mean
+  line per cell in a min–max band.
+
+The study's table (``PAPER_SOURCE``: final train and test accuracy in % of 18 runs,
+batch size x learning rate x shuffle) ships as ``resnet_jax/data/paper_results.csv``.
+
+Modules: :mod:`~resnet_jax.reports.load` (reading runs and csv files),
+:mod:`~resnet_jax.reports.stats` (estimates over seeds, ``scipy.stats``),
+:mod:`~resnet_jax.reports.tables` (the tables as pandas frames, labels),
+:mod:`~resnet_jax.reports.markdown` (``results.md``) and
+:mod:`~resnet_jax.reports.plots` (``curves.png``, ``heatmap.png``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from resnet_jax.reports.load import (
+    PAPER_CSV,
+    PROBLEM_STATUSES,
+    STATUSES,
+    RunResult,
+    apply_overrides,
+    collect,
+    finite,
+    format_cell,
+    load_paper_results,
+    load_run,
+    parse_cell,
+    read_manifest,
+    read_results_csv,
+)
+from resnet_jax.reports.markdown import (
+    CURVES_PNG,
+    HEATMAP_PNG,
+    PAPER_SOURCE,
+    paired_markdown,
+    paired_statement,
+    results_markdown,
+    seeds_markdown,
+)
+from resnet_jax.reports.plots import (
+    curve_groups,
+    epoch_band,
+    heatmap_cell,
+    render_curves,
+    render_heatmap,
+)
+from resnet_jax.reports.stats import (
+    SEED_AXIS,
+    Cell,
+    Estimate,
+    Paired,
+    estimate,
+    group_cells,
+    noise_verdict,
+    paired_differences,
+    pooled,
+    t_quantile,
+    two_level_axes,
+)
+from resnet_jax.reports.tables import (
+    CELL_COLUMNS,
+    CELL_COMPARISON_COLUMNS,
+    COMPARISON_COLUMNS,
+    MISSING,
+    PAIRED_COLUMNS,
+    RESULT_COLUMNS,
+    RESULT_NUMBERS,
+    STUDY_AXES,
+    axis_columns,
+    best_run_index,
+    cell_rows,
+    compare_with_paper,
+    csv_text,
+    data_statement,
+    describe_data,
+    format_estimate,
+    format_interval,
+    one_line,
+    paired_rows,
+    result_rows,
+    run_label,
+    status_counts,
+)
+from resnet_jax.rundir.workdir import METRICS_FILE, write_atomic
+
+RESULTS_CSV = 'results.csv'
+RESULTS_MD = 'results.md'
+COMPARISON_CSV = 'comparison.csv'
+CELLS_CSV = 'cells.csv'
+PAIRED_CSV = 'paired.csv'
+
+__all__ = [
+    'CELLS_CSV',
+    'CELL_COLUMNS',
+    'CELL_COMPARISON_COLUMNS',
+    'COMPARISON_COLUMNS',
+    'COMPARISON_CSV',
+    'CURVES_PNG',
+    'Cell',
+    'Estimate',
+    'HEATMAP_PNG',
+    'MISSING',
+    'PAIRED_COLUMNS',
+    'PAIRED_CSV',
+    'PAPER_CSV',
+    'PAPER_SOURCE',
+    'Paired',
+    'RESULTS_CSV',
+    'RESULTS_MD',
+    'RESULT_COLUMNS',
+    'RESULT_NUMBERS',
+    'RunResult',
+    'SEED_AXIS',
+    'PROBLEM_STATUSES',
+    'STATUSES',
+    'STUDY_AXES',
+    'apply_overrides',
+    'axis_columns',
+    'best_run_index',
+    'cell_rows',
+    'collect',
+    'compare_with_paper',
+    'csv_text',
+    'curve_groups',
+    'data_statement',
+    'describe_data',
+    'epoch_band',
+    'estimate',
+    'finite',
+    'format_cell',
+    'format_estimate',
+    'format_interval',
+    'group_cells',
+    'heatmap_cell',
+    'load_paper_results',
+    'load_run',
+    'noise_verdict',
+    'one_line',
+    'paired_differences',
+    'paired_markdown',
+    'paired_rows',
+    'paired_statement',
+    'parse_cell',
+    'pooled',
+    'read_manifest',
+    'read_results_csv',
+    'render_curves',
+    'render_heatmap',
+    'result_rows',
+    'results_markdown',
+    'run_label',
+    'seeds_markdown',
+    'status_counts',
+    't_quantile',
+    'two_level_axes',
+    'write_sweep_report',
+    'write_run_report',
+]
+
+
+def write_run_report(run_dir: str) -> dict[str, str]:
+    """Writes ``curves.png`` of one run's workdir (not a sweep), as far as its
+    ``metrics.jsonl`` goes (a run in progress too); returns ``{kind: path}``."""
+    result = load_run(run_dir, os.path.basename(os.path.abspath(run_dir)), {})
+    if not result.epochs:
+        raise FileNotFoundError(f'{run_dir} has no epoch records ({METRICS_FILE}) yet')
+    path = os.path.join(run_dir, CURVES_PNG)
+    title = f'{result.name}: {result.epochs_completed} of {result.num_epochs} epochs'
+    write_atomic(path, render_curves([result], title=title))
+    return {'curves': path}
+
+
+def write_sweep_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str, str]:
+    """Writes the report files (see above) into ``sweep_dir``, removing those that no
+    longer apply; returns ``{kind: path}`` (kind: 'results_csv', 'curves', ...).
+    ``paper_csv``: the study's table (default: the packaged one)."""
+    manifest = read_manifest(sweep_dir)
+    results = collect(sweep_dir)
+    axes = manifest['axes']
+    seed_axis = SEED_AXIS if SEED_AXIS in axes else None
+    columns = axis_columns(axes)
+    others = [a for a in columns if a != SEED_AXIS]  # The columns of a cell.
+    written: dict[str, str] = {}
+
+    def write(file: str, content: str | bytes | None) -> None:
+        """Writes ``file`` (None: removes it)."""
+        path = os.path.join(sweep_dir, file)
+        if content is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        else:
+            write_atomic(path, content)
+            written[file.removesuffix('.png').replace('.', '_')] = path  # 'results_csv', 'curves'
+
+    rows = [list(row.values()) for row in result_rows(results, columns)]
+    write(RESULTS_CSV, csv_text(['epochs', *columns, *RESULT_COLUMNS], rows))
+    comparison = compare_with_paper(results, load_paper_results(paper_csv), seed_axis)
+    header = CELL_COMPARISON_COLUMNS if seed_axis else COMPARISON_COLUMNS
+    two = ('accuracy', 'difference', '_sd')  # Columns with 2 decimals.
+    rows = [
+        [format_cell(row[k], 2 if k.endswith(two) else None) for k in header] for row in comparison
+    ]
+    write(COMPARISON_CSV, csv_text(header, rows) if rows else None)
+    rows = cell_rows(group_cells(results), others) if seed_axis else None
+    write(CELLS_CSV, None if rows is None else csv_text([*others, *CELL_COLUMNS], rows))
+    rows = paired_rows(results, axes, others) if seed_axis else []
+    header = ['axis', 'first', 'second', 'scope', *others, *PAIRED_COLUMNS]
+    write(PAIRED_CSV, csv_text(header, rows) if rows else None)
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        reason = 'matplotlib is not installed (pip install matplotlib)'
+        plots: dict[str, str | None] = {CURVES_PNG: reason, HEATMAP_PNG: reason}
+    else:
+        title = os.path.basename(os.path.abspath(sweep_dir))
+        write(CURVES_PNG, render_curves(results, title, seed_axis))
+        grid = 'batch_size' in axes and 'learning_rate' in axes
+        write(HEATMAP_PNG, render_heatmap(results, axes) if grid else None)
+        reason = None if grid else 'batch_size and learning_rate are not both sweep axes'
+        plots = {CURVES_PNG: None, HEATMAP_PNG: reason}
+    write(RESULTS_MD, results_markdown(sweep_dir, manifest, results, comparison, plots))
+    return written
