@@ -13,6 +13,8 @@ gathered, cropped, flipped and scaled on the device). Imports only the base
 modules (:mod:`resnet_jax.registry`, :mod:`resnet_jax.validation`).
 """
 
+# The sources register themselves in SOURCES when imported: all of them, here.
+from resnet_jax.datasets import cifar, image_folder, tfds_source  # noqa: F401
 from resnet_jax.datasets.base import SOURCES, DataError, Dataset
 from resnet_jax.datasets.loading import (
     detect_source,
