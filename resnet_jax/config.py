@@ -106,7 +106,7 @@ def _data(config: ml_collections.ConfigDict) -> None:
     """Where the images come from, the held-out split and the augmentation."""
     config.data = ml_collections.ConfigDict()
     # 'auto' (detect from path) or a name in the registry
-    # resnet_jax.datasets.loading.SOURCES ('cifar': the official python/binary batches,
+    # resnet_jax.datasets.SOURCES ('cifar': the official python/binary batches,
     # 'folder': split/class/*.png|jpg, 'tfds').
     config.data.source = 'auto'
     config.data.path = ''  # '' with tfds: the default TFDS data dir
