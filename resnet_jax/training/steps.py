@@ -153,23 +153,13 @@ def train_epoch(
     """
     start, done = sum(sizes[:first]), first
     for i, size, count in call_chunks(sizes, first, steps_per_call):
-        at = jnp.int32(start)
+        at, batching = jnp.int32(start), {'size': size, 'prep': prep, 'sharding': sharding}
         if count == 1:
-            batches = augmented_batches(
-                states, orders, images, labels, at, size=size, prep=prep, sharding=sharding
-            )
+            batches = augmented_batches(states, orders, images, labels, at, **batching)
             states, metrics = update_runs(states, batches)
         else:
             states, metrics = scan_updates(
-                states,
-                orders,
-                images,
-                labels,
-                at,
-                size=size,
-                count=count,
-                prep=prep,
-                sharding=sharding,
+                states, orders, images, labels, at, count=count, **batching
             )
         total = metrics if total is None else train.merge_metrics(total, metrics)
         start += size * count
