@@ -65,7 +65,6 @@ KILLER = textwrap.dedent("""
     import orbax.checkpoint as ocp
     from resnet_jax.cli import main
     from resnet_jax.training import steps
-    from resnet_jax.training import train
     moment, data, workdir = sys.argv[1:4]
     sig = signal.SIGKILL if moment.startswith('kill') else getattr(signal, moment)
 
@@ -84,7 +83,7 @@ KILLER = textwrap.dedent("""
     if moment in ('kill_mid_epoch', 'SIGTERM', 'SIGINT'):
         steps.update_runs = counting(steps.update_runs, 6)  # Epoch 2, second step.
     elif moment == 'kill_during_eval':
-        train.eval_steps = counting(train.eval_steps, 3)  # Epoch 2's evaluation.
+        steps.eval_steps = counting(steps.eval_steps, 3)  # Epoch 2's evaluation.
     elif moment == 'kill_during_save':
         save = ocp.CheckpointManager.save
         def save_then_die(self, *args, **kwargs):
@@ -302,7 +301,7 @@ def test_non_finite_loss_stops_within_the_epoch_and_keeps_good_checkpoints(
 
 def test_a_nan_test_loss_stops_the_run(cifar_py, tmp_path, monkeypatch):
     config = make_tiny_config(cifar_py.path)
-    real = train.evaluate
+    real = steps.evaluate
 
     def poisoned(states, *args, **kwargs):
         results = real(states, *args, **kwargs)
@@ -310,7 +309,7 @@ def test_a_nan_test_loss_stops_the_run(cifar_py, tmp_path, monkeypatch):
             return [r | {'loss': float('nan')} for r in results]
         return results
 
-    monkeypatch.setattr(train, 'evaluate', poisoned)
+    monkeypatch.setattr(steps, 'evaluate', poisoned)
     _, summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary['status'] == 'diverged'
     assert summary['error'] == 'non-finite test loss in epoch 2'

@@ -111,9 +111,11 @@ def test_one_step_of_three_lanes_is_three_single_steps():
         states.append(train.create_train_state(config, init_rng, 2))
     assert len({id(s.tx) for s in states}) == 1
     initial = states[0]
-    stacked, metrics = steps.train_chunk(
-        train.stack(states), orders, images, labels, jnp.int32(0), size=32, count=1, prep=prep
+    stacked = train.stack(states)
+    batches = steps.augmented_batches(
+        stacked, orders, images, labels, jnp.int32(0), size=32, prep=prep
     )
+    stacked, metrics = steps.update_runs(stacked, batches)
     np.testing.assert_allclose(train.learning_rate(stacked), rates)
     for r, lr in enumerate(rates):
         config.learning_rate = lr
@@ -146,9 +148,11 @@ def test_a_single_run_is_the_plain_program_bit_for_bit():
     )
     copy = jax.tree_util.tree_map(jnp.copy, state)
     alone, m = train.train_step(copy, batch)
-    stacked, ms = steps.train_chunk(
-        train.stack([state]), order[None], images, labels, jnp.int32(0), size=32, count=1, prep=prep
+    stacked = train.stack([state])
+    batches = steps.augmented_batches(
+        stacked, order[None], images, labels, jnp.int32(0), size=32, prep=prep
     )
+    stacked, ms = steps.update_runs(stacked, batches)
     jax.tree_util.tree_map(
         np.testing.assert_array_equal, train.unstack(stacked, 0).params, alone.params
     )
@@ -161,15 +165,15 @@ def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, mo
     with the very numbers of the uninterrupted group."""
     workdirs = [str(tmp_path / f'lane{i}') for i in range(len(LANES))]
     calls = []
-    real = steps.train_chunk
+    real = steps.update_runs
 
-    def train_chunk(*args, **kwargs):
+    def update_runs(*args, **kwargs):
         calls.append(1)
         if len(calls) == 6:  # 4 steps per epoch: step 2 of epoch 2.
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(steps, 'train_chunk', train_chunk)
+    monkeypatch.setattr(steps, 'update_runs', update_runs)
     with pytest.raises(signals.Interrupted):
         loop.train_runs(_configs(cifar_py.path), workdirs)
     for workdir in workdirs:
@@ -177,7 +181,7 @@ def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, mo
         manager = checkpoints.checkpoint_manager(workdir, read_only=True)
         assert manager.latest_step() == 6  # 4 steps of epoch 1, 2 of epoch 2.
         manager.close()
-    monkeypatch.setattr(steps, 'train_chunk', real)
+    monkeypatch.setattr(steps, 'update_runs', real)
     _, summaries = loop.train_runs(_configs(cifar_py.path), workdirs)
     assert [s['status'] for s in summaries] == ['completed'] * 3
     for workdir, reference in zip(workdirs, together[0], strict=True):

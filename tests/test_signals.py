@@ -31,7 +31,7 @@ IN_FLIGHT = textwrap.dedent("""
         return jax.lax.fori_loop(0, 20000, lambda i, a: jnp.tanh(a @ a), x)
 
     x = jnp.ones((256, 256)) / 256
-    real, calls = steps.train_chunk, []
+    real, calls = steps.scan_updates, []
 
     def chunk(*args, **kwargs):
         if not calls:
@@ -46,7 +46,7 @@ IN_FLIGHT = textwrap.dedent("""
             jax.block_until_ready(long_call(x))
         return real(*args, **kwargs)
 
-    steps.train_chunk = chunk
+    steps.scan_updates = chunk
     sys.exit(main.main([
         'main', '--config', 'configs/default.py', '--workdir', workdir,
         '--config.num_epochs=2', '--config.batch_size=32', '--config.eval_batch_size=32',

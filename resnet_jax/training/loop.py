@@ -3,16 +3,19 @@
     state, summary = loop.train_and_evaluate(config, workdir)       # one run
     states, summaries = loop.train_runs(configs, workdirs)          # runs as one program
 
-Every group of runs carries a leading *run* axis: a single run is a group of
-one. Runs of a group share the model, the batch size and every other setting
-but their learning rate, shuffle and seed (:func:`group_key`);
-one compiled call trains all of them, each on its own data order, augmentation
-draws and learning rate (:mod:`resnet_jax.training.steps`, the one seam of the run axis).
+A single run is a group of one: :func:`train_and_evaluate` is :func:`train_runs`
+of one config. Runs of a group share the model, the batch size and every other
+setting but their learning rate, shuffle and seed (:func:`group_key`); their
+states are stacked on a leading *run* axis and one compiled call trains all of
+them, each on its own data order, augmentation draws and learning rate.
 
-One run, from :func:`train_and_evaluate` to :func:`resnet_jax.training.train.update`:
-:func:`train_runs` locks the workdirs, :func:`_train_runs` loads the data and
-resumes each run (:mod:`resnet_jax.training.runs`), :func:`_train_group` trains the
-epochs, :func:`resnet_jax.training.steps.train_epoch` makes the compiled calls.
+:func:`train_runs` reads top to bottom: lock the workdirs, load the data onto
+the device, create or resume each run (:mod:`resnet_jax.training.runs`), then
+for each epoch train (:func:`resnet_jax.training.steps.train_epoch`, whose
+compiled calls map :func:`resnet_jax.training.train.update` over the run axis),
+evaluate, log and checkpoint (:mod:`resnet_jax.training.epochs`); last, each
+run's ``summary.json``. Runs resumed at different points train in sub-groups,
+earliest first.
 
 The uint8 datasets stay on the accelerator; batches are gathered, augmented and
 scaled there and sharded over all devices on a ``data`` mesh axis (BatchNorm
@@ -22,18 +25,17 @@ orbax checkpoints (:mod:`resnet_jax.training.checkpoints`) and ``summary.json``;
 the same workdirs, training resumes from the latest checkpoints. A run whose
 loss or parameters stop being finite is marked ``diverged`` and no longer
 written while the others go on; SIGINT/SIGTERM checkpoint every run mid-epoch
-and raise :class:`Interrupted` (:mod:`resnet_jax.training.signals`).
+and raise :class:`~resnet_jax.training.signals.Interrupted` (:mod:`resnet_jax.training.signals`).
 """
 
 # No `from __future__ import annotations`: clu reads Metrics annotations at run time.
 import contextlib
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,41 +48,12 @@ from resnet_jax import datasets, models, validation
 from resnet_jax.datasets import augment
 from resnet_jax.rundir import locks
 from resnet_jax.rundir import workdir as workdir_lib
-from resnet_jax.training import checkpoints, checks, distributed, signals, steps, train
+from resnet_jax.training import checkpoints, checks, distributed, epochs, signals, steps, train
 from resnet_jax.training import runs as runs_lib
 
 logger = logging.getLogger('resnet_jax')
 
-
-class Progress:
-    """Logs steps/s and the epoch's ETA at most every ``every_seconds``."""
-
-    def __init__(
-        self,
-        epoch: int,
-        total_steps: int,
-        every_seconds: float,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self._epoch, self._total, self._every = epoch, total_steps, every_seconds
-        self._clock = clock
-        self._start = self._last = clock()
-
-    def maybe_report(self, step: int, sync: Any) -> str | None:
-        """``step`` steps are dispatched; ``sync`` is blocked on before timing."""
-        if self._clock() - self._last < self._every or step >= self._total:
-            return None
-        jax.block_until_ready(sync)
-        now = self._clock()
-        self._last = now
-        rate = step / max(now - self._start, 1e-9)
-        eta = (self._total - step) / max(rate, 1e-9)
-        message = (
-            f'epoch {self._epoch}: step {step}/{self._total}, {rate:.2f} steps/s, ETA {eta:.0f}s'
-        )
-        logger.info(message)
-        return message
-
+OnEpoch = Callable[[dict[str, Any]], bool]
 
 # Config fields in which the runs of one group may differ: each run's learning
 # rate is optimiser state, its data order and initialisation come from its seed.
@@ -101,7 +74,7 @@ def train_and_evaluate(
     mesh: Mesh | None = None,
     *,
     overwrite: bool = False,
-    on_epoch: Callable[[dict[str, Any]], bool] | None = None,
+    on_epoch: OnEpoch | None = None,
 ) -> tuple[train.TrainState, dict[str, Any]]:
     """Trains ``config`` into ``workdir``, resuming from its latest checkpoint.
 
@@ -127,19 +100,70 @@ def train_runs(
     mesh: Mesh | None = None,
     *,
     overwrite: bool = False,
-    on_epoch: Sequence[Callable[[dict[str, Any]], bool] | None] | None = None,
+    on_epoch: Sequence[OnEpoch | None] | None = None,
 ) -> tuple[list[train.TrainState], list[dict[str, Any]]]:
-    """Trains ``configs[i]`` into ``workdirs[i]``, all as one program.
-
-    The configs must differ only in :data:`VECTORIZABLE` fields. Each workdir behaves as with :func:`train_and_evaluate`; runs
-    resumed at different points train in sub-groups, earliest first. Returns
-    the final states and the summaries. ``on_epoch[i]``, if given, is run i's
-    epoch callback (:func:`train_and_evaluate`).
+    """Trains ``configs[i]`` into ``workdirs[i]``, all as one program; returns the final
+    states and summaries. The configs may differ only in :data:`VECTORIZABLE` fields;
+    each workdir and ``on_epoch[i]`` behave as with :func:`train_and_evaluate`.
     """
+    callbacks = _check_group(configs, workdirs, on_epoch)
+    with _workdirs_held(workdirs):
+        started = time.time()
+        sets, index = _training_sets(configs)
+        mesh = train.make_mesh() if mesh is None else mesh
+        checks.check_data_fits(configs[0], sets[0], mesh.devices.size)
+        _prepare_workdirs(configs, workdirs, overwrite)
+        data, plan = _on_device(sets, configs[0], mesh)
+        with contextlib.ExitStack() as opened:  # Closes the runs' checkpoints and writers.
+            runs = _new_runs(configs, workdirs, index, callbacks, plan, started, opened)
+            num_params, flops = _log_start(runs[0], sets, plan, mesh)
+            for run in runs:
+                runs_lib.resume(run)
+            stop = opened.enter_context(signals.StopSignals())
+            for group in _by_resume_point(runs):
+                states = jax.device_put(train.stack([r.state for r in group]), plan.replicated)
+                for epoch in range(group[0].epoch + 1, configs[0].num_epochs + 1):
+                    if not runs_lib.any_active(group):
+                        break
+                    first, partial, seconds = epochs.resume_point(group, epoch)
+                    t0 = time.time()
+                    states, total, done = steps.train_epoch(
+                        states,
+                        data.images,
+                        data.labels,
+                        epochs.orders(group, data, epoch),
+                        plan.sizes,
+                        plan.prep,
+                        plan.sharding,
+                        first=first,
+                        total=partial,
+                        steps_per_call=configs[0].steps_per_call,
+                        after_call=epochs.between_calls(group, epoch, plan, stop),
+                    )
+                    runs_lib.check_finite(group, total, epoch, done)  # Waits for the last step.
+                    seconds += time.time() - t0
+                    if not runs_lib.any_active(group):
+                        break
+                    # Training stopped early only on a signal, which may also come now.
+                    tests = epochs.evaluate(states, data, plan) if stop.agreed() is None else None
+                    if stop.agreed() is not None:
+                        epochs.interrupt(group, states, total, epoch, done, seconds, plan, stop)
+                    epochs.end_epoch(group, states, total, tests, epoch, seconds, plan)
+                epochs.end_group(group, states)
+        summaries = [runs_lib.finish(run, num_params, flops, sets[0], mesh) for run in runs]
+    return [run.state for run in runs], summaries
+
+
+def _check_group(
+    configs: Sequence[ml_collections.ConfigDict],
+    workdirs: Sequence[str],
+    on_epoch: Sequence[OnEpoch | None] | None,
+) -> list[OnEpoch | None]:
+    """Checks the arguments of :func:`train_runs`; returns each run's epoch callback."""
     if len(configs) != len(workdirs) or not configs:
         raise ValueError('train_runs needs one workdir per config, and at least one')
-    on_epoch = list(on_epoch) if on_epoch is not None else [None] * len(configs)
-    if len(on_epoch) != len(configs):
+    callbacks = list(on_epoch) if on_epoch is not None else [None] * len(configs)
+    if len(callbacks) != len(configs):
         raise ValueError('train_runs needs one on_epoch callback (or None) per config')
     for config in configs:
         checks.validate_config(config)
@@ -147,6 +171,13 @@ def train_runs(
         raise validation.ConfigError(
             f'runs trained together may differ only in {", ".join(VECTORIZABLE)}'
         )
+    return callbacks
+
+
+@contextlib.contextmanager
+def _workdirs_held(workdirs: Sequence[str]) -> Iterator[None]:
+    """Holds every workdir's lock; a workdir created meanwhile that a failed run
+    left empty is removed again."""
     created = [w for w in workdirs if not os.path.exists(w)]
     try:
         for workdir in workdirs:
@@ -154,13 +185,88 @@ def train_runs(
         with contextlib.ExitStack() as held:
             for workdir in workdirs:
                 held.enter_context(distributed.primary_only(locks.lock(workdir)))
-            return _train_runs(list(configs), list(workdirs), mesh, overwrite, on_epoch)
+            yield
     except BaseException:
         for workdir in created:  # A run that failed before it wrote anything leaves nothing.
             for folder in (os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), workdir):
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)  # Only if empty.
         raise
+
+
+def _prepare_workdirs(
+    configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str], overwrite: bool
+) -> None:
+    """Refuses (or with ``overwrite`` clears) workdirs of other configs, on the primary."""
+    if distributed.is_primary():
+        for config, workdir in zip(configs, workdirs, strict=True):
+            workdir_lib.prepare(workdir, config, overwrite)
+    distributed.sync('workdirs prepared')
+
+
+def _on_device(
+    sets: list[datasets.Dataset], config: ml_collections.ConfigDict, mesh: Mesh
+) -> tuple[epochs.DeviceData, epochs.BatchPlan]:
+    """The group's data, put on the devices of ``mesh``, and its batching plan."""
+    num_devices, data = mesh.devices.size, sets[0]
+    replicated = NamedSharding(mesh, P())
+    eval_bs = device_eval_batch_size(config, num_devices)
+    plan = epochs.BatchPlan(
+        sizes=augment.train_batch_sizes(
+            len(data.train_labels), config.batch_size, config.drop_remainder, num_devices
+        ),
+        eval_batch_size=eval_bs,
+        prep=augment.Preprocess.from_config(config),
+        sharding=NamedSharding(mesh, P('data')),
+        replicated=replicated,
+    )
+    on_device = epochs.DeviceData(
+        images=jax.device_put(np.concatenate([d.train_images for d in sets]), replicated),
+        labels=jax.device_put(np.concatenate([d.train_labels for d in sets]), replicated),
+        num_train=len(data.train_labels),
+        test=_device_eval_set(data.test_images, data.test_labels, eval_bs, replicated),
+        validation=(  # The held-out training images, if the config holds any out.
+            _device_eval_set(data.validation_images, data.validation_labels, eval_bs, replicated)
+            if len(data.validation_labels)
+            else None
+        ),
+    )
+    return on_device, plan
+
+
+def _new_runs(
+    configs: Sequence[ml_collections.ConfigDict],
+    workdirs: Sequence[str],
+    index: list[int],
+    callbacks: list[OnEpoch | None],
+    plan: epochs.BatchPlan,
+    started: float,
+    opened: contextlib.ExitStack,
+) -> list[runs_lib.Run]:
+    """Every run's initial state and checkpoint manager, each closed by ``opened``."""
+    runs = []
+    for config, workdir, dataset, callback in zip(configs, workdirs, index, callbacks, strict=True):
+        run = runs_lib.new_run(
+            config,
+            workdir,
+            dataset=dataset,
+            steps_per_epoch=len(plan.sizes),
+            replicated=plan.replicated,
+            lanes=len(configs),
+            started=started,
+            on_epoch=callback,
+        )
+        opened.callback(runs_lib.close, run)
+        runs.append(run)
+    return runs
+
+
+def _by_resume_point(runs: list[runs_lib.Run]) -> list[list[runs_lib.Run]]:
+    """The runs in sub-groups resumed at the same point, earliest first."""
+    by_point: dict[tuple[int, int], list[runs_lib.Run]] = {}
+    for run in runs:
+        by_point.setdefault((run.epoch, run.position), []).append(run)
+    return [by_point[point] for point in sorted(by_point)]
 
 
 def _training_sets(
@@ -203,81 +309,11 @@ def _device_eval_set(
     return tuple(jax.device_put(a, replicated) for a in padded)
 
 
-def _train_runs(
-    configs: list[ml_collections.ConfigDict],
-    workdirs: list[str],
-    mesh: Mesh | None,
-    overwrite: bool,
-    on_epoch: list[Callable[[dict[str, Any]], bool] | None],
-) -> tuple[list[train.TrainState], list[dict[str, Any]]]:
-    t_start = time.time()
-    sets, index = _training_sets(configs)
-    data, config = sets[0], configs[0]
-    mesh = train.make_mesh() if mesh is None else mesh
-    num_devices = mesh.devices.size
-    checks.check_data_fits(config, data, num_devices)
-    if distributed.is_primary():
-        for c, w in zip(configs, workdirs, strict=True):
-            workdir_lib.prepare(w, c, overwrite)
-    distributed.sync('workdirs prepared')
-
-    replicated = NamedSharding(mesh, P())
-    sizes = augment.train_batch_sizes(
-        len(data.train_labels), config.batch_size, config.drop_remainder, num_devices
-    )
-    eval_bs = device_eval_batch_size(config, num_devices)
-    shared = runs_lib.Shared(
-        images=jax.device_put(np.concatenate([d.train_images for d in sets]), replicated),
-        labels=jax.device_put(np.concatenate([d.train_labels for d in sets]), replicated),
-        num_train=len(data.train_labels),
-        test=_device_eval_set(data.test_images, data.test_labels, eval_bs, replicated),
-        validation=(  # The held-out training images, if the config holds any out.
-            _device_eval_set(data.validation_images, data.validation_labels, eval_bs, replicated)
-            if len(data.validation_labels)
-            else None
-        ),
-        sizes=sizes,
-        eval_bs=eval_bs,
-        prep=augment.Preprocess.from_config(config),
-        batch_sharding=NamedSharding(mesh, P('data')),
-        replicated=replicated,
-        stop=signals.StopSignals(),
-        t_start=t_start,
-        group_size=len(configs),
-    )
-    runs: list[runs_lib.Run] = []
-    try:
-        for c, w, d, callback in zip(configs, workdirs, index, on_epoch, strict=True):
-            runs.append(runs_lib.new_run(c, w, d, shared))
-            runs[-1].on_epoch = callback
-        num_params, flops = _log_start(runs[0], data, shared, len(sets), num_devices)
-        for run in runs:
-            runs_lib.resume(run, shared)
-        # Runs resumed at different points train in sub-groups, in that order.
-        by_point: dict[tuple[int, int], list[runs_lib.Run]] = {}
-        for run in runs:
-            by_point.setdefault((run.epoch, run.position), []).append(run)
-        with shared.stop:
-            for point in sorted(by_point):
-                _train_group(by_point[point], shared)
-    finally:
-        for run in runs:
-            checkpoints.close_quietly(run.manager)
-            if run.writer is not None:
-                run.writer.close()
-    summaries = [runs_lib.finish(run, num_params, flops, data, mesh, shared) for run in runs]
-    return [run.state for run in runs], summaries
-
-
 def _log_start(
-    run: runs_lib.Run,
-    data: datasets.Dataset,
-    shared: runs_lib.Shared,
-    num_sets: int,
-    num_devices: int,
+    run: runs_lib.Run, sets: list[datasets.Dataset], plan: epochs.BatchPlan, mesh: Mesh
 ) -> tuple[int, float]:
     """Logs the model, the data and the group; returns the parameter and FLOP counts."""
-    config = run.config
+    config, data = run.config, sets[0]
     model, _ = train.cached_model(config.model, config.num_classes, config.dtype, config.image_size)
     num_params = models.count_params(run.state.params)
     flops = models.flops_per_image(model, run.state.variables(), config.image_size)
@@ -288,203 +324,11 @@ def _log_start(
     logger.info(
         f'data: {data.source} ({data.path or "default"}), {len(data.train_labels)} train / '
         f'{len(data.test_labels)} test images, {data.num_classes} classes; '
-        f'{len(shared.sizes)} steps/epoch on {num_devices} device(s)'
+        f'{len(plan.sizes)} steps/epoch on {mesh.devices.size} device(s)'
     )
-    if shared.group_size > 1:
-        logger.info(
-            'vectorised: %d runs as one program, %d training set(s)', shared.group_size, num_sets
-        )
+    if run.lanes > 1:
+        logger.info('vectorised: %d runs as one program, %d training set(s)', run.lanes, len(sets))
     return num_params, flops
-
-
-def _any_active(runs: list[runs_lib.Run]) -> bool:
-    return any(run.active for run in runs)
-
-
-def _train_group(runs: list[runs_lib.Run], shared: runs_lib.Shared) -> None:
-    """Trains ``runs`` (all resumed at the same point) to the end of their configs."""
-    config = runs[0].config
-    start_epoch, position = runs[0].epoch, runs[0].position
-    states = jax.device_put(train.stack([run.state for run in runs]), shared.replicated)
-    partial = train.stack([run.partial for run in runs]) if position else None
-    seconds_before = float(runs[0].meta.get('partial_seconds', 0.0)) if position else 0.0
-    for epoch in range(start_epoch + 1, config.num_epochs + 1):
-        if not _any_active(runs):
-            break
-        first = position if epoch == start_epoch + 1 else 0
-        t0 = time.time()
-        states, total, done = _train_epoch(
-            runs, shared, states, epoch, first, partial if first else None
-        )
-        train_seconds = (seconds_before if first else 0.0) + time.time() - t0
-        if not _any_active(runs):
-            break
-        # Training stopped early only on a signal.
-        evaluations = _evaluate(states, shared) if shared.stop.agreed() is None else None
-        if shared.stop.agreed() is not None:  # Also when it came during evaluation.
-            _save_and_stop(runs, shared, states, total, epoch, done, train_seconds)
-        _end_epoch(runs, shared, states, total, evaluations, epoch, train_seconds)
-    _end_group(runs, states, start_epoch)
-
-
-def _epoch_orders(runs: list[runs_lib.Run], shared: runs_lib.Shared, epoch: int) -> jax.Array:
-    """Each run's order of the epoch, as indices into the group's training sets."""
-    return jnp.stack(
-        [
-            augment.epoch_order(run.order_rng, epoch, shared.num_train, run.config.shuffle)
-            + run.dataset * shared.num_train
-            for run in runs
-        ]
-    )
-
-
-def _train_epoch(
-    runs: list[runs_lib.Run],
-    shared: runs_lib.Shared,
-    states: train.TrainState,
-    epoch: int,
-    first: int,
-    partial: train.TrainMetrics | None,
-) -> tuple[train.TrainState, train.TrainMetrics, int]:
-    """Trains batches ``first..`` of ``epoch`` (:func:`resnet_jax.training.steps.train_epoch`).
-
-    Between compiled calls it reports progress, checks every
-    ``check_finite_every_steps`` steps that the runs are finite, and stops on a
-    signal. Returns the states, the epoch's running metrics and the batches done.
-    """
-    config = runs[0].config
-    every = config.check_finite_every_steps
-    progress = Progress(epoch, len(shared.sizes), config.progress_every_seconds)
-
-    def after_call(i: int, done: int, total: train.TrainMetrics) -> bool:
-        progress.maybe_report(done, total)
-        if every and done // every != i // every:
-            runs_lib.check_finite(runs, shared, total, epoch, done)
-            if not _any_active(runs):
-                return True
-        return shared.stop.agreed() is not None
-
-    states, total, done = steps.train_epoch(
-        states,
-        shared.images,
-        shared.labels,
-        _epoch_orders(runs, shared, epoch),
-        shared.sizes,
-        shared.prep,
-        shared.batch_sharding,
-        first=first,
-        total=partial,
-        steps_per_call=config.steps_per_call,
-        after_call=after_call,
-    )
-    runs_lib.check_finite(runs, shared, total, epoch, done)  # Waits for the epoch's last step.
-    return states, total, done
-
-
-def _evaluate(
-    states: train.TrainState, shared: runs_lib.Shared
-) -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
-    """Every run's test metrics, and its validation metrics (None without a split)."""
-    tests = train.evaluate(states, shared.test, shared.eval_bs, shared.prep, shared.batch_sharding)
-    if shared.validation is None:
-        return tests, None
-    vals = train.evaluate(
-        states, shared.validation, shared.eval_bs, shared.prep, shared.batch_sharding
-    )
-    return tests, vals
-
-
-def _save_and_stop(
-    runs: list[runs_lib.Run],
-    shared: runs_lib.Shared,
-    states: train.TrainState,
-    total: train.TrainMetrics,
-    epoch: int,
-    done: int,
-    train_seconds: float,
-) -> NoReturn:
-    """Checkpoints every active run mid-epoch after a signal, then raises :class:`Interrupted`."""
-    finite = np.asarray(train.runs_finite((states.params, states.batch_stats)))
-    for r, run in enumerate(runs):
-        if run.active:
-            run.changed = True
-            state, metrics = train.unstack(states, r), train.unstack(total, r)
-            runs_lib.save(run, state, finite[r], shared, epoch - 1, done, metrics, train_seconds)
-    where = (
-        'checkpoints saved in each run'
-        if shared.group_size > 1
-        else f'checkpoint saved in {runs[0].manager.directory}'
-    )
-    raise signals.Interrupted(
-        shared.stop.signum,
-        f'stopped in epoch {epoch} after {done}/{len(shared.sizes)} steps; {where}; rerun the '
-        'same command to resume',
-    )
-
-
-def _end_epoch(
-    runs: list[runs_lib.Run],
-    shared: runs_lib.Shared,
-    states: train.TrainState,
-    total: train.TrainMetrics,
-    evaluations: tuple[list[dict[str, float]], list[dict[str, float]] | None],
-    epoch: int,
-    train_seconds: float,
-) -> None:
-    """Writes each active run's epoch record; checkpoints where due, or where pruned."""
-    config = runs[0].config
-    tests, vals = evaluations
-    save = epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs
-    callbacks = any(run.on_epoch is not None for run in runs)
-    rates = np.asarray(train.applied_learning_rate(states))  # Of each run's last update.
-    finite = (
-        np.asarray(train.runs_finite((states.params, states.batch_stats)))
-        if save or callbacks
-        else None
-    )
-    for r, run in enumerate(runs):
-        if run.active and not math.isfinite(tests[r]['loss']):
-            runs_lib.diverge(run, shared, f'non-finite test loss in epoch {epoch}')
-        if not run.active:
-            continue
-        record = train.EpochRecord(
-            epoch=epoch,
-            **_metrics('train', train.unstack(total, r).compute()),
-            **_metrics('test', tests[r]),
-            learning_rate=float(rates[r]),
-            epoch_seconds=train_seconds,
-            images_per_second=sum(shared.sizes) / train_seconds,
-            **(_metrics('val', vals[r]) if vals is not None else {}),
-        ).asdict()
-        run.records.append(record)
-        run.changed = True
-        run.writer.write(record)
-        pruned = runs_lib.pruned(run, record)
-        if save or pruned:
-            state = train.unstack(states, r)
-            runs_lib.save(run, state, finite[r], shared, epoch, 0, None, 0.0, record)
-        if pruned:
-            logger.info('%spruned after epoch %d', shared.prefix(run), epoch)
-
-
-def _metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
-    """``{prefix_loss, prefix_accuracy}`` of a run's computed metrics, as floats."""
-    return {f'{prefix}_{k}': float(metrics[k]) for k in ('loss', 'accuracy')}
-
-
-def _end_group(runs: list[runs_lib.Run], states: train.TrainState, start_epoch: int) -> None:
-    """Hands each run its final state and status; a run finished now gets its HParams."""
-    num_epochs = runs[0].config.num_epochs
-    for r, run in enumerate(runs):
-        run.state = train.unstack(states, r)
-        if not run.active:
-            run.changed = True
-        if run.active and run.records and run.records[-1]['epoch'] == num_epochs:
-            run.status = 'completed'
-            if start_epoch < num_epochs:  # Finished in this invocation.
-                run.writer.write_hparams(
-                    runs_lib.hparams(run.config), runs_lib.final_metrics(run.records)
-                )
 
 
 def evaluate_workdir(workdir: str, data_path: str | None = None) -> dict[str, float]:
@@ -505,7 +349,7 @@ def evaluate_workdir(workdir: str, data_path: str | None = None) -> dict[str, fl
         apply_fn=model.apply,
         tx=None,
     )
-    (result,) = train.evaluate(
+    (result,) = steps.evaluate(
         jax.device_put(train.stack([state]), replicated),
         _device_eval_set(data.test_images, data.test_labels, eval_bs, replicated),
         eval_bs,

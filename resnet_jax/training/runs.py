@@ -1,9 +1,10 @@
 """One run of a training group: its state, its workdir's records and its summary.
 
-    run = runs.new_run(config, workdir, dataset, shared)
-    runs.resume(run, shared)          # the newest readable checkpoint, the writers
-    ...                               # resnet_jax.training.loop trains the group
-    summary = runs.finish(run, num_params, flops, data, mesh, shared)
+    run = runs.new_run(config, workdir, dataset=0, steps_per_epoch=..., replicated=..., ...)
+    runs.resume(run)          # the newest readable checkpoint, the writers
+    ...                       # resnet_jax.training.loop trains the group
+    runs.close(run)
+    summary = runs.finish(run, num_params, flops, data, mesh)
 
 A run resumes from its newest readable checkpoint; a torn ``metrics.jsonl`` or
 TensorBoard's missing epochs are rebuilt. A run whose loss or parameters stop
@@ -27,11 +28,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
 from resnet_jax import datasets, validation
-from resnet_jax.datasets import augment
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.rundir import writers
 from resnet_jax.training import checkpoints, distributed, train
-from resnet_jax.training.signals import StopSignals
 
 logger = logging.getLogger('resnet_jax')
 
@@ -58,47 +57,61 @@ class Run:
     # Called with each epoch's record (restored ones too); True stops the run as 'pruned'.
     on_epoch: Callable[[dict[str, Any]], bool] | None = None
     pruned_epoch: int | None = None
+    lanes: int = 1  # The runs of its group, trained as one program.
+    started: float = 0.0  # When this invocation started (``time.time()``).
 
     @property
     def active(self) -> bool:
         return self.status == 'incomplete'
 
-
-@dataclasses.dataclass
-class Shared:
-    """What every run of a group shares: data on the device, batching, the stop flag."""
-
-    images: jax.Array  # The distinct training sets, concatenated: (sets x N, H, W, C) uint8.
-    labels: jax.Array  # (sets x N,)
-    num_train: int  # N: a run on training set d reads images[d * N + order].
-    test: tuple[jax.Array, jax.Array, jax.Array]
-    validation: tuple[jax.Array, jax.Array, jax.Array] | None  # Held-out training images.
-    sizes: list[int]
-    eval_bs: int
-    prep: augment.Preprocess
-    batch_sharding: NamedSharding
-    replicated: NamedSharding
-    stop: StopSignals
-    t_start: float
-    group_size: int
-
-    def prefix(self, run: Run) -> str:
-        """How log lines name a run: not at all when it trains alone."""
-        return f'{run.workdir}: ' if self.group_size > 1 else ''
+    @property
+    def prefix(self) -> str:
+        """How log lines name the run: not at all when it trains alone."""
+        return f'{self.workdir}: ' if self.lanes > 1 else ''
 
 
-def new_run(config: ml_collections.ConfigDict, workdir: str, dataset: int, shared: Shared) -> Run:
-    """A run's initial state (replicated over the global mesh: a restore reads
+def any_active(runs: list[Run]) -> bool:
+    """Whether any of ``runs`` is still training."""
+    return any(run.active for run in runs)
+
+
+def new_run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    dataset: int,
+    steps_per_epoch: int,
+    replicated: NamedSharding,
+    lanes: int,
+    started: float,
+    on_epoch: Callable[[dict[str, Any]], bool] | None = None,
+) -> Run:
+    """A run's initial state (``replicated`` over the global mesh: a restore reads
     into its layout) and its checkpoint manager."""
     init_rng, order_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = jax.device_put(
-        train.create_train_state(config, init_rng, len(shared.sizes)), shared.replicated
-    )
+    state = jax.device_put(train.create_train_state(config, init_rng, steps_per_epoch), replicated)
     manager = checkpoints.checkpoint_manager(workdir, config.keep_checkpoints)
-    return Run(config, workdir, manager, state, order_rng, dataset)
+    return Run(
+        config,
+        workdir,
+        manager,
+        state,
+        order_rng,
+        dataset,
+        on_epoch=on_epoch,
+        lanes=lanes,
+        started=started,
+    )
 
 
-def resume(run: Run, shared: Shared) -> None:
+def close(run: Run) -> None:
+    """Closes a run's checkpoint manager (waiting for its saves) and its writers."""
+    checkpoints.close_quietly(run.manager)
+    if run.writer is not None:
+        run.writer.close()
+
+
+def resume(run: Run) -> None:
     """Restores a run's newest readable checkpoint, if any, and opens its writers.
 
     Its ``config.json`` is written only once the checkpoint has been read, and
@@ -125,25 +138,23 @@ def resume(run: Run, shared: Shared) -> None:
         workdir_lib.write_config(workdir, config)
     run.records = writers.truncate_metrics(workdir, run.epoch, write=primary)
     run.writer = writers.MetricLogger(workdir, enabled=primary)
-    rebuild_record(run, shared)
+    rebuild_record(run)
     restored_epochs = run.writer.restore_tensorboard(run.records)
     if restored_epochs:
         logger.warning(
             '%sTensorBoard lacked epoch(s) %s of metrics.jsonl: written again',
-            shared.prefix(run),
+            run.prefix,
             ', '.join(map(str, restored_epochs)),
         )
     if finished:
-        logger.info(
-            '%sthe run is complete (%d epochs): nothing to train', shared.prefix(run), run.epoch
-        )
+        logger.info('%sthe run is complete (%d epochs): nothing to train', run.prefix, run.epoch)
     elif restored is not None:
         where = f' (step {run.position} of epoch {run.epoch + 1})' if run.position else ''
-        logger.info('%sresuming after epoch %d%s', shared.prefix(run), run.epoch, where)
+        logger.info('%sresuming after epoch %d%s', run.prefix, run.epoch, where)
     for record in run.records:  # The callback sees the restored epochs too.
         if run.active and pruned(run, record):
             run.changed = True
-            logger.info('%spruned after epoch %d', shared.prefix(run), record['epoch'])
+            logger.info('%spruned after epoch %d', run.prefix, record['epoch'])
 
 
 def pruned(run: Run, record: dict[str, Any]) -> bool:
@@ -154,7 +165,7 @@ def pruned(run: Run, record: dict[str, Any]) -> bool:
     return True
 
 
-def rebuild_record(run: Run, shared: Shared) -> None:
+def rebuild_record(run: Run) -> None:
     """Appends the checkpointed epoch's record if ``metrics.jsonl`` lacks it.
 
     Every end-of-epoch checkpoint holds its epoch's record in its ``meta``.
@@ -172,23 +183,21 @@ def rebuild_record(run: Run, shared: Shared) -> None:
     run.changed = True
     logger.warning(
         '%sthe record of epoch %d was missing from metrics.jsonl: rebuilt from its checkpoint',
-        shared.prefix(run),
+        run.prefix,
         run.epoch,
     )
 
 
-def diverge(run: Run, shared: Shared, message: str) -> None:
+def diverge(run: Run, message: str) -> None:
+    """Stops a run as ``diverged`` with ``message``."""
     run.status, run.error = 'diverged', message
-    logger.error(
-        '%s%s: this run stops; its last good checkpoint is kept', shared.prefix(run), message
-    )
+    logger.error('%s%s: this run stops; its last good checkpoint is kept', run.prefix, message)
 
 
 def save(
     run: Run,
     state: train.TrainState,
     finite: bool,
-    shared: Shared,
     epoch_done: int,
     position: int,
     metrics: train.TrainMetrics | None,
@@ -200,26 +209,24 @@ def save(
     At an epoch's end ``record`` is its epoch record, kept in the checkpoint.
     """
     if not finite:
-        diverge(run, shared, 'non-finite parameters or batch statistics')
+        diverge(run, 'non-finite parameters or batch statistics')
         return
     meta = {
         'epoch': epoch_done,
         'position': position,
         'partial_seconds': seconds,
-        'wall_seconds': float(run.meta.get('wall_seconds', 0.0)) + time.time() - shared.t_start,
+        'wall_seconds': float(run.meta.get('wall_seconds', 0.0)) + time.time() - run.started,
     }
     if record is not None:
         meta['record'] = workdir_lib.json_safe(record)
     checkpoints.save(run.manager, state, meta, metrics)
 
 
-def check_finite(
-    runs: list[Run], shared: Shared, total: train.TrainMetrics, epoch: int, done: int
-) -> None:
+def check_finite(runs: list[Run], total: train.TrainMetrics, epoch: int, done: int) -> None:
     """Marks runs whose loss or gradients stopped being finite (one host sync)."""
     for run, ok in zip(runs, np.asarray(train.metrics_finite(total)), strict=True):
         if run.active and not ok:
-            diverge(run, shared, f'non-finite loss or gradients in epoch {epoch} (by step {done})')
+            diverge(run, f'non-finite loss or gradients in epoch {epoch} (by step {done})')
 
 
 def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -242,7 +249,6 @@ def finish(
     flops: float,
     data: datasets.Dataset,
     mesh: Mesh,
-    shared: Shared,
 ) -> dict[str, Any]:
     """Writes a run's ``summary.json`` and returns it.
 
@@ -255,14 +261,14 @@ def finish(
         done = writers.summarize(run.records)['epochs_completed']
         same = old is not None and old.get('epochs_completed') == done
         if same and old.get('status') == 'completed':
-            logger.info('%s%s is complete and was left as it is', shared.prefix(run), run.workdir)
+            logger.info('%s%s is complete and was left as it is', run.prefix, run.workdir)
             return old
     summary = {
         'config': workdir_lib.config_json(run.config),
         'num_params': num_params,
         'flops_per_image': flops,
         **writers.summarize(run.records),
-        'wall_seconds': float(run.meta.get('wall_seconds', 0.0)) + time.time() - shared.t_start,
+        'wall_seconds': float(run.meta.get('wall_seconds', 0.0)) + time.time() - run.started,
         'data': {
             'source': data.source,
             'path': data.path,
@@ -273,8 +279,8 @@ def finish(
         'versions': versions(),
         'status': run.status,
     }
-    if shared.group_size > 1:
-        summary['vectorized_lanes'] = shared.group_size
+    if run.lanes > 1:
+        summary['vectorized_lanes'] = run.lanes
     if run.error:
         summary['error'] = run.error
     if run.pruned_epoch is not None:
@@ -284,7 +290,7 @@ def finish(
     if run.records:
         logger.info(
             '%s%s: final test accuracy %.2f%%, best %.2f%% (epoch %s), %.0fs',
-            shared.prefix(run),
+            run.prefix,
             run.status,
             100 * summary['test_accuracy'],
             100 * summary['best_test_accuracy'],

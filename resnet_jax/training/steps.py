@@ -1,17 +1,22 @@
-"""The compiled training calls: every run of a group, one seam for the run axis.
+"""The compiled calls over the run axis: the one place that maps a run's step over runs.
 
     states, total, done = steps.train_epoch(states, images, labels, orders, sizes, prep)
+    results = steps.evaluate(states, test, batch_size, prep)
 
 ``states`` and ``orders`` carry a leading *run* axis (a single run is a group of
-one); :func:`resnet_jax.training.train.over_runs` maps :func:`resnet_jax.training.train.update`
-over it. One compiled call trains ``steps_per_call`` steps of every run, each
-on its own data order, augmentation draws and learning rate: batches are
-gathered from the uint8 images on the device, augmented there and sharded over
-the ``data`` mesh axis.
+one). :func:`over_runs` compiles a one-run function over that axis:
+:data:`update_runs` is :func:`resnet_jax.training.train.update` of every run,
+:data:`scan_updates` several of its steps in one ``lax.scan``, :data:`eval_steps`
+:func:`resnet_jax.training.train.eval_step`. Each run trains on its own data
+order, augmentation draws and learning rate: batches are gathered from the
+uint8 images on the device, augmented there and sharded over the ``data`` mesh
+axis. A single run calls the plain one-run program, bit for bit.
 """
 
 # No `from __future__ import annotations`: clu reads Metrics annotations at run time.
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,44 +26,58 @@ from resnet_jax.datasets import augment
 from resnet_jax.training import train
 
 
-def train_chunk(
-    states: train.TrainState,
-    orders: jax.Array,
-    images: jax.Array,
-    labels: jax.Array,
-    start: jax.Array,
+@jax.jit
+def _squeeze(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+@jax.jit
+def _expand(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: x[None], tree)
+
+
+def over_runs(
+    fn: Callable[..., Any],
+    in_axes: Sequence[int | None],
     *,
-    size: int,
-    count: int,
-    prep: augment.Preprocess,
-    sharding: NamedSharding | None = None,
-) -> tuple[train.TrainState, train.TrainMetrics]:
-    """``count`` steps of every run: one compiled call (``lax.scan``), or for a
-    single step :func:`augmented_batches` then :func:`update_runs`.
+    static_argnames: Sequence[str] = (),
+    donate_argnums: Sequence[int] = (),
+) -> Callable[..., Any]:
+    """``fn`` jit-compiled over the leading run axis of the arguments whose ``in_axes`` is 0.
 
-    ``states`` and ``orders`` (indices into ``images``/``labels``, which all
-    runs share) have a leading run axis; run r's i-th batch is
-    ``orders[r, start + i*size:][:size]``, gathered and augmented on the device.
-    ``states`` are donated. Returns the states and each run's metrics over the
-    ``count`` steps.
+    Several runs go through ``jax.vmap`` (vmapped convolution weights become
+    grouped convolutions: one kernel R times larger). A single run calls the
+    compiled ``fn`` itself on its arguments without their run axis (squeezed
+    and expanded again in calls of their own), so it runs exactly the program
+    of a run trained alone: the same numbers, bit for bit. Keyword arguments
+    are the ``static_argnames``.
     """
-    if count == 1:
-        batches = augmented_batches(
-            states, orders, images, labels, start, size=size, prep=prep, sharding=sharding
-        )
-        return update_runs(states, batches)
-    return scan_updates(
-        states, orders, images, labels, start, size=size, count=count, prep=prep, sharding=sharding
-    )
+    statics, donate = tuple(static_argnames), tuple(donate_argnums)
+    single = jax.jit(fn, static_argnames=statics, donate_argnums=donate)
+
+    def vmapped(*args, **static):
+        return jax.vmap(functools.partial(fn, **static), in_axes=tuple(in_axes))(*args)
+
+    mapped = jax.jit(vmapped, static_argnames=statics, donate_argnums=donate)
+
+    def call(*args, **static):
+        runs = {train.num_runs(a) for a, axis in zip(args, in_axes, strict=True) if axis == 0}
+        if runs != {1}:
+            return mapped(*args, **static)
+        squeezed = [_squeeze(a) if axis == 0 else a for a, axis in zip(args, in_axes, strict=True)]
+        return _expand(single(*squeezed, **static))
+
+    call.single, call.mapped = single, mapped  # (Their compile caches, for tests.)
+    return call
 
 
-def _augmented_batch(state, order, images, labels, start, *, size, prep, sharding):
+def _augmented_batch(state, order, images, labels, start, *, size, prep, sharding=None):
     return augment.train_batch(
         images, labels, order, start, state.rng, state.step, size=size, prep=prep, sharding=sharding
     )
 
 
-def _scan_updates(state, order, images, labels, start, *, size, count, prep, sharding):
+def _scan_updates(state, order, images, labels, start, *, size, count, prep, sharding=None):
     """``count`` > 1 steps of one run: gather, augment and update in a ``lax.scan``."""
 
     def step(state, i):
@@ -73,17 +92,18 @@ def _scan_updates(state, order, images, labels, start, *, size, count, prep, sha
 
 _STATIC = ('size', 'prep', 'sharding')
 # Each run's batch ``orders[r, start:start+size]``, augmented with the run's key.
-augmented_batches = train.over_runs(
-    _augmented_batch, (0, 0, None, None, None), static_argnames=_STATIC
-)
+augmented_batches = over_runs(_augmented_batch, (0, 0, None, None, None), static_argnames=_STATIC)
 # One update of every run on its batch (:func:`resnet_jax.training.train.update`); states donated.
-update_runs = train.over_runs(train.update, (0, 0), donate_argnums=(0,))
-scan_updates = train.over_runs(
+update_runs = over_runs(train.update, (0, 0), donate_argnums=(0,))
+# ``count`` updates of every run in one call, each on its own gathered batch; states donated.
+scan_updates = over_runs(
     _scan_updates,
     (0, 0, None, None, None),
     static_argnames=(*_STATIC, 'count'),
     donate_argnums=(0,),
 )
+# Each run's metrics on one (shared) evaluation batch.
+eval_steps = over_runs(train.eval_step.__wrapped__, (0, None))
 
 
 def call_chunks(sizes: list[int], first: int, steps_per_call: int) -> list[tuple[int, int, int]]:
@@ -122,28 +142,54 @@ def train_epoch(
 ) -> tuple[train.TrainState, train.TrainMetrics | None, int]:
     """Trains every run on batches ``first..`` of its epoch's order.
 
-    Steps run ``steps_per_call`` at a time in one compiled call
-    (:func:`train_chunk`). After each call, ``after_call(first batch of the
-    call, batches done, running metrics)`` may return True to stop early.
-    Returns the states, the running metrics (merged into ``total``) and the
-    number of batches done.
+    ``orders`` (indices into ``images``/``labels``, which all runs share) has a
+    leading run axis; run r's i-th batch is ``orders[r, start + i*size:][:size]``.
+    Steps run ``steps_per_call`` at a time (:func:`call_chunks`): a single step
+    is :data:`augmented_batches` then :data:`update_runs`, several are one
+    :data:`scan_updates`. ``states`` are donated. After each call,
+    ``after_call(first batch of the call, batches done, running metrics)`` may
+    return True to stop early. Returns the states, the running metrics (merged
+    into ``total``) and the number of batches done.
     """
     start, done = sum(sizes[:first]), first
     for i, size, count in call_chunks(sizes, first, steps_per_call):
-        states, m = train_chunk(
-            states,
-            orders,
-            images,
-            labels,
-            jnp.int32(start),
-            size=size,
-            count=count,
-            prep=prep,
-            sharding=sharding,
-        )
-        total = m if total is None else train.merge_metrics(total, m)
+        at, batching = jnp.int32(start), {'size': size, 'prep': prep, 'sharding': sharding}
+        if count == 1:
+            batches = augmented_batches(states, orders, images, labels, at, **batching)
+            states, metrics = update_runs(states, batches)
+        else:
+            states, metrics = scan_updates(
+                states, orders, images, labels, at, count=count, **batching
+            )
+        total = metrics if total is None else train.merge_metrics(total, metrics)
         start += size * count
         done = i + count
         if after_call is not None and after_call(i, done, total):
             break
     return states, total, done
+
+
+def evaluate(
+    states: train.TrainState,
+    test: tuple[jax.Array, jax.Array, jax.Array],
+    batch_size: int,
+    prep: augment.Preprocess,
+    sharding: NamedSharding | None = None,
+) -> list[dict[str, float]]:
+    """Each run's loss and accuracy over every image of the padded ``test`` set once.
+
+    ``states`` are stacked (:func:`resnet_jax.training.train.stack`); ``test`` is
+    ``(images, labels, mask)`` from :func:`resnet_jax.datasets.augment.pad_test_set`.
+    """
+    images, labels, mask = test
+    total: train.Metrics | None = None
+    for start in range(0, len(labels), batch_size):
+        batch = augment.eval_batch(
+            images, labels, mask, jnp.int32(start), size=batch_size, prep=prep, sharding=sharding
+        )
+        metrics = eval_steps(states, batch)
+        total = metrics if total is None else train.merge_metrics(total, metrics)
+    return [
+        {k: float(v) for k, v in train.unstack(total, r).compute().items()}
+        for r in range(train.num_runs(states))
+    ]

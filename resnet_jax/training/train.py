@@ -10,7 +10,8 @@ Library use::
 Optimisers and schedules are registered in :mod:`resnet_jax.training.optim`. The
 learning rate is optimiser state (``optax.inject_hyperparams``): runs that
 differ only in it share one optimiser, so their states stack along a leading
-*run* axis and train as one program (:func:`over_runs`, :mod:`resnet_jax.training.loop`).
+*run* axis (:func:`stack`) and train as one program
+(:mod:`resnet_jax.training.steps` maps :func:`update` over that axis).
 Whole runs: :func:`resnet_jax.training.loop.train_and_evaluate`.
 """
 
@@ -29,10 +30,9 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from resnet_jax import models
-from resnet_jax.datasets import augment
 from resnet_jax.training import optim
 
 logger = logging.getLogger('resnet_jax')
@@ -236,51 +236,6 @@ def num_runs(tree: Any) -> int:
 
 
 @jax.jit
-def _squeeze(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: x[0], tree)
-
-
-@jax.jit
-def _expand(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: x[None], tree)
-
-
-def over_runs(
-    fn: Callable[..., Any],
-    in_axes: Sequence[int | None],
-    *,
-    static_argnames: Sequence[str] = (),
-    donate_argnums: Sequence[int] = (),
-) -> Callable[..., Any]:
-    """``fn`` jit-compiled over the leading run axis of the arguments whose ``in_axes`` is 0.
-
-    Several runs go through ``jax.vmap`` (vmapped convolution weights become
-    grouped convolutions: one kernel R times larger). A single run calls the
-    compiled ``fn`` itself on its arguments without their run axis (squeezed
-    and expanded again in calls of their own), so it runs exactly the program
-    of a run trained alone: the same numbers, bit for bit. Keyword arguments
-    are the ``static_argnames``.
-    """
-    statics, donate = tuple(static_argnames), tuple(donate_argnums)
-    single = jax.jit(fn, static_argnames=statics, donate_argnums=donate)
-
-    def vmapped(*args, **static):
-        return jax.vmap(functools.partial(fn, **static), in_axes=tuple(in_axes))(*args)
-
-    mapped = jax.jit(vmapped, static_argnames=statics, donate_argnums=donate)
-
-    def call(*args, **static):
-        runs = {num_runs(a) for a, axis in zip(args, in_axes, strict=True) if axis == 0}
-        if runs != {1}:
-            return mapped(*args, **static)
-        squeezed = [_squeeze(a) if axis == 0 else a for a, axis in zip(args, in_axes, strict=True)]
-        return _expand(single(*squeezed, **static))
-
-    call.single, call.mapped = single, mapped  # (Their compile caches, for tests.)
-    return call
-
-
-@jax.jit
 def runs_finite(tree: Any) -> jax.Array:
     """Per run, whether every leaf of a stacked pytree is finite."""
     leaves = [
@@ -296,40 +251,10 @@ def metrics_finite(metrics: TrainMetrics) -> jax.Array:
 
 
 # --------------------------------------------------------------------------
-# Evaluation.
+# Devices.
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over ``devices`` (default: every device of every process) named ``data``."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.array(devices), ('data',))
-
-
-# Each run's metrics on one (shared) test batch.
-eval_steps = over_runs(eval_step.__wrapped__, (0, None))
-
-
-def evaluate(
-    states: TrainState,
-    test: tuple[jax.Array, jax.Array, jax.Array],
-    batch_size: int,
-    prep: augment.Preprocess,
-    sharding: NamedSharding | None = None,
-) -> list[dict[str, float]]:
-    """Each run's loss and accuracy over every image of the padded ``test`` set once.
-
-    ``states`` are stacked (:func:`stack`); ``test`` is ``(images, labels, mask)``
-    from :func:`augment.pad_test_set`.
-    """
-    images, labels, mask = test
-    total: Metrics | None = None
-    for start in range(0, len(labels), batch_size):
-        batch = augment.eval_batch(
-            images, labels, mask, jnp.int32(start), size=batch_size, prep=prep, sharding=sharding
-        )
-        m = eval_steps(states, batch)
-        total = m if total is None else merge_metrics(total, m)
-    return [
-        {k: float(v) for k, v in unstack(total, r).compute().items()}
-        for r in range(num_runs(states))
-    ]

@@ -1,0 +1,240 @@
+"""Around the compiled calls of an epoch: resume point, progress, checks, records, checkpoints.
+
+:func:`resnet_jax.training.loop.train_runs` trains each epoch of a group of runs as
+
+    first, partial, seconds = epochs.resume_point(runs, epoch)
+    states, total, done = steps.train_epoch(
+        states, data.images, data.labels, epochs.orders(runs, data, epoch), plan.sizes, ...,
+        after_call=epochs.between_calls(runs, epoch, plan, stop))
+    evaluations = epochs.evaluate(states, data, plan)
+    epochs.end_epoch(runs, states, total, evaluations, epoch, seconds, plan)
+
+and ends the group with :func:`end_group`. What the runs share comes in three
+pieces: :class:`DeviceData` (the data on the device), :class:`BatchPlan` (how it
+is batched and placed) and the stop flag (:class:`resnet_jax.training.signals.StopSignals`).
+"""
+
+# No `from __future__ import annotations`: clu reads Metrics annotations at run time.
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from resnet_jax.datasets import augment
+from resnet_jax.training import runs as runs_lib
+from resnet_jax.training import signals, steps, train
+
+logger = logging.getLogger('resnet_jax')
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceData:
+    """A group's data on the device, read by every run."""
+
+    images: jax.Array  # The distinct training sets, concatenated: (sets x N, H, W, C) uint8.
+    labels: jax.Array  # (sets x N,)
+    num_train: int  # N: a run on training set d reads images[d * N + order].
+    test: tuple[jax.Array, jax.Array, jax.Array]  # Padded: (images, labels, mask).
+    validation: tuple[jax.Array, jax.Array, jax.Array] | None  # Held-out training images.
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """How a group's data is batched and where its batches and states live."""
+
+    sizes: list[int]  # The training batch sizes of an epoch.
+    eval_batch_size: int
+    prep: augment.Preprocess
+    sharding: NamedSharding  # Batches: split over the ``data`` mesh axis.
+    replicated: NamedSharding  # States and data: on every device.
+
+
+class Progress:
+    """Logs steps/s and the epoch's ETA at most every ``every_seconds``."""
+
+    def __init__(
+        self,
+        epoch: int,
+        total_steps: int,
+        every_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._epoch, self._total, self._every = epoch, total_steps, every_seconds
+        self._clock = clock
+        self._start = self._last = clock()
+
+    def maybe_report(self, step: int, sync: Any) -> str | None:
+        """``step`` steps are dispatched; ``sync`` is blocked on before timing."""
+        if self._clock() - self._last < self._every or step >= self._total:
+            return None
+        jax.block_until_ready(sync)
+        now = self._clock()
+        self._last = now
+        rate = step / max(now - self._start, 1e-9)
+        eta = (self._total - step) / max(rate, 1e-9)
+        message = (
+            f'epoch {self._epoch}: step {step}/{self._total}, {rate:.2f} steps/s, ETA {eta:.0f}s'
+        )
+        logger.info(message)
+        return message
+
+
+def resume_point(
+    runs: list[runs_lib.Run], epoch: int
+) -> tuple[int, train.TrainMetrics | None, float]:
+    """Where ``epoch`` starts for runs resumed at the same point: the first batch,
+    the metrics of the batches before it and their seconds (0, None, 0.0 at its start)."""
+    run = runs[0]
+    if epoch != run.epoch + 1 or not run.position:
+        return 0, None, 0.0
+    partial = train.stack([r.partial for r in runs])
+    return run.position, partial, float(run.meta.get('partial_seconds', 0.0))
+
+
+def orders(runs: list[runs_lib.Run], data: DeviceData, epoch: int) -> jax.Array:
+    """Each run's order of the epoch, as indices into the group's training sets."""
+    return jnp.stack(
+        [
+            augment.epoch_order(run.order_rng, epoch, data.num_train, run.config.shuffle)
+            + run.dataset * data.num_train
+            for run in runs
+        ]
+    )
+
+
+def between_calls(
+    runs: list[runs_lib.Run], epoch: int, plan: BatchPlan, stop: signals.StopSignals
+) -> Callable[[int, int, train.TrainMetrics], bool]:
+    """The ``after_call`` of :func:`resnet_jax.training.steps.train_epoch`.
+
+    It reports progress, checks every ``check_finite_every_steps`` steps that
+    the runs are finite, and stops once none is active or on a signal.
+    """
+    config = runs[0].config
+    every = config.check_finite_every_steps
+    progress = Progress(epoch, len(plan.sizes), config.progress_every_seconds)
+
+    def after_call(i: int, done: int, total: train.TrainMetrics) -> bool:
+        progress.maybe_report(done, total)
+        if every and done // every != i // every:
+            runs_lib.check_finite(runs, total, epoch, done)
+            if not runs_lib.any_active(runs):
+                return True
+        return stop.agreed() is not None
+
+    return after_call
+
+
+def evaluate(
+    states: train.TrainState, data: DeviceData, plan: BatchPlan
+) -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
+    """Every run's test metrics, and its validation metrics (None without a split)."""
+    size, prep, sharding = plan.eval_batch_size, plan.prep, plan.sharding
+    tests = steps.evaluate(states, data.test, size, prep, sharding)
+    if data.validation is None:
+        return tests, None
+    return tests, steps.evaluate(states, data.validation, size, prep, sharding)
+
+
+def interrupt(
+    runs: list[runs_lib.Run],
+    states: train.TrainState,
+    total: train.TrainMetrics,
+    epoch: int,
+    done: int,
+    seconds: float,
+    plan: BatchPlan,
+    stop: signals.StopSignals,
+) -> NoReturn:
+    """Checkpoints every active run mid-epoch after a signal, then raises
+    :class:`resnet_jax.training.signals.Interrupted`."""
+    finite = np.asarray(train.runs_finite((states.params, states.batch_stats)))
+    for r, run in enumerate(runs):
+        if run.active:
+            run.changed = True
+            state, metrics = train.unstack(states, r), train.unstack(total, r)
+            runs_lib.save(run, state, finite[r], epoch - 1, done, metrics, seconds)
+    where = (
+        'checkpoints saved in each run'
+        if runs[0].lanes > 1
+        else f'checkpoint saved in {runs[0].manager.directory}'
+    )
+    raise signals.Interrupted(
+        stop.signum,
+        f'stopped in epoch {epoch} after {done}/{len(plan.sizes)} steps; {where}; rerun the '
+        'same command to resume',
+    )
+
+
+def end_epoch(
+    runs: list[runs_lib.Run],
+    states: train.TrainState,
+    total: train.TrainMetrics,
+    evaluations: tuple[list[dict[str, float]], list[dict[str, float]] | None],
+    epoch: int,
+    seconds: float,
+    plan: BatchPlan,
+) -> None:
+    """Writes each active run's epoch record; checkpoints where due, or where pruned.
+
+    A run whose test loss is not finite diverges instead.
+    """
+    config = runs[0].config
+    tests, vals = evaluations
+    save = epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs
+    callbacks = any(run.on_epoch is not None for run in runs)
+    rates = np.asarray(train.applied_learning_rate(states))  # Of each run's last update.
+    finite = (
+        np.asarray(train.runs_finite((states.params, states.batch_stats)))
+        if save or callbacks
+        else None
+    )
+    for r, run in enumerate(runs):
+        if run.active and not math.isfinite(tests[r]['loss']):
+            runs_lib.diverge(run, f'non-finite test loss in epoch {epoch}')
+        if not run.active:
+            continue
+        record = train.EpochRecord(
+            epoch=epoch,
+            **_metrics('train', train.unstack(total, r).compute()),
+            **_metrics('test', tests[r]),
+            learning_rate=float(rates[r]),
+            epoch_seconds=seconds,
+            images_per_second=sum(plan.sizes) / seconds,
+            **(_metrics('val', vals[r]) if vals is not None else {}),
+        ).asdict()
+        run.records.append(record)
+        run.changed = True
+        run.writer.write(record)
+        pruned = runs_lib.pruned(run, record)
+        if save or pruned:
+            runs_lib.save(run, train.unstack(states, r), finite[r], epoch, 0, None, 0.0, record)
+        if pruned:
+            logger.info('%spruned after epoch %d', run.prefix, epoch)
+
+
+def _metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """``{prefix_loss, prefix_accuracy}`` of a run's computed metrics, as floats."""
+    return {f'{prefix}_{k}': float(metrics[k]) for k in ('loss', 'accuracy')}
+
+
+def end_group(runs: list[runs_lib.Run], states: train.TrainState) -> None:
+    """Hands each run its final state and status; a run finished now gets its HParams."""
+    num_epochs = runs[0].config.num_epochs
+    for r, run in enumerate(runs):
+        run.state = train.unstack(states, r)
+        if not run.active:
+            run.changed = True
+        if run.active and run.records and run.records[-1]['epoch'] == num_epochs:
+            run.status = 'completed'
+            if run.epoch < num_epochs:  # Finished in this invocation.
+                run.writer.write_hparams(
+                    runs_lib.hparams(run.config), runs_lib.final_metrics(run.records)
+                )
