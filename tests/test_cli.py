@@ -202,6 +202,7 @@ def test_a_config_next_to_its_own_configs_folder_imports_it(tmp_path):
     # holds the file, from any working directory.
     folder = tmp_path / 'project' / 'configs'
     folder.mkdir(parents=True)
+    (folder / '__init__.py').write_text('')
     (folder / 'default.py').write_text(
         'from resnet_jax.configs import smoke\n\n\ndef get_config():\n'
         '    c = smoke.get_config()\n    c.batch_size = 0\n    return c\n'
