@@ -21,13 +21,11 @@ SHIPPED = 'resnet_jax.configs'
 def shipped() -> dict[str, str]:
     """The configs that ship with the package, ``{name: file}`` in name order."""
     spec = importlib.util.find_spec(SHIPPED)
-    folders = list(spec.submodule_search_locations or ()) if spec else []
-    found = {
-        module.name: os.path.join(folder, f'{module.name}.py')
-        for folder in reversed(folders)
-        for module in pkgutil.iter_modules([folder])
-        if not module.ispkg and not module.name.startswith('_')
-    }
+    found: dict[str, str] = {}
+    for folder in spec.submodule_search_locations if spec else ():
+        for module in pkgutil.iter_modules([folder]):
+            if not module.ispkg and not module.name.startswith('_'):
+                found.setdefault(module.name, os.path.join(folder, f'{module.name}.py'))
     return dict(sorted(found.items()))
 
 
