@@ -95,7 +95,7 @@ class Args(NamedTuple):
     workers: int
 
 
-def config_path(argv: Sequence[str]) -> str | None:
+def _config_path(argv: Sequence[str]) -> str | None:
     """The file named by ``--config`` (without a ``:arg`` suffix), if any."""
     for i, arg in enumerate(argv):
         if arg.startswith('--config='):
@@ -109,7 +109,7 @@ def parse(argv: Sequence[str]) -> Args:
     """The command line ``argv`` (``argv[0]`` the program); raises UsageError."""
     argv = config_files.resolve_argv(list(argv))
     sys.argv = argv  # config_flags finds --config.* overrides in sys.argv.
-    path = config_path(argv)
+    path = _config_path(argv)
     overrides = [arg for arg in argv[1:] if arg.startswith('--config.')]
     if path is None and overrides:
         raise UsageError(
@@ -165,7 +165,7 @@ def _load_config(path: str | None) -> Any:
 
 def _parse_error(error: Exception, argv: Sequence[str]) -> str:
     """Explains a failure to load the config file or apply an override."""
-    path = config_path(argv)
+    path = _config_path(argv)
     fields = config_files.fields(path) if path else []
     for arg in argv:
         if not arg.startswith('--config.'):
