@@ -38,7 +38,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$WORK/site" .whl/*.whl && export PYTHONPATH="$WORK/site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+# This checkout's package laid out as its wheel lays it out (configs/ as resnet_jax.configs),
+# so that it runs whether or not the package is installed.
+rm -rf "$WORK/src" && mkdir -p "$WORK/src" && cp -r resnet_jax "$WORK/src/" &&
+    cp -r configs "$WORK/src/resnet_jax/configs" || exit 1
+export PYTHONPATH="$WORK/src:${PYTHONPATH:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 python3 -c 'import jax, flax, optax, orbax.checkpoint, clu, ml_collections; print("jax", jax.__version__, jax.devices())' || exit 1
 
@@ -86,12 +90,12 @@ step bench_paper 100 python3 -m resnet_jax.cli.bench --data "$DATA" --models pap
     --steps_per_call 0 --torch none --json "$WORK/bench_paper.json"
 
 # 2. The study's best configuration (batch 500, lr 0.01, no shuffle), 50 epochs.
-step best_run 100 python3 -m resnet_jax.main --config configs/default.py \
+step best_run 100 python3 -m resnet_jax.main --config default \
     --workdir "$WORK/best" --overwrite --config.data.path="$DATA" --config.batch_size=500 \
     --config.shuffle=False --config.steps_per_call=0 --config.num_epochs=$EPOCHS $SUB
 
 # 3. The 18-run sweep, each batch size's 6 runs vectorised into one program.
-step sweep 150 python3 -m resnet_jax.main --config configs/paper_sweep.py \
+step sweep 150 python3 -m resnet_jax.main --config paper_sweep \
     --workdir "$WORK/sweep" --config.data.path="$DATA" --config.sweep.vectorize=True \
     --config.steps_per_call=0 --config.num_epochs=$SWEEP_EPOCHS $SWEEP_SUB
 

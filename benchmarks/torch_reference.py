@@ -306,12 +306,13 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def _recipe() -> Any:
-    """The study's recipe: ``configs/default.py``'s config."""
+    """The study's recipe: the config ``resnet_jax.configs.default`` ships
+    (:func:`resnet_jax.config.get_config`), from the repository when not installed."""
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
-    from configs import default
+    from resnet_jax import config
 
-    return default.get_config()
+    return config.get_config()
 
 
 def _synchronize(device: torch.device) -> None:

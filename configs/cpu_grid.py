@@ -1,6 +1,6 @@
 """The study's 18-point grid as a grid study on a CPU budget, selecting on validation.
 
-    python -m resnet_jax.main --config configs/cpu_grid.py --workdir runs/cpu_grid \
+    python -m resnet_jax.main --config cpu_grid --workdir runs/cpu_grid \
         --config.data.path=data/cifar10-jpeg --workers=2
 
 Batch size {100, 500, 1000} x learning rate {0.1, 0.01, 0.001} x shuffle, Adam,
@@ -12,7 +12,7 @@ selection. The baseline that configs/cpu_search.py is measured against
 
 import ml_collections
 
-from configs import paper_sweep
+from resnet_jax.configs import paper_sweep
 
 
 def get_config() -> ml_collections.ConfigDict:

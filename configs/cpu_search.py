@@ -1,6 +1,6 @@
 """The study's question answered by a search: TPE with successive halving, CPU budget.
 
-    python -m resnet_jax.main --config configs/cpu_search.py --workdir runs/cpu_search \
+    python -m resnet_jax.main --config cpu_search --workdir runs/cpu_search \
         --config.data.path=data/cifar10-jpeg --workers=2
 
 The space of the study (batch size {100, 500, 1000}, shuffle on or off) with the
@@ -12,7 +12,7 @@ search trains a fraction of what the grid trains (results/search/).
 
 import ml_collections
 
-from configs import default
+from resnet_jax.configs import default
 from resnet_jax.studies import search_space
 
 

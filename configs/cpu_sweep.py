@@ -1,6 +1,6 @@
 """The study's 18-run grid cut to what 2 CPU cores can train in under an hour.
 
-    python -m resnet_jax.main --config configs/cpu_sweep.py --workdir runs/cpu_sweep \
+    python -m resnet_jax.main --config cpu_sweep --workdir runs/cpu_sweep \
         --config.data.path=data/cifar10-jpeg
 
 Every cell of configs/paper_sweep.py (batch size x learning rate x shuffle,
@@ -12,7 +12,7 @@ not its 50-epoch accuracies; ``results/cpu_sweep/`` holds its report.
 
 import ml_collections
 
-from configs import paper_sweep
+from resnet_jax.configs import paper_sweep
 
 
 def get_config() -> ml_collections.ConfigDict:

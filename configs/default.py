@@ -1,6 +1,6 @@
 """The study's recipe: the `paper` ResNet, Adam 0.01, batch 100, 50 epochs.
 
-    python -m resnet_jax.main --config configs/default.py --workdir runs/default \
+    python -m resnet_jax.main --config default --workdir runs/default \
         --config.data.path=data/cifar10-jpeg
 
 The study ("ResNet with Hyper Parameters Tuning") reports 95.5% train / 88.3% test

@@ -1,6 +1,6 @@
 """The study's best run: the `paper` ResNet, Adam 0.01, batch 500, no shuffle, 50 epochs.
 
-    python -m resnet_jax.main --config configs/paper_best.py --workdir runs/paper_best \
+    python -m resnet_jax.main --config paper_best --workdir runs/paper_best \
         --config.data.path=data/cifar10-jpeg
 
 The study's table gives this cell its best test accuracy, 89.12% (train 95.81%),
@@ -10,7 +10,7 @@ on the JPEG copy.
 
 import ml_collections
 
-from configs import default
+from resnet_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,6 +1,6 @@
 """The study's 18-run grid: batch size x learning rate x batch shuffle, Adam, 50 epochs.
 
-    python -m resnet_jax.main --config configs/paper_sweep.py --workdir runs/paper \
+    python -m resnet_jax.main --config paper_sweep --workdir runs/paper \
         --config.data.path=data/cifar10-jpeg
 
 Each run trains configs/default.py with its overrides into
@@ -12,7 +12,7 @@ test accuracy at batch 500, lr 0.01, no shuffle (on the original CIFAR-10).
 
 import ml_collections
 
-from configs import default
+from resnet_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,6 +1,6 @@
 """A true ResNet-18 (11.2M parameters) with the study's recipe.
 
-    python -m resnet_jax.main --config configs/resnet18.py --workdir runs/resnet18 \
+    python -m resnet_jax.main --config resnet18 --workdir runs/resnet18 \
         --config.data.path=data/cifar10-jpeg
 
 Same recipe as configs/default.py (Adam 0.01, batch 100, /3 every 20 epochs,
@@ -10,7 +10,7 @@ per image (1.11 vs 0.058 GFLOPs forward): use a GPU.
 
 import ml_collections
 
-from configs import default
+from resnet_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

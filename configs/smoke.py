@@ -1,6 +1,6 @@
 """A tiny run for CPUs and tests: 2 epochs on 256 training images.
 
-    python -m resnet_jax.main --config configs/smoke.py --workdir runs/smoke \
+    python -m resnet_jax.main --config smoke --workdir runs/smoke \
         --config.data.path=data/cifar10-jpeg
 
 Finishes in about a minute on 2 CPU cores (mostly compilation); accuracy is
@@ -9,7 +9,7 @@ near chance and only shows the whole pipeline works.
 
 import ml_collections
 
-from configs import default
+from resnet_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -3,14 +3,17 @@
     import resnet_jax
     model = resnet_jax.create_model('paper')            # the study's network
     model, variables, config = resnet_jax.restore('runs/default')
+    from resnet_jax.configs import paper_sweep           # the study's configs
 
-Modules: ``config`` (the default config), ``models`` (the networks),
-``datasets`` (CIFAR-10 from disk), ``augment`` (on-device batching and
-augmentation), ``optim`` (optimisers and schedules), ``train`` (state, steps,
-metrics), ``loop`` (the training loop over one or more runs), ``checkpoints``,
-``workdir`` (a run's files), ``sweep`` and ``report``, ``main`` (the command
-line). Models, optimisers, schedules and data sources are chosen by name from
-registries (``models.MODELS``, ``optim.OPTIMIZERS``, ``optim.SCHEDULES``,
+The command line is ``resnet-jax`` (also ``python -m resnet_jax.main``), the
+benchmark ``resnet-jax-bench``. Parts, by layer: ``config`` (the default
+config), ``registry`` and ``validation``; ``models`` (the networks),
+``datasets`` (CIFAR-10 from disk, batching and augmentation) and ``rundir`` (a
+run's files); ``training`` (state, steps, optimisers, the loop, checkpoints);
+``studies`` (grids and searches); ``reports``; ``cli`` (the command line); and
+``configs``, the study's config files. Models, optimisers, schedules and data
+sources are chosen by name from registries (``models.MODELS``,
+``training.optim.OPTIMIZERS``, ``training.optim.SCHEDULES``,
 ``datasets.SOURCES``; see ``registry``).
 """
 

@@ -13,7 +13,7 @@ import tempfile
 import ml_collections
 import pytest
 
-from configs import default
+from resnet_jax.configs import default
 from tests import fake_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from resnet_jax.cli import bench
+from resnet_jax.cli import bench, config_files
 
 
 @pytest.mark.slow  # Trains.
@@ -45,6 +45,11 @@ def test_bad_arguments_are_one_error_line(args, fragment, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_shipped_config_by_name():
+    assert bench.parse_args(['--config', 'smoke']).config == config_files.shipped()['smoke']
+    assert bench.load_config(config_files.shipped()['smoke']).data.train_subset == 256
 
 
 def test_missing_data_is_one_error_line(tmp_path, capsys):

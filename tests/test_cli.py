@@ -189,14 +189,45 @@ def test_batch_not_divisible_by_the_devices(tmp_path, cifar_py):
     ],
 )
 def test_a_config_without_distributed_or_not_a_configdict_is_one_error(tmp_path, body, fragment):
-    config = tmp_path / 'configs' / 'odd.py'
-    config.parent.mkdir()
+    config = tmp_path / 'odd.py'
     config.write_text(
-        f'from configs import default\n\n\ndef get_config():\n    {body}\n',
+        f'from resnet_jax.configs import default\n\n\ndef get_config():\n    {body}\n',
     )
-    env = {'PYTHONPATH': REPO}
-    proc = run_cli(['--config', str(config), '--workdir', str(tmp_path / 'w')], env=env)
+    proc = run_cli(['--config', str(config), '--workdir', str(tmp_path / 'w')], cwd=tmp_path)
     one_error_line(proc, fragment)
+
+
+def test_a_config_next_to_its_own_configs_folder_imports_it(tmp_path):
+    # The older form: `from configs import default` finds the configs/ folder that
+    # holds the file, from any working directory.
+    folder = tmp_path / 'project' / 'configs'
+    folder.mkdir(parents=True)
+    (folder / '__init__.py').write_text('')
+    (folder / 'default.py').write_text(
+        'from resnet_jax.configs import smoke\n\n\ndef get_config():\n'
+        '    c = smoke.get_config()\n    c.batch_size = 0\n    return c\n'
+    )
+    (folder / 'mine.py').write_text(
+        'from configs import default\n\nget_config = default.get_config\n'
+    )
+    proc = run_cli(['--config', str(folder / 'mine.py'), '--workdir', 'w'], cwd=tmp_path)
+    one_error_line(proc, 'batch_size')
+
+
+@pytest.mark.parametrize('form', [['--config', 'smoke'], ['--config=smoke']])
+def test_a_shipped_config_by_name_with_overrides(tmp_path, form):
+    proc = run_cli([*form, '--workdir', str(tmp_path / 'w'), '--config.learning_rat=0.1'])
+    one_error_line(
+        proc, 'unknown config field config.learning_rat', 'did you mean config.learning_rate?'
+    )
+    proc = run_cli([*form, '--workdir', str(tmp_path / 'w'), '--config.batch_size=0'])
+    one_error_line(proc, 'batch_size')
+    assert not (tmp_path / 'w').exists()
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones(tmp_path):
+    proc = run_cli(['--config', 'no_such', '--workdir', str(tmp_path / 'w')])
+    one_error_line(proc, 'config file not found: no_such (shipped configs: cpu_grid, ', 'smoke)')
 
 
 @pytest.mark.parametrize('flag', ['--help', '-h'])
@@ -205,6 +236,10 @@ def test_help_prints_usage_and_exits_0(flag):
     assert proc.returncode == 0, proc.stderr
     assert '--workdir' in proc.stdout and '--config.FIELD=VALUE' in proc.stdout
     assert proc.stderr == ''
+    shipped = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs')) if f[0] != '_')
+    listed = proc.stdout.split('Shipped configs (--config NAME):\n')[1].split('\n\n')[0]
+    assert [line.split(':')[0].strip() for line in listed.splitlines()] == shipped
+    assert "  paper_sweep: The study's 18-run grid" in listed
 
 
 def test_extra_positional_arguments_are_refused(tmp_path):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from configs import default
 from resnet_jax import models
+from resnet_jax.configs import default
 from resnet_jax.datasets import augment
 from resnet_jax.models import conv
 from resnet_jax.training import steps, train

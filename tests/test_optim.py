@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from configs import default
+from resnet_jax.configs import default
 from resnet_jax.training import optim
 
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from resnet_jax import datasets, models, validation
-from resnet_jax.cli import main
+from resnet_jax.cli import flags
 from resnet_jax.registry import Registry
 from resnet_jax.training import checks, optim, train
 from tests.conftest import make_tiny_config
@@ -106,7 +106,7 @@ def test_choices_come_from_the_registries(registered):
     with pytest.raises(validation.ConfigError, match='rmsprop_test') as e:
         checks.validate_config(config)
     assert 'adam, sgd, adagrad, adamw' in str(e.value)
-    text = main.usage()
+    text = flags.usage()
     assert 'tiny_net' in text and 'rmsprop_test' in text
     assert f'config.data.source: auto, {datasets.SOURCES.choices()}' in text
     with pytest.raises(ValueError, match="unknown model 'resnet9'; choose one of paper"):

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import paper_sweep
+from resnet_jax.configs import paper_sweep
 from resnet_jax.datasets import augment
 from resnet_jax.reports import sweep_report
 from resnet_jax.rundir import workdir as workdir_lib

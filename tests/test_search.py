@@ -13,8 +13,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import default
 from resnet_jax import datasets
+from resnet_jax.configs import default
 from resnet_jax.studies import search, search_space
 from tests import fake_data, postgres_server
 from tests.conftest import make_tiny_config, run_cli, start_cli

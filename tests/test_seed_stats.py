@@ -12,7 +12,7 @@ import os
 import ml_collections
 import pytest
 
-from configs import default
+from resnet_jax.configs import default
 from resnet_jax.reports import sweep_report as report
 from resnet_jax.studies import sweep
 from tests.test_report import make_sweep, read_markdown, read_text, write_run

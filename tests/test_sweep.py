@@ -7,12 +7,12 @@ import shutil
 import ml_collections
 import pytest
 
-from configs import paper_sweep
 from resnet_jax import validation
+from resnet_jax.configs import paper_sweep
 from resnet_jax.reports import sweep_report as report
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.studies import search, sweep
-from tests.conftest import REPO, make_tiny_config, run_cli, start_cli
+from tests.conftest import make_tiny_config, run_cli, start_cli
 
 
 def _grid_config(data_path, **axes):
@@ -137,10 +137,8 @@ def test_two_workers_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py)
     cfg = tmp_path / 'configs' / 'grid.py'
     cfg.parent.mkdir()
     cfg.write_text(
-        'import sys\n'
         'import ml_collections\n'
-        f'sys.path.insert(0, {REPO!r})\n'
-        'from configs import smoke\n'
+        'from resnet_jax.configs import smoke\n'
         'def get_config():\n'
         '    c = smoke.get_config()\n'
         '    c.sweep = ml_collections.ConfigDict()\n'

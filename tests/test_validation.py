@@ -10,8 +10,8 @@ import sys
 import ml_collections
 import pytest
 
-from configs import default
 from resnet_jax import validation
+from resnet_jax.configs import default
 from resnet_jax.reports import sweep_report as report
 from resnet_jax.training import checks
 from tests.conftest import make_tiny_config
@@ -61,7 +61,7 @@ def test_non_finite_learning_rate_is_refused(value):
 
 
 def test_the_shipped_configs_are_valid():
-    from configs import paper_sweep, smoke  # pylint: disable=g-import-not-at-top
+    from resnet_jax.configs import paper_sweep, smoke  # pylint: disable=g-import-not-at-top
 
     for module in (default, smoke):
         checks.validate_config(module.get_config())

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from configs import default
 from resnet_jax import validation
+from resnet_jax.configs import default
 from resnet_jax.rundir import locks, workdir, writers
 from resnet_jax.training import train
 

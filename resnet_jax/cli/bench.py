@@ -1,8 +1,10 @@
 """Training-speed benchmark: JAX and, in the same run, the PyTorch references.
 
-    python -m resnet_jax.cli.bench                                   # paper, batch 100/500, fp32
-    python -m resnet_jax.cli.bench --models paper,resnet18 --batch_sizes 100,500,1000 \
+    resnet-jax-bench                                   # paper, batch 100/500, fp32
+    resnet-jax-bench --models paper,resnet18 --batch_sizes 100,500,1000 \\
         --dtypes float32,bfloat16 --torch study,tuned --lanes 6 --json bench.json
+
+(``resnet-jax-bench`` is also ``python -m resnet_jax.cli.bench``.)
 
 For each model x batch size x dtype it times the training path of
 ``train_and_evaluate`` (on-device gather and augmentation, ``config.steps_per_call``
@@ -12,8 +14,8 @@ else extrapolated and marked so), compile time and peak memory. ``--torch`` runs
 process) on the same cases for JAX/PyTorch ratios; ``--lanes R`` also times R runs
 vectorised into one program (:mod:`resnet_jax.training.loop`). Images are random uint8
 unless ``--data`` names a dataset (speed does not depend on pixel values); other
-settings come from ``--config`` (default: :func:`resnet_jax.config.get_config`, the
-study's recipe). The PyTorch references are a script of the repository, not of
+settings come from ``--config``, a config file or the name of a shipped config
+(default: :func:`resnet_jax.config.get_config`, the study's recipe). The PyTorch references are a script of the repository, not of
 the package: ``--torch_reference`` (default ``benchmarks/torch_reference.py``,
 from the working directory); without it they are reported as skipped. Timings
 belong in BENCHMARKS.md, never in tests.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -45,9 +46,11 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax import config as config_lib
 from resnet_jax import datasets, models, validation
+from resnet_jax.cli import config_files
 from resnet_jax.datasets import augment
 from resnet_jax.rundir import workdir
 from resnet_jax.training import checks, train
+from resnet_jax.training import steps as train_steps
 
 TORCH_REFERENCE = os.path.join('benchmarks', 'torch_reference.py')
 SYNTHETIC_TRAIN = 50_000  # CIFAR-10's training set size.
@@ -75,7 +78,11 @@ def _list(kind: type, choices: Sequence[Any] | None = None):
 
 # The flags, in --help order: flag -> (type, default, help).
 ARGUMENTS = {
-    '--config': (str, '', "config file (get_config()); default: resnet_jax's own"),
+    '--config': (
+        str,
+        '',
+        "config file (get_config()) or a shipped config's name (resnet-jax --help)",
+    ),
     '--models': (_list(str, models.MODELS.names()), ['paper'], None),
     '--batch_sizes': (_list(int), [100, 500], None),
     '--dtypes': (_list(str, sorted(models.DTYPES)), ['float32'], None),
@@ -96,7 +103,7 @@ ARGUMENTS = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog='python -m resnet_jax.cli.bench', description=__doc__.split('\n')[0])
+    p = _Parser(prog='resnet-jax-bench', description=__doc__.split('\n')[0])
     for flag, (kind, default, help_text) in ARGUMENTS.items():
         p.add_argument(flag, type=kind, default=default, help=help_text)
     args = p.parse_args(argv)
@@ -104,6 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error('--steps must be >= 1, --epochs 0 or >= 2, --lanes >= 0')
     if any(b < 1 for b in args.batch_sizes):
         p.error('--batch_sizes must be positive')
+    args.config = config_files.resolve(args.config) if args.config else ''
     if args.config and not os.path.isfile(args.config):
         p.error(f'--config {args.config}: no such file')
     return args
@@ -111,16 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     """``get_config()`` of a config file ('': the package's default config)."""
-    if not path:
-        return config_lib.get_config()
-    spec = importlib.util.spec_from_file_location('_bench_config', path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
-    return module.get_config()
+    return config_files.load(path) if path else config_lib.get_config()
 
 
 def machine() -> dict[str, Any]:
@@ -183,7 +182,7 @@ def bench_jax(
     )
 
     def run(states, sizes):
-        states, total, _ = steps.train_epoch(
+        states, total, _ = train_steps.train_epoch(
             states, x, y, orders, sizes, prep, sharding, steps_per_call=config.steps_per_call
         )
         return states, total
@@ -209,22 +208,32 @@ def bench_jax(
     }
     if epochs >= 2:
         sizes = augment.train_batch_sizes(n, bs, config.drop_remainder, mesh.devices.size)
-        times = []
-        for _ in range(epochs):
-            (states, _), seconds = _timed(run, states, sizes)
-            times.append(seconds)
-        result.update(
-            epoch_seconds=float(np.mean(times[1:])),
-            epoch_seconds_estimated=False,
-            first_epoch_seconds=times[0],
-            images_per_second_epoch=n * runs / float(np.mean(times[1:])),
-        )
+        result.update(_time_epochs(run, states, sizes, epochs, n * runs))
     result['peak_memory_bytes'], result['peak_memory_kind'] = peak_memory_bytes()
+    result['train_tflops_per_second'] = _train_tflops(config, state, ips)
+    return result
+
+
+def _time_epochs(run, states, sizes: list[int], epochs: int, images: int) -> dict[str, Any]:
+    """Times ``epochs`` whole epochs of ``images`` images; the first one's time apart."""
+    times = []
+    for _ in range(epochs):
+        (states, _), seconds = _timed(run, states, sizes)
+        times.append(seconds)
+    mean = float(np.mean(times[1:]))
+    return {
+        'epoch_seconds': mean,
+        'epoch_seconds_estimated': False,
+        'first_epoch_seconds': times[0],
+        'images_per_second_epoch': images / mean,
+    }
+
+
+def _train_tflops(config: ml_collections.ConfigDict, state: Any, images_per_second: float) -> float:
+    """Training TFLOP/s: forward and backward are about 3x the forward's multiply-adds."""
     model, _ = train.cached_model(config.model, config.num_classes, config.dtype, config.image_size)
     flops = models.flops_per_image(model, state.variables(), config.image_size)
-    # Forward + backward is about 3x the forward's multiply-adds.
-    result['train_tflops_per_second'] = 3 * flops * ips / 1e12
-    return result
+    return 3 * flops * images_per_second / 1e12
 
 
 def bench_torch(
