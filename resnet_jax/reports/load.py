@@ -176,7 +176,7 @@ def finite(x: Any, scale: float = 1.0) -> float | None:
 
 
 def load_paper_results(path: str | None = None) -> list[dict[str, Any]]:
-    """The study's table (default: the packaged one): rows of ``epochs, batch_size,
+    """The paper's table (default: the packaged one): rows of ``epochs, batch_size,
     learning_rate, shuffle, train_accuracy, test_accuracy`` (accuracies in %)."""
     if path is None:
         resource = importlib.resources.files('resnet_jax') / 'data' / PAPER_CSV

@@ -18,8 +18,8 @@ from resnet_jax.reports.stats import (
 )
 from resnet_jax.reports.tables import (
     MISSING,
+    PAPER_AXES,
     RESULT_NUMBERS,
-    STUDY_AXES,
     axis_columns,
     best_run_index,
     data_statement,
@@ -252,11 +252,11 @@ def _comparison_markdown(
             'files; the differences include the effect of the data copy.',
             '',
         ]
-    header = [*STUDY_AXES, 'train ours', 'train study', 'Δ train', 'test ours', 'test study']
+    header = [*PAPER_AXES, 'train ours', 'train study', 'Δ train', 'test ours', 'test study']
     body = []
     for row in comparison:
         sd = f' ± {row["test_sd"]:.2f}' if row.get('test_sd') is not None else ''
-        cells = [format_cell(row[k]) for k in STUDY_AXES]
+        cells = [format_cell(row[k]) for k in PAPER_AXES]
         for kind in ('train', 'test'):
             cells.append(number_cell(row[f'{kind}_accuracy']) + (sd if kind == 'test' else ''))
             cells.append(number_cell(row[f'paper_{kind}_accuracy']))
