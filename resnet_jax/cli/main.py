@@ -306,13 +306,14 @@ def _run_mode(argv: list[str], config: Any, workdir: str) -> int:
 
 def _run_study(argv: list[str], config: Any, workdir: str) -> int:
     """A grid or a search: its runs here, or in ``--workers`` processes; then its report."""
-    from resnet_jax.studies import search, search_space
+    from resnet_jax.studies import optuna_study, search, search_space
 
     spec = search_space.spec_from_config(config)  # Bad input: an error before anything starts.
     if FLAGS.workers > 1:
         from resnet_jax.studies import workers  # pylint: disable=g-import-not-at-top
 
-        search.open_study(spec, workdir)  # One error line for a bad storage, not one per worker.
+        # One error line for a bad storage, not one per worker.
+        optuna_study.open_study(spec, workdir)
         return workers.run(argv, FLAGS.workers, workdir)
     statuses = search.run_study(config, workdir)
     _write_study_reports(workdir)
@@ -325,13 +326,13 @@ def _run_study(argv: list[str], config: Any, workdir: str) -> int:
 def _write_study_reports(workdir: str) -> dict[str, str]:
     """A study's reports (a grid's sweep report too); a failure to plot is a warning."""
     from resnet_jax.reports import study_report, sweep_report
-    from resnet_jax.studies import search, sweep
+    from resnet_jax.studies import optuna_study, sweep
 
     paths: dict[str, str] = {}
     try:
         if os.path.exists(os.path.join(workdir, sweep.MANIFEST_FILE)):
             paths.update(sweep_report.write_sweep_report(workdir))
-        if os.path.exists(os.path.join(workdir, search.SEARCH_FILE)):
+        if os.path.exists(os.path.join(workdir, optuna_study.SEARCH_FILE)):
             paths.update(study_report.write_study_report(workdir))
     except ImportError as e:
         logging.getLogger('resnet_jax').warning('report not written: %s', e)
@@ -356,11 +357,12 @@ def _report(workdir: str) -> int:
     from resnet_jax import validation
     from resnet_jax.reports import sweep_report
     from resnet_jax.rundir.workdir import RecordError
-    from resnet_jax.studies import search, sweep
+    from resnet_jax.studies import optuna_study, sweep
 
     _setup_logging()
     is_study = any(
-        os.path.exists(os.path.join(workdir, f)) for f in (search.SEARCH_FILE, sweep.MANIFEST_FILE)
+        os.path.exists(os.path.join(workdir, f))
+        for f in (optuna_study.SEARCH_FILE, sweep.MANIFEST_FILE)
     )
     try:
         if is_study:

@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 from resnet_jax.rundir import workdir as workdir_lib
-from resnet_jax.studies import search, search_space
+from resnet_jax.studies import optuna_study, search_space
 
 logger = logging.getLogger('resnet_jax')
 
@@ -46,7 +46,7 @@ CURVES_PNG = 'search_curves.png'
 
 def read_description(workdir: str) -> dict[str, Any]:
     """``workdir/search.json``; :class:`search_space.SearchError` if missing or malformed."""
-    path = os.path.join(workdir, search.SEARCH_FILE)
+    path = os.path.join(workdir, optuna_study.SEARCH_FILE)
     described = workdir_lib.read_json_object(path)
     needed = ('params', 'metric', 'direction', 'study_name', 'storage', 'base_config', 'grid')
     if described is None or any(k not in described for k in needed):
@@ -67,7 +67,7 @@ def load_study(workdir: str, described: Mapping[str, Any]) -> Any:
                 f'the study storage {described["storage"]} needs its password: set '
                 'RESNET_JAX_STORAGE to the full URL'
             )
-    url = search.storage_url(url, workdir)
+    url = optuna_study.storage_url(url, workdir)
     try:
         return optuna.load_study(study_name=described['study_name'], storage=url)
     except Exception as e:  # pylint: disable=broad-except  # Any driver error: one line.
