@@ -38,7 +38,7 @@ def make_sweep(root, axes):
 def write_run(root, run):
     """A completed 2-epoch run folder of ``run``, as training writes it."""
     with open(os.path.join(root, 'sweep.json')) as f:
-        config = load.apply_overrides(json.load(f)['base_config'], run['overrides'])
+        config = load.config_with_overrides(json.load(f)['base_config'], run['overrides'])
     folder = os.path.join(root, run['name'])
     os.makedirs(folder)
     records = [

@@ -62,7 +62,7 @@ def write_run(
     """Writes one run folder: linear accuracy curves ending at the final values."""
     run_dir = os.path.join(root, run['name'])
     os.makedirs(run_dir, exist_ok=True)
-    config = load.apply_overrides(
+    config = load.config_with_overrides(
         {'num_epochs': num_epochs, 'seed': 0, 'data': dict(data or JPEG_DATA)}, run['overrides']
     )
     config.setdefault('batch_size', 128)
