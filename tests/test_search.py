@@ -1,4 +1,4 @@
-"""Searches (resnet_jax/search.py): validation split, bad configs, pruning, workers
+"""Studies (resnet_jax.studies): validation split, bad configs, pruning, workers
 sharing one queue on SQLite and on a real PostgreSQL server, and a killed worker's
 trial finished from its checkpoint."""
 

@@ -314,7 +314,7 @@ def _run_study(argv: list[str], config: Any, workdir: str) -> int:
 
         # One error line for a bad storage, not one per worker.
         optuna_study.open_study(spec, workdir)
-        return workers.run(argv, FLAGS.workers, workdir)
+        return workers.run_workers(argv, FLAGS.workers, workdir)
     statuses = search.run_study(config, workdir)
     _write_study_reports(workdir)
     bad = {k: v for k, v in statuses.items() if v not in ('completed', 'pruned')}
@@ -332,7 +332,7 @@ def _write_study_reports(workdir: str) -> dict[str, str]:
     try:
         if os.path.exists(os.path.join(workdir, sweep.MANIFEST_FILE)):
             paths.update(sweep_report.write_sweep_report(workdir))
-        if os.path.exists(os.path.join(workdir, optuna_study.SEARCH_FILE)):
+        if os.path.exists(os.path.join(workdir, optuna_study.DESCRIPTION_FILE)):
             paths.update(study_report.write_study_report(workdir))
     except ImportError as e:
         logging.getLogger('resnet_jax').warning('report not written: %s', e)
@@ -362,7 +362,7 @@ def _report(workdir: str) -> int:
     _setup_logging()
     is_study = any(
         os.path.exists(os.path.join(workdir, f))
-        for f in (optuna_study.SEARCH_FILE, sweep.MANIFEST_FILE)
+        for f in (optuna_study.DESCRIPTION_FILE, sweep.MANIFEST_FILE)
     )
     try:
         if is_study:

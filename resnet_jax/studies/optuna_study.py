@@ -38,7 +38,7 @@ warnings.filterwarnings('ignore', message='.*experimental feature.*')
 warnings.filterwarnings('ignore', message='Heartbeat of storage is supposed to be used.*')
 warnings.filterwarnings('ignore', message='The number of trials is too small to compute.*')
 
-SEARCH_FILE = 'search.json'  # The study's description in its workdir.
+DESCRIPTION_FILE = 'search.json'  # The study's description (a grid's too) in its workdir.
 STUDY_DB = 'study.db'  # The default storage: SQLite in the workdir.
 _CLAIM_LOCK = '.claim.lock'  # Serialises claiming trials among the workdir's workers.
 
@@ -167,7 +167,7 @@ def open_study(spec: search_space.Spec, workdir: str) -> Any:
             study.set_user_attr('grid_enqueued', len(spec.grid))
         elif spec.grid:
             _requeue_lost(study, spec, workdir)
-        workdir_lib.write_json(os.path.join(workdir, SEARCH_FILE), spec.describe())
+        workdir_lib.write_json(os.path.join(workdir, DESCRIPTION_FILE), spec.describe())
     return study
 
 
