@@ -187,14 +187,16 @@ def test_a_pruner_stops_a_weak_trial_and_the_others_complete(tmp_path, learnable
     assert len(full) == config.num_epochs and all('val_accuracy' in r for r in full)
     states = [t.state.name for t in trials_of(f'sqlite:///{workdir}/study.db')]
     assert sorted(states) == ['COMPLETE', 'PRUNED']
-    # The report: the trials, the best one on validation and its test accuracy.
-    text = open(os.path.join(workdir, 'search.md')).read()
+    # The report (the command line writes it after a study): the trials, the best
+    # one on validation and its test accuracy.
+    from resnet_jax.reports import study_report
+
+    text = open(study_report.write_study_report(workdir)['search']).read()
     assert 'selected on val_accuracy' in text and 'learning_rate=0.003' in text
     assert 'held-out estimate' in text
-    # A rerun of a finished study trains nothing and rewrites the report.
-    os.remove(os.path.join(workdir, 'search.md'))
+    # A rerun of a finished study trains nothing; its report is written the same again.
     assert search.run_worker(config, workdir) == {}
-    assert os.path.exists(os.path.join(workdir, 'search.md'))
+    assert open(study_report.write_study_report(workdir)['search']).read() == text
     assert len(trials_of(f'sqlite:///{workdir}/study.db')) == 2
 
 
