@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from resnet_jax.reports import sweep_report as report
+from resnet_jax.reports import load
 from resnet_jax.rundir import workdir as workdir_lib
 from tests.conftest import run_cli
 from tests.test_ownership import snapshot
@@ -81,7 +81,7 @@ def test_a_torn_last_record_is_rebuilt_from_its_checkpoint(finished, cifar_py, t
     with open(run / 'summary.json') as f:
         summary = json.load(f)
     assert summary['status'] == 'completed' and summary['epochs_completed'] == 2
-    assert report.load_run(str(run), 'run', {}).status == 'completed'
+    assert load.load_run(str(run), 'run', {}).status == 'completed'
 
 
 def test_the_summary_records_the_library_versions(finished):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import datasets
-from resnet_jax.reports import sweep_report as report
+from resnet_jax.reports import load
 from resnet_jax.rundir import workdir, writers
 from resnet_jax.rundir import workdir as workdir_lib
 from tests import fake_data
@@ -38,7 +38,7 @@ def make_sweep(root, axes):
 def write_run(root, run):
     """A completed 2-epoch run folder of ``run``, as training writes it."""
     with open(os.path.join(root, 'sweep.json')) as f:
-        config = report.apply_overrides(json.load(f)['base_config'], run['overrides'])
+        config = load.config_with_overrides(json.load(f)['base_config'], run['overrides'])
     folder = os.path.join(root, run['name'])
     os.makedirs(folder)
     records = [
@@ -104,7 +104,7 @@ def test_report_marks_a_malformed_run_unreadable_and_goes_on(tmp_path):
     with open(tmp_path / runs[0]['name'] / 'metrics.jsonl', 'a') as f:
         f.write('{"epoch": "x"}\n{"epoch": 5}\n')
     (tmp_path / runs[1]['name'] / 'summary.json').write_text('{"epochs_completed": "x"}')
-    results = report.collect(str(tmp_path))
+    results = load.collect(str(tmp_path))
     assert [r.status for r in results] == ['unreadable', 'unreadable', 'completed']
     assert 'metrics.jsonl' in results[0].error and 'summary.json' in results[1].error
     proc = run_cli(['--workdir', str(tmp_path), '--mode=report'])

@@ -13,7 +13,8 @@ import statistics
 
 import pytest
 
-from resnet_jax.reports import sweep_report as report
+from resnet_jax.reports import load, sweep_report, tables
+from resnet_jax.reports.markdown import PAPER_SOURCE
 from resnet_jax.rundir import writers
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -61,7 +62,7 @@ def write_run(
     """Writes one run folder: linear accuracy curves ending at the final values."""
     run_dir = os.path.join(root, run['name'])
     os.makedirs(run_dir, exist_ok=True)
-    config = report.apply_overrides(
+    config = load.config_with_overrides(
         {'num_epochs': num_epochs, 'seed': 0, 'data': dict(data or JPEG_DATA)}, run['overrides']
     )
     config.setdefault('batch_size', 128)
@@ -125,9 +126,9 @@ def test_full_grid_rows_in_manifest_order_and_round_trip(tmp_path):
         write_run(root, run, final_test=acc, final_train=acc + 0.1)
         summaries.append(json.loads(read_text(os.path.join(root, run['name'], 'summary.json'))))
 
-    paths = report.write_sweep_report(root)
+    paths = sweep_report.write_sweep_report(root)
     assert paths['results_csv'] == os.path.join(root, 'results.csv')
-    rows = report.read_results_csv(paths['results_csv'])
+    rows = load.read_results_csv(paths['results_csv'])
     with open(paths['results_csv']) as f:
         header = f.readline().strip().split(',')
     assert header[:5] == [
@@ -166,7 +167,7 @@ def test_collect_derived_values(tmp_path):
     root = str(tmp_path / 'sweep')
     (run,) = make_sweep(root, {'learning_rate': [0.01]})
     write_run(root, run, final_test=0.5, epochs=1, num_epochs=1)
-    (result,) = report.collect(root)
+    (result,) = load.collect(root)
     assert result.name == 'learning_rate=0.01'
     assert result.overrides == {'learning_rate': 0.01}
     assert result.status == 'completed'
@@ -195,7 +196,7 @@ def test_partial_sweep(tmp_path):
     with open(os.path.join(root, incomplete['name'], 'metrics.jsonl'), 'a') as f:
         f.write('{"epoch": 3, "train_lo')
 
-    results = report.collect(root)
+    results = load.collect(root)
     assert [r.status for r in results] == ['pending', 'incomplete', 'failed', 'completed']
     assert results[0].epochs == [] and results[0].test_accuracy is None
     assert results[1].epochs_completed == 2
@@ -203,8 +204,8 @@ def test_partial_sweep(tmp_path):
     assert results[1].wall_seconds == pytest.approx(11.0 + 12.0)
     assert results[2].error.startswith('RuntimeError')
 
-    paths = report.write_sweep_report(root)
-    rows = report.read_results_csv(paths['results_csv'])
+    paths = sweep_report.write_sweep_report(root)
+    rows = load.read_results_csv(paths['results_csv'])
     assert [r['status'] for r in rows] == ['pending', 'incomplete', 'failed', 'completed']
     assert rows[0]['test_accuracy'] is None and rows[0]['epochs'] == 0
     assert rows[1]['test_accuracy'] == 40.0
@@ -224,7 +225,7 @@ def test_stale_summary_of_a_resumed_run_is_ignored(tmp_path):
     (run,) = make_sweep(root, {'seed': [0]}, num_epochs=4)
     write_run(root, run, epochs=2, num_epochs=4, status='incomplete')
     write_run(root, run, epochs=3, num_epochs=4, summary=False)  # Resumed, running.
-    (result,) = report.collect(root)
+    (result,) = load.collect(root)
     assert result.status == 'incomplete'
     assert result.epochs_completed == 3
 
@@ -240,7 +241,7 @@ def test_failure_recorded_on_an_old_summary(tmp_path):
     summary.update(status='failed', error='ValueError: boom')
     with open(summary_path, 'w') as f:
         json.dump(summary, f)
-    (result,) = report.collect(root)
+    (result,) = load.collect(root)
     assert result.status == 'failed' and result.error == 'ValueError: boom'
     assert result.epochs_completed == 3
     assert result.test_accuracy == pytest.approx(30.0)
@@ -251,9 +252,9 @@ def test_regenerating_gives_identical_files(tmp_path):
     runs = make_sweep(root, {'batch_size': [100, 500], 'learning_rate': [0.01], 'shuffle': [True]})
     write_run(root, runs[0], final_test=0.6)
     write_run(root, runs[1], final_test=0.7, summary=False, epochs=2)
-    first = report.write_sweep_report(root)
+    first = sweep_report.write_sweep_report(root)
     contents = {k: open(p, 'rb').read() for k, p in first.items()}
-    second = report.write_sweep_report(root)
+    second = sweep_report.write_sweep_report(root)
     assert second == first
     assert {k: open(p, 'rb').read() for k, p in second.items()} == contents
 
@@ -264,14 +265,14 @@ def test_comparison_with_the_study(tmp_path):
     runs = make_sweep(root, axes, num_epochs=2)
     write_run(root, runs[0], epochs=2, num_epochs=2, final_test=0.41237, final_train=0.5)
     write_run(root, runs[1], epochs=2, num_epochs=2, final_test=0.45, final_train=0.55)
-    paths = report.write_sweep_report(root)
+    paths = sweep_report.write_sweep_report(root)
 
     paper = {
-        (r['batch_size'], r['learning_rate'], r['shuffle']): r for r in report.load_paper_results()
+        (r['batch_size'], r['learning_rate'], r['shuffle']): r for r in load.load_paper_results()
     }
-    rows = report.read_results_csv(paths['comparison_csv'])
+    rows = load.read_results_csv(paths['comparison_csv'])
     assert len(rows) == 2
-    ours = report.read_results_csv(paths['results_csv'])
+    ours = load.read_results_csv(paths['results_csv'])
     for row, our in zip(rows, ours, strict=True):
         theirs = paper[(row['batch_size'], row['learning_rate'], row['shuffle'])]
         assert row['paper_test_accuracy'] == theirs['test_accuracy']
@@ -289,7 +290,7 @@ def test_comparison_with_the_study(tmp_path):
     assert rows[0]['test_difference'] == pytest.approx(41.24 - 88.16)
     markdown = read_markdown(paths['results_md'])
     assert '## Comparison with the study' in markdown
-    assert report.PAPER_SOURCE in markdown
+    assert PAPER_SOURCE in markdown
     assert '88.16' in markdown and '-46.92' in markdown
     assert 'ours: 2 epochs, theirs: 50' in markdown
     assert 'JPEG re-encoding of CIFAR-10 and the study the original' in markdown
@@ -300,7 +301,7 @@ def test_comparison_skipped_for_other_grids(tmp_path):
     runs = make_sweep(root, {'batch_size': [64], 'learning_rate': [0.05]})
     write_run(root, runs[0])
     open(os.path.join(root, 'comparison.csv'), 'w').close()  # A stale one is removed.
-    paths = report.write_sweep_report(root)
+    paths = sweep_report.write_sweep_report(root)
     assert 'comparison_csv' not in paths
     assert not os.path.exists(os.path.join(root, 'comparison.csv'))
     markdown = read_markdown(paths['results_md'])
@@ -309,7 +310,7 @@ def test_comparison_skipped_for_other_grids(tmp_path):
 
 
 def test_packaged_paper_results():
-    rows = report.load_paper_results()
+    rows = load.load_paper_results()
     assert len(rows) == 18
     assert list(rows[0]) == [
         'epochs',
@@ -336,8 +337,8 @@ def test_paper_csv_argument(tmp_path):
     root = str(tmp_path / 'sweep')
     runs = make_sweep(root, {'batch_size': [64], 'learning_rate': [0.05]})
     write_run(root, runs[0], final_test=0.8123)
-    paths = report.write_sweep_report(root, paper_csv=str(path))
-    (row,) = report.read_results_csv(paths['comparison_csv'])
+    paths = sweep_report.write_sweep_report(root, paper_csv=str(path))
+    (row,) = load.read_results_csv(paths['comparison_csv'])
     assert row['test_difference'] == pytest.approx(1.23)
 
 
@@ -358,13 +359,13 @@ def test_plots_for_the_study_grid(tmp_path):
     runs = make_sweep(root, axes, num_epochs=3)
     for i, run in enumerate(runs[:-2]):  # The last two stay pending: blank heatmap cells.
         write_run(root, run, final_test=0.5 + 0.02 * i, epochs=3 if i % 5 else 2, summary=i % 5 > 0)
-    paths = report.write_sweep_report(root)
+    paths = sweep_report.write_sweep_report(root)
     _assert_png(paths['curves'], 20000)
     _assert_png(paths['heatmap'])
     markdown = read_markdown(paths['results_md'])
     assert '![Accuracy and loss per epoch](curves.png)' in markdown
     assert '![Final test accuracy](heatmap.png)' in markdown
-    assert len(report.read_results_csv(paths['comparison_csv'])) == 18
+    assert len(load.read_results_csv(paths['comparison_csv'])) == 18
 
 
 def test_generic_axes_skip_the_heatmap(tmp_path):
@@ -372,44 +373,44 @@ def test_generic_axes_skip_the_heatmap(tmp_path):
     runs = make_sweep(root, {'seed': [0, 1], 'data.train_subset': [1000]})
     write_run(root, runs[0], final_test=0.3)
     write_run(root, runs[1], final_test=0.2, status='diverged', error='loss is nan at epoch 3')
-    paths = report.write_sweep_report(root)
+    paths = sweep_report.write_sweep_report(root)
     assert 'heatmap' not in paths
     _assert_png(paths['curves'])
-    rows = report.read_results_csv(paths['results_csv'])
+    rows = load.read_results_csv(paths['results_csv'])
     assert [(r['seed'], r['data.train_subset']) for r in rows] == [(0, 1000), (1, 1000)]
     markdown = read_markdown(paths['results_md'])
     assert 'heatmap.png not drawn' in markdown
     assert 'diverged: loss is nan at epoch 3' in markdown
     assert (
-        report.run_label({'seed': 1, 'data.train_subset': 1000}) == 'seed=1 data.train_subset=1000'
+        tables.run_label({'seed': 1, 'data.train_subset': 1000}) == 'seed=1 data.train_subset=1000'
     )
 
 
 def test_run_labels():
-    assert report.run_label({'batch_size': 100, 'learning_rate': 0.01, 'shuffle': True}) == (
+    assert tables.run_label({'batch_size': 100, 'learning_rate': 0.01, 'shuffle': True}) == (
         'bs100 lr0.01 shuf'
     )
-    assert report.run_label({'shuffle': False, 'learning_rate': 0.001}) == 'lr0.001 noshuf'
-    assert report.run_label({}, 'only') == 'only'
+    assert tables.run_label({'shuffle': False, 'learning_rate': 0.001}) == 'lr0.001 noshuf'
+    assert tables.run_label({}, 'only') == 'only'
 
 
 def test_data_statements(tmp_path):
     root = str(tmp_path / 'sweep')
     runs = make_sweep(root, {'learning_rate': [0.01]})
     write_run(root, runs[0])
-    markdown = read_markdown(report.write_sweep_report(root)['results_md'])
+    markdown = read_markdown(sweep_report.write_sweep_report(root)['results_md'])
     assert (
         'Data: image folder /srv/data/cifar10-jpeg (JPEG re-encoding of CIFAR-10, '
         '50000 train / 10000 test images: accuracies are comparable only with runs on this copy'
     ) in markdown
-    cifar = report.describe_data({'source': 'cifar', 'path': '/d/cifar-10-batches-py'})
+    cifar = tables.describe_data({'source': 'cifar', 'path': '/d/cifar-10-batches-py'})
     assert cifar == 'official CIFAR-10 files at /d/cifar-10-batches-py'
-    assert report.describe_data({'source': 'tfds', 'path': ''}) == 'TFDS cifar10'
+    assert tables.describe_data({'source': 'tfds', 'path': ''}) == 'TFDS cifar10'
 
 
 def test_missing_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match='sweep.json'):
-        report.collect(str(tmp_path))
+        load.collect(str(tmp_path))
 
 
 def test_a_run_in_flight_reads_as_writers_summarize_makes_of_its_records(tmp_path):
@@ -420,7 +421,7 @@ def test_a_run_in_flight_reads_as_writers_summarize_makes_of_its_records(tmp_pat
     records[2]['test_accuracy'] = math.nan  # epoch 3's test accuracy is not scorable.
     with open(os.path.join(root, run['name'], 'metrics.jsonl'), 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in records)
-    (result,) = report.collect(root)
+    (result,) = load.collect(root)
     expected = writers.summarize(records)
     assert result.status == 'incomplete'
     assert (result.epochs_completed, result.best_epoch) == (3, 2)

@@ -1,4 +1,4 @@
-"""Searches (resnet_jax/search.py): validation split, bad configs, pruning, workers
+"""Studies (resnet_jax.studies): validation split, bad configs, pruning, workers
 sharing one queue on SQLite and on a real PostgreSQL server, and a killed worker's
 trial finished from its checkpoint."""
 
@@ -15,7 +15,7 @@ import pytest
 
 from resnet_jax import datasets
 from resnet_jax.configs import default
-from resnet_jax.studies import search, search_space
+from resnet_jax.studies import optuna_study, run_folders, search, search_space
 from tests import fake_data, postgres_server
 from tests.conftest import make_tiny_config, run_cli, start_cli
 
@@ -161,9 +161,9 @@ def test_distinct_points_get_distinct_folders(tmp_path):
     assert search_space.folder_name({'batch_size': 100, 'learning_rate': 0.01}) == (
         'batch_size=100,learning_rate=0.01'
     )
-    search.check_overrides(str(tmp_path / 'run'), {'data.path': '/d/a/b'})
+    run_folders.check_overrides(str(tmp_path / 'run'), {'data.path': '/d/a/b'})
     with pytest.raises(search_space.SearchError, match='holds the point'):
-        search.check_overrides(str(tmp_path / 'run'), {'data.path': '/d/a_b'})
+        run_folders.check_overrides(str(tmp_path / 'run'), {'data.path': '/d/a_b'})
 
 
 # ------------------------------------------------------------- pruning ----
@@ -187,14 +187,16 @@ def test_a_pruner_stops_a_weak_trial_and_the_others_complete(tmp_path, learnable
     assert len(full) == config.num_epochs and all('val_accuracy' in r for r in full)
     states = [t.state.name for t in trials_of(f'sqlite:///{workdir}/study.db')]
     assert sorted(states) == ['COMPLETE', 'PRUNED']
-    # The report: the trials, the best one on validation and its test accuracy.
-    text = open(os.path.join(workdir, 'search.md')).read()
+    # The report (the command line writes it after a study): the trials, the best
+    # one on validation and its test accuracy.
+    from resnet_jax.reports import study_report
+
+    text = open(study_report.write_study_report(workdir)['search']).read()
     assert 'selected on val_accuracy' in text and 'learning_rate=0.003' in text
     assert 'held-out estimate' in text
-    # A rerun of a finished study trains nothing and rewrites the report.
-    os.remove(os.path.join(workdir, 'search.md'))
+    # A rerun of a finished study trains nothing; its report is written the same again.
     assert search.run_worker(config, workdir) == {}
-    assert os.path.exists(os.path.join(workdir, 'search.md'))
+    assert open(study_report.write_study_report(workdir)['search']).read() == text
     assert len(trials_of(f'sqlite:///{workdir}/study.db')) == 2
 
 
@@ -290,10 +292,10 @@ def test_a_killed_workers_trial_is_finished_from_its_checkpoint(tmp_path, learna
 def test_a_rerun_with_another_space_is_refused(tmp_path, learnable):
     workdir = str(tmp_path / 'study')
     config = search_config(learnable.path, num_trials=1)
-    search.open_study(search_space.spec_from_config(config), workdir)
+    optuna_study.open_study(search_space.spec_from_config(config), workdir)
     config.search.space.learning_rate = search_space.categorical((0.1,))
     with pytest.raises(search_space.SearchError, match='another search config'):
-        search.open_study(search_space.spec_from_config(config), workdir)
+        optuna_study.open_study(search_space.spec_from_config(config), workdir)
     # The grid was enqueued once, even though the study was opened twice.
     with sqlite3.connect(os.path.join(workdir, 'study.db')) as db:
         assert db.execute('select count(*) from trials').fetchone()[0] == 2
@@ -341,17 +343,17 @@ def test_two_workers_draw_different_first_trials(tmp_path, learnable):
     config.search.space.learning_rate = search_space.float_param(1e-4, 0.1, log=True)
     spec = search_space.spec_from_config(config)
     workdir = str(tmp_path / 'study')
-    studies = [search.open_study(spec, workdir) for _ in range(2)]  # Two workers.
+    studies = [optuna_study.open_study(spec, workdir) for _ in range(2)]  # Two workers.
     drawn = []
     for study in studies:
-        with search.claim_lock(workdir):
-            (trial,) = search.claim(study, spec)
+        with optuna_study.claim_lock(workdir):
+            (trial,) = optuna_study.claim(study, spec)
         drawn.append(search_space.sample(trial, spec.params, spec.base))
     assert drawn[0] != drawn[1]
     # And the draws are reproducible: the same seed and history give the same point.
-    again = search.open_study(spec, str(tmp_path / 'again'))
-    with search.claim_lock(str(tmp_path / 'again')):
-        (trial,) = search.claim(again, spec)
+    again = optuna_study.open_study(spec, str(tmp_path / 'again'))
+    with optuna_study.claim_lock(str(tmp_path / 'again')):
+        (trial,) = optuna_study.claim(again, spec)
     assert search_space.sample(trial, spec.params, spec.base) == drawn[0]
 
 

@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from resnet_jax.configs import default
-from resnet_jax.reports import sweep_report as report
+from resnet_jax.reports import load, plots, stats, sweep_report, tables
 from resnet_jax.studies import sweep
 from tests.test_report import make_sweep, read_markdown, read_text, write_run
 
@@ -23,45 +23,45 @@ from tests.test_report import make_sweep, read_markdown, read_text, write_run
     [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (30, 2.042), (120, 1.980)],
 )
 def test_t_quantile_known_values(df, expected):
-    assert report.t_quantile(df) == pytest.approx(expected, abs=5e-4)
+    assert stats.t_quantile(df) == pytest.approx(expected, abs=5e-4)
 
 
 def test_t_quantile_tends_to_the_normal_and_rejects_bad_df():
-    assert report.t_quantile(100_000) == pytest.approx(1.95996, abs=1e-4)
-    assert report.t_quantile(1, 0.95) == pytest.approx(6.314, abs=5e-4)
-    assert report.t_quantile(5, 0.5) == pytest.approx(0.0, abs=1e-9)
+    assert stats.t_quantile(100_000) == pytest.approx(1.95996, abs=1e-4)
+    assert stats.t_quantile(1, 0.95) == pytest.approx(6.314, abs=5e-4)
+    assert stats.t_quantile(5, 0.5) == pytest.approx(0.0, abs=1e-9)
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError):
-            report.t_quantile(bad)
+            stats.t_quantile(bad)
 
 
 def test_estimate_by_hand():
     # 1, 2, 3, 4: mean 2.5, sd sqrt(5/3) = 1.290994, half-width 3.182446 * 1.290994 / 2.
-    e = report.estimate([1, 2, 3, 4])
+    e = stats.estimate([1, 2, 3, 4])
     assert (e.n, e.mean) == (4, 2.5)
     assert e.sd == pytest.approx(math.sqrt(5 / 3))
     assert e.low == pytest.approx(2.5 - 2.054260, abs=1e-6)
     assert e.high == pytest.approx(2.5 + 2.054260, abs=1e-6)
     assert e.excludes_zero is True
     # 80, 82: mean 81, sd sqrt(2); half-width t(1) * sqrt(2) / sqrt(2) = 12.7062.
-    e = report.estimate([80.0, 82.0])
+    e = stats.estimate([80.0, 82.0])
     assert e.mean == 81.0 and e.sd == pytest.approx(math.sqrt(2))
     assert (e.low, e.high) == pytest.approx((81 - 12.7062, 81 + 12.7062), abs=1e-4)
     # -1, 3: mean 1, sd 2.828; the interval [-24.4, 26.4] includes 0.
-    assert report.estimate([-1.0, 3.0]).excludes_zero is False
-    assert report.estimate([5.0]) == report.Estimate(1, 5.0)
-    assert report.estimate([]) == report.Estimate(0)
-    assert report.estimate([5.0]).excludes_zero is None
+    assert stats.estimate([-1.0, 3.0]).excludes_zero is False
+    assert stats.estimate([5.0]) == stats.Estimate(1, 5.0)
+    assert stats.estimate([]) == stats.Estimate(0)
+    assert stats.estimate([5.0]).excludes_zero is None
 
 
 def test_formatting_an_estimate():
-    e = report.estimate([1.0, 3.0])  # mean 2, sd 1.414, interval 2 ± 12.7062.
-    assert report.format_estimate(e) == '2.00 ± 1.41'
-    assert report.format_estimate(e, signed=True) == '+2.00 ± 1.41'
-    assert report.format_interval(e, signed=True) == '[-10.71, +14.71]'
-    assert report.format_estimate(report.estimate([7.0])) == '7.00'
-    assert report.format_interval(report.estimate([7.0])) == report.MISSING
-    assert report.format_estimate(report.Estimate(0)) == report.MISSING
+    e = stats.estimate([1.0, 3.0])  # mean 2, sd 1.414, interval 2 ± 12.7062.
+    assert tables.format_estimate(e) == '2.00 ± 1.41'
+    assert tables.format_estimate(e, signed=True) == '+2.00 ± 1.41'
+    assert tables.format_interval(e, signed=True) == '[-10.71, +14.71]'
+    assert tables.format_estimate(stats.estimate([7.0])) == '7.00'
+    assert tables.format_interval(stats.estimate([7.0])) == tables.MISSING
+    assert tables.format_estimate(stats.Estimate(0)) == tables.MISSING
 
 
 # Final test accuracy (%) by (batch_size, seed, shuffle); the run marked None diverges.
@@ -88,7 +88,7 @@ AXES = {
 
 
 def _result(overrides, status='completed', test=None):
-    return report.RunResult(
+    return load.RunResult(
         name=sweep.run_name(overrides), overrides=overrides, status=status, test_accuracy=test
     )
 
@@ -111,7 +111,7 @@ def _results():
 
 
 def test_cells_group_runs_by_every_axis_but_the_seed():
-    cells = report.group_cells(_results())
+    cells = stats.group_cells(_results())
     assert [c.values for c in cells] == [
         {'batch_size': bs, 'learning_rate': 0.01, 'shuffle': s}
         for bs in (100, 500)
@@ -130,7 +130,7 @@ def test_cells_group_runs_by_every_axis_but_the_seed():
 
 
 def test_paired_differences_by_hand():
-    cells = report.paired_differences(_results(), 'shuffle', (True, False))
+    cells = stats.paired_differences(_results(), 'shuffle', (True, False))
     assert [c.values for c in cells] == [
         {'batch_size': 100, 'learning_rate': 0.01},
         {'batch_size': 500, 'learning_rate': 0.01},
@@ -144,53 +144,53 @@ def test_paired_differences_by_hand():
     # bs 500: seed 2 has a diverged run: 70-69, 72-70 = 1, 2; one seed unpaired.
     assert cells[1].differences == (1.0, 2.0) and cells[1].unpaired == 1
     # All 5 pairs: mean 1.6, sd sqrt(0.8), half 2.776445 * sqrt(0.8) / sqrt(5) = 1.110578.
-    overall = report.pooled('shuffle', (True, False), cells)
+    overall = stats.pooled('shuffle', (True, False), cells)
     assert overall.values == {} and overall.unpaired == 1
     e = overall.estimate
     assert e.n == 5 and e.mean == pytest.approx(1.6) and e.sd == pytest.approx(math.sqrt(0.8))
     assert (e.low, e.high) == pytest.approx((0.489422, 2.710578), abs=1e-6)
     assert e.excludes_zero is True
-    assert report.noise_verdict(e) == 'yes: the interval excludes 0'
-    assert report.two_level_axes(AXES) == ['batch_size', 'shuffle']
+    assert stats.noise_verdict(e) == 'yes: the interval excludes 0'
+    assert stats.two_level_axes(AXES) == ['batch_size', 'shuffle']
 
 
 def test_epoch_band_and_curve_groups():
     runs = [
-        report.RunResult(
+        load.RunResult(
             'a',
             {'seed': 0, 'shuffle': True},
             'completed',
             epochs=[{'epoch': 1, 'test_accuracy': 0.5}, {'epoch': 2, 'test_accuracy': 0.6}],
         ),
-        report.RunResult(
+        load.RunResult(
             'b',
             {'seed': 1, 'shuffle': True},
             'incomplete',
             epochs=[{'epoch': 1, 'test_accuracy': 0.7}],
         ),
-        report.RunResult(
+        load.RunResult(
             'c',
             {'seed': 2, 'shuffle': True},
             'diverged',
             epochs=[{'epoch': 1, 'test_accuracy': 0.1}],
         ),
     ]
-    epochs, mean, low, high = report.epoch_band(runs[:2], 'test_accuracy', 100)
+    epochs, mean, low, high = plots.epoch_band(runs[:2], 'test_accuracy', 100)
     assert epochs == [1, 2]
     assert mean == pytest.approx([60.0, 60.0])
     assert (low, high) == (pytest.approx([50.0, 60.0]), pytest.approx([70.0, 60.0]))
-    ((label, grouped),) = report.curve_groups(runs, 'seed')
+    ((label, grouped),) = plots.curve_groups(runs, 'seed')
     assert grouped == runs[:2]
     assert label == 'shuf (2 seed(s), 1 failed/diverged left out, 1 unfinished)'
-    assert [g[1] for g in report.curve_groups(runs)] == [[r] for r in runs]
+    assert [g[1] for g in plots.curve_groups(runs)] == [[r] for r in runs]
 
 
 def test_heatmap_cell_over_seeds():
-    cell = report.group_cells(_results())[2]  # bs 500, shuffle: 70, 72, diverged.
-    value, text = report.heatmap_cell(cell.runs, over_seeds=True)
+    cell = stats.group_cells(_results())[2]  # bs 500, shuffle: 70, 72, diverged.
+    value, text = plots.heatmap_cell(cell.runs, over_seeds=True)
     assert value == 71.0
     assert text == '71.00 ± 1.41\nn=2\n1 excluded'
-    assert report.heatmap_cell(cell.runs[:1], over_seeds=True) == (70.0, '70.00\nn=1')
+    assert plots.heatmap_cell(cell.runs[:1], over_seeds=True) == (70.0, '70.00\nn=1')
 
 
 def _write_seed_sweep(root):
@@ -208,13 +208,13 @@ def _write_seed_sweep(root):
 def test_report_of_a_sweep_over_seeds(tmp_path):
     root = str(tmp_path / 'sweep')
     runs = _write_seed_sweep(root)
-    paths = report.write_sweep_report(root)
+    paths = sweep_report.write_sweep_report(root)
     assert {'cells_csv', 'paired_csv', 'curves', 'heatmap', 'comparison_csv'} <= set(paths)
 
     # The per-run table is still there, one row per run.
-    assert len(report.read_results_csv(paths['results_csv'])) == len(runs) == 12
+    assert len(load.read_results_csv(paths['results_csv'])) == len(runs) == 12
 
-    cells = report.read_results_csv(paths['cells_csv'])
+    cells = load.read_results_csv(paths['cells_csv'])
     assert [(c['batch_size'], c['learning_rate'], c['shuffle']) for c in cells] == [
         (100, 0.01, True),
         (100, 0.01, False),
@@ -242,7 +242,7 @@ def test_report_of_a_sweep_over_seeds(tmp_path):
             assert c[f'{field}_ci95_low'] == pytest.approx(mean + offset - half, abs=1e-3)
             assert c[f'{field}_ci95_high'] == pytest.approx(mean + offset + half, abs=1e-3)
 
-    paired = report.read_results_csv(paths['paired_csv'])
+    paired = load.read_results_csv(paths['paired_csv'])
     overall = next(p for p in paired if p['axis'] == 'shuffle' and p['scope'] == 'all')
     assert (overall['pairs'], overall['unpaired'], overall['excludes_zero']) == (5, 1, True)
     assert overall['mean_difference'] == pytest.approx(1.6)
@@ -269,7 +269,7 @@ def test_report_of_a_sweep_over_seeds(tmp_path):
     assert '### Paired comparison: batch_size=100 − batch_size=500' in markdown
 
     # The study comparison: one row per cell, its mean against the study's value.
-    comparison = report.read_results_csv(paths['comparison_csv'])
+    comparison = load.read_results_csv(paths['comparison_csv'])
     assert len(comparison) == 4
     first, _, third, _ = comparison
     assert (first['test_accuracy'], first['n'], first['test_sd']) == (82.0, 3, 1.0)
@@ -286,7 +286,7 @@ def test_seed_tables_removed_without_a_seed_axis(tmp_path):
     write_run(root, run)
     for stale in ('cells.csv', 'paired.csv'):
         open(os.path.join(root, stale), 'w').close()
-    paths = report.write_sweep_report(root)
+    paths = sweep_report.write_sweep_report(root)
     assert 'cells_csv' not in paths and 'paired_csv' not in paths
     assert not os.path.exists(os.path.join(root, 'cells.csv'))
     assert not os.path.exists(os.path.join(root, 'paired.csv'))
@@ -305,7 +305,7 @@ def test_repeats_from_config_to_report(tmp_path):
     manifest = json.loads(read_text(os.path.join(root, 'sweep.json')))
     for run, acc in zip(manifest['runs'], (0.5, 0.6, 0.7, 0.9), strict=True):
         write_run(root, run, final_test=acc)
-    cells = report.read_results_csv(report.write_sweep_report(root)['cells_csv'])
+    cells = load.read_results_csv(sweep_report.write_sweep_report(root)['cells_csv'])
     assert [(c['learning_rate'], c['n'], c['seeds']) for c in cells] == [
         (0.1, 2, '0 1'),
         (0.01, 2, '0 1'),

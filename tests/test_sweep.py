@@ -9,7 +9,7 @@ import pytest
 
 from resnet_jax import validation
 from resnet_jax.configs import paper_sweep
-from resnet_jax.reports import sweep_report as report
+from resnet_jax.reports import load, sweep_report
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.studies import search, sweep
 from tests.conftest import make_tiny_config, run_cli, start_cli
@@ -82,7 +82,7 @@ def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     config = _grid_config(cifar_py.path, seed=[0, 1], shuffle=[True, False])
     workdir = str(tmp_path)
     statuses = search.run_study(config, workdir)
-    report.write_sweep_report(workdir)
+    sweep_report.write_sweep_report(workdir)
     assert list(statuses.values()) == ['completed'] * 4
     manifest = json.loads((tmp_path / 'sweep.json').read_text())
     names = [r['name'] for r in manifest['runs']]
@@ -97,7 +97,7 @@ def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     accuracy_columns = ('train_accuracy', 'test_accuracy', 'best_test_accuracy', 'status')
     rows_before = [
         {k: row[k] for k in accuracy_columns}
-        for row in report.read_results_csv(str(tmp_path / 'results.csv'))
+        for row in load.read_results_csv(str(tmp_path / 'results.csv'))
     ]
 
     # Shuffle on and off train on different orders; different seeds differ too.
@@ -113,7 +113,7 @@ def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     kept_mtimes = [_mtime(tmp_path / k / 'summary.json') for k in kept]
 
     statuses = search.run_study(config, workdir)
-    report.write_sweep_report(workdir)
+    sweep_report.write_sweep_report(workdir)
     assert list(statuses.values()) == ['completed'] * 4
     assert [_mtime(tmp_path / k / 'summary.json') for k in kept] == kept_mtimes  # Skipped.
     resumed = workdir_lib.read_metrics(str(tmp_path / cut))
@@ -124,7 +124,7 @@ def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     # The report is rewritten at the end: same accuracies (timings differ).
     rows_after = [
         {k: row[k] for k in accuracy_columns}
-        for row in report.read_results_csv(str(tmp_path / 'results.csv'))
+        for row in load.read_results_csv(str(tmp_path / 'results.csv'))
     ]
     assert rows_after == rows_before
 

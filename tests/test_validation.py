@@ -12,7 +12,7 @@ import pytest
 
 from resnet_jax import validation
 from resnet_jax.configs import default
-from resnet_jax.reports import sweep_report as report
+from resnet_jax.reports import load
 from resnet_jax.training import checks
 from tests.conftest import make_tiny_config
 
@@ -36,7 +36,7 @@ def test_one_dotted_config_path_getter_and_setter_for_dicts_and_configdicts():
     validation.set_field(plain, 'a.b.c', 1, create=True)
     assert plain == {'data': {'path': '/e'}, 'seed': 0, 'a': {'b': {'c': 1}}}
     base = {'data': {'path': '/d'}, 'seed': 0}
-    overridden = report.apply_overrides(base, {'data.path': '/f', 'x.y': 2})
+    overridden = load.config_with_overrides(base, {'data.path': '/f', 'x.y': 2})
     assert overridden == {'data': {'path': '/f'}, 'seed': 0, 'x': {'y': 2}}
     assert base == {'data': {'path': '/d'}, 'seed': 0}  # A deep copy.
 

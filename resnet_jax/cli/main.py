@@ -82,12 +82,12 @@ def evaluate(config: Any, workdir: str) -> int:
 
 def study(argv: list[str], config: Any, workdir: str, num_workers: int) -> int:
     """A grid or a search: its runs here, or in ``num_workers`` processes; then its report."""
-    from resnet_jax.studies import search, search_space, workers
+    from resnet_jax.studies import optuna_study, search, search_space, workers
 
     spec = search_space.spec_from_config(config)  # Bad input: an error before anything starts.
     if num_workers > 1:
-        search.open_study(spec, workdir)  # One error line for a bad storage, not one per worker.
-        return workers.run(argv, num_workers, workdir)
+        optuna_study.open_study(spec, workdir)  # One error line for a bad storage, not one each.
+        return workers.run_workers(argv, num_workers, workdir)
     statuses = search.run_study(config, workdir)
     _write_study_reports(workdir)
     bad = {k: v for k, v in statuses.items() if v not in ('completed', 'pruned')}
@@ -99,11 +99,10 @@ def study(argv: list[str], config: Any, workdir: str, num_workers: int) -> int:
 def report(workdir: str) -> int:
     """Writes the study's reports, or the curves of a single run's workdir."""
     from resnet_jax.reports import sweep_report
-    from resnet_jax.studies import search, sweep
+    from resnet_jax.studies import optuna_study, sweep
 
-    if any(
-        os.path.exists(os.path.join(workdir, f)) for f in (search.SEARCH_FILE, sweep.MANIFEST_FILE)
-    ):
+    study_files = (optuna_study.DESCRIPTION_FILE, sweep.MANIFEST_FILE)
+    if any(os.path.exists(os.path.join(workdir, f)) for f in study_files):
         written = _write_study_reports(workdir)
     elif os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         written = sweep_report.write_run_report(workdir)
@@ -131,13 +130,13 @@ def _start(config: Any) -> None:
 def _write_study_reports(workdir: str) -> dict[str, str]:
     """A study's reports (a grid's sweep report too); a failure to plot is a warning."""
     from resnet_jax.reports import study_report, sweep_report
-    from resnet_jax.studies import search, sweep
+    from resnet_jax.studies import optuna_study, sweep
 
     paths: dict[str, str] = {}
     try:
         if os.path.exists(os.path.join(workdir, sweep.MANIFEST_FILE)):
             paths.update(sweep_report.write_sweep_report(workdir))
-        if os.path.exists(os.path.join(workdir, search.SEARCH_FILE)):
+        if os.path.exists(os.path.join(workdir, optuna_study.DESCRIPTION_FILE)):
             paths.update(study_report.write_study_report(workdir))
     except ImportError as e:
         logging.getLogger('resnet_jax').warning('report not written: %s', e)

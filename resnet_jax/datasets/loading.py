@@ -90,23 +90,10 @@ def load_dataset(data_config: Any, seed: int) -> base.Dataset:
     when the input is missing, unreadable or malformed.
     """
     start = time.perf_counter()
-    source = data_config.source
     path = os.path.expanduser(data_config.path)
     image_size = getattr(data_config, 'image_size', base.CIFAR_IMAGE_SIZE)
     with base.os_errors_as_data_errors():
-        if source == 'auto':
-            source = detect_source(path)
-        if source not in base.SOURCES:
-            raise base.DataError(
-                f"data.source must be 'auto' or one of {base.SOURCES.names()}, not {source!r}"
-            )
-        if source != 'folder' and image_size != base.CIFAR_IMAGE_SIZE:
-            raise base.DataError(
-                f'data.image_size={image_size} needs an image folder: '
-                f'{source} images are {base.CIFAR_IMAGE_SIZE}x{base.CIFAR_IMAGE_SIZE}'
-            )
-        if 'data.path' in base.SOURCES.fields(source) and not path:
-            raise base.DataError(f'data.source={source} needs data.path')
+        source = _resolve_source(data_config.source, path, image_size)
         dataset = base.SOURCES.get(source)(path, data_config, image_size, seed)
     dataset = hold_out_validation(
         dataset,
@@ -114,21 +101,8 @@ def load_dataset(data_config: Any, seed: int) -> base.Dataset:
         getattr(data_config, 'validation_seed', 0),
     )
     if dataset.source == 'folder':  # Folders hold images class by class: a seeded order.
-        order = np.random.default_rng(seed).permutation(len(dataset.train_labels))
-        dataset = dataclasses.replace(
-            dataset,
-            train_images=dataset.train_images[order],
-            train_labels=dataset.train_labels[order],
-        )
-    size, n = data_config.train_subset, len(dataset.train_labels)
-    if size:  # A seeded subset, kept in stored order.
-        if not 0 < size <= n:
-            raise base.DataError(
-                f'data.train_subset={size} must lie in [0, {n}], the size of the training set'
-            )
-        keep = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-        images, labels = dataset.train_images[keep], dataset.train_labels[keep]
-        dataset = dataclasses.replace(dataset, train_images=images, train_labels=labels)
+        dataset = _shuffle_train(dataset, seed)
+    dataset = _train_subset(dataset, data_config.train_subset, seed)
     if len(dataset.validation_labels):
         logger.info('Held out %d training images for validation.', len(dataset.validation_labels))
     logger.info(
@@ -141,6 +115,52 @@ def load_dataset(data_config: Any, seed: int) -> base.Dataset:
         time.perf_counter() - start,
     )
     return dataset
+
+
+def _resolve_source(source: str, path: str, image_size: int) -> str:
+    """The source to read: ``source``, or the one :func:`detect_source` finds for 'auto'.
+
+    Raises DataError for an unknown source, an image size only image folders
+    can have, or a source that needs ``data.path`` without one.
+    """
+    if source == 'auto':
+        source = detect_source(path)
+    if source not in base.SOURCES:
+        raise base.DataError(
+            f"data.source must be 'auto' or one of {base.SOURCES.names()}, not {source!r}"
+        )
+    if source != 'folder' and image_size != base.CIFAR_IMAGE_SIZE:
+        raise base.DataError(
+            f'data.image_size={image_size} needs an image folder: '
+            f'{source} images are {base.CIFAR_IMAGE_SIZE}x{base.CIFAR_IMAGE_SIZE}'
+        )
+    if 'data.path' in base.SOURCES.fields(source) and not path:
+        raise base.DataError(f'data.source={source} needs data.path')
+    return source
+
+
+def _shuffle_train(dataset: base.Dataset, seed: int) -> base.Dataset:
+    """``dataset`` with its training set in an order drawn from ``seed``."""
+    order = np.random.default_rng(seed).permutation(len(dataset.train_labels))
+    return dataclasses.replace(
+        dataset,
+        train_images=dataset.train_images[order],
+        train_labels=dataset.train_labels[order],
+    )
+
+
+def _train_subset(dataset: base.Dataset, size: int, seed: int) -> base.Dataset:
+    """``dataset`` with ``size`` training images drawn with ``seed``, in stored order (0: all)."""
+    n = len(dataset.train_labels)
+    if not size:
+        return dataset
+    if not 0 < size <= n:
+        raise base.DataError(
+            f'data.train_subset={size} must lie in [0, {n}], the size of the training set'
+        )
+    keep = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+    images, labels = dataset.train_images[keep], dataset.train_labels[keep]
+    return dataclasses.replace(dataset, train_images=images, train_labels=labels)
 
 
 def validation_indices(labels: np.ndarray, size: int, seed: int, num_classes: int) -> np.ndarray:

@@ -109,7 +109,7 @@ def load_run(
         if os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
             read_run_config(os.path.join(run_dir, CONFIG_FILE), whole=False)
     except RecordError as e:
-        config = apply_overrides(base_config or {}, overrides)
+        config = config_with_overrides(base_config or {}, overrides)
         return RunResult(name, dict(overrides), 'unreadable', config=config, error=str(e))
     last_epoch = int(records[-1]['epoch']) if records else 0
     if summary is not None and int(summary.get('epochs_completed') or 0) < last_epoch:
@@ -122,7 +122,7 @@ def load_run(
     config = (
         s.get('config')
         or read_json_object(os.path.join(run_dir, CONFIG_FILE))
-        or apply_overrides(base_config or {}, overrides)
+        or config_with_overrides(base_config or {}, overrides)
     )
     num_epochs = config.get('num_epochs')
     if summary is None:
@@ -156,7 +156,9 @@ def load_run(
     )
 
 
-def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def config_with_overrides(
+    config: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
     """A deep copy of ``config`` with dotted ``overrides`` ('data.path': ...) set."""
     out = copy.deepcopy(dict(config))
     for key, value in overrides.items():
@@ -176,7 +178,7 @@ def finite(x: Any, scale: float = 1.0) -> float | None:
 
 
 def load_paper_results(path: str | None = None) -> list[dict[str, Any]]:
-    """The study's table (default: the packaged one): rows of ``epochs, batch_size,
+    """The paper's table (default: the packaged one): rows of ``epochs, batch_size,
     learning_rate, shuffle, train_accuracy, test_accuracy`` (accuracies in %)."""
     if path is None:
         resource = importlib.resources.files('resnet_jax') / 'data' / PAPER_CSV

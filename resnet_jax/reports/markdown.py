@@ -18,8 +18,8 @@ from resnet_jax.reports.stats import (
 )
 from resnet_jax.reports.tables import (
     MISSING,
+    PAPER_AXES,
     RESULT_NUMBERS,
-    STUDY_AXES,
     axis_columns,
     best_run_index,
     data_statement,
@@ -69,6 +69,28 @@ def results_markdown(
         '`images/s` is the median over the epochs after the first (which includes compilation).',
         '',
     ]
+    lines += _results_table(results, axes)
+    lines += _best_run_sentence(results)
+    lines += _problems_section(results)
+    if SEED_AXIS in manifest['axes']:
+        lines += ['', *seeds_markdown(results, manifest['axes'])]
+    lines += ['', '## Comparison with the study', '', f'Study: {PAPER_SOURCE}.', '']
+    lines += _comparison_markdown(results, comparison)
+    lines += ['', '## Plots', '', *_plots_lines(plots)]
+    return '\n'.join(lines).rstrip('\n') + '\n'
+
+
+def _status_cell(r: RunResult) -> str:
+    """The status column of a run: how far an incomplete one got, why a failed one failed."""
+    if r.status == 'incomplete' and r.num_epochs:
+        return f'incomplete ({r.epochs_completed}/{r.num_epochs})'
+    if r.status in PROBLEM_STATUSES and r.error:
+        return f'{r.status}: {one_line(r.error, 60)}'
+    return r.status
+
+
+def _results_table(results: Sequence[RunResult], axes: Sequence[str]) -> list[str]:
+    """The table of ``results.md``: a row per run, the best one starred and in bold."""
     header = ['', 'epochs', *axes, *(name for _, name, _ in RESULT_NUMBERS), 'status']
     body = []
     for r, row in zip(results, result_rows(results, axes), strict=True):
@@ -76,49 +98,57 @@ def results_markdown(
         cells = [c or MISSING for c in [*cells, *(row[f] for f, _, _ in RESULT_NUMBERS)]]
         if row['best']:
             cells = [f'**{c}**' for c in cells]
-        status = r.status
-        if r.status == 'incomplete' and r.num_epochs:
-            status = f'incomplete ({r.epochs_completed}/{r.num_epochs})'
-        elif r.status in PROBLEM_STATUSES and r.error:
-            status = f'{r.status}: {one_line(r.error, 60)}'
-        body.append(['★' if row['best'] else '', *cells, status])
-    lines += markdown_table(header, body)
+        body.append(['★' if row['best'] else '', *cells, _status_cell(r)])
+    return markdown_table(header, body)
+
+
+def _best_run_sentence(results: Sequence[RunResult]) -> list[str]:
+    """The sentence on the best run and the metric it was selected on ([] if none)."""
     best = best_run_index(results)
-    if best is not None:
-        r = results[best]
-        if selection_metric(results) == 'val_accuracy':
-            lines += [
-                '',
-                f'★ Best run, selected on validation accuracy: {run_label(r.overrides, r.name)}: '
-                f'final validation accuracy {r.val_accuracy:.2f}%, test accuracy '
-                f'{r.test_accuracy:.2f}% (the held-out estimate) after {r.epochs_completed} '
-                f'epoch(s) ({r.status}).',
-            ]
-        else:
-            lines += [
-                '',
-                f'★ Best run, selected on test accuracy (no validation split): '
-                f'{run_label(r.overrides, r.name)}: final test accuracy '
-                f'{r.test_accuracy:.2f}% after {r.epochs_completed} epoch(s) ({r.status}).',
-            ]
+    if best is None:
+        return []
+    r = results[best]
+    if selection_metric(results) == 'val_accuracy':
+        return [
+            '',
+            f'★ Best run, selected on validation accuracy: {run_label(r.overrides, r.name)}: '
+            f'final validation accuracy {r.val_accuracy:.2f}%, test accuracy '
+            f'{r.test_accuracy:.2f}% (the held-out estimate) after {r.epochs_completed} '
+            f'epoch(s) ({r.status}).',
+        ]
+    return [
+        '',
+        f'★ Best run, selected on test accuracy (no validation split): '
+        f'{run_label(r.overrides, r.name)}: final test accuracy '
+        f'{r.test_accuracy:.2f}% after {r.epochs_completed} epoch(s) ({r.status}).',
+    ]
+
+
+def _problems_section(results: Sequence[RunResult]) -> list[str]:
+    """The section listing failed and diverged runs with their errors ([] if none)."""
     problems = [r for r in results if r.status in PROBLEM_STATUSES]
-    if problems:
-        lines += ['', '### Failed and diverged runs', '']
-        lines += [
+    if not problems:
+        return []
+    return [
+        '',
+        '### Failed and diverged runs',
+        '',
+        *(
             f'- `{r.name}` ({r.status}, {r.epochs_completed} epoch(s)): '
             f'{one_line(r.error or "no reason recorded", 500)}'
             for r in problems
-        ]
-    if SEED_AXIS in manifest['axes']:
-        lines += ['', *seeds_markdown(results, manifest['axes'])]
-    lines += ['', '## Comparison with the study', '', f'Study: {PAPER_SOURCE}.', '']
-    lines += _comparison_markdown(results, comparison)
-    lines += ['', '## Plots', '']
+        ),
+    ]
+
+
+def _plots_lines(plots: Mapping[str, str | None]) -> list[str]:
+    """An image link per drawn plot, else why it was not drawn."""
     titles = {CURVES_PNG: 'Accuracy and loss per epoch', HEATMAP_PNG: 'Final test accuracy'}
+    lines = []
     for file, reason in plots.items():
         drawn = f'![{titles.get(file, file)}]({file})'
         lines += [drawn if reason is None else f'{file} not drawn: {reason}', '']
-    return '\n'.join(lines).rstrip('\n') + '\n'
+    return lines
 
 
 def seeds_markdown(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any]]) -> list[str]:
@@ -222,11 +252,11 @@ def _comparison_markdown(
             'files; the differences include the effect of the data copy.',
             '',
         ]
-    header = [*STUDY_AXES, 'train ours', 'train study', 'Δ train', 'test ours', 'test study']
+    header = [*PAPER_AXES, 'train ours', 'train study', 'Δ train', 'test ours', 'test study']
     body = []
     for row in comparison:
         sd = f' ± {row["test_sd"]:.2f}' if row.get('test_sd') is not None else ''
-        cells = [format_cell(row[k]) for k in STUDY_AXES]
+        cells = [format_cell(row[k]) for k in PAPER_AXES]
         for kind in ('train', 'test'):
             cells.append(number_cell(row[f'{kind}_accuracy']) + (sd if kind == 'test' else ''))
             cells.append(number_cell(row[f'paper_{kind}_accuracy']))

@@ -1,4 +1,4 @@
-"""The report's plots: training curves (the study's Figure 3) and the accuracy heatmap.
+"""The report's plots: training curves (the paper's Figure 3) and the accuracy heatmap.
 
 Drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend).
 """
@@ -15,7 +15,7 @@ import pandas as pd
 
 from resnet_jax.reports.load import PROBLEM_STATUSES, RunResult, finite, format_cell
 from resnet_jax.reports.stats import SEED_AXIS, Cell, group_cells, matches
-from resnet_jax.reports.tables import MISSING, STUDY_AXES, format_estimate, run_label
+from resnet_jax.reports.tables import MISSING, PAPER_AXES, format_estimate, run_label
 
 LOSS_STYLES = (('train', '-'), ('test', '--'))  # Line styles of the loss panel.
 
@@ -91,7 +91,7 @@ def curve_groups(
 def render_curves(
     results: Sequence[RunResult], title: str = '', seed_axis: str | None = None
 ) -> bytes:
-    """PNG of the study's Figure 3: test and train accuracy and loss (train solid, test
+    """PNG of the paper's Figure 3: test and train accuracy and loss (train solid, test
     dashed) per epoch; a colour per run, or with ``seed_axis`` per cell: the mean over
     its seeds in a min–max band."""
     from matplotlib.lines import Line2D
@@ -216,7 +216,7 @@ def render_heatmap(results: Sequence[RunResult], axes: Mapping[str, Sequence[Any
             ax.text(j, i, panel[i][j][1], ha='center', va='center', color=color, fontsize=8.5)
     if image is not None:
         fig.colorbar(image, ax=list(panels), label='final test accuracy (%)', shrink=0.85)
-    others = [a for a in axes if a not in STUDY_AXES]
+    others = [a for a in axes if a not in PAPER_AXES]
     title = 'Final test accuracy (%)'
     if SEED_AXIS in axes:
         pooled_axes = [a for a in others if a != SEED_AXIS]

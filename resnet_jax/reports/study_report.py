@@ -1,4 +1,4 @@
-"""The report of a study (:mod:`resnet_jax.studies.search`): trials, the best one, compute, plots.
+"""The report of a study (a grid or a search): trials, the best one, compute, plots.
 
     python -m resnet_jax.main --workdir runs/search --mode=report
 
@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 from resnet_jax.rundir import workdir as workdir_lib
-from resnet_jax.studies import search, search_space
+from resnet_jax.studies import optuna_study, search_space
 
 logger = logging.getLogger('resnet_jax')
 
@@ -41,12 +41,12 @@ IMPORTANCES_CSV = 'importances.csv'
 SEARCH_MD = 'search.md'
 HISTORY_PNG = 'history.png'
 IMPORTANCES_PNG = 'importances.png'
-CURVES_PNG = 'search_curves.png'
+SEARCH_CURVES_PNG = 'search_curves.png'
 
 
 def read_description(workdir: str) -> dict[str, Any]:
     """``workdir/search.json``; :class:`search_space.SearchError` if missing or malformed."""
-    path = os.path.join(workdir, search.SEARCH_FILE)
+    path = os.path.join(workdir, optuna_study.DESCRIPTION_FILE)
     described = workdir_lib.read_json_object(path)
     needed = ('params', 'metric', 'direction', 'study_name', 'storage', 'base_config', 'grid')
     if described is None or any(k not in described for k in needed):
@@ -67,7 +67,7 @@ def load_study(workdir: str, described: Mapping[str, Any]) -> Any:
                 f'the study storage {described["storage"]} needs its password: set '
                 'RESNET_JAX_STORAGE to the full URL'
             )
-    url = search.storage_url(url, workdir)
+    url = optuna_study.storage_url(url, workdir)
     try:
         return optuna.load_study(study_name=described['study_name'], storage=url)
     except Exception as e:  # pylint: disable=broad-except  # Any driver error: one line.
@@ -219,7 +219,7 @@ def best_trial(study: Any) -> Any | None:
         return None
 
 
-def _markdown(
+def _search_markdown(
     described: Mapping[str, Any],
     trials: pd.DataFrame,
     best: Any | None,
@@ -265,7 +265,7 @@ def _markdown(
     return '\n'.join(lines) + '\n'
 
 
-def _plots(
+def _draw_plots(
     workdir: str,
     runs: Mapping[str | None, dict[str, Any]],
     trials: pd.DataFrame,
@@ -314,7 +314,7 @@ def _plots(
         ax.set_ylabel(metric)
         ax.set_title('trials by epoch (pruned: dashed)')
         fig.tight_layout()
-        paths['search_curves'] = os.path.join(workdir, CURVES_PNG)
+        paths['search_curves'] = os.path.join(workdir, SEARCH_CURVES_PNG)
         fig.savefig(paths['search_curves'], dpi=120)
     plt.close(fig)
     return paths
@@ -340,11 +340,11 @@ def write_study_report(workdir: str) -> dict[str, str]:
     if len(imp):
         paths['importances_csv'] = os.path.join(workdir, IMPORTANCES_CSV)
         workdir_lib.write_atomic(paths['importances_csv'], imp.to_frame().to_csv())
-    text = _markdown(described, trials, best, compute_table(trials, described), imp)
+    text = _search_markdown(described, trials, best, compute_table(trials, described), imp)
     paths['search'] = os.path.join(workdir, SEARCH_MD)
     workdir_lib.write_atomic(paths['search'], text)
     try:
-        paths.update(_plots(workdir, runs, trials, history, imp, described['metric']))
+        paths.update(_draw_plots(workdir, runs, trials, history, imp, described['metric']))
     except Exception as e:  # pylint: disable=broad-except  # Plots are extras.
         logger.warning('search plots not drawn: %s', e)
     return paths

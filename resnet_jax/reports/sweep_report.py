@@ -1,10 +1,10 @@
-"""Sweep reports: results tables, the comparison with the study, training curves.
+"""A grid's report: results tables, the comparison with the paper, training curves.
 
     from resnet_jax.reports import sweep_report
-    results = sweep_report.collect('runs/paper')     # one RunResult per manifest run
     paths = sweep_report.write_sweep_report('runs/paper')  # {kind: path} of the files written
 
-or ``python -m resnet_jax.main --workdir runs/paper --mode=report`` (no training; a
+The command line writes it after a grid study, and ``--mode=report`` at any time
+(``python -m resnet_jax.main --workdir runs/paper --mode=report``: no training; a
 sweep may be partly done). All is read from disk: the manifest ``sweep.json``
 (``axes``, ``runs`` with ``name`` and ``overrides``, ``base_config``) and in each run
 folder ``<sweep_dir>/<name>/`` ``metrics.jsonl`` (a record per epoch), ``summary.json``
@@ -13,13 +13,13 @@ one with records but no summary 'incomplete'. ``write_sweep_report`` writes into
 dir, each file atomically (``os.replace`` of a unique temporary file: concurrent
 writers never leave a torn file):
 
-* ``results.csv`` / ``results.md``: a row per run in manifest order in the study's
+* ``results.csv`` / ``results.md``: a row per run in manifest order in the paper's
   layout (``epochs``, the axes, final train and test accuracy in %), then best test
   accuracy and its epoch, wall time, images/s and status; the best run is starred.
-  ``read_results_csv`` parses any csv of the report back.
-* ``comparison.csv`` (and a section of ``results.md``): ours vs the study's final
+  :func:`~resnet_jax.reports.load.read_results_csv` parses any csv of the report back.
+* ``comparison.csv`` (and a section of ``results.md``): ours vs the paper's final
   accuracies where (batch_size, learning_rate, shuffle) is a row of its table.
-* ``curves.png`` (the study's Figure 3: test and train accuracy and loss per epoch, a
+* ``curves.png`` (the paper's Figure 3: test and train accuracy and loss per epoch, a
   line per run) and ``heatmap.png`` (final test accuracy over batch size x learning
   rate, a panel per shuffle setting); without matplotlib, skipped as ``results.md`` says.
 * With a ``seed`` axis (``config.sweep.seed`` or ``.repeats``), the runs differing only
@@ -31,12 +31,12 @@ writers never leave a torn file):
   The comparison then uses cell means, the heatmap mean ± sd and the curves a mean
   line per cell in a min–max band.
 
-The study's table (``PAPER_SOURCE``: final train and test accuracy in % of 18 runs,
-batch size x learning rate x shuffle) ships as ``resnet_jax/data/paper_results.csv``.
+The paper's table (``markdown.PAPER_SOURCE``: final train and test accuracy in % of 18
+runs, batch size x learning rate x shuffle) ships as ``resnet_jax/data/paper_results.csv``.
 
-Modules: :mod:`~resnet_jax.reports.load` (reading runs and csv files),
-:mod:`~resnet_jax.reports.stats` (estimates over seeds, ``scipy.stats``),
-:mod:`~resnet_jax.reports.tables` (the tables as pandas frames, labels),
+Modules: :mod:`~resnet_jax.reports.load` (reading runs and csv files; ``collect`` gives a
+``RunResult`` per manifest run), :mod:`~resnet_jax.reports.stats` (estimates over seeds,
+``scipy.stats``), :mod:`~resnet_jax.reports.tables` (the tables as pandas frames, labels),
 :mod:`~resnet_jax.reports.markdown` (``results.md``) and
 :mod:`~resnet_jax.reports.plots` (``curves.png``, ``heatmap.png``).
 """
@@ -47,72 +47,27 @@ import contextlib
 import os
 
 from resnet_jax.reports.load import (
-    PAPER_CSV,
-    PROBLEM_STATUSES,
-    STATUSES,
-    RunResult,
-    apply_overrides,
     collect,
-    finite,
     format_cell,
     load_paper_results,
     load_run,
-    parse_cell,
     read_manifest,
-    read_results_csv,
 )
-from resnet_jax.reports.markdown import (
-    CURVES_PNG,
-    HEATMAP_PNG,
-    PAPER_SOURCE,
-    paired_markdown,
-    paired_statement,
-    results_markdown,
-    seeds_markdown,
-)
-from resnet_jax.reports.plots import (
-    curve_groups,
-    epoch_band,
-    heatmap_cell,
-    render_curves,
-    render_heatmap,
-)
-from resnet_jax.reports.stats import (
-    SEED_AXIS,
-    Cell,
-    Estimate,
-    Paired,
-    estimate,
-    group_cells,
-    noise_verdict,
-    paired_differences,
-    pooled,
-    t_quantile,
-    two_level_axes,
-)
+from resnet_jax.reports.markdown import CURVES_PNG, HEATMAP_PNG, results_markdown
+from resnet_jax.reports.plots import render_curves, render_heatmap
+from resnet_jax.reports.stats import SEED_AXIS, group_cells
 from resnet_jax.reports.tables import (
     CELL_COLUMNS,
     CELL_COMPARISON_COLUMNS,
     COMPARISON_COLUMNS,
-    MISSING,
     PAIRED_COLUMNS,
     RESULT_COLUMNS,
-    RESULT_NUMBERS,
-    STUDY_AXES,
     axis_columns,
-    best_run_index,
     cell_rows,
     compare_with_paper,
     csv_text,
-    data_statement,
-    describe_data,
-    format_estimate,
-    format_interval,
-    one_line,
     paired_rows,
     result_rows,
-    run_label,
-    status_counts,
 )
 from resnet_jax.rundir.workdir import METRICS_FILE, write_atomic
 
@@ -121,74 +76,6 @@ RESULTS_MD = 'results.md'
 COMPARISON_CSV = 'comparison.csv'
 CELLS_CSV = 'cells.csv'
 PAIRED_CSV = 'paired.csv'
-
-__all__ = [
-    'CELLS_CSV',
-    'CELL_COLUMNS',
-    'CELL_COMPARISON_COLUMNS',
-    'COMPARISON_COLUMNS',
-    'COMPARISON_CSV',
-    'CURVES_PNG',
-    'Cell',
-    'Estimate',
-    'HEATMAP_PNG',
-    'MISSING',
-    'PAIRED_COLUMNS',
-    'PAIRED_CSV',
-    'PAPER_CSV',
-    'PAPER_SOURCE',
-    'Paired',
-    'RESULTS_CSV',
-    'RESULTS_MD',
-    'RESULT_COLUMNS',
-    'RESULT_NUMBERS',
-    'RunResult',
-    'SEED_AXIS',
-    'PROBLEM_STATUSES',
-    'STATUSES',
-    'STUDY_AXES',
-    'apply_overrides',
-    'axis_columns',
-    'best_run_index',
-    'cell_rows',
-    'collect',
-    'compare_with_paper',
-    'csv_text',
-    'curve_groups',
-    'data_statement',
-    'describe_data',
-    'epoch_band',
-    'estimate',
-    'finite',
-    'format_cell',
-    'format_estimate',
-    'format_interval',
-    'group_cells',
-    'heatmap_cell',
-    'load_paper_results',
-    'load_run',
-    'noise_verdict',
-    'one_line',
-    'paired_differences',
-    'paired_markdown',
-    'paired_rows',
-    'paired_statement',
-    'parse_cell',
-    'pooled',
-    'read_manifest',
-    'read_results_csv',
-    'render_curves',
-    'render_heatmap',
-    'result_rows',
-    'results_markdown',
-    'run_label',
-    'seeds_markdown',
-    'status_counts',
-    't_quantile',
-    'two_level_axes',
-    'write_sweep_report',
-    'write_run_report',
-]
 
 
 def write_run_report(run_dir: str) -> dict[str, str]:
@@ -206,7 +93,7 @@ def write_run_report(run_dir: str) -> dict[str, str]:
 def write_sweep_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str, str]:
     """Writes the report files (see above) into ``sweep_dir``, removing those that no
     longer apply; returns ``{kind: path}`` (kind: 'results_csv', 'curves', ...).
-    ``paper_csv``: the study's table (default: the packaged one)."""
+    ``paper_csv``: the paper's table (default: the packaged one)."""
     manifest = read_manifest(sweep_dir)
     results = collect(sweep_dir)
     axes = manifest['axes']

@@ -1,5 +1,5 @@
 """The report's tables as data frames: results, cells, paired differences, the
-comparison with the study; their csv (``DataFrame.to_csv``) and Markdown
+comparison with the paper; their csv (``DataFrame.to_csv``) and Markdown
 (``DataFrame.to_markdown``) text; labels and statements about runs.
 """
 
@@ -23,7 +23,7 @@ from resnet_jax.reports.stats import (
 )
 from resnet_jax.validation import get_field
 
-STUDY_AXES = ('batch_size', 'learning_rate', 'shuffle')
+PAPER_AXES = ('batch_size', 'learning_rate', 'shuffle')
 MISSING = '—'  # Markdown cell of a value that does not exist (yet).
 # The numbers of results.csv (after 'epochs' and the axes): (RunResult field and csv
 # column, results.md header, decimals).
@@ -37,7 +37,7 @@ RESULT_NUMBERS = (
 )
 RESULT_COLUMNS = (*(field for field, _, _ in RESULT_NUMBERS), 'status', 'best', 'error')
 COMPARISON_COLUMNS = (
-    *(*STUDY_AXES, 'epochs', 'paper_epochs'),
+    *(*PAPER_AXES, 'epochs', 'paper_epochs'),
     *('train_accuracy', 'paper_train_accuracy', 'train_difference'),
     *('test_accuracy', 'paper_test_accuracy', 'test_difference'),
     *('status', 'note', 'name'),
@@ -97,14 +97,14 @@ def estimate_cells(e: Estimate) -> list[str]:
 
 
 def axis_columns(axes: Iterable[str]) -> list[str]:
-    """The axes as table columns: the study's three first (when axes), then the rest."""
+    """The axes as table columns: the paper's three first (when axes), then the rest."""
     axes = list(axes)
-    return [a for a in STUDY_AXES if a in axes] + [a for a in axes if a not in STUDY_AXES]
+    return [a for a in PAPER_AXES if a in axes] + [a for a in axes if a not in PAPER_AXES]
 
 
 def selection_metric(results: Sequence[RunResult]) -> str:
     """What the best run is selected on: ``val_accuracy`` when the runs have a
-    validation split, else ``test_accuracy`` (the study's way)."""
+    validation split, else ``test_accuracy`` (the paper's way)."""
     return 'val_accuracy' if any(r.val_accuracy is not None for r in results) else 'test_accuracy'
 
 
@@ -205,19 +205,19 @@ def round2(x: float | None) -> float | None:
 def compare_with_paper(
     results: Sequence[RunResult], paper: Sequence[Mapping[str, Any]], seed_axis: str | None = None
 ) -> list[dict[str, Any]]:
-    """Ours vs the study's accuracies for each run whose (batch_size, learning_rate,
-    shuffle) is a study row (other epochs noted), differences ours minus theirs as shown
+    """Ours vs the paper's accuracies for each run whose (batch_size, learning_rate,
+    shuffle) is a paper row (other epochs noted), differences ours minus theirs as shown
     (2 decimals). With ``seed_axis``, a row per cell: ours the mean (``n``, ``test_sd``)
     over its completed runs."""
     units = results if seed_axis is None else group_cells(results, seed_axis)
     rows = []
     for unit in units:
         config = unit.config if isinstance(unit, RunResult) else unit.runs[0].config
-        found = [p for p in paper if matches(config, {k: p.get(k) for k in STUDY_AXES})]
+        found = [p for p in paper if matches(config, {k: p.get(k) for k in PAPER_AXES})]
         if not found:
             continue
         match = found[0]
-        row = {k: match[k] for k in STUDY_AXES} | _ours(unit)
+        row = {k: match[k] for k in PAPER_AXES} | _ours(unit)
         row['paper_epochs'] = match.get('epochs')
         if row['epochs'] is not None and row['epochs'] != row['paper_epochs']:
             row['note'].append(f'ours: {row["epochs"]} epochs, theirs: {row["paper_epochs"]}')

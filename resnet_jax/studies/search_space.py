@@ -1,6 +1,6 @@
 """Search spaces and study specs: what a ``search`` (or ``sweep``) section asks for.
 
-The pure part of :mod:`resnet_jax.studies.search`, without Optuna or JAX: the entries of
+The pure part of a study (:mod:`resnet_jax.studies.search`), without Optuna or JAX: the entries of
 ``config.search.space`` (:func:`float_param`, :func:`int_param`,
 :func:`categorical`, each with an optional ``when=(field, value)``), their
 checks, the :class:`Spec` of a study (:func:`spec_from_config`; a ``sweep``
@@ -351,10 +351,10 @@ def _check_metric(spec: Spec) -> None:
 def spec_from_sweep(config: ml_collections.ConfigDict) -> Spec:
     """A ``sweep`` section as a grid study: every point once, the sweep's run names.
 
-    It selects on ``val_accuracy`` with a validation split, else (the study's way)
+    It selects on ``val_accuracy`` with a validation split, else (the paper's way)
     on ``test_accuracy``.
     """
-    runs = sweep_lib.expand(config)
+    points = sweep_lib.expand(config)
     base = sweep_lib.base_config(config)
     options = config.sweep
     metric = 'val_accuracy' if base.data.get('validation_size', 0) else 'test_accuracy'
@@ -365,14 +365,14 @@ def spec_from_sweep(config: ml_collections.ConfigDict) -> Spec:
     return Spec(
         **dict(
             SEARCH_DEFAULTS,
-            num_trials=len(runs),
+            num_trials=len(points),
             sampler='grid',
             metric=metric,
             vectorize=bool(options.get('vectorize', False)),
         ),
         params=params,
         base=base,
-        grid=tuple(run.overrides for run in runs),
+        grid=tuple(point.overrides for point in points),
         from_sweep=True,
     )
 

@@ -9,15 +9,17 @@ the axes; nested sections name nested fields::
     config.sweep.shuffle = (True, False)
     config.sweep.data = ml_collections.ConfigDict({'train_subset': (5000, 0)})
 
-    runs = sweep.expand(config)                         # 18 x 2 grid points
+    points = sweep.expand(config)                       # 18 x 2 grid points
 
 Axes are taken in sorted name order (how ``ConfigDict`` lists its keys), values
 in the order given. Each run trains in ``workdir/<name>`` where the name lists
 its overrides (``batch_size=100,learning_rate=0.01,shuffle=True``). Finished
 runs are skipped, interrupted ones resume from their checkpoints, a failing or
 diverging run is recorded in its ``summary.json`` and the sweep goes on.
-A sweep runs as a grid study of :mod:`resnet_jax.studies.search`: any number of
-workers (the same command started again, or ``--workers=N``) share its points.
+A sweep runs as a grid study (:func:`resnet_jax.studies.search.run_study`): any
+number of workers (the same command started again, or ``--workers=N``) share its
+points; the command line then writes its report
+(:func:`resnet_jax.reports.sweep_report.write_sweep_report`).
 
 ``config.sweep.repeats = k`` repeats every point with k seeds: it is a ``seed``
 axis of ``config.seed, config.seed + 1, ..., config.seed + k - 1`` (so run names
@@ -44,7 +46,7 @@ logger = logging.getLogger('resnet_jax')
 MANIFEST_FILE = workdir_lib.MANIFEST_FILE
 # Entries of config.sweep that are options of the sweep, not axes: vectorize=True
 # trains runs that differ only in loop.VECTORIZABLE fields together as one program
-# (resnet_jax/loop.py); repeats=k adds a seed axis (see above).
+# (resnet_jax.training.loop); repeats=k adds a seed axis (see above).
 OPTIONS = ('vectorize', 'repeats')
 SEED_AXIS = 'seed'
 
@@ -145,10 +147,10 @@ def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def expand(config: ml_collections.ConfigDict) -> list[Point]:
-    """Every run of the sweep, each config validated."""
+    """Every point of the sweep, each config validated."""
     grid = axes(config)
     base = base_config(config)
-    runs = []
+    points = []
     for index, values in enumerate(itertools.product(*grid.values())):
         overrides = dict(zip(grid, values, strict=True))
         run_config = ml_collections.ConfigDict(base.to_dict())
@@ -164,19 +166,19 @@ def expand(config: ml_collections.ConfigDict) -> list[Point]:
             checks.validate_config(run_config)
         except validation.ConfigError as e:
             raise validation.ConfigError(f'run {run_name(overrides)}: {e}') from None
-        runs.append(Point(index, run_name(overrides), overrides, run_config))
-    return runs
+        points.append(Point(index, run_name(overrides), overrides, run_config))
+    return points
 
 
-def write_manifest(config: ml_collections.ConfigDict, workdir: str, runs: list[Point]) -> None:
+def write_manifest(config: ml_collections.ConfigDict, workdir: str, points: list[Point]) -> None:
     """``workdir/sweep.json``: the axes (with ``seed`` for ``repeats``), the sweep's
-    options, every run and the base config."""
+    options, every point's run and the base config."""
     os.makedirs(workdir, exist_ok=True)
     sweep = config.get('sweep', ml_collections.ConfigDict())
     manifest = {
         'axes': axes(config),
         'options': {name: sweep[name] for name in OPTIONS if name in sweep},
-        'runs': [{'name': r.name, 'overrides': r.overrides} for r in runs],
+        'runs': [{'name': p.name, 'overrides': p.overrides} for p in points],
         'base_config': base_config(config).to_dict(),
     }
     workdir_lib.write_json(os.path.join(workdir, MANIFEST_FILE), manifest)

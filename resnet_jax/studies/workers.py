@@ -81,7 +81,7 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
     return [sys.executable, '-m', 'resnet_jax.main', *out]
 
 
-def run(argv: Sequence[str], n: int, workdir: str) -> int:
+def run_workers(argv: Sequence[str], n: int, workdir: str) -> int:
     """Starts ``n`` workers, waits for all, returns the worst exit code."""
     gpus = visible_gpus()
     shares = [] if gpus else core_shares(sorted(os.sched_getaffinity(0)), n)

@@ -1,0 +1,298 @@
+"""The Optuna study behind every grid or search: its storage, opening it, claiming trials.
+
+The study lives in an Optuna storage: ``workdir/study.db`` (SQLite) by default,
+or any URL Optuna accepts (``config.search.storage``, e.g. PostgreSQL for
+workers on several machines that share the workdir). Every worker started on
+the same workdir joins the same study (:func:`open_study`, which refuses a
+study started with another config) and, under :func:`claim_lock`, takes the
+next trials with :func:`claim`. While a worker trains them, :func:`heartbeat`
+records that it is alive; a trial whose heartbeat stopped is failed and retried
+by a live worker or a later rerun. A grid enqueues each of its points exactly
+once (and again when the run folder of an ended point lost its result); with
+``vectorize`` the points that train together are claimed as one group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from resnet_jax import validation
+from resnet_jax.rundir import workdir as workdir_lib
+from resnet_jax.studies import run_folders, search_space
+from resnet_jax.studies import sweep as sweep_lib
+
+logger = logging.getLogger('resnet_jax')
+
+# Optuna flags the heartbeat API as experimental and warns when it is used
+# outside Study.optimize (the worker runs its own ask-and-tell loop).
+warnings.filterwarnings('ignore', message='.*is experimental.*')
+warnings.filterwarnings('ignore', message='.*experimental feature.*')
+warnings.filterwarnings('ignore', message='Heartbeat of storage is supposed to be used.*')
+warnings.filterwarnings('ignore', message='The number of trials is too small to compute.*')
+
+DESCRIPTION_FILE = 'search.json'  # The study's description (a grid's too) in its workdir.
+STUDY_DB = 'study.db'  # The default storage: SQLite in the workdir.
+_CLAIM_LOCK = '.claim.lock'  # Serialises claiming trials among the workdir's workers.
+
+
+def storage_url(spec_storage: str, workdir: str) -> str:
+    """The storage URL of a study; '' is ``workdir/study.db``."""
+    if spec_storage:
+        return spec_storage
+    return 'sqlite:///' + os.path.abspath(os.path.join(workdir, STUDY_DB))
+
+
+def open_storage(url: str, spec: search_space.Spec) -> Any:
+    """An Optuna RDB storage with heartbeats; :class:`search_space.SearchError` if unreachable."""
+    import optuna  # pylint: disable=g-import-not-at-top
+
+    engine_kwargs = {'connect_args': {'timeout': 60}} if url.startswith('sqlite') else {}
+    engine_kwargs['pool_pre_ping'] = True
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=spec.heartbeat_seconds,
+            grace_period=spec.grace_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+        )
+    except Exception as e:  # pylint: disable=broad-except  # Any driver error: one line.
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise search_space.SearchError(
+            f'cannot open the study storage {search_space.redact(url)}: {message}'
+        ) from None
+
+
+def make_sampler(spec: search_space.Spec, offset: int = 0) -> Any:
+    """The study's sampler, seeded with ``config.search.seed + offset``.
+
+    Workers draw each new trial with a sampler seeded by the number of trials
+    before it (:func:`claim`): as reproducible as one seeded sampler with one
+    worker, and never the same draw in two workers. TPE counts running trials
+    as bad results (its constant liar), so parallel workers spread out.
+    """
+    import optuna  # pylint: disable=g-import-not-at-top
+
+    seed = spec.seed + offset
+    if spec.sampler == 'tpe':
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=spec.startup_trials, constant_liar=True
+        )
+    # A grid's points are all enqueued (each exactly once): its sampler is never asked.
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(spec: search_space.Spec) -> Any:
+    """The study's pruner (``config.search.pruner``; 'none' never prunes)."""
+    import optuna  # pylint: disable=g-import-not-at-top
+
+    if spec.pruner == 'median':
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=spec.startup_trials, n_warmup_steps=spec.min_epochs - 1
+        )
+    if spec.pruner == 'successive_halving':
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=spec.min_epochs, reduction_factor=spec.reduction_factor
+        )
+    if spec.pruner == 'hyperband':
+        return optuna.pruners.HyperbandPruner(
+            min_resource=spec.min_epochs,
+            max_resource=spec.base.num_epochs,
+            reduction_factor=spec.reduction_factor,
+        )
+    return optuna.pruners.NopPruner()
+
+
+@contextlib.contextmanager
+def claim_lock(workdir: str) -> Iterator[None]:
+    """Serialises the workers of a workdir while they create the study or claim trials."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, _CLAIM_LOCK), 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _study_key(spec: search_space.Spec) -> dict[str, Any]:
+    """What every worker of a study must agree on."""
+    described = spec.describe()
+    for name in ('storage', 'study_name'):
+        described.pop(name)
+    described['base_config'] = {
+        k: v
+        for k, v in workdir_lib.flatten(described['base_config']).items()
+        if k not in workdir_lib.RESUMABLE_CHANGES and not k.startswith('distributed.')
+    }
+    return json.loads(workdir_lib.dumps(described))
+
+
+def open_study(spec: search_space.Spec, workdir: str) -> Any:
+    """Creates or joins the study of ``workdir``; enqueues a grid's points once."""
+    import optuna  # pylint: disable=g-import-not-at-top
+
+    url = storage_url(spec.storage, workdir)
+    # A storage elsewhere is reached before the workdir is created: an unreachable
+    # one leaves nothing behind. The default SQLite file lives in the workdir.
+    storage = open_storage(url, spec) if spec.storage else None
+    os.makedirs(workdir, exist_ok=True)
+    with claim_lock(workdir):
+        storage = storage or open_storage(url, spec)
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=spec.study_name,
+                direction=spec.direction,
+                sampler=make_sampler(spec),
+                pruner=make_pruner(spec),
+                load_if_exists=True,
+            )
+        except Exception as e:  # pylint: disable=broad-except
+            raise search_space.SearchError(
+                f'cannot open study {spec.study_name!r} in {search_space.redact(url)}: {e}'
+            ) from None
+        _check_key(study, spec, url)
+        if spec.grid and not study.user_attrs.get('grid_enqueued'):
+            for point in _grid_order(spec):
+                study.enqueue_trial(dict(point), skip_if_exists=True)
+            study.set_user_attr('grid_enqueued', len(spec.grid))
+        elif spec.grid:
+            _requeue_lost(study, spec, workdir)
+        workdir_lib.write_json(os.path.join(workdir, DESCRIPTION_FILE), spec.describe())
+    return study
+
+
+def _check_key(study: Any, spec: search_space.Spec, url: str) -> None:
+    """Records the study's key once; a worker with another search config is an error."""
+    key = _study_key(spec)
+    recorded = study.user_attrs.get('spec')
+    if recorded is None:
+        study.set_user_attr('spec', key)
+    elif recorded != key:
+        differ = sorted(k for k in set(key) | set(recorded) if key.get(k) != recorded.get(k))
+        raise search_space.SearchError(
+            f'the study {spec.study_name!r} in {search_space.redact(url)} was started with another '
+            f'search config (differs in: {", ".join(differ)}); use another --workdir or '
+            'config.search.study_name'
+        )
+
+
+def _requeue_lost(study: Any, spec: search_space.Spec, workdir: str) -> None:
+    """Enqueues again the grid points that ended but whose run folder lost its result.
+
+    (A folder deleted or cut back by hand, to be trained again.) Points with a
+    waiting or running trial are left to it.
+    """
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    active = {TrialState.WAITING, TrialState.RUNNING}
+    trials = study.get_trials(deepcopy=False)
+    for point in spec.grid:
+        mine = [
+            t for t in trials if t.params == point or t.system_attrs.get('fixed_params') == point
+        ]
+        if any(t.state in active for t in mine):
+            continue
+        name = search_space.folder_name(point)
+        try:
+            config = search_space.apply_overrides(spec.base, point)
+        except validation.ConfigError:
+            continue
+        if run_folders.finished_summary(os.path.join(workdir, name), config) is None:
+            logger.info('%s has no finished run: queued again', name)
+            study.enqueue_trial(dict(point))
+
+
+def _grid_order(spec: search_space.Spec) -> list[dict[str, Any]]:
+    """A grid's points, those that train together (``vectorize``) next to each other."""
+    if not spec.vectorize:
+        return list(spec.grid)
+    groups = sweep_lib.group_runs([search_space.apply_overrides(spec.base, p) for p in spec.grid])
+    return [spec.grid[i] for group in groups for i in group]
+
+
+def _counted(trial: Any) -> bool:
+    """Whether a trial uses up one of ``num_trials``: all but stale ones (retried)."""
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    return trial.state != TrialState.FAIL or 'run_status' in trial.user_attrs
+
+
+def claim(study: Any, spec: search_space.Spec) -> list[Any]:
+    """The next trials for this worker (one, or a group with ``vectorize``); [] if none.
+
+    Waiting trials (a grid's points, retries of trials whose worker died) come
+    first; a sampler study then asks for new ones up to ``num_trials``.
+    Callers hold :func:`claim_lock`.
+    """
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    trials = study.get_trials(deepcopy=False)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    if not waiting and (spec.grid or sum(map(_counted, trials)) >= spec.num_trials):
+        return []
+    if not waiting:  # A new draw: a sampler seeded by the trials before it.
+        study.sampler = make_sampler(spec, offset=len(trials))
+    first = study.ask()
+    claimed = [first]
+    if spec.vectorize and spec.grid and waiting:
+        from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top  # Heavy.
+
+        key = loop.group_key(search_space.apply_overrides(spec.base, first.params))
+        for t in waiting[1:]:
+            if t.number == first.number:
+                continue
+            if loop.group_key(search_space.apply_overrides(spec.base, t.params)) != key:
+                break
+            claimed.append(study.ask())
+    return claimed
+
+
+def others_running(study: Any) -> bool:
+    """Whether a trial of the study is running (in this or another worker)."""
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+
+
+def give_back(study: Any, trials: Sequence[Any]) -> None:
+    """Gives interrupted trials back: each fails and a retry waits for the next worker."""
+    import optuna  # pylint: disable=g-import-not-at-top
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    for trial in trials:
+        with contextlib.suppress(Exception):
+            study.tell(trial, state=TrialState.FAIL)
+            retry(study, study._storage.get_trial(trial._trial_id))  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def heartbeat(storage: Any, trial_ids: Sequence[int], seconds: float) -> Iterator[None]:
+    """Records the trials' heartbeats every ``seconds`` while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial_id in trial_ids:
+                with contextlib.suppress(Exception):  # A missed beat is retried next time.
+                    storage.record_heartbeat(trial_id)
+            if stop.wait(seconds):
+                return
+
+    thread = threading.Thread(target=beat, name='trial-heartbeat', daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
