@@ -1,4 +1,5 @@
-"""Shared test helpers: the repository root, a tiny run config, fake datasets.
+"""Shared test helpers: the repository root, a tiny run (config and command line), the
+one-error-line check, fake datasets, and the fixtures that mark a test slow.
 
 The dataset writers live in ``tests/fake_data.py``; the fixtures here return
 its ``FakeCifar`` (``.path`` for ``config.data.path`` plus the arrays a loader
@@ -27,23 +28,102 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 
-def start_cli(args, cwd=REPO, env=None) -> subprocess.Popen:
-    """Starts ``python -m resnet_jax.main ARGS`` on the CPU; ``env`` adds variables."""
-    return subprocess.Popen(
-        [sys.executable, '-m', 'resnet_jax.main', *args],
-        cwd=cwd,
-        env=dict(os.environ, JAX_PLATFORMS='cpu', **(env or {})),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+# Fixtures that make a test slow: every test that uses one, directly or through
+# another fixture, is marked ``slow`` at collection (``-m "not slow"`` leaves it out).
+SLOW_FIXTURES = ('cli', 'training')
 
 
-def run_cli(args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """Runs ``python -m resnet_jax.main ARGS`` to the end."""
-    proc = start_cli(args, cwd, env)
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def pytest_collection_modifyitems(items) -> None:
+    """Marks ``slow`` every test that starts the command line or trains a model."""
+    for item in items:
+        if set(SLOW_FIXTURES) & set(getattr(item, 'fixturenames', ())):
+            item.add_marker(pytest.mark.slow)
+
+
+_CURRENT = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    _CURRENT['item'] = item
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _training_needs_the_training_fixture():
+    """Training in a test (or its fixtures) that is not marked slow fails: such a
+    test must request the ``training`` fixture, which marks it."""
+    from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+    real = loop._train_runs
+
+    def guarded(*args, **kwargs):
+        item = _CURRENT.get('item')
+        if item is not None and item.get_closest_marker('slow') is None:
+            raise AssertionError(f'{item.nodeid} trains: request the `training` fixture')
+        return real(*args, **kwargs)
+
+    loop._train_runs = guarded
+    yield
+    loop._train_runs = real
+
+
+@pytest.fixture(scope='session')
+def training():
+    """The training loop (``train_and_evaluate``, ``train_runs``); marks a test slow."""
+    from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+    return loop
+
+
+class Cli:
+    """Starts ``python -m resnet_jax.main`` (or a Python script) on the CPU."""
+
+    def start(self, args, cwd=REPO, env=None) -> subprocess.Popen:
+        """Starts ``python -m resnet_jax.main ARGS``; ``env`` adds variables."""
+        return self._popen(['-m', 'resnet_jax.main', *args], cwd, env)
+
+    def run(self, args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
+        """Runs ``python -m resnet_jax.main ARGS`` to the end."""
+        return self._wait(self.start(args, cwd, env), timeout)
+
+    def start_script(self, code, *argv, cwd=REPO, env=None) -> subprocess.Popen:
+        """Starts ``python -c CODE ARGV`` (a child that trains through ``main.main``)."""
+        return self._popen(['-c', code, *map(str, argv)], cwd, env)
+
+    def script(self, code, *argv, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
+        """Runs ``python -c CODE ARGV`` to the end."""
+        return self._wait(self.start_script(code, *argv, cwd=cwd, env=env), timeout)
+
+    @staticmethod
+    def _popen(args, cwd, env) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=cwd,
+            env=dict(os.environ, JAX_PLATFORMS='cpu', **(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    @staticmethod
+    def _wait(proc, timeout) -> subprocess.CompletedProcess:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(scope='session')
+def cli() -> Cli:
+    """Starts the command line in a subprocess; marks a test slow."""
+    return Cli()
+
+
+def tiny_args(data, workdir, *extra, epochs=1, config='configs/default.py') -> list:
+    """Command-line arguments of a tiny run: batches of 32 on ``data`` into ``workdir``."""
+    return [
+        '--config', config, '--workdir', str(workdir), f'--config.num_epochs={epochs}',
+        '--config.batch_size=32', '--config.eval_batch_size=32', f'--config.data.path={data}',
+        *extra,
+    ]  # fmt: skip
 
 
 def one_error_line(proc, *fragments) -> str:
