@@ -12,6 +12,7 @@ import sys
 import tempfile
 
 import ml_collections
+import numpy as np
 import pytest
 
 from configs import default
@@ -165,6 +166,56 @@ def make_tiny_config(data_path: str) -> ml_collections.ConfigDict:
     config.steps_per_call = 1  # The step-by-step path (tests count its calls).
     config.data.path = data_path
     return config
+
+
+# Two runs that compute the same training with float32 sums in another order (other
+# devices, a scanned or vectorised program, another compilation) differ by float noise
+# that training amplifies. Each of the run's steps adds a few eps of change to the
+# weights; a change made at the start has the most steps to grow, so after T steps the
+# runs differ by at most T times what one change of every weight by NUDGE (a few eps,
+# as much as one step's reordering adds) grows to. That growth is measured, on the
+# machine running the test, by training the same config from nudged weights.
+NUDGE = 1e-6
+EPS = float(np.finfo(np.float32).eps)
+
+
+def train_nudged(training, config, workdir) -> list[dict]:
+    """The records of ``config`` trained into ``workdir`` with every initial weight
+    times ``1 + NUDGE``."""
+    import jax  # pylint: disable=g-import-not-at-top  (after the cache settings above)
+
+    from resnet_jax.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    from resnet_jax.training import train  # pylint: disable=g-import-not-at-top
+
+    real = train.create_train_state
+
+    def nudged(*args, **kwargs):
+        state = real(*args, **kwargs)
+        return state.replace(params=jax.tree_util.tree_map(lambda p: p * (1 + NUDGE), state.params))
+
+    train.create_train_state = nudged
+    try:
+        training.train_and_evaluate(config, str(workdir))
+    finally:
+        train.create_train_state = real
+    return workdir_lib.read_metrics(str(workdir))
+
+
+def assert_within_float_noise(got, want, nudged, steps, keys, flip=0.0) -> None:
+    """Asserts that records ``got`` match ``want`` within the float noise of ``steps``
+    steps: ``steps`` times the relative distance of the ``nudged`` records' losses to
+    ``want`` (see NUDGE). An accuracy may also move by ``flip``: examples near a
+    decision boundary flip whole (k of n examples: k / n)."""
+    assert len(got) == len(want) == len(nudged)
+    losses = [k for k in keys if k.endswith('loss')]
+    growth = max(
+        abs(n[k] - w[k]) / abs(w[k]) for n, w in zip(nudged, want, strict=True) for k in losses
+    )
+    for g, w in zip(got, want, strict=True):
+        for key in keys:
+            bound = (steps * growth + 16 * EPS) * abs(w[key])
+            bound += flip if key.endswith('accuracy') else 0.0
+            assert abs(g[key] - w[key]) <= bound, (key, g[key], w[key], growth, bound)
 
 
 @pytest.fixture(scope='session')

@@ -13,7 +13,7 @@ from resnet_jax.datasets import augment
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.rundir import writers
 from resnet_jax.training import checkpoints, loop, steps, train
-from tests.conftest import make_tiny_config
+from tests.conftest import assert_within_float_noise, make_tiny_config, train_nudged
 
 COMPARED = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate')
 
@@ -152,12 +152,13 @@ def test_scanned_steps_match_the_step_path(
         real_write(self, record)
 
     monkeypatch.setattr(writers.MetricLogger, 'write', write)
-    training.train_and_evaluate(config, str(tmp_path))
+    training.train_and_evaluate(config, str(tmp_path / 'scanned'))
     assert cache_sizes[0] >= 1 and cache_sizes == cache_sizes[:1] * 3  # No recompiles.
-    scanned = workdir_lib.read_metrics(str(tmp_path))
-    for a, b in zip(scanned, sgd_step_by_step, strict=True):
-        for key in COMPARED:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    scanned = workdir_lib.read_metrics(str(tmp_path / 'scanned'))
+    # Another compilation of the same steps: float noise of 3 epochs of 4 steps, and
+    # one of the 50 test images may flip.
+    nudged = train_nudged(training, _sgd(make_tiny_config(cifar_py.path)), tmp_path / 'nudged')
+    assert_within_float_noise(scanned, sgd_step_by_step, nudged, 12, COMPARED, flip=1 / 50)
 
 
 def test_chunks_of_an_epoch():

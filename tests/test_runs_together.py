@@ -17,7 +17,7 @@ from resnet_jax.reports import sweep_report
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.studies import search, sweep
 from resnet_jax.training import checkpoints, loop, signals, steps, train
-from tests.conftest import make_tiny_config
+from tests.conftest import assert_within_float_noise, make_tiny_config, train_nudged
 
 # (learning_rate, shuffle, seed) of three lanes: every vectorisable field varies.
 LANES = ((0.05, True, 0), (0.01, False, 0), (0.02, True, 1))
@@ -74,13 +74,10 @@ def test_lanes_match_runs_trained_one_by_one(training, together, cifar_py, tmp_p
         _, alone = training.train_and_evaluate(config, alone_dir)
         got, want = _records(workdir), _records(alone_dir)
         assert len(got) == len(want) == 2
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_allclose(
-                [g['train_loss'], g['test_loss'], g['learning_rate']],
-                [w['train_loss'], w['test_loss'], w['learning_rate']],
-                rtol=2e-3,
-            )
-            assert abs(g['test_accuracy'] - w['test_accuracy']) <= 0.041  # 2 of 50 images.
+        nudged = train_nudged(training, config, alone_dir + '_nudged')
+        # Vectorised convolutions round differently: float noise of 2 epochs of 4
+        # steps; 2 of the 50 test images (and of the 104 training images) may flip.
+        assert_within_float_noise(got, want, nudged, 8, KEYS, flip=2 / 50)
         # A lane's workdir is a run's workdir: its config, restore and evaluation.
         saved = json.loads(open(os.path.join(workdir, 'config.json')).read())
         assert saved['learning_rate'] == config.learning_rate
