@@ -51,11 +51,12 @@ def pytest_runtest_setup(item) -> None:
 
 @pytest.fixture(scope='session', autouse=True)
 def _training_needs_the_training_fixture():
-    """Training in a test (or its fixtures) that is not marked slow fails: such a
-    test must request the ``training`` fixture, which marks it."""
-    from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top
+    """Training an epoch (the loop's and the benchmark's path) in a test, or in its
+    fixtures, that is not marked slow fails: such a test must request the
+    ``training`` fixture, which marks it."""
+    from resnet_jax.training import steps  # pylint: disable=g-import-not-at-top
 
-    real = loop._train_runs
+    real = steps.train_epoch
 
     def guarded(*args, **kwargs):
         item = _CURRENT.get('item')
@@ -63,9 +64,9 @@ def _training_needs_the_training_fixture():
             raise AssertionError(f'{item.nodeid} trains: request the `training` fixture')
         return real(*args, **kwargs)
 
-    loop._train_runs = guarded
+    steps.train_epoch = guarded
     yield
-    loop._train_runs = real
+    steps.train_epoch = real
 
 
 @pytest.fixture(scope='session')
@@ -128,11 +129,13 @@ def tiny_args(data, workdir, *extra, epochs=1, config='configs/default.py') -> l
 
 
 def one_error_line(proc, *fragments) -> str:
-    """Asserts that ``proc`` failed with exit code 2 and exactly one ``error:`` line
-    holding every fragment; returns the line."""
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
+    """Asserts that ``proc`` (a finished process, or its ``(exit code, stderr)``) failed
+    with exit code 2 and exactly one ``error:`` line holding every fragment; returns
+    the line."""
+    code, stderr = proc if isinstance(proc, tuple) else (proc.returncode, proc.stderr)
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), stderr[-3000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
