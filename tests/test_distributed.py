@@ -5,11 +5,11 @@ import os
 import socket
 import textwrap
 
-import numpy as np
 import pytest
 
+from configs import default
 from resnet_jax.rundir import workdir as workdir_lib
-from tests.conftest import tiny_args
+from tests.conftest import assert_within_float_noise, tiny_args, train_nudged
 
 KEYS = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy')
 
@@ -55,7 +55,13 @@ def _two_processes(cli, args):
 
 
 def _metrics(workdir):
-    return np.array([[r[k] for k in KEYS] for r in workdir_lib.read_metrics(str(workdir))])
+    return workdir_lib.read_metrics(str(workdir))
+
+
+def _close(got, want, nudged):
+    """Within the float noise of 2 epochs of 4 steps (another reduction order across
+    processes); one of the 50 test images may flip."""
+    assert_within_float_noise(got, want, nudged[: len(want)], 8, KEYS, flip=1 / 50)
 
 
 @pytest.fixture(scope='module')
@@ -71,7 +77,18 @@ def two_devices(cli, tmp_path_factory, cifar_py):
     return out, _metrics(workdir)
 
 
-def test_two_processes_match_two_devices_and_resume(cli, two_devices, cifar_py, tmp_path):
+@pytest.fixture(scope='module')
+def nudged(training, tmp_path_factory, cifar_py):
+    """The records of the same 2 epochs trained from nudged weights, in this process on
+    one device (so their distance to the two-device run holds that noise too)."""
+    config = default.get_config()  # As _args on the command line.
+    config.num_epochs, config.batch_size, config.eval_batch_size = 2, 32, 32
+    config.optimizer, config.learning_rate = 'sgd', 0.1
+    config.data.path = cifar_py.path
+    return train_nudged(training, config, tmp_path_factory.mktemp('nudged'))
+
+
+def test_two_processes_match_two_devices_and_resume(cli, two_devices, nudged, cifar_py, tmp_path):
     out, single_metrics = two_devices
     assert '4 steps/epoch on 2 device(s)' in out
 
@@ -80,12 +97,10 @@ def test_two_processes_match_two_devices_and_resume(cli, two_devices, cifar_py, 
     outs = _two_processes(cli, _args(cifar_py.path, tmp_path / 'multi', 1))
     assert '4 steps/epoch on 2 device(s)' in outs[0][0]  # One global mesh.
     assert 'epoch   1' in outs[0][0] and 'epoch   1' not in outs[1][0]  # Process 0 logs.
-    np.testing.assert_allclose(
-        _metrics(tmp_path / 'multi'), single_metrics[:1], rtol=1e-4, atol=1e-5
-    )
+    _close(_metrics(tmp_path / 'multi'), single_metrics[:1], nudged)
     outs = _two_processes(cli, _args(cifar_py.path, tmp_path / 'multi', 2))
     assert 'resuming after epoch 1' in outs[0][0]
-    np.testing.assert_allclose(_metrics(tmp_path / 'multi'), single_metrics, rtol=1e-4, atol=1e-5)
+    _close(_metrics(tmp_path / 'multi'), single_metrics, nudged)
     assert sorted(os.listdir(tmp_path / 'multi' / 'checkpoints')) == ['4', '8']
 
 
@@ -107,7 +122,9 @@ SIGNALLED = textwrap.dedent("""
 """)
 
 
-def test_a_signal_to_one_process_stops_both_at_the_same_step(cli, two_devices, cifar_py, tmp_path):
+def test_a_signal_to_one_process_stops_both_at_the_same_step(
+    cli, two_devices, nudged, cifar_py, tmp_path
+):
     port = _free_port()
     args = [*_args(cifar_py.path, tmp_path, 2), '--config.steps_per_call=1']
     procs = [
@@ -133,4 +150,4 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(cli, two_devices, c
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4', '6']
 
     _two_processes(cli, args)  # Resumes at the saved batch and finishes.
-    np.testing.assert_allclose(_metrics(tmp_path), two_devices[1], rtol=1e-4, atol=1e-5)
+    _close(_metrics(tmp_path), two_devices[1], nudged)
