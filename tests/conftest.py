@@ -1,6 +1,11 @@
 """Shared test helpers: the repository root, a tiny run (config and command line), the
 one-error-line check, fake datasets, and the fixtures that mark a test slow.
 
+A test starts the command line through the ``cli`` fixture and trains through the
+``training`` fixture (or ``@pytest.mark.usefixtures('training')`` when it trains
+through a study); ``pytest_collection_modifyitems`` marks every test using either
+``slow``, and a test that trains without being marked fails.
+
 The dataset writers live in ``tests/fake_data.py``; the fixtures here return
 its ``FakeCifar`` (``.path`` for ``config.data.path`` plus the arrays a loader
 must produce).
@@ -46,6 +51,7 @@ _CURRENT = {}
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
+    """Records the test being set up, for the training guard below."""
     _CURRENT['item'] = item
 
 
