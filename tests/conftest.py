@@ -1,4 +1,10 @@
-"""Shared test helpers: the repository root, a tiny run config, fake datasets.
+"""Shared test helpers: the repository root, a tiny run (config and command line), the
+one-error-line check, fake datasets, and the fixtures that mark a test slow.
+
+A test starts the command line through the ``cli`` fixture and trains through the
+``training`` fixture (or ``@pytest.mark.usefixtures('training')`` when it trains
+through a study); ``pytest_collection_modifyitems`` marks every test using either
+``slow``, and a test that trains without being marked fails.
 
 The dataset writers live in ``tests/fake_data.py``; the fixtures here return
 its ``FakeCifar`` (``.path`` for ``config.data.path`` plus the arrays a loader
@@ -11,6 +17,7 @@ import sys
 import tempfile
 
 import ml_collections
+import numpy as np
 import pytest
 
 from resnet_jax.configs import default
@@ -27,31 +34,114 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 
-def start_cli(args, cwd=REPO, env=None) -> subprocess.Popen:
-    """Starts ``python -m resnet_jax.main ARGS`` on the CPU; ``env`` adds variables."""
-    return subprocess.Popen(
-        [sys.executable, '-m', 'resnet_jax.main', *args],
-        cwd=cwd,
-        env=dict(os.environ, JAX_PLATFORMS='cpu', **(env or {})),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+# Fixtures that make a test slow: every test that uses one, directly or through
+# another fixture, is marked ``slow`` at collection (``-m "not slow"`` leaves it out).
+SLOW_FIXTURES = ('cli', 'training')
 
 
-def run_cli(args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """Runs ``python -m resnet_jax.main ARGS`` to the end."""
-    proc = start_cli(args, cwd, env)
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def pytest_collection_modifyitems(items) -> None:
+    """Marks ``slow`` every test that starts the command line or trains a model."""
+    for item in items:
+        if set(SLOW_FIXTURES) & set(getattr(item, 'fixturenames', ())):
+            item.add_marker(pytest.mark.slow)
+
+
+_CURRENT = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """Records the test being set up, for the training guard below."""
+    _CURRENT['item'] = item
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _training_needs_the_training_fixture():
+    """Training an epoch (the loop's and the benchmark's path) in a test, or in its
+    fixtures, that is not marked slow fails: such a test must request the
+    ``training`` fixture, which marks it."""
+    from resnet_jax.training import steps  # pylint: disable=g-import-not-at-top
+
+    real = steps.train_epoch
+
+    def guarded(*args, **kwargs):
+        item = _CURRENT.get('item')
+        if item is not None and item.get_closest_marker('slow') is None:
+            raise AssertionError(f'{item.nodeid} trains: request the `training` fixture')
+        return real(*args, **kwargs)
+
+    steps.train_epoch = guarded
+    yield
+    steps.train_epoch = real
+
+
+@pytest.fixture(scope='session')
+def training():
+    """The training loop (``train_and_evaluate``, ``train_runs``); marks a test slow."""
+    from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top
+
+    return loop
+
+
+class Cli:
+    """Starts ``python -m resnet_jax.main`` (or a Python script) on the CPU."""
+
+    def start(self, args, cwd=REPO, env=None) -> subprocess.Popen:
+        """Starts ``python -m resnet_jax.main ARGS``; ``env`` adds variables."""
+        return self._popen(['-m', 'resnet_jax.main', *args], cwd, env)
+
+    def run(self, args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
+        """Runs ``python -m resnet_jax.main ARGS`` to the end."""
+        return self._wait(self.start(args, cwd, env), timeout)
+
+    def start_script(self, code, *argv, cwd=REPO, env=None) -> subprocess.Popen:
+        """Starts ``python -c CODE ARGV`` (a child that trains through ``main.main``)."""
+        return self._popen(['-c', code, *map(str, argv)], cwd, env)
+
+    def script(self, code, *argv, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
+        """Runs ``python -c CODE ARGV`` to the end."""
+        return self._wait(self.start_script(code, *argv, cwd=cwd, env=env), timeout)
+
+    @staticmethod
+    def _popen(args, cwd, env) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=cwd,
+            env=dict(os.environ, JAX_PLATFORMS='cpu', **(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    @staticmethod
+    def _wait(proc, timeout) -> subprocess.CompletedProcess:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(scope='session')
+def cli() -> Cli:
+    """Starts the command line in a subprocess; marks a test slow."""
+    return Cli()
+
+
+def tiny_args(data, workdir, *extra, epochs=1, config='configs/default.py') -> list:
+    """Command-line arguments of a tiny run: batches of 32 on ``data`` into ``workdir``."""
+    return [
+        '--config', config, '--workdir', str(workdir), f'--config.num_epochs={epochs}',
+        '--config.batch_size=32', '--config.eval_batch_size=32', f'--config.data.path={data}',
+        *extra,
+    ]  # fmt: skip
 
 
 def one_error_line(proc, *fragments) -> str:
-    """Asserts that ``proc`` failed with exit code 2 and exactly one ``error:`` line
-    holding every fragment; returns the line."""
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
+    """Asserts that ``proc`` (a finished process, or its ``(exit code, stderr)``) failed
+    with exit code 2 and exactly one ``error:`` line holding every fragment; returns
+    the line."""
+    code, stderr = proc if isinstance(proc, tuple) else (proc.returncode, proc.stderr)
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith('error: '), stderr[-3000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
@@ -85,6 +175,56 @@ def make_tiny_config(data_path: str) -> ml_collections.ConfigDict:
     config.steps_per_call = 1  # The step-by-step path (tests count its calls).
     config.data.path = data_path
     return config
+
+
+# Two runs that compute the same training with float32 sums in another order (other
+# devices, a scanned or vectorised program, another compilation) differ by float noise
+# that training amplifies. Each of the run's steps adds a few eps of change to the
+# weights; a change made at the start has the most steps to grow, so after T steps the
+# runs differ by at most T times what one change of every weight by NUDGE (a few eps,
+# as much as one step's reordering adds) grows to. That growth is measured, on the
+# machine running the test, by training the same config from nudged weights.
+NUDGE = 1e-6
+EPS = float(np.finfo(np.float32).eps)
+
+
+def train_nudged(training, config, workdir) -> list[dict]:
+    """The records of ``config`` trained into ``workdir`` with every initial weight
+    times ``1 + NUDGE``."""
+    import jax  # pylint: disable=g-import-not-at-top  (after the cache settings above)
+
+    from resnet_jax.rundir import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    from resnet_jax.training import train  # pylint: disable=g-import-not-at-top
+
+    real = train.create_train_state
+
+    def nudged(*args, **kwargs):
+        state = real(*args, **kwargs)
+        return state.replace(params=jax.tree_util.tree_map(lambda p: p * (1 + NUDGE), state.params))
+
+    train.create_train_state = nudged
+    try:
+        training.train_and_evaluate(config, str(workdir))
+    finally:
+        train.create_train_state = real
+    return workdir_lib.read_metrics(str(workdir))
+
+
+def assert_within_float_noise(got, want, nudged, steps, keys, flip=0.0) -> None:
+    """Asserts that records ``got`` match ``want`` within the float noise of ``steps``
+    steps: ``steps`` times the relative distance of the ``nudged`` records' losses to
+    ``want`` (see NUDGE). An accuracy may also move by ``flip``: examples near a
+    decision boundary flip whole (k of n examples: k / n)."""
+    assert len(got) == len(want) == len(nudged)
+    losses = [k for k in keys if k.endswith('loss')]
+    growth = max(
+        abs(n[k] - w[k]) / abs(w[k]) for n, w in zip(nudged, want, strict=True) for k in losses
+    )
+    for g, w in zip(got, want, strict=True):
+        for key in keys:
+            bound = (steps * growth + 16 * EPS) * abs(w[key])
+            bound += flip if key.endswith('accuracy') else 0.0
+            assert abs(g[key] - w[key]) <= bound, (key, g[key], w[key], growth, bound)
 
 
 @pytest.fixture(scope='session')

@@ -8,9 +8,10 @@ import sys
 import pytest
 
 from resnet_jax.cli import bench, config_files
+from tests.conftest import one_error_line
 
 
-@pytest.mark.slow  # Trains.
+@pytest.mark.usefixtures('training')
 def test_bench_writes_every_case(tmp_path, cifar_py, capsys):
     out = tmp_path / 'bench.json'
     args = ['--data', cifar_py.path, '--batch_sizes', '24', '--steps', '2', '--epochs', '2']
@@ -42,9 +43,7 @@ def test_bench_writes_every_case(tmp_path, cifar_py, capsys):
 def test_bad_arguments_are_one_error_line(args, fragment, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith('error: ') and fragment in err and len(err.strip().splitlines()) == 1
+    one_error_line((e.value.code, capsys.readouterr().err), fragment)
 
 
 def test_a_shipped_config_by_name():
@@ -53,9 +52,8 @@ def test_a_shipped_config_by_name():
 
 
 def test_missing_data_is_one_error_line(tmp_path, capsys):
-    assert bench.main(['--data', str(tmp_path / 'nothing'), '--torch', 'none']) == 2
-    err = capsys.readouterr().err
-    assert err.startswith('error: ') and len(err.strip().splitlines()) == 1
+    code = bench.main(['--data', str(tmp_path / 'nothing'), '--torch', 'none'])
+    one_error_line((code, capsys.readouterr().err))
 
 
 def test_bench_needs_nothing_outside_the_package(tmp_path):

@@ -3,17 +3,13 @@ with two devices, and resume in that setting."""
 
 import os
 import socket
-import subprocess
-import sys
 import textwrap
 
-import numpy as np
 import pytest
 
+from configs import default
 from resnet_jax.rundir import workdir as workdir_lib
-from tests.conftest import REPO, start_cli
-
-pytestmark = pytest.mark.slow  # Every test here trains or starts the CLI.
+from tests.conftest import assert_within_float_noise, tiny_args, train_nudged
 
 KEYS = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy')
 
@@ -24,38 +20,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# SGD: Adam's first steps (about lr * sign(g)) would amplify the float noise of a
+# different reduction order across processes.
+SGD = ('--config.optimizer=sgd', '--config.learning_rate=0.1')
+
+
 def _args(data, workdir, epochs):
-    # SGD: Adam's first steps (about lr * sign(g)) would amplify the float noise of a
-    # different reduction order across processes.
-    return [
-        '--config',
-        'configs/default.py',
-        '--workdir',
-        str(workdir),
-        f'--config.num_epochs={epochs}',
-        '--config.batch_size=32',
-        '--config.eval_batch_size=32',
-        '--config.optimizer=sgd',
-        '--config.learning_rate=0.1',
-        f'--config.data.path={data}',
-    ]
+    return tiny_args(data, workdir, *SGD, epochs=epochs)
 
 
-def _launch(args, devices=1):
-    return start_cli(args, env={'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'})
+def _launch(cli, args, devices=1):
+    return cli.start(args, env={'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'})
 
 
-def _two_processes(args):
+def _two_processes(cli, args):
     port = _free_port()
     procs = [
         _launch(
+            cli,
             [
                 *args,
                 '--config.distributed.enabled=True',
                 f'--config.distributed.coordinator_address=127.0.0.1:{port}',
                 '--config.distributed.num_processes=2',
                 f'--config.distributed.process_id={i}',
-            ]
+            ],
         )
         for i in range(2)
     ]
@@ -66,37 +55,52 @@ def _two_processes(args):
 
 
 def _metrics(workdir):
-    return np.array([[r[k] for k in KEYS] for r in workdir_lib.read_metrics(str(workdir))])
+    return workdir_lib.read_metrics(str(workdir))
+
+
+def _close(got, want, nudged):
+    """Within the float noise of 2 epochs of 4 steps (another reduction order across
+    processes); one of the 50 test images may flip."""
+    assert_within_float_noise(got, want, nudged[: len(want)], 8, KEYS, flip=1 / 50)
 
 
 @pytest.fixture(scope='module')
-def two_devices(tmp_path_factory, cifar_py):
+def two_devices(cli, tmp_path_factory, cifar_py):
     """One process with two devices trained for 2 epochs: what two processes must match.
 
     Returns its stdout and metrics.
     """
     workdir = tmp_path_factory.mktemp('single')
-    single = _launch(_args(cifar_py.path, workdir, 2), devices=2)
+    single = _launch(cli, _args(cifar_py.path, workdir, 2), devices=2)
     out, err = single.communicate(timeout=600)
     assert single.returncode == 0, err[-3000:]
     return out, _metrics(workdir)
 
 
-def test_two_processes_match_two_devices_and_resume(two_devices, cifar_py, tmp_path):
+@pytest.fixture(scope='module')
+def nudged(training, tmp_path_factory, cifar_py):
+    """The records of the same 2 epochs trained from nudged weights, in this process on
+    one device (so their distance to the two-device run holds that noise too)."""
+    config = default.get_config()  # As _args on the command line.
+    config.num_epochs, config.batch_size, config.eval_batch_size = 2, 32, 32
+    config.optimizer, config.learning_rate = 'sgd', 0.1
+    config.data.path = cifar_py.path
+    return train_nudged(training, config, tmp_path_factory.mktemp('nudged'))
+
+
+def test_two_processes_match_two_devices_and_resume(cli, two_devices, nudged, cifar_py, tmp_path):
     out, single_metrics = two_devices
     assert '4 steps/epoch on 2 device(s)' in out
 
     # One epoch on two processes, then the same command extended to two epochs
     # (it resumes from the first epoch's checkpoint).
-    outs = _two_processes(_args(cifar_py.path, tmp_path / 'multi', 1))
+    outs = _two_processes(cli, _args(cifar_py.path, tmp_path / 'multi', 1))
     assert '4 steps/epoch on 2 device(s)' in outs[0][0]  # One global mesh.
     assert 'epoch   1' in outs[0][0] and 'epoch   1' not in outs[1][0]  # Process 0 logs.
-    np.testing.assert_allclose(
-        _metrics(tmp_path / 'multi'), single_metrics[:1], rtol=1e-4, atol=1e-5
-    )
-    outs = _two_processes(_args(cifar_py.path, tmp_path / 'multi', 2))
+    _close(_metrics(tmp_path / 'multi'), single_metrics[:1], nudged)
+    outs = _two_processes(cli, _args(cifar_py.path, tmp_path / 'multi', 2))
     assert 'resuming after epoch 1' in outs[0][0]
-    np.testing.assert_allclose(_metrics(tmp_path / 'multi'), single_metrics, rtol=1e-4, atol=1e-5)
+    _close(_metrics(tmp_path / 'multi'), single_metrics, nudged)
     assert sorted(os.listdir(tmp_path / 'multi' / 'checkpoints')) == ['4', '8']
 
 
@@ -118,26 +122,19 @@ SIGNALLED = textwrap.dedent("""
 """)
 
 
-def test_a_signal_to_one_process_stops_both_at_the_same_step(two_devices, cifar_py, tmp_path):
+def test_a_signal_to_one_process_stops_both_at_the_same_step(
+    cli, two_devices, nudged, cifar_py, tmp_path
+):
     port = _free_port()
     args = [*_args(cifar_py.path, tmp_path, 2), '--config.steps_per_call=1']
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                '-c',
-                SIGNALLED,
-                *args,
-                '--config.distributed.enabled=True',
-                f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-                '--config.distributed.num_processes=2',
-                f'--config.distributed.process_id={i}',
-            ],
-            cwd=REPO,
-            env=dict(os.environ, JAX_PLATFORMS='cpu'),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        cli.start_script(
+            SIGNALLED,
+            *args,
+            '--config.distributed.enabled=True',
+            f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+            '--config.distributed.num_processes=2',
+            f'--config.distributed.process_id={i}',
         )
         for i in range(2)
     ]
@@ -152,5 +149,5 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(two_devices, cifar_
     assert 'another process received SIGTERM' in outs[0][1] + outs[0][0]
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4', '6']
 
-    _two_processes(args)  # Resumes at the saved batch and finishes.
-    np.testing.assert_allclose(_metrics(tmp_path), two_devices[1], rtol=1e-4, atol=1e-5)
+    _two_processes(cli, args)  # Resumes at the saved batch and finishes.
+    _close(_metrics(tmp_path), two_devices[1], nudged)

@@ -11,30 +11,27 @@ import os
 import pytest
 
 from resnet_jax.rundir import writers
-from tests.conftest import one_error_line, run_cli
+from tests.conftest import one_error_line, tiny_args
 
 
-def test_get_config_returning_none_is_one_line(tmp_path):
+def test_get_config_returning_none_is_one_line(cli, tmp_path):
     config = tmp_path / 'none.py'
     config.write_text('def get_config():\n    return None\n')
-    proc = run_cli(['--config', str(config), '--workdir', str(tmp_path / 'run')])
+    proc = cli.run(['--config', str(config), '--workdir', str(tmp_path / 'run')])
     one_error_line(proc, 'get_config() returned None')
     assert 'WARNING' not in proc.stderr + proc.stdout
 
 
-def test_overrides_without_a_config_file_say_that_it_is_missing(tmp_path):
-    proc = run_cli(['--workdir', str(tmp_path), '--config.num_epochs=2', '--config.batch_size=50'])
+def test_overrides_without_a_config_file_say_that_it_is_missing(cli, tmp_path):
+    proc = cli.run(['--workdir', str(tmp_path), '--config.num_epochs=2', '--config.batch_size=50'])
     line = one_error_line(proc, '--config', 'configs/default.py')
     assert 'config_config' not in line
 
 
-def test_an_error_found_after_loading_the_data_leaves_no_workdir(cifar_py, tmp_path):
+def test_an_error_found_after_loading_the_data_leaves_no_workdir(cli, cifar_py, tmp_path):
     workdir = tmp_path / 'runs' / 'big_batch'
-    proc = run_cli([
-        '--config', 'configs/default.py', '--workdir', str(workdir),
-        '--config.batch_size=1000', f'--config.data.path={cifar_py.path}',
-    ])  # fmt: skip
-    one_error_line(proc, 'batch')
+    proc = cli.run(tiny_args(cifar_py.path, workdir, '--config.batch_size=1000'))
+    one_error_line(proc, 'batch', 'larger than the training set')
     assert not workdir.exists()
 
 

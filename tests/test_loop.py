@@ -13,7 +13,7 @@ from resnet_jax.datasets import augment
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.rundir import writers
 from resnet_jax.training import checkpoints, loop, steps, train
-from tests.conftest import make_tiny_config
+from tests.conftest import assert_within_float_noise, make_tiny_config, train_nudged
 
 COMPARED = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate')
 
@@ -23,15 +23,14 @@ NO_SPLIT_KEYS = tuple(k for k in train.METRIC_KEYS if not k.startswith('val_'))
 
 
 @pytest.fixture(scope='module')
-def finished_run(tmp_path_factory, cifar_py):
+def finished_run(training, tmp_path_factory, cifar_py):
     """One uninterrupted 3-epoch run, shared by the tests of this module."""
     c = make_tiny_config(cifar_py.path)
     workdir = str(tmp_path_factory.mktemp('run'))
-    state, summary = loop.train_and_evaluate(c, workdir)
+    state, summary = training.train_and_evaluate(c, workdir)
     return c, workdir, state, summary
 
 
-@pytest.mark.slow
 def test_run_writes_every_output(finished_run):
     config, workdir, state, summary = finished_run
     records = workdir_lib.read_metrics(workdir)
@@ -55,7 +54,6 @@ def test_run_writes_every_output(finished_run):
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [4, 8, 12]
 
 
-@pytest.mark.slow
 def test_tensorboard_file_holds_the_scalars(finished_run):
     from tensorboard.backend.event_processing import event_accumulator
 
@@ -75,7 +73,6 @@ def test_tensorboard_file_holds_the_scalars(finished_run):
     )
 
 
-@pytest.mark.slow
 def test_eval_counts_every_test_image_once(finished_run, cifar_py):
     """Test accuracy equals a plain numpy count over all 50 test images."""
     config, workdir, _, summary = finished_run
@@ -89,8 +86,9 @@ def test_eval_counts_every_test_image_once(finished_run, cifar_py):
     assert result['accuracy'] == pytest.approx(correct / 50, abs=1e-6)
 
 
-@pytest.mark.slow
-def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path, monkeypatch):
+def test_resume_ends_like_an_uninterrupted_run(
+    training, finished_run, cifar_py, tmp_path, monkeypatch
+):
     config, _, full_state, _ = finished_run
     workdir = str(tmp_path)
     real_write = writers.MetricLogger.write
@@ -102,11 +100,11 @@ def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path,
 
     monkeypatch.setattr(writers.MetricLogger, 'write', write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+        training.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
     assert [r['epoch'] for r in workdir_lib.read_metrics(workdir)] == [1, 2]
     monkeypatch.setattr(writers.MetricLogger, 'write', real_write)
 
-    state, summary = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+    state, summary = training.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
     resumed = workdir_lib.read_metrics(workdir)
     full = workdir_lib.read_metrics(finished_run[1])
     assert [r['epoch'] for r in resumed] == [1, 2, 3]
@@ -116,20 +114,19 @@ def test_resume_ends_like_an_uninterrupted_run(finished_run, cifar_py, tmp_path,
     jax.tree_util.tree_map(np.testing.assert_array_equal, state.batch_stats, full_state.batch_stats)
 
 
-@pytest.mark.slow
-def test_rerunning_a_finished_run_trains_nothing(finished_run, cifar_py):
+def test_rerunning_a_finished_run_trains_nothing(training, finished_run, cifar_py):
     _, workdir, state, summary = finished_run
-    again, summary2 = loop.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
+    again, summary2 = training.train_and_evaluate(make_tiny_config(cifar_py.path), workdir)
     assert int(again.step) == int(state.step)
     assert summary2['test_accuracy'] == summary['test_accuracy']
     assert len(workdir_lib.read_metrics(workdir)) == 3
 
 
 @pytest.fixture(scope='module')
-def sgd_step_by_step(tmp_path_factory, cifar_py):
+def sgd_step_by_step(training, tmp_path_factory, cifar_py):
     """The tiny run with plain SGD, step by step: the reference for scanned steps."""
     workdir = str(tmp_path_factory.mktemp('sgd'))
-    loop.train_and_evaluate(_sgd(make_tiny_config(cifar_py.path)), workdir)
+    training.train_and_evaluate(_sgd(make_tiny_config(cifar_py.path)), workdir)
     return workdir_lib.read_metrics(workdir)
 
 
@@ -140,10 +137,9 @@ def _sgd(config):
     return config
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('steps_per_call', [0])  # 0: one call per epoch's full batches.
 def test_scanned_steps_match_the_step_path(
-    steps_per_call, sgd_step_by_step, cifar_py, tmp_path, monkeypatch
+    training, steps_per_call, sgd_step_by_step, cifar_py, tmp_path, monkeypatch
 ):
     """Several steps per compiled call (lax.scan): same results, compiled once."""
     config = _sgd(make_tiny_config(cifar_py.path))
@@ -156,12 +152,13 @@ def test_scanned_steps_match_the_step_path(
         real_write(self, record)
 
     monkeypatch.setattr(writers.MetricLogger, 'write', write)
-    loop.train_and_evaluate(config, str(tmp_path))
+    training.train_and_evaluate(config, str(tmp_path / 'scanned'))
     assert cache_sizes[0] >= 1 and cache_sizes == cache_sizes[:1] * 3  # No recompiles.
-    scanned = workdir_lib.read_metrics(str(tmp_path))
-    for a, b in zip(scanned, sgd_step_by_step, strict=True):
-        for key in COMPARED:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    scanned = workdir_lib.read_metrics(str(tmp_path / 'scanned'))
+    # Another compilation of the same steps: float noise of 3 epochs of 4 steps, and
+    # one of the 50 test images may flip.
+    nudged = train_nudged(training, _sgd(make_tiny_config(cifar_py.path)), tmp_path / 'nudged')
+    assert_within_float_noise(scanned, sgd_step_by_step, nudged, 12, COMPARED, flip=1 / 50)
 
 
 def test_chunks_of_an_epoch():
@@ -176,12 +173,11 @@ def test_chunks_of_an_epoch():
     assert steps.call_chunks([100] * 500, 0, 50) == [(i, 100, 50) for i in range(0, 500, 50)]
 
 
-@pytest.mark.slow
-def test_bfloat16_computes_in_bf16_and_keeps_float32_state(cifar_py, tmp_path):
+def test_bfloat16_computes_in_bf16_and_keeps_float32_state(training, cifar_py, tmp_path):
     config = make_tiny_config(cifar_py.path)
     config.dtype, config.num_epochs = 'bfloat16', 1
     config.data.train_subset = 64  # Two full batches: one program.
-    state, summary = loop.train_and_evaluate(config, str(tmp_path))
+    state, summary = training.train_and_evaluate(config, str(tmp_path))
     leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state))
     assert {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {
         np.dtype('float32')

@@ -11,15 +11,7 @@ import os
 import pytest
 
 from resnet_jax.rundir import workdir
-from tests.conftest import make_tiny_config, run_cli
-
-
-def _args(data, folder, *extra):
-    return [
-        '--config', 'configs/default.py', '--workdir', str(folder),
-        '--config.num_epochs=1', '--config.batch_size=32', '--config.eval_batch_size=32',
-        f'--config.data.path={data}', *extra,
-    ]  # fmt: skip
+from tests.conftest import make_tiny_config, one_error_line, tiny_args
 
 
 def _another_tools_run(folder):
@@ -41,18 +33,24 @@ def snapshot(folder):
     return files
 
 
-@pytest.mark.parametrize('overwrite', [False, True])
-def test_another_tools_files_are_refused_and_kept(cifar_py, tmp_path, overwrite):
-    _another_tools_run(tmp_path)
-    before = snapshot(tmp_path)
-    extra = ['--overwrite'] if overwrite else []
-    proc = run_cli(_args(cifar_py.path, tmp_path, *extra))
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
-    for name in ('checkpoints', 'metrics.jsonl', 'summary.json', 'config.json'):
-        assert name in lines[0]
-    assert snapshot(tmp_path) == before
+def _a_foreign_config_json(folder):
+    """A config.json of another application, and nothing else."""
+    (folder / 'config.json').write_text('{"name": "my-app"}')
+
+
+@pytest.mark.parametrize(
+    'make,fragments',
+    [
+        (_another_tools_run, ('checkpoints', 'metrics.jsonl', 'summary.json', 'config.json')),
+        (_a_foreign_config_json, ('is not the config of a resnet_jax run',)),
+    ],
+)
+def test_another_tools_files_are_refused_and_kept(cli, cifar_py, tmp_path, make, fragments):
+    make(tmp_path)
+    before, names = snapshot(tmp_path), sorted(os.listdir(tmp_path))
+    for extra in ([], ['--overwrite']):
+        one_error_line(cli.run(tiny_args(cifar_py.path, tmp_path, *extra)), *fragments)
+        assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == names
 
 
 def test_foreign_files_are_named_and_own_ones_are_not(cifar_py, tmp_path):
@@ -71,10 +69,12 @@ def test_foreign_files_are_named_and_own_ones_are_not(cifar_py, tmp_path):
     assert workdir.foreign_files(str(tmp_path)) == []
 
 
-def test_overwrite_still_replaces_this_tools_own_run(cifar_py, tmp_path):
-    proc = run_cli(_args(cifar_py.path, tmp_path))
+def test_overwrite_still_replaces_this_tools_own_run(cli, cifar_py, tmp_path):
+    proc = cli.run(tiny_args(cifar_py.path, tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run_cli(_args(cifar_py.path, tmp_path, '--overwrite', '--config.learning_rate=0.001'))
+    proc = cli.run(
+        tiny_args(cifar_py.path, tmp_path, '--overwrite', '--config.learning_rate=0.001')
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / 'config.json') as f:
         assert json.load(f)['learning_rate'] == 0.001

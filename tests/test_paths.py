@@ -5,20 +5,15 @@ import json
 import os
 import shutil
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, tiny_args
 
 
-def test_a_relative_data_path_is_recorded_as_given(cifar_py, tmp_path):
+def test_a_relative_data_path_is_recorded_as_given(cli, cifar_py, tmp_path):
     shutil.copytree(cifar_py.path, tmp_path / 'data' / 'cifar-10-batches-py')
-    proc = run_cli(
-        [
-            '--config', os.path.join(REPO, 'configs', 'default.py'), '--workdir', 'run',
-            '--config.num_epochs=1', '--config.batch_size=32', '--config.eval_batch_size=32',
-            '--config.data.path=data',
-        ],
-        cwd=str(tmp_path),
-        env={'PYTHONPATH': REPO},
-    )  # fmt: skip
+    config = os.path.join(REPO, 'configs', 'default.py')
+    proc = cli.run(
+        tiny_args('data', 'run', config=config), cwd=str(tmp_path), env={'PYTHONPATH': REPO}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / 'run' / 'summary.json') as f:
         summary = json.load(f)

@@ -15,23 +15,15 @@ import pytest
 
 from resnet_jax.reports import load
 from resnet_jax.rundir import workdir as workdir_lib
-from tests.conftest import run_cli
+from tests.conftest import one_error_line, tiny_args
 from tests.test_ownership import snapshot
 
 
-def _args(data, folder, epochs=2):
-    return [
-        '--config', 'configs/default.py', '--workdir', str(folder),
-        f'--config.num_epochs={epochs}', '--config.batch_size=32', '--config.eval_batch_size=32',
-        f'--config.data.path={data}',
-    ]  # fmt: skip
-
-
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory, cifar_py):
+def finished(cli, tmp_path_factory, cifar_py):
     """A finished 2-epoch run (copy it before changing it)."""
     folder = tmp_path_factory.mktemp('finished')
-    proc = run_cli(_args(cifar_py.path, folder))
+    proc = cli.run(tiny_args(cifar_py.path, folder, epochs=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return folder
 
@@ -46,36 +38,33 @@ def _stat(folder):
     return {p: os.stat(os.path.join(folder, p)).st_mtime_ns for p in snapshot(folder)}
 
 
-def test_a_rerun_of_a_finished_run_changes_no_file(finished, cifar_py, tmp_path):
+def test_a_rerun_of_a_finished_run_changes_no_file(cli, finished, cifar_py, tmp_path):
     run = _copy(finished, tmp_path)
     before, times = snapshot(run), _stat(run)
-    proc = run_cli(_args(cifar_py.path, run))
+    proc = cli.run(tiny_args(cifar_py.path, run, epochs=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'complete' in proc.stdout
     assert snapshot(run) == before  # No new file (TensorBoard's included), none changed.
     assert _stat(run) == times  # Not even rewritten with the same bytes.
 
 
-def test_fewer_epochs_than_done_is_refused_and_changes_nothing(finished, cifar_py, tmp_path):
+def test_fewer_epochs_than_done_is_refused_and_changes_nothing(cli, finished, cifar_py, tmp_path):
     run = _copy(finished, tmp_path)
     before = snapshot(run)
-    proc = run_cli(_args(cifar_py.path, run, epochs=1))
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith('error: ') and '2 epochs' in lines[0]
+    one_error_line(cli.run(tiny_args(cifar_py.path, run)), '2 epochs')
     assert snapshot(run) == before
     with open(run / 'summary.json') as f:
         assert json.load(f)['status'] == 'completed'
 
 
-def test_a_torn_last_record_is_rebuilt_from_its_checkpoint(finished, cifar_py, tmp_path):
+def test_a_torn_last_record_is_rebuilt_from_its_checkpoint(cli, finished, cifar_py, tmp_path):
     run = _copy(finished, tmp_path)
     records = workdir_lib.read_metrics(str(run))
     text = (run / 'metrics.jsonl').read_text()
     torn = text[: len(text) - len(json.dumps(records[-1])) // 2]  # Half the last line.
     (run / 'metrics.jsonl').write_text(torn)
     assert [r['epoch'] for r in workdir_lib.read_metrics(str(run))] == [1]
-    proc = run_cli(_args(cifar_py.path, run))
+    proc = cli.run(tiny_args(cifar_py.path, run, epochs=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert workdir_lib.read_metrics(str(run)) == records  # Exactly the lost record.
     with open(run / 'summary.json') as f:

@@ -19,7 +19,7 @@ from resnet_jax.reports import load
 from resnet_jax.rundir import workdir, writers
 from resnet_jax.rundir import workdir as workdir_lib
 from tests import fake_data
-from tests.conftest import one_error_line, run_cli
+from tests.conftest import one_error_line, tiny_args
 from tests.test_ownership import snapshot
 
 
@@ -54,14 +54,6 @@ def write_run(root, run):
     workdir.write_json(os.path.join(folder, 'summary.json'), summary)
 
 
-def _args(data, folder):
-    return [
-        '--config', 'configs/default.py', '--workdir', str(folder),
-        '--config.num_epochs=2', '--config.batch_size=32', '--config.eval_batch_size=32',
-        f'--config.data.path={data}',
-    ]  # fmt: skip
-
-
 def test_a_record_of_the_wrong_type_is_named(tmp_path):
     path = tmp_path / 'metrics.jsonl'
     path.write_text('{"epoch": 1, "test_accuracy": 0.5}\n{"epoch": "x"}\n')
@@ -85,19 +77,21 @@ def test_a_record_of_the_wrong_type_is_named(tmp_path):
         ('config.json', None, 'config.json'),
     ],
 )
-def test_resuming_from_a_malformed_file_is_one_line(cifar_py, tmp_path, file, content, fragment):
-    proc = run_cli([*_args(cifar_py.path, tmp_path), '--config.num_epochs=1'])
+def test_resuming_from_a_malformed_file_is_one_line(
+    cli, cifar_py, tmp_path, file, content, fragment
+):
+    proc = cli.run(tiny_args(cifar_py.path, tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     if content is None:  # A config.json of this tool with a field of the wrong type.
         config = json.loads((tmp_path / 'config.json').read_text())
         content = json.dumps(dict(config, batch_size='32'))
     (tmp_path / file).write_text(content)
     before = snapshot(tmp_path)
-    one_error_line(run_cli(_args(cifar_py.path, tmp_path)), fragment)
+    one_error_line(cli.run(tiny_args(cifar_py.path, tmp_path, epochs=2)), fragment)
     assert snapshot(tmp_path) == before
 
 
-def test_report_marks_a_malformed_run_unreadable_and_goes_on(tmp_path):
+def test_report_marks_a_malformed_run_unreadable_and_goes_on(cli, tmp_path):
     runs = make_sweep(tmp_path, {'learning_rate': [0.1, 0.01, 0.001]})
     for run in runs:
         write_run(tmp_path, run)
@@ -107,19 +101,19 @@ def test_report_marks_a_malformed_run_unreadable_and_goes_on(tmp_path):
     results = load.collect(str(tmp_path))
     assert [r.status for r in results] == ['unreadable', 'unreadable', 'completed']
     assert 'metrics.jsonl' in results[0].error and 'summary.json' in results[1].error
-    proc = run_cli(['--workdir', str(tmp_path), '--mode=report'])
+    proc = cli.run(['--workdir', str(tmp_path), '--mode=report'])
     assert proc.returncode == 0, proc.stderr[-3000:]
     markdown = (tmp_path / 'results.md').read_text()
     assert 'unreadable' in markdown and 'metrics.jsonl' in markdown
 
 
-def test_report_of_a_malformed_run_folder_is_one_line(tmp_path):
+def test_report_of_a_malformed_run_folder_is_one_line(cli, tmp_path):
     runs = make_sweep(tmp_path / 'sweep', {'learning_rate': [0.1]})
     write_run(tmp_path / 'sweep', runs[0])
     folder = tmp_path / 'sweep' / runs[0]['name']
     with open(folder / 'metrics.jsonl', 'a') as f:
         f.write('{"epoch": "x"}\n{"epoch": 5}\n')
-    one_error_line(run_cli(['--workdir', str(folder), '--mode=report']), 'metrics.jsonl')
+    one_error_line(cli.run(['--workdir', str(folder), '--mode=report']), 'metrics.jsonl')
 
 
 @pytest.mark.parametrize(
@@ -132,9 +126,9 @@ def test_report_of_a_malformed_run_folder_is_one_line(tmp_path):
         '{"runs": [',
     ],
 )
-def test_a_malformed_manifest_is_one_line(tmp_path, manifest):
+def test_a_malformed_manifest_is_one_line(cli, tmp_path, manifest):
     (tmp_path / 'sweep.json').write_text(manifest)
-    one_error_line(run_cli(['--workdir', str(tmp_path), '--mode=report']), 'sweep.json')
+    one_error_line(cli.run(['--workdir', str(tmp_path), '--mode=report']), 'sweep.json')
 
 
 @pytest.mark.parametrize('labels', [[[1, 2], 3], [1.5] * 24, [[1]] * 24, 'labels'])
@@ -192,12 +186,12 @@ def _manifest(tmp_path):
     return path
 
 
-def test_a_tfds_dir_with_garbage_files_isone_error_line(tmp_path):
+def test_a_tfds_dir_with_garbage_files_isone_error_line(cli, tmp_path):
     version = tmp_path / 'tfds' / 'cifar10' / '3.0.2'
     version.mkdir(parents=True)
     (version / 'dataset_info.json').write_text('garbage')
     (version / 'cifar10-train.array_record-00000-of-00001').write_bytes(b'garbage' * 100)
-    proc = run_cli([
+    proc = cli.run([
         '--config', 'configs/default.py', '--workdir', str(tmp_path / 'run'),
         f'--config.data.path={tmp_path / "tfds"}', '--config.data.download=False',
     ])  # fmt: skip

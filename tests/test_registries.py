@@ -132,10 +132,11 @@ def test_the_logged_learning_rate_is_the_optimisers():
     """After an update the state holds the rate the schedule gave it (piecewise here:
     halved after each epoch of 2 steps)."""
     config = make_tiny_config('')
+    config.optimizer = 'sgd'  # With batches of 32: the step test_train.py compiles.
     state = train.create_train_state(config, jax.random.PRNGKey(0), steps_per_epoch=2)
     rates = []
     for _ in range(5):
-        state, _ = train.train_step(state, _batch())
+        state, _ = train.train_step(state, _batch(32))
         rates.append(float(train.applied_learning_rate(state)))
     assert rates == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025])
     assert float(train.learning_rate(state)) == pytest.approx(0.01)  # The base rate.

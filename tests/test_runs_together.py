@@ -17,7 +17,7 @@ from resnet_jax.reports import sweep_report
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.studies import search, sweep
 from resnet_jax.training import checkpoints, loop, signals, steps, train
-from tests.conftest import make_tiny_config
+from tests.conftest import assert_within_float_noise, make_tiny_config, train_nudged
 
 # (learning_rate, shuffle, seed) of three lanes: every vectorisable field varies.
 LANES = ((0.05, True, 0), (0.01, False, 0), (0.02, True, 1))
@@ -44,12 +44,12 @@ def _records(workdir):
 
 
 @pytest.fixture(scope='module')
-def together(tmp_path_factory, cifar_py):
+def together(training, tmp_path_factory, cifar_py):
     """The three lanes trained as one group, uninterrupted; the compiles it took."""
     root = tmp_path_factory.mktemp('together')
     workdirs = [str(root / f'lane{i}') for i in range(len(LANES))]
     before = steps.update_runs.mapped._cache_size()
-    _, summaries = loop.train_runs(_configs(cifar_py.path), workdirs)
+    _, summaries = training.train_runs(_configs(cifar_py.path), workdirs)
     return workdirs, summaries, steps.update_runs.mapped._cache_size() - before
 
 
@@ -61,8 +61,7 @@ def test_groups_of_the_paper_sweep():
         assert len({runs[i].config.batch_size for i in group}) == 1
 
 
-@pytest.mark.slow
-def test_lanes_match_runs_trained_one_by_one(together, cifar_py, tmp_path):
+def test_lanes_match_runs_trained_one_by_one(training, together, cifar_py, tmp_path):
     workdirs, summaries, compiles = together
     # 104 images in batches of 32: one program for the full and one for the last
     # batch, compiled in epoch 1 and reused in epoch 2.
@@ -72,16 +71,13 @@ def test_lanes_match_runs_trained_one_by_one(together, cifar_py, tmp_path):
     for config, workdir, summary in zip(_configs(cifar_py.path), workdirs, summaries, strict=True):
         assert summary['status'] == 'completed' and summary['vectorized_lanes'] == 3
         alone_dir = str(tmp_path / os.path.basename(workdir))
-        _, alone = loop.train_and_evaluate(config, alone_dir)
+        _, alone = training.train_and_evaluate(config, alone_dir)
         got, want = _records(workdir), _records(alone_dir)
         assert len(got) == len(want) == 2
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_allclose(
-                [g['train_loss'], g['test_loss'], g['learning_rate']],
-                [w['train_loss'], w['test_loss'], w['learning_rate']],
-                rtol=2e-3,
-            )
-            assert abs(g['test_accuracy'] - w['test_accuracy']) <= 0.041  # 2 of 50 images.
+        nudged = train_nudged(training, config, alone_dir + '_nudged')
+        # Vectorised convolutions round differently: float noise of 2 epochs of 4
+        # steps; 2 of the 50 test images (and of the 104 training images) may flip.
+        assert_within_float_noise(got, want, nudged, 8, KEYS, flip=2 / 50)
         # A lane's workdir is a run's workdir: its config, restore and evaluation.
         saved = json.loads(open(os.path.join(workdir, 'config.json')).read())
         assert saved['learning_rate'] == config.learning_rate
@@ -159,8 +155,9 @@ def test_a_single_run_is_the_plain_program_bit_for_bit():
     assert float(train.unstack(ms, 0).compute()['loss']) == float(m.compute()['loss'])
 
 
-@pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, monkeypatch):
+def test_sigterm_mid_epoch_then_resume_is_exact(
+    training, together, cifar_py, tmp_path, monkeypatch
+):
     """SIGTERM at step 2 of epoch 2 checkpoints every lane; rerunning finishes them
     with the very numbers of the uninterrupted group."""
     workdirs = [str(tmp_path / f'lane{i}') for i in range(len(LANES))]
@@ -175,20 +172,20 @@ def test_sigterm_mid_epoch_then_resume_is_exact(together, cifar_py, tmp_path, mo
 
     monkeypatch.setattr(steps, 'update_runs', update_runs)
     with pytest.raises(signals.Interrupted):
-        loop.train_runs(_configs(cifar_py.path), workdirs)
+        training.train_runs(_configs(cifar_py.path), workdirs)
     for workdir in workdirs:
         assert len(workdir_lib.read_metrics(workdir)) == 1
         manager = checkpoints.checkpoint_manager(workdir, read_only=True)
         assert manager.latest_step() == 6  # 4 steps of epoch 1, 2 of epoch 2.
         manager.close()
     monkeypatch.setattr(steps, 'update_runs', real)
-    _, summaries = loop.train_runs(_configs(cifar_py.path), workdirs)
+    _, summaries = training.train_runs(_configs(cifar_py.path), workdirs)
     assert [s['status'] for s in summaries] == ['completed'] * 3
     for workdir, reference in zip(workdirs, together[0], strict=True):
         assert _records(workdir) == _records(reference)
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures('training')
 def test_vectorized_sweep_isolates_a_diverging_lane(tmp_path, cifar_py):
     config = make_tiny_config(cifar_py.path)
     config.num_epochs = 1

@@ -4,6 +4,7 @@ trial finished from its checkpoint."""
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import textwrap
@@ -17,7 +18,7 @@ from resnet_jax import datasets
 from resnet_jax.configs import default
 from resnet_jax.studies import optuna_study, run_folders, search, search_space
 from tests import fake_data, postgres_server
-from tests.conftest import make_tiny_config, run_cli, start_cli
+from tests.conftest import make_tiny_config, one_error_line
 
 
 @pytest.fixture(scope='module')
@@ -138,19 +139,23 @@ BAD = {
 
 
 @pytest.mark.parametrize('case', sorted(BAD))
-def test_bad_search_config_is_one_error_line_before_anything_trains(tmp_path, learnable, case):
+def test_each_bad_search_config_is_named(tmp_path, learnable, case):
     line, message = BAD[case]
+    config = search_config(learnable.path)
+    exec(line, {'config': config, 'search_space': search_space})  # pylint: disable=exec-used
+    with pytest.raises(search_space.SearchError, match=re.escape(message)):
+        search.open_study(search_space.spec_from_config(config), str(tmp_path / 'study'))
+
+
+def test_a_bad_search_config_is_one_error_line_before_anything_trains(cli, tmp_path, learnable):
+    line, message = BAD['low above high']
     config_file = write_config_file(tmp_path, line)
     workdir = tmp_path / 'study'
-    result = run_cli(
+    result = cli.run(
         [f'--config={config_file}', f'--config.data.path={learnable.path}', f'--workdir={workdir}']
     )
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
-    assert message in lines[0]
-    # Nothing trained: no run folder holds metrics.
-    assert not list(workdir.glob('*/metrics.jsonl'))
+    one_error_line(result, message)
+    assert not list(workdir.glob('*/metrics.jsonl'))  # Nothing trained.
 
 
 def test_distinct_points_get_distinct_folders(tmp_path):
@@ -169,7 +174,7 @@ def test_distinct_points_get_distinct_folders(tmp_path):
 # ------------------------------------------------------------- pruning ----
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures('training')
 def test_a_pruner_stops_a_weak_trial_and_the_others_complete(tmp_path, learnable):
     config = search_config(learnable.path, pruner='median', startup_trials=1)
     workdir = str(tmp_path / 'study')
@@ -225,8 +230,7 @@ def grid_args(config_file, data, workdir, storage, *extra):
     return [*args, *extra]
 
 
-@pytest.mark.slow
-def test_workers_share_a_grid_and_train_every_point_once(tmp_path, learnable, storage):
+def test_workers_share_a_grid_and_train_every_point_once(cli, tmp_path, learnable, storage):
     config_file = write_config_file(
         tmp_path,
         """
@@ -236,7 +240,7 @@ def test_workers_share_a_grid_and_train_every_point_once(tmp_path, learnable, st
         """,
     )
     workdir = tmp_path / 'study'
-    result = run_cli(grid_args(config_file, learnable.path, workdir, storage, '--workers=2'))
+    result = cli.run(grid_args(config_file, learnable.path, workdir, storage, '--workers=2'))
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     trained = [line.split(' ')[3] for line in log.splitlines() if line.endswith(': training')]
@@ -249,8 +253,7 @@ def test_workers_share_a_grid_and_train_every_point_once(tmp_path, learnable, st
         assert len(records(workdir / trial.user_attrs['run'])) == 1
 
 
-@pytest.mark.slow
-def test_a_killed_workers_trial_is_finished_from_its_checkpoint(tmp_path, learnable, storage):
+def test_a_killed_workers_trial_is_finished_from_its_checkpoint(cli, tmp_path, learnable, storage):
     config_file = write_config_file(
         tmp_path,
         """
@@ -266,7 +269,7 @@ def test_a_killed_workers_trial_is_finished_from_its_checkpoint(tmp_path, learna
     workdir = tmp_path / 'study'
     run_dir = workdir / 'learning_rate=0.003'
     args = grid_args(config_file, learnable.path, workdir, storage)
-    proc = start_cli(args)
+    proc = cli.start(args)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         saved = [p for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit()]
@@ -278,7 +281,7 @@ def test_a_killed_workers_trial_is_finished_from_its_checkpoint(tmp_path, learna
     done = [r['epoch'] for r in records(run_dir)]
     assert done and done[-1] < 6, done
     time.sleep(3)  # Past the grace period: the trial's heartbeat is stale.
-    result = run_cli(args)
+    result = cli.run(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'resuming after epoch' in result.stdout, result.stdout
     # Epochs up to the checkpoint were not trained again.
@@ -357,13 +360,14 @@ def test_two_workers_draw_different_first_trials(tmp_path, learnable):
     assert search_space.sample(trial, spec.params, spec.base) == drawn[0]
 
 
-@pytest.mark.slow
-def test_an_unreachable_storage_with_workers_is_one_line_and_leaves_nothing(tmp_path, learnable):
+def test_an_unreachable_storage_with_workers_is_one_line_and_leaves_nothing(
+    cli, tmp_path, learnable
+):
     config_file = write_config_file(
         tmp_path, "config.search.storage = 'sqlite:////nonexistent/folder/study.db'"
     )
     workdir = tmp_path / 'study'
-    result = run_cli(
+    result = cli.run(
         [f'--config={config_file}', f'--config.data.path={learnable.path}',
          f'--workdir={workdir}', '--workers=2']
     )  # fmt: skip

@@ -7,14 +7,11 @@ the main thread waits inside a compiled call for as long as it runs.
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 from resnet_jax.rundir import workdir as workdir_lib
 from tests import fake_data
-from tests.conftest import REPO
 
 # A child training a whole epoch per compiled call (steps_per_call=0). Its first
 # call is preceded by a long compiled computation, during which a thread sends
@@ -55,15 +52,8 @@ IN_FLIGHT = textwrap.dedent("""
 """)
 
 
-def test_a_second_sigterm_during_a_compiled_call_stops_at_once(cifar_py, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, '-c', IN_FLIGHT, cifar_py.path, str(tmp_path)],
-        cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS='cpu'),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+def test_a_second_sigterm_during_a_compiled_call_stops_at_once(cli, cifar_py, tmp_path):
+    proc = cli.script(IN_FLIGHT, cifar_py.path, tmp_path, timeout=900)
     assert 'signals sent' in proc.stderr, proc.stderr[-3000:]
     # Ended by the second signal itself, not after the call by a checkpoint and exit 143.
     assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
@@ -105,17 +95,11 @@ def _alive(pid):
         return f.read().split(')')[-1].split()[0] != 'Z'
 
 
-def test_sigterm_while_decoding_stops_the_workers_and_leaves_no_lock(tmp_path):
+def test_sigterm_while_decoding_stops_the_workers_and_leaves_no_lock(cli, tmp_path):
     folder = fake_data.write_image_folder(tmp_path / 'images', 8, 4)
     workdir = tmp_path / 'run'
-    proc = subprocess.run(
-        [sys.executable, '-c', DECODING, folder.path, str(workdir)],
-        cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS='cpu', RESNET_JAX_CACHE=str(tmp_path / 'cache')),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {'RESNET_JAX_CACHE': str(tmp_path / 'cache')}
+    proc = cli.script(DECODING, folder.path, workdir, env=env, timeout=300)
     workers = [line for line in proc.stderr.splitlines() if line.startswith('workers')]
     assert workers, proc.stderr[-3000:]
     assert proc.returncode == 143, proc.stderr[-3000:]

@@ -12,7 +12,7 @@ from resnet_jax.configs import paper_sweep
 from resnet_jax.reports import load, sweep_report
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.studies import search, sweep
-from tests.conftest import make_tiny_config, run_cli, start_cli
+from tests.conftest import make_tiny_config
 
 
 def _grid_config(data_path, **axes):
@@ -63,8 +63,8 @@ def test_bad_sweeps_fail_before_training(axes, fragment):
         sweep.expand(_grid_config('', **axes))
 
 
-def test_sweep_shards_are_refused_with_a_pointer_to_workers(tmp_path):
-    result = run_cli(
+def test_sweep_shards_are_refused_with_a_pointer_to_workers(cli, tmp_path):
+    result = cli.run(
         ['--config', 'configs/paper_sweep.py', '--workdir', str(tmp_path), '--sweep_shard=1/3']
     )
     assert result.returncode == 2
@@ -77,7 +77,7 @@ def _mtime(path):
     return os.stat(path).st_mtime_ns
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures('training')
 def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     config = _grid_config(cifar_py.path, seed=[0, 1], shuffle=[True, False])
     workdir = str(tmp_path)
@@ -129,8 +129,7 @@ def test_grid_end_to_end_and_resume(tmp_path, cifar_py):
     assert rows_after == rows_before
 
 
-@pytest.mark.slow
-def test_two_workers_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py):
+def test_two_workers_at_once_with_failing_and_diverging_runs(cli, tmp_path, cifar_py):
     """Runs: (60, 0.01) completes, (60, 3e38) diverges, (1000, *) fail: subset too big."""
     workdir = str(tmp_path / 'sweep')
     # A sweep config of one's own, outside the repository, built on smoke.py.
@@ -156,7 +155,7 @@ def test_two_workers_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py)
         '--config.optimizer=sgd',
         '--config.batch_size=20',
     ]
-    procs = [start_cli(common) for _ in range(2)]  # The same command twice: two workers.
+    procs = [cli.start(common) for _ in range(2)]  # The same command twice: two workers.
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 1, err[-2000:]
@@ -174,7 +173,7 @@ def test_two_workers_at_once_with_failing_and_diverging_runs(tmp_path, cifar_py)
     ):
         assert statuses[name][0] == 'failed' and 'train_subset' in statuses[name][1]
     # The report lists every run with its status; regenerating it needs no training.
-    report = start_cli(['--workdir', workdir, '--mode=report'])
+    report = cli.start(['--workdir', workdir, '--mode=report'])
     out, err = report.communicate(timeout=120)
     assert report.returncode == 0, err
     md = open(os.path.join(workdir, 'results.md')).read()

@@ -8,21 +8,18 @@ a resumed run writes again the epochs its event files lack.
 import glob
 import os
 import struct
-import subprocess
-import sys
 import textwrap
 
 from tensorboard.backend.event_processing import event_accumulator
 
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.rundir import writers
-from tests.conftest import REPO, run_cli
+from tests.conftest import tiny_args
 
 # A child that trains 3 epochs and is killed (SIGKILL) right after epoch 2's
 # record and checkpoint are written.
 KILLED = textwrap.dedent("""
     import os, signal, sys
-    data, workdir = sys.argv[1:]
     from resnet_jax.training import checkpoints
     from resnet_jax.cli import main
     real_save, saves = checkpoints.save, []
@@ -34,12 +31,8 @@ KILLED = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoints.save = save
-    sys.exit(main.main(['main', *ARGS, '--workdir', workdir, f'--config.data.path={data}']))
+    sys.exit(main.main(['main', *sys.argv[1:]]))
 """)
-ARGS = [
-    '--config', 'configs/default.py', '--config.num_epochs=3', '--config.batch_size=32',
-    '--config.eval_batch_size=32',
-]  # fmt: skip
 
 
 def _tensorboard_epochs(workdir, tag='test_accuracy'):
@@ -52,31 +45,25 @@ def _epochs(workdir):
     return [r['epoch'] for r in workdir_lib.read_metrics(str(workdir))]
 
 
-def test_a_kill_after_an_epoch_loses_nothing_in_tensorboard(cifar_py, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, '-c', KILLED.replace('ARGS', repr(ARGS)), cifar_py.path, str(tmp_path)],
-        cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS='cpu'),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def test_a_kill_after_an_epoch_loses_nothing_in_tensorboard(cli, cifar_py, tmp_path):
+    args = tiny_args(cifar_py.path, tmp_path, epochs=3)
+    proc = cli.script(KILLED, *args)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert _epochs(tmp_path) == [1, 2]
     assert _tensorboard_epochs(tmp_path) == [1, 2]  # On disk before the kill.
-    proc = run_cli([*ARGS, '--workdir', str(tmp_path), f'--config.data.path={cifar_py.path}'])
+    proc = cli.run(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _epochs(tmp_path) == [1, 2, 3]
     for tag in ('train_loss', 'test_accuracy', 'learning_rate'):
         assert _tensorboard_epochs(tmp_path, tag) == [1, 2, 3]
 
 
-def test_a_rerun_writes_again_the_epochs_tensorboard_lacks(cifar_py, tmp_path):
-    args = [*ARGS, '--workdir', str(tmp_path), f'--config.data.path={cifar_py.path}']
-    assert run_cli(args).returncode == 0
+def test_a_rerun_writes_again_the_epochs_tensorboard_lacks(cli, cifar_py, tmp_path):
+    args = tiny_args(cifar_py.path, tmp_path, epochs=3)
+    assert cli.run(args).returncode == 0
     for path in glob.glob(str(tmp_path / 'events.out.tfevents.*')):
         os.remove(path)  # As a kill under the queued writer could leave it.
-    proc = run_cli(args)
+    proc = cli.run(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'TensorBoard lacked epoch(s) 1, 2, 3' in proc.stdout
     assert _tensorboard_epochs(tmp_path) == [1, 2, 3]

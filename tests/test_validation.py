@@ -88,11 +88,13 @@ def _invalid(field, value):
         ('schedule', 'linear', r"config\.schedule='linear' is not one of"),
         ('data.source', 'hdf5', r"config\.data\.source='hdf5' is not one of"),
         ('batch_size', 0, r'config\.batch_size must be >= 1, got 0'),
+        ('num_epochs', 0, r'config\.num_epochs must be >= 1, got 0'),
         ('num_epochs', 1.5, r'config\.num_epochs must be an integer, got 1\.5'),
         ('num_epochs', True, r'config\.num_epochs must be an integer, got True'),
         ('seed', -1, r'config\.seed must be >= 0, got -1'),
         ('steps_per_call', 0, None),  # 0 is allowed: a whole epoch per call.
         ('learning_rate', 0.0, r'config\.learning_rate must be a finite number > 0, got 0\.0'),
+        ('learning_rate', -0.1, r'config\.learning_rate must be a finite number > 0, got -0\.1'),
         ('learning_rate', 'fast', r"config\.learning_rate must be a number, got 'fast'"),
         ('weight_decay', 0.0, None),
         ('weight_decay', -0.1, r'config\.weight_decay must be a finite number >= 0'),
