@@ -144,7 +144,7 @@ def test_each_bad_search_config_is_named(tmp_path, learnable, case):
     config = search_config(learnable.path)
     exec(line, {'config': config, 'search_space': search_space})  # pylint: disable=exec-used
     with pytest.raises(search_space.SearchError, match=re.escape(message)):
-        search.open_study(search_space.spec_from_config(config), str(tmp_path / 'study'))
+        optuna_study.open_study(search_space.spec_from_config(config), str(tmp_path / 'study'))
 
 
 def test_a_bad_search_config_is_one_error_line_before_anything_trains(cli, tmp_path, learnable):
