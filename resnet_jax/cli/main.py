@@ -82,13 +82,19 @@ def evaluate(config: Any, workdir: str) -> int:
 
 def study(argv: list[str], config: Any, workdir: str, num_workers: int) -> int:
     """A grid or a search: its runs here, or in ``num_workers`` processes; then its report."""
-    from resnet_jax.studies import optuna_study, search, search_space, workers
+    from resnet_jax.studies import optuna_study, preflight, search, search_space, workers
 
     spec = search_space.spec_from_config(config)  # Bad input: an error before anything starts.
     if num_workers > 1:
+        preflight.check_data(spec)  # One error line for data every trial shares, not one each.
         optuna_study.open_study(spec, workdir)  # One error line for a bad storage, not one each.
         return workers.run_workers(argv, num_workers, workdir)
-    statuses = search.run_study(config, workdir)
+    try:
+        statuses = search.run_study(config, workdir)
+    except search.StudyStopped as e:
+        _write_study_reports(workdir)
+        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+        return EXIT_RUNS_FAILED
     _write_study_reports(workdir)
     bad = {k: v for k, v in statuses.items() if v not in ('completed', 'pruned')}
     for name, status in bad.items():

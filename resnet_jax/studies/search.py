@@ -41,11 +41,33 @@ import time
 import ml_collections
 
 from resnet_jax.rundir import workdir as workdir_lib
-from resnet_jax.studies import optuna_study, search_space
+from resnet_jax.studies import optuna_study, preflight, search_space
 from resnet_jax.studies import sweep as sweep_lib
 from resnet_jax.studies import trials as trials_lib
 
 logger = logging.getLogger('resnet_jax')
+
+# A worker stops when this many trials in a row failed with the same error:
+# a failure every trial shares (a config that cannot train, a broken data
+# path) is not paid for num_trials times.
+SAME_FAILURES_TO_STOP = 3
+
+
+class StudyStopped(Exception):
+    """Trials in a row failed with the same error: the worker stopped (exit code 1)."""
+
+
+def _failures_in_a_row(earlier: list[str], runs: list[trials_lib.TrialRun]) -> list[str]:
+    """The same error messages in a row, ``earlier``'s followed by this claim's.
+
+    A claim whose runs all failed with one message continues the row (or starts
+    a new one); anything else ends it.
+    """
+    errors = {r.error or '' for r in runs}
+    if any(r.status != 'failed' for r in runs) or len(errors) != 1:
+        return []
+    (error,) = errors
+    return [*earlier, error] if earlier and earlier[-1] == error else [error]
 
 
 def run_worker(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
@@ -72,6 +94,7 @@ def run_worker(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
         worker,
     )
     statuses: dict[str, str] = {}
+    failures: list[str] = []
     while True:
         with contextlib.suppress(Exception):  # Another worker may fail the same trial.
             optuna.storages.fail_stale_trials(study)
@@ -88,6 +111,12 @@ def run_worker(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
         with optuna_study.heartbeat(storage, trial_ids, spec.heartbeat_seconds):
             trials_lib.train_trials(study, runs, spec)
         statuses.update({r.name: r.status for r in runs})
+        failures = _failures_in_a_row(failures, runs)
+        if len(failures) >= SAME_FAILURES_TO_STOP:
+            raise StudyStopped(
+                f'{len(failures)} trials in a row failed with the same error, so this worker '
+                f'stopped (fix it and rerun the command): {failures[-1]}'
+            )
     return statuses
 
 
@@ -98,7 +127,10 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]
     status of every point is returned (``'pending'`` for one no worker has
     ended yet). A ``search`` section returns the runs this worker ended. Start
     the same command several times (or ``--workers=N``) to share the study.
+    A config that cannot fit the data raises before anything is created;
+    :class:`StudyStopped` when trials keep failing with the same error.
     """
+    preflight.check_data(search_space.spec_from_config(config))  # Before anything is created.
     if not sweep_lib.is_sweep(config):
         return run_worker(config, workdir)
     points = sweep_lib.expand(config)

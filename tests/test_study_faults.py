@@ -1,0 +1,97 @@
+"""Study faults: a config that cannot fit the data, a failure every trial shares,
+the documented PostgreSQL URL, extending a study, reruns' exit codes, the
+pruner's first epoch, the workers' limit and reports of a damaged workdir."""
+
+import textwrap
+
+import pytest
+
+from resnet_jax import datasets, validation
+from resnet_jax.studies import preflight, search, search_space
+from tests.conftest import make_tiny_config, one_error_line, run_cli
+
+
+def study_config(data_path: str, **search_options):
+    """A tiny random search on ``cifar_py`` (120 train images) selecting on the test set."""
+    config = make_tiny_config(data_path)
+    config.num_epochs = 1
+    config.search = search_space.default_section()
+    config.search.space.learning_rate = search_space.float_param(1e-3, 0.1, log=True)
+    config.search.sampler = 'random'
+    config.search.metric = 'test_accuracy'
+    config.search.num_trials = 2
+    for key, value in search_options.items():
+        config.search[key] = value
+    return config
+
+
+def config_file(tmp_path, data_path: str, body: str = '') -> str:
+    """A config file: ``study_config`` then ``body``; returns its path."""
+    path = tmp_path / 'study_config.py'
+    path.write_text(
+        'from resnet_jax.studies import search_space\n'
+        'from tests.test_study_faults import study_config\n\n'
+        'def get_config():\n'
+        f'    config = study_config({data_path!r})\n'
+        + textwrap.indent(textwrap.dedent(body).strip('\n') + '\n', '    ')
+        + '    return config\n'
+    )
+    return str(path)
+
+
+# ------------------------------------------ A: a config that cannot fit ----
+
+
+@pytest.mark.slow
+def test_a_split_larger_than_the_data_is_one_line_before_any_trial(tmp_path, cifar_py):
+    workdir = tmp_path / 'study'
+    args = [f'--config={config_file(tmp_path, cifar_py.path)}', f'--workdir={workdir}']
+    result = run_cli([*args, '--config.data.validation_size=500'])
+    one_error_line(result, 'validation_size=500')
+    assert not workdir.exists()
+    result = run_cli([*args, '--config.data.validation_size=500', '--workers=2'])
+    one_error_line(result, 'validation_size=500')
+    assert not workdir.exists()
+
+
+def test_every_batch_size_the_study_can_draw_is_checked(cifar_py):
+    config = study_config(cifar_py.path)
+    config.search.space.batch_size = search_space.categorical((32, 1000))
+    spec = search_space.spec_from_config(config)
+    assert preflight.batch_sizes(spec) == [1000, 32]
+    with pytest.raises(validation.ConfigError, match='batch_size=1000 is larger than the training'):
+        preflight.check_data(spec)
+    config.search.space.batch_size = search_space.int_param(8, 200)
+    with pytest.raises(validation.ConfigError, match='batch_size=200'):
+        preflight.check_data(search_space.spec_from_config(config))
+    # Only when sgd is drawn: the base batch size is drawn too.
+    config.search.space.batch_size = search_space.categorical((16,), when=('optimizer', 'sgd'))
+    assert preflight.batch_sizes(search_space.spec_from_config(config)) == [32, 16]
+    config.search.space.batch_size = search_space.categorical((16, 64))
+    config.search.sampler = 'grid'
+    del config.search.space.learning_rate
+    preflight.check_data(search_space.spec_from_config(config))  # Fits: no error.
+    config.data.validation_size = 500
+    with pytest.raises(datasets.DataError, match='validation_size=500'):
+        preflight.check_data(search_space.spec_from_config(config))
+
+
+def test_the_same_failure_in_a_row_stops_the_worker(tmp_path, cifar_py, monkeypatch, capsys):
+    from resnet_jax.cli import main as cli_main
+    from resnet_jax.training import loop
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError('the accelerator is gone')
+
+    monkeypatch.setattr(loop, 'train_runs', broken)
+    workdir = tmp_path / 'study'
+    path = config_file(tmp_path, cifar_py.path, 'config.search.num_trials = 10')
+    code = cli_main.main(['main', f'--config={path}', f'--workdir={workdir}'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1, err
+    assert len(err) == 1 and err[0].startswith('error: 3 trials in a row failed'), err
+    assert 'the accelerator is gone' in err[0]
+    assert len(calls) == search.SAME_FAILURES_TO_STOP
