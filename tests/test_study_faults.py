@@ -2,6 +2,7 @@
 the documented PostgreSQL URL, extending a study, reruns' exit codes, the
 pruner's first epoch, the workers' limit and reports of a damaged workdir."""
 
+import os
 import textwrap
 
 import pytest
@@ -95,3 +96,35 @@ def test_the_same_failure_in_a_row_stops_the_worker(tmp_path, cifar_py, monkeypa
     assert len(err) == 1 and err[0].startswith('error: 3 trials in a row failed'), err
     assert 'the accelerator is gone' in err[0]
     assert len(calls) == search.SAME_FAILURES_TO_STOP
+
+
+# ------------------------------------------- B: the documented PostgreSQL URL ----
+
+
+@pytest.fixture
+def postgres_url():
+    """The URL form the docs show, ``postgresql://user@/db?host=...``, of a real server."""
+    from tests import postgres_server
+
+    bin_dir = postgres_server.server_bin()
+    if bin_dir is None:
+        if os.environ.get('CI'):
+            pytest.fail('the PostgreSQL server is not installed (.ci/run installs it)')
+        pytest.skip('no PostgreSQL server installed')
+    with postgres_server.PostgresServer(bin_dir) as url:
+        yield 'postgresql://' + url.split('://', 1)[1]
+
+
+def test_the_documented_postgresql_url_opens_the_study(tmp_path, cifar_py, postgres_url):
+    from resnet_jax.reports import study_report
+    from resnet_jax.studies import optuna_study
+
+    assert postgres_url.startswith('postgresql://') and '?host=' in postgres_url
+    config = study_config(cifar_py.path, storage=postgres_url)
+    workdir = str(tmp_path / 'study')
+    study = optuna_study.open_study(search_space.spec_from_config(config), workdir)
+    study.enqueue_trial({'learning_rate': 0.01})
+    # The report reads the same URL back from search.json.
+    described = study_report.read_description(workdir)
+    assert described['storage'] == search_space.redact(postgres_url)
+    assert len(study_report.load_study(workdir, described).get_trials()) == 1

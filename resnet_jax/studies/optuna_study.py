@@ -44,10 +44,24 @@ _CLAIM_LOCK = '.claim.lock'  # Serialises claiming trials among the workdir's wo
 
 
 def storage_url(spec_storage: str, workdir: str) -> str:
-    """The storage URL of a study; '' is ``workdir/study.db``."""
-    if spec_storage:
-        return spec_storage
-    return 'sqlite:///' + os.path.abspath(os.path.join(workdir, STUDY_DB))
+    """The storage URL of a study; '' is ``workdir/study.db``.
+
+    A bare ``postgresql://`` URL names the PostgreSQL driver that is installed:
+    SQLAlchemy's default (psycopg 3) if importable, else psycopg2, which the
+    ``postgres`` extra installs.
+    """
+    if not spec_storage:
+        return 'sqlite:///' + os.path.abspath(os.path.join(workdir, STUDY_DB))
+    scheme, sep, rest = spec_storage.partition('://')
+    if scheme == 'postgresql' and sep and not _importable('psycopg') and _importable('psycopg2'):
+        return f'postgresql+psycopg2://{rest}'
+    return spec_storage
+
+
+def _importable(module: str) -> bool:
+    import importlib.util  # pylint: disable=g-import-not-at-top
+
+    return importlib.util.find_spec(module) is not None
 
 
 def open_storage(url: str, spec: search_space.Spec) -> Any:
