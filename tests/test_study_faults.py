@@ -128,3 +128,107 @@ def test_the_documented_postgresql_url_opens_the_study(tmp_path, cifar_py, postg
     described = study_report.read_description(workdir)
     assert described['storage'] == search_space.redact(postgres_url)
     assert len(study_report.load_study(workdir, described).get_trials()) == 1
+
+
+# ------------------------------------------------ C: smaller surprises ----
+
+
+def _main(*args) -> int:
+    from resnet_jax.cli import main as cli_main
+
+    return cli_main.main(['main', *map(str, args)])
+
+
+def test_a_larger_num_trials_extends_the_study(tmp_path, cifar_py):
+    from resnet_jax.studies import optuna_study
+
+    workdir = str(tmp_path / 'study')
+    config = study_config(cifar_py.path, num_trials=2)
+    study = optuna_study.open_study(search_space.spec_from_config(config), workdir)
+    config.search.num_trials = 5
+    optuna_study.open_study(search_space.spec_from_config(config), workdir)
+    config.search.num_trials = 1
+    optuna_study.open_study(search_space.spec_from_config(config), workdir)
+    # A study recorded before num_trials could change holds it in its key.
+    study.set_user_attr('spec', {**study.user_attrs['spec'], 'num_trials': 2})
+    config.search.num_trials = 5
+    optuna_study.open_study(search_space.spec_from_config(config), workdir)
+
+
+def test_a_diverged_studys_rerun_exits_as_the_first_run(tmp_path, cifar_py, monkeypatch, capsys):
+    from resnet_jax.training import loop
+
+    def diverging(configs, workdirs, **kwargs):
+        return None, [{'status': 'diverged', 'error': 'the loss is nan'} for _ in configs]
+
+    monkeypatch.setattr(loop, 'train_runs', diverging)
+    path = config_file(tmp_path, cifar_py.path, 'config.search.num_trials = 1')
+    args = (f'--config={path}', f'--workdir={tmp_path / "study"}')
+    assert _main(*args) == 1
+    first = [line for line in capsys.readouterr().err.splitlines() if line.startswith('run ')]
+    assert _main(*args) == 1
+    again = [line for line in capsys.readouterr().err.splitlines() if line.startswith('run ')]
+    assert first == again and len(first) == 1 and first[0].endswith(': diverged'), first
+
+
+def test_min_epochs_beyond_num_epochs_is_a_config_error(cifar_py):
+    config = study_config(cifar_py.path, pruner='median', min_epochs=2)
+    with pytest.raises(search_space.SearchError, match='min_epochs=2 is larger than num_epochs=1'):
+        search_space.spec_from_config(config)
+    config.search.space.num_epochs = search_space.categorical((1, 2))
+    search_space.spec_from_config(config)  # Some trial trains 2 epochs.
+
+
+def test_workers_beyond_the_machine_or_without_a_study_are_one_line(tmp_path, cifar_py, capsys):
+    from resnet_jax.studies import workers
+
+    workdir = tmp_path / 'study'
+    path = config_file(tmp_path, cifar_py.path)
+    most, _ = workers.max_workers()
+    assert _main(f'--config={path}', f'--workdir={workdir}', f'--workers={most + 1}') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'at most {most}' in err[0], err
+    assert not workdir.exists()
+    path = tmp_path / 'run_config.py'
+    path.write_text(
+        'from tests.conftest import make_tiny_config\n\n'
+        f'def get_config():\n    return make_tiny_config({cifar_py.path!r})\n'
+    )
+    assert _main(f'--config={path}', f'--workdir={workdir}', '--workers=2') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'no sweep or search section' in err[0], err
+    assert not workdir.exists()
+
+
+def test_a_report_without_its_study_database_is_one_line(tmp_path, cifar_py, capsys):
+    from resnet_jax.studies import optuna_study
+
+    workdir = tmp_path / 'study'
+    optuna_study.open_study(search_space.spec_from_config(study_config(cifar_py.path)), workdir)
+    os.remove(workdir / 'study.db')
+    assert _main(f'--workdir={workdir}', '--mode=report') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and 'study.db is missing' in err[0]
+    assert not (workdir / 'study.db').exists()
+
+
+def test_a_best_trial_whose_folder_was_deleted_is_reported_with_a_warning(tmp_path, cifar_py):
+    from resnet_jax.reports import study_report
+    from resnet_jax.studies import optuna_study
+
+    workdir = tmp_path / 'study'
+    study = optuna_study.open_study(
+        search_space.spec_from_config(study_config(cifar_py.path)), workdir
+    )
+    trial = study.ask({'learning_rate': optuna_distribution()})
+    trial.set_user_attr('run', 'learning_rate=0.01')
+    study.tell(trial, 0.5)
+    study_report.write_study_report(str(workdir))
+    text = (workdir / 'search.md').read_text()
+    assert 'the run folder of the best trial, learning_rate=0.01, was deleted' in text
+
+
+def optuna_distribution():
+    import optuna
+
+    return optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)

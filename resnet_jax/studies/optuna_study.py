@@ -140,7 +140,7 @@ def claim_lock(workdir: str) -> Iterator[None]:
 def _study_key(spec: search_space.Spec) -> dict[str, Any]:
     """What every worker of a study must agree on."""
     described = spec.describe()
-    for name in ('storage', 'study_name'):
+    for name in ('storage', 'study_name', 'num_trials'):  # More trials extend the study.
         described.pop(name)
     described['base_config'] = {
         k: v
@@ -189,6 +189,8 @@ def _check_key(study: Any, spec: search_space.Spec, url: str) -> None:
     """Records the study's key once; a worker with another search config is an error."""
     key = _study_key(spec)
     recorded = study.user_attrs.get('spec')
+    if recorded is not None:  # Keys recorded before num_trials could change hold it.
+        recorded = {k: v for k, v in recorded.items() if k != 'num_trials'}
     if recorded is None:
         study.set_user_attr('spec', key)
     elif recorded != key:

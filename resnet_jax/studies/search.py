@@ -120,19 +120,38 @@ def run_worker(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
     return statuses
 
 
+def ended_runs(spec: search_space.Spec, workdir: str) -> dict[str, str]:
+    """The status of every run the study's trials ended, by folder (a retry's last)."""
+    import optuna  # pylint: disable=g-import-not-at-top
+
+    url = optuna_study.storage_url(spec.storage, workdir)
+    study = optuna.load_study(
+        study_name=spec.study_name, storage=optuna_study.open_storage(url, spec)
+    )
+    ended = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    return {
+        t.user_attrs['run']: t.user_attrs['run_status']
+        for t in ended
+        if 'run' in t.user_attrs and 'run_status' in t.user_attrs
+    }
+
+
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Runs the study of ``config`` in ``workdir`` as one worker: ``{run folder: status}``.
 
     A ``sweep`` section is a grid study: its ``sweep.json`` is written and the
     status of every point is returned (``'pending'`` for one no worker has
-    ended yet). A ``search`` section returns the runs this worker ended. Start
+    ended yet). A ``search`` section returns every run of the study that has
+    ended (by this worker or earlier ones), so that a rerun reports the same. Start
     the same command several times (or ``--workers=N``) to share the study.
     A config that cannot fit the data raises before anything is created;
     :class:`StudyStopped` when trials keep failing with the same error.
     """
-    preflight.check_data(search_space.spec_from_config(config))  # Before anything is created.
+    spec = search_space.spec_from_config(config)
+    preflight.check_data(spec)  # Before anything is created.
     if not sweep_lib.is_sweep(config):
-        return run_worker(config, workdir)
+        statuses = run_worker(config, workdir)
+        return {**ended_runs(spec, workdir), **statuses}
     points = sweep_lib.expand(config)
     sweep_lib.write_manifest(config, workdir, points)
     logger.info('sweep of %d runs over %s', len(points), ', '.join(sweep_lib.axes(config)))
