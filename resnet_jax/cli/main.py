@@ -47,11 +47,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Imported after parsing, so that `--help` and usage errors are instant.
             from resnet_jax.studies import search_space  # pylint: disable=g-import-not-at-top
 
+            if _workers_given(args.argv) and (
+                args.mode == 'eval' or not search_space.is_study(args.config)
+            ):
+                return _fail(
+                    '--workers=N starts the workers of a sweep or search; the config has no '
+                    'sweep or search section to train'
+                )
             _start(args.config)
             if args.mode == 'eval':
                 return evaluate(args.config, args.workdir)
             if search_space.is_study(args.config):
                 return study(args.argv, args.config, args.workdir, args.workers)
+
             return train(args.config, args.workdir, new_run=args.new_run, overwrite=args.overwrite)
         except BaseException as e:  # pylint: disable=broad-except  # Re-raised unless known.
             return _exit_code(e)
@@ -82,13 +90,20 @@ def evaluate(config: Any, workdir: str) -> int:
 
 def study(argv: list[str], config: Any, workdir: str, num_workers: int) -> int:
     """A grid or a search: its runs here, or in ``num_workers`` processes; then its report."""
-    from resnet_jax.studies import optuna_study, search, search_space, workers
+    from resnet_jax.studies import optuna_study, preflight, search, search_space, workers
 
     spec = search_space.spec_from_config(config)  # Bad input: an error before anything starts.
     if num_workers > 1:
+        workers.check_count(num_workers)
+        preflight.check_data(spec)  # One error line for data every trial shares, not one each.
         optuna_study.open_study(spec, workdir)  # One error line for a bad storage, not one each.
         return workers.run_workers(argv, num_workers, workdir)
-    statuses = search.run_study(config, workdir)
+    try:
+        statuses = search.run_study(config, workdir)
+    except search.StudyStopped as e:
+        _write_study_reports(workdir)
+        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+        return EXIT_RUNS_FAILED
     _write_study_reports(workdir)
     bad = {k: v for k, v in statuses.items() if v not in ('completed', 'pruned')}
     for name, status in bad.items():
@@ -103,6 +118,11 @@ def report(workdir: str) -> int:
 
     study_files = (optuna_study.DESCRIPTION_FILE, sweep.MANIFEST_FILE)
     if any(os.path.exists(os.path.join(workdir, f)) for f in study_files):
+        if _lost_study_db(workdir):
+            return _fail(
+                f'{os.path.join(workdir, optuna_study.STUDY_DB)} is missing: the study '
+                f'{workdir} describes has no trials to report (its run folders are intact)'
+            )
         written = _write_study_reports(workdir)
     elif os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         written = sweep_report.write_run_report(workdir)
@@ -143,6 +163,20 @@ def _write_study_reports(workdir: str) -> dict[str, str]:
     for kind, path in paths.items():
         logging.getLogger('resnet_jax').info('report %s: %s', kind, path)
     return paths
+
+
+def _lost_study_db(workdir: str) -> bool:
+    """Whether the study's storage is the workdir's SQLite file and it is gone."""
+    from resnet_jax.rundir import workdir as workdir_lib
+    from resnet_jax.studies import optuna_study
+
+    described = workdir_lib.read_json_object(os.path.join(workdir, optuna_study.DESCRIPTION_FILE))
+    in_workdir = described is not None and not described.get('storage')
+    return in_workdir and not os.path.exists(os.path.join(workdir, optuna_study.STUDY_DB))
+
+
+def _workers_given(argv: Sequence[str]) -> bool:
+    return any(a == '--workers' or a.startswith('--workers=') for a in argv[1:])
 
 
 def _new_workdir(path: str) -> str:

@@ -219,12 +219,24 @@ def best_trial(study: Any) -> Any | None:
         return None
 
 
+def _missing_best_folder(workdir: str, best: Any | None) -> str:
+    """A warning when the best trial's run folder was deleted ('' if it is there)."""
+    name = best.user_attrs.get('run') if best is not None else None
+    if not name or os.path.isdir(os.path.join(workdir, name)):
+        return ''
+    return (
+        f'Warning: the run folder of the best trial, {name}, was deleted; its value comes '
+        'from the study database alone (no checkpoint, metrics or test accuracy).'
+    )
+
+
 def _search_markdown(
     described: Mapping[str, Any],
     trials: pd.DataFrame,
     best: Any | None,
     compute: list[tuple[str, int | None]],
     imp: pd.Series,
+    note: str = '',
 ) -> str:
     metric = described['metric']
     lines = [f'# Study {described["study_name"]}', '']
@@ -241,6 +253,8 @@ def _search_markdown(
     lines.append('')
     lines.append('## Best trial')
     lines.append('')
+    if note:
+        lines += [note, '']
     if best is None:
         lines.append('No trial has completed yet.')
     else:
@@ -340,7 +354,10 @@ def write_study_report(workdir: str) -> dict[str, str]:
     if len(imp):
         paths['importances_csv'] = os.path.join(workdir, IMPORTANCES_CSV)
         workdir_lib.write_atomic(paths['importances_csv'], imp.to_frame().to_csv())
-    text = _search_markdown(described, trials, best, compute_table(trials, described), imp)
+    note = _missing_best_folder(workdir, best)
+    if note:
+        logger.warning('%s', note)
+    text = _search_markdown(described, trials, best, compute_table(trials, described), imp, note)
     paths['search'] = os.path.join(workdir, SEARCH_MD)
     workdir_lib.write_atomic(paths['search'], text)
     try:

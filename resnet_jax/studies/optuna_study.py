@@ -44,10 +44,24 @@ _CLAIM_LOCK = '.claim.lock'  # Serialises claiming trials among the workdir's wo
 
 
 def storage_url(spec_storage: str, workdir: str) -> str:
-    """The storage URL of a study; '' is ``workdir/study.db``."""
-    if spec_storage:
-        return spec_storage
-    return 'sqlite:///' + os.path.abspath(os.path.join(workdir, STUDY_DB))
+    """The storage URL of a study; '' is ``workdir/study.db``.
+
+    A bare ``postgresql://`` URL names the PostgreSQL driver that is installed:
+    SQLAlchemy's default (psycopg 3) if importable, else psycopg2, which the
+    ``postgres`` extra installs.
+    """
+    if not spec_storage:
+        return 'sqlite:///' + os.path.abspath(os.path.join(workdir, STUDY_DB))
+    scheme, sep, rest = spec_storage.partition('://')
+    if scheme == 'postgresql' and sep and not _importable('psycopg') and _importable('psycopg2'):
+        return f'postgresql+psycopg2://{rest}'
+    return spec_storage
+
+
+def _importable(module: str) -> bool:
+    import importlib.util  # pylint: disable=g-import-not-at-top
+
+    return importlib.util.find_spec(module) is not None
 
 
 def open_storage(url: str, spec: search_space.Spec) -> Any:
@@ -126,7 +140,7 @@ def claim_lock(workdir: str) -> Iterator[None]:
 def _study_key(spec: search_space.Spec) -> dict[str, Any]:
     """What every worker of a study must agree on."""
     described = spec.describe()
-    for name in ('storage', 'study_name'):
+    for name in ('storage', 'study_name', 'num_trials'):  # More trials extend the study.
         described.pop(name)
     described['base_config'] = {
         k: v
@@ -175,6 +189,8 @@ def _check_key(study: Any, spec: search_space.Spec, url: str) -> None:
     """Records the study's key once; a worker with another search config is an error."""
     key = _study_key(spec)
     recorded = study.user_attrs.get('spec')
+    if recorded is not None:  # Keys recorded before num_trials could change hold it.
+        recorded = {k: v for k, v in recorded.items() if k != 'num_trials'}
     if recorded is None:
         study.set_user_attr('spec', key)
     elif recorded != key:

@@ -41,11 +41,33 @@ import time
 import ml_collections
 
 from resnet_jax.rundir import workdir as workdir_lib
-from resnet_jax.studies import optuna_study, search_space
+from resnet_jax.studies import optuna_study, preflight, search_space
 from resnet_jax.studies import sweep as sweep_lib
 from resnet_jax.studies import trials as trials_lib
 
 logger = logging.getLogger('resnet_jax')
+
+# A worker stops when this many trials in a row failed with the same error:
+# a failure every trial shares (a config that cannot train, a broken data
+# path) is not paid for num_trials times.
+SAME_FAILURES_TO_STOP = 3
+
+
+class StudyStopped(Exception):
+    """Trials in a row failed with the same error: the worker stopped (exit code 1)."""
+
+
+def _failures_in_a_row(earlier: list[str], runs: list[trials_lib.TrialRun]) -> list[str]:
+    """The same error messages in a row, ``earlier``'s followed by this claim's.
+
+    A claim whose runs all failed with one message continues the row (or starts
+    a new one); anything else ends it.
+    """
+    errors = {r.error or '' for r in runs}
+    if any(r.status != 'failed' for r in runs) or len(errors) != 1:
+        return []
+    (error,) = errors
+    return [*earlier, error] if earlier and earlier[-1] == error else [error]
 
 
 def run_worker(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
@@ -72,6 +94,7 @@ def run_worker(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
         worker,
     )
     statuses: dict[str, str] = {}
+    failures: list[str] = []
     while True:
         with contextlib.suppress(Exception):  # Another worker may fail the same trial.
             optuna.storages.fail_stale_trials(study)
@@ -88,7 +111,29 @@ def run_worker(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
         with optuna_study.heartbeat(storage, trial_ids, spec.heartbeat_seconds):
             trials_lib.train_trials(study, runs, spec)
         statuses.update({r.name: r.status for r in runs})
+        failures = _failures_in_a_row(failures, runs)
+        if len(failures) >= SAME_FAILURES_TO_STOP:
+            raise StudyStopped(
+                f'{len(failures)} trials in a row failed with the same error, so this worker '
+                f'stopped (fix it and rerun the command): {failures[-1]}'
+            )
     return statuses
+
+
+def ended_runs(spec: search_space.Spec, workdir: str) -> dict[str, str]:
+    """The status of every run the study's trials ended, by folder (a retry's last)."""
+    import optuna  # pylint: disable=g-import-not-at-top
+
+    url = optuna_study.storage_url(spec.storage, workdir)
+    study = optuna.load_study(
+        study_name=spec.study_name, storage=optuna_study.open_storage(url, spec)
+    )
+    ended = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    return {
+        t.user_attrs['run']: t.user_attrs['run_status']
+        for t in ended
+        if 'run' in t.user_attrs and 'run_status' in t.user_attrs
+    }
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
@@ -96,11 +141,17 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]
 
     A ``sweep`` section is a grid study: its ``sweep.json`` is written and the
     status of every point is returned (``'pending'`` for one no worker has
-    ended yet). A ``search`` section returns the runs this worker ended. Start
+    ended yet). A ``search`` section returns every run of the study that has
+    ended (by this worker or earlier ones), so that a rerun reports the same. Start
     the same command several times (or ``--workers=N``) to share the study.
+    A config that cannot fit the data raises before anything is created;
+    :class:`StudyStopped` when trials keep failing with the same error.
     """
+    spec = search_space.spec_from_config(config)
+    preflight.check_data(spec)  # Before anything is created.
     if not sweep_lib.is_sweep(config):
-        return run_worker(config, workdir)
+        statuses = run_worker(config, workdir)
+        return {**ended_runs(spec, workdir), **statuses}
     points = sweep_lib.expand(config)
     sweep_lib.write_manifest(config, workdir, points)
     logger.info('sweep of %d runs over %s', len(points), ', '.join(sweep_lib.axes(config)))

@@ -283,6 +283,7 @@ def spec_from_config(config: ml_collections.ConfigDict) -> Spec:
         options['num_trials'] = len(grid)
     spec = Spec(params=tuple(params), base=base, grid=grid, **options)
     _check_metric(spec)
+    _check_min_epochs(spec)
     return spec
 
 
@@ -345,6 +346,19 @@ def _check_metric(spec: Spec) -> None:
             f'config.search.metric={spec.metric} needs a validation split: set '
             'config.data.validation_size > 0 (or choose a test_ metric, which selects on '
             'the test set)'
+        )
+
+
+def _check_min_epochs(spec: Spec) -> None:
+    """``min_epochs`` is an epoch some trial trains (the most any trial can draw)."""
+    most = spec.base.num_epochs
+    for p in spec.params:
+        if p.name == 'num_epochs':
+            most = max(p.choices) if p.type == 'categorical' else p.high
+    if spec.min_epochs > most:
+        raise SearchError(
+            f'config.search.min_epochs={spec.min_epochs} is larger than num_epochs={most}: '
+            'the pruner would never see that epoch'
         )
 
 

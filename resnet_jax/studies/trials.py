@@ -84,6 +84,7 @@ def _tell(
             if summary.get(key) is not None:
                 trial.set_user_attr(key, summary[key])
     error = run.error or (summary or {}).get('error')
+    run.error = str(error) if error else None
     if error:
         trial.set_user_attr('error', str(error)[:500])
     value = (summary or {}).get(spec.metric)

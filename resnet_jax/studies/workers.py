@@ -18,6 +18,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from resnet_jax import validation
+
 logger = logging.getLogger('resnet_jax')
 
 WORKER_ENV = 'RESNET_JAX_WORKER'  # 'i/N' in each worker's environment.
@@ -49,6 +51,26 @@ def visible_gpus() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith('GPU ')]
+
+
+def max_workers() -> tuple[int, str]:
+    """How many workers this machine runs at most, and what limits them: one per
+    GPU, or on CPUs one per core this process may use."""
+    gpus = visible_gpus()
+    if gpus:
+        return len(gpus), f'{len(gpus)} GPUs'
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return cores or 1, f'{cores or 1} CPU cores'
+
+
+def check_count(n: int) -> None:
+    """:class:`ConfigError` if ``n`` workers are more than :func:`max_workers`."""
+    most, what = max_workers()
+    if n > most:
+        raise validation.ConfigError(
+            f'--workers={n} is more than this machine runs: at most {most} (its {what}); '
+            'start the same command on other machines to add workers'
+        )
 
 
 def core_shares(cores: Sequence[int], n: int) -> list[list[int]]:
