@@ -264,8 +264,40 @@ def others_running(study: Any) -> bool:
     return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
 
+def still_running(study: Any, trial: Any) -> bool | None:
+    """Whether ``trial`` is still running in the study (so still this worker's: a
+    retried trial gets a new one); None when the storage does not answer."""
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    try:
+        state = study._storage.get_trial(trial._trial_id).state  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except  # The storage is away: cannot tell.
+        return None
+    return state == TrialState.RUNNING
+
+
+def folder_in_use(study: Any, name: str, mine: Sequence[Any]) -> bool:
+    """Whether a running trial other than ``mine`` trains in the run folder ``name``.
+
+    When none does, a lock on that folder is held by a worker whose trial the
+    study has failed (its heartbeat went stale): it may be taken over at once.
+    True when the storage does not answer.
+    """
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    ids = {t._trial_id for t in mine}  # pylint: disable=protected-access
+    try:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    except Exception:  # pylint: disable=broad-except
+        return True
+    return any(t.user_attrs.get('run') == name and t._trial_id not in ids for t in trials)
+
+
 def give_back(study: Any, trials: Sequence[Any]) -> None:
-    """Gives interrupted trials back: each fails and a retry waits for the next worker."""
+    """Gives interrupted trials back: each fails and a retry waits for the next worker.
+
+    A trial that is no longer running (another worker failed and retried it) is left.
+    """
     import optuna  # pylint: disable=g-import-not-at-top
     from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
 

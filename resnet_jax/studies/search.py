@@ -87,7 +87,7 @@ def run_worker(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
         trial_ids = [t._trial_id for t in trials]  # pylint: disable=protected-access
         with optuna_study.heartbeat(storage, trial_ids, spec.heartbeat_seconds):
             trials_lib.train_trials(study, runs, spec)
-        statuses.update({r.name: r.status for r in runs})
+        statuses.update({r.name: r.status for r in runs if r.status != trials_lib.LOST})
     return statuses
 
 
