@@ -32,7 +32,9 @@ def one_point_study(tmp_path, epochs: int, *extra: str) -> str:
         config.search.grace_seconds = 2
         config.search.poll_seconds = 0.5
         """
-    return write_config_file(tmp_path, body + ''.join(f'    {line}\n' for line in extra))
+    return write_config_file(
+        tmp_path, body.rstrip(' ') + ''.join(f'        {line}\n' for line in extra)
+    )
 
 
 def wait_for_checkpoint(proc, run_dir, timeout=300) -> None:
@@ -94,3 +96,61 @@ def test_a_paused_worker_that_lost_its_trial_writes_nothing_more(tmp_path, learn
     assert summary['status'] == 'completed' and summary['epochs_completed'] == 3
     trials = trials_of(f'sqlite:///{workdir}/study.db')
     assert [t.state.name for t in trials] == ['FAIL', 'COMPLETE']
+
+
+# ------------------------------------------------------- the storage ----
+
+
+def test_a_read_only_study_database_says_so(tmp_path, learnable):
+    import optuna
+
+    from resnet_jax.studies import optuna_study, search_space
+    from tests.test_search import search_config
+
+    workdir = str(tmp_path / 'study')
+    spec = search_space.spec_from_config(search_config(learnable.path))
+    optuna_study.open_study(spec, workdir)
+    url = f'sqlite:///file:{workdir}/study.db?mode=ro&uri=true'
+    study = optuna.load_study(study_name='search', storage=optuna_study.open_storage(url, spec))
+    retry = optuna_study.Retry(url, 30)
+    started = time.time()
+    with pytest.raises(optuna_study.StorageUnavailable, match='is read-only') as raised:
+        retry(optuna_study.claim, study, spec)
+    assert 'max length' not in str(raised.value)
+    assert time.time() - started < 10  # Not retried: a read-only storage does not come back.
+
+
+@pytest.mark.slow
+def test_a_storage_that_stays_away_stops_the_worker_with_one_line(tmp_path, learnable):
+    import sqlite3
+
+    config_file = one_point_study(tmp_path, 3, 'config.search.storage_retry_seconds = 3')
+    workdir = tmp_path / 'study'
+    run_dir = workdir / 'learning_rate=0.003'
+    args = grid_args(config_file, learnable.path, workdir, '')
+    worker = start_cli(args)
+    wait_for_checkpoint(worker, run_dir)
+    db = sqlite3.connect(workdir / 'study.db', timeout=60, isolation_level=None)
+    db.execute('BEGIN EXCLUSIVE')  # The storage is away for every other process.
+    try:
+        out, err = worker.communicate(timeout=300)
+    finally:
+        db.execute('ROLLBACK')
+        db.close()
+    assert worker.returncode == 2, err[-3000:]
+    assert 'Traceback' not in out + err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'the study storage sqlite:///' in errors[0], err[-3000:]
+    assert 'did not answer for 3 s' in errors[0], errors
+    # The run keeps its status, and its last record has its checkpoint.
+    summary = run_dir / 'summary.json'
+    assert not summary.exists() or json.loads(summary.read_text())['status'] != 'failed'
+    done = [r['epoch'] for r in records(run_dir)]
+    saved = sorted(int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit())
+    assert done and saved and done[-1] < 3, (done, saved)
+    time.sleep(3)  # Past the grace period: the trial's heartbeat is stale.
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'resuming after epoch {done[-1]}' in result.stdout + result.stderr
+    assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3]
+    assert json.loads(summary.read_text())['status'] == 'completed'

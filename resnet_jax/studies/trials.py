@@ -57,11 +57,14 @@ def prepare(trial: Any, spec: search_space.Spec, workdir: str) -> TrialRun:
     return run
 
 
-def _epoch_callback(run: TrialRun, spec: search_space.Spec) -> Callable[[dict[str, Any]], bool]:
+def _epoch_callback(
+    run: TrialRun, spec: search_space.Spec, retry: optuna_study.Retry
+) -> Callable[[dict[str, Any]], bool]:
     """Reports an epoch's metric to the trial; True when the pruner stops the run.
 
     A trial another worker has meanwhile failed and retried raises
-    :class:`locks.OwnershipLost`.
+    :class:`locks.OwnershipLost`; a storage that stays away raises
+    :class:`optuna_study.StorageUnavailable` (the epoch is checkpointed first).
     """
     import optuna  # pylint: disable=g-import-not-at-top
 
@@ -70,12 +73,12 @@ def _epoch_callback(run: TrialRun, spec: search_space.Spec) -> Callable[[dict[st
         if not validation.is_finite_number(value):
             return False
         try:
-            run.trial.report(float(value), int(record['epoch']))
+            retry(run.trial.report, float(value), int(record['epoch']))
         except optuna.exceptions.UpdateFinishedTrialError:
             raise locks.OwnershipLost(_lost(run)) from None
         if int(record['epoch']) >= run.config.num_epochs:
             return False  # Trained to the end: completed, whatever the pruner says.
-        return run.trial.should_prune()
+        return retry(run.trial.should_prune)
 
     return on_epoch
 
@@ -126,13 +129,17 @@ def _take_over_abandoned(study: Any, group: Sequence[TrialRun]) -> bool:
 
 
 def _tell(
-    study: Any, run: TrialRun, summary: Mapping[str, Any] | None, spec: search_space.Spec
+    study: Any,
+    run: TrialRun,
+    summary: Mapping[str, Any] | None,
+    spec: search_space.Spec,
+    retry: optuna_study.Retry,
 ) -> None:
-    """Ends a trial with its run's outcome."""
+    """Ends a trial with its run's outcome (the storage retried while it does not answer)."""
     import optuna  # pylint: disable=g-import-not-at-top
 
     try:
-        _tell_outcome(study, run, summary, spec)
+        retry(_tell_outcome, study, run, summary, spec)
     except optuna.exceptions.UpdateFinishedTrialError:
         logger.warning('trial %d %s: not told: %s', run.trial.number, run.name, _lost(run))
 
@@ -169,8 +176,14 @@ def _tell_outcome(
     )
 
 
-def train_trials(study: Any, runs: list[TrialRun], spec: search_space.Spec) -> None:
-    """Trains claimed trials (together if more than one) and tells the study their outcome."""
+def train_trials(
+    study: Any, runs: list[TrialRun], spec: search_space.Spec, retry: optuna_study.Retry
+) -> None:
+    """Trains claimed trials (together if more than one) and tells the study their outcome.
+
+    A storage that stays away raises :class:`optuna_study.StorageUnavailable`
+    once the runs are checkpointed; their folders keep their status.
+    """
     summaries: list[dict[str, Any] | None] = [None] * len(runs)
     todo = []
     for i, run in enumerate(runs):
@@ -185,24 +198,26 @@ def train_trials(study: Any, runs: list[TrialRun], spec: search_space.Spec) -> N
                 run.name,
                 done['status'],
             )
-            report_epoch = _epoch_callback(run, spec)  # The pruner sees its history.
+            report_epoch = _epoch_callback(run, spec, retry)  # The pruner sees its history.
             for record in workdir_lib.read_metrics(run.run_dir):
                 report_epoch(record)
             summaries[i] = done
         else:
             todo.append(i)
     if todo:
-        results = _train([runs[i] for i in todo], study, spec)
+        results = _train([runs[i] for i in todo], study, spec, retry)
         for i, result in zip(todo, results, strict=True):
             summaries[i] = result
     for run, summary in zip(runs, summaries, strict=True):
         if summary and summary.get('status') == LOST:
             run.status = LOST  # Another worker trains it now: nothing to tell.
         else:
-            _tell(study, run, summary, spec)
+            _tell(study, run, summary, spec, retry)
 
 
-def _train(group: Sequence[TrialRun], study: Any, spec: search_space.Spec) -> list[dict[str, Any]]:
+def _train(
+    group: Sequence[TrialRun], study: Any, spec: search_space.Spec, retry: optuna_study.Retry
+) -> list[dict[str, Any]]:
     """Trains ``group`` as one program; the runs' summaries (a failure recorded as one).
 
     A run folder another process is training (the same point drawn twice) is
@@ -220,10 +235,13 @@ def _train(group: Sequence[TrialRun], study: Any, spec: search_space.Spec) -> li
             _, results = loop.train_runs(
                 [r.config for r in group],
                 [r.run_dir for r in group],
-                on_epoch=[_epoch_callback(r, spec) for r in group],
+                on_epoch=[_epoch_callback(r, spec, retry) for r in group],
                 fence=[_fence(r, study) for r in group],
             )
             return results
+        except optuna_study.StorageUnavailable:  # Not the run's fault: it keeps its status.
+            optuna_study.give_back(study, [r.trial for r in group])  # If the storage is back.
+            raise
         except locks.OwnershipLost as e:
             logger.warning('%s: this worker stops it and goes on: %s', group[0].name, e)
             optuna_study.give_back(study, [r.trial for r in group])
