@@ -1,6 +1,7 @@
 """A lease lock on a folder, against two processes writing into one workdir.
 
-    with locks.lock(path):      # raises WorkdirBusy if a live process holds it
+    with locks.lock(path) as held:      # raises WorkdirBusy if a live process holds it
+        held.check()                    # before each write: OwnershipLost if taken over
         ...
 
 The lock is a lease: a file holding the owner's host and process id, linked
@@ -9,6 +10,12 @@ into place whole, whose modification time the owner refreshes while it lives
 any host of a shared filesystem), left by a dead process of this host, or
 empty or unreadable, is taken over; processes create or take over the lock
 only while holding a short-lived guard file, so two never both take it.
+
+A process that was paused (SIGSTOP, a frozen VM) may find on waking that its
+lock was taken over; :meth:`Held.check` tells it before it writes again. A
+caller that knows a lock's holder lost the work it locked for (a study whose
+trial was retried elsewhere) may take the lock over at once
+(:func:`take_over`), without waiting out its lease.
 """
 
 from __future__ import annotations
@@ -37,6 +44,14 @@ GUARD_STALE_SECONDS = 10.0
 
 class WorkdirBusy(RuntimeError):
     """Another live process is writing into the same workdir."""
+
+
+class OwnershipLost(WorkdirBusy):
+    """This process no longer owns what it was writing: it must write nothing more there.
+
+    Its folder's lock was taken over (or removed), or a fence of the caller's
+    (a study's trial failed and retried by another worker) said so.
+    """
 
 
 def _owner() -> str:
@@ -126,19 +141,55 @@ def _take_over(path: str, judged: os.stat_result) -> bool:
     return False
 
 
+def _read(path: str) -> str | None:
+    """The owner line a lock file holds; None if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return None
+
+
+class Held:
+    """A lock this process took: :meth:`check` before writing into its folder."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_FILE)
+        self.identity = _identity(self.path)
+        self.owner = _owner()
+
+    def ours(self) -> bool:
+        """Whether the lock file is still the one this process created (same file, same owner)."""
+        return _identity(self.path) == self.identity and _read(self.path) == self.owner
+
+    def check(self) -> None:
+        """Raises :class:`OwnershipLost` if the lock was taken over or removed meanwhile.
+
+        Read from the file, so it holds across hosts sharing the filesystem.
+        """
+        if self.ours():
+            return
+        holder = _read(self.path)
+        by = f'taken over by {holder!r}' if holder else 'removed'
+        raise OwnershipLost(
+            f'the lock of {self.folder} was {by} while this process was away; '
+            'it writes nothing more there'
+        )
+
+
 class _Lease(threading.Thread):
     """Refreshes a lock's modification time until stopped (a daemon thread)."""
 
-    def __init__(self, path: str, every: float):
-        super().__init__(name=f'lease {path}', daemon=True)
-        self._path, self._every, self._done = path, every, threading.Event()
-        self.identity = _identity(path)
+    def __init__(self, held: Held, every: float):
+        super().__init__(name=f'lease {held.path}', daemon=True)
+        self._held, self._every, self._done = held, every, threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(self._every):
             with contextlib.suppress(OSError):  # A full disk or a network hiccup: next time.
-                if _identity(self._path) == self.identity:
-                    os.utime(self._path)
+                if self._held.ours():
+                    os.utime(self._held.path)
 
     def stop(self) -> None:
         self._done.set()
@@ -182,9 +233,32 @@ def _guard(path: str, lock_path: str) -> Iterator[None]:
             os.unlink(path)
 
 
+def holder(folder: str) -> str | None:
+    """The owner line (``'<host> <pid>'``) of ``folder``'s lock; None if there is none."""
+    return _read(os.path.join(folder, LOCK_FILE))
+
+
+def take_over(folder: str, judged: str) -> bool:
+    """Removes ``folder``'s lock if ``judged`` (its owner line) still holds it.
+
+    For a caller that knows the holder lost the work it locked the folder for
+    (though it may live, paused, and its lease run on): the lock is removed under
+    the guard, and the holder finds out before it writes again
+    (:meth:`Held.check`). Returns whether the lock was removed; the caller then
+    takes it with :func:`lock`.
+    """
+    path = os.path.join(folder, LOCK_FILE)
+    with _guard(path + GUARD_SUFFIX, path):
+        if _read(path) != judged:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return True
+
+
 @contextlib.contextmanager
-def lock(folder: str, lease_seconds: float = LOCK_LEASE_SECONDS) -> Iterator[None]:
-    """Holds ``folder/.lock`` for the duration of the block.
+def lock(folder: str, lease_seconds: float = LOCK_LEASE_SECONDS) -> Iterator[Held]:
+    """Holds ``folder/.lock`` for the duration of the block; yields the :class:`Held` lock.
 
     Raises :class:`WorkdirBusy` while a live process holds it; a stale lock
     (see :func:`_stale`) is taken over, under a guard (:func:`_guard`) that
@@ -198,20 +272,20 @@ def lock(folder: str, lease_seconds: float = LOCK_LEASE_SECONDS) -> Iterator[Non
         for _ in range(3):
             if _create_lock(path):
                 break
-            holder, judged = '', None
+            owner_line, judged = '', None
             try:
                 judged = os.stat(path)
                 with open(path) as f:
-                    holder = f.read().strip()
+                    owner_line = f.read().strip()
             except FileNotFoundError:
                 continue  # Released meanwhile by its owner: try again.
             except (OSError, ValueError):
                 pass  # Unreadable: stale, if it is a file.
             if judged is None or not stat.S_ISREG(judged.st_mode):
                 raise WorkdirBusy(f'{path} is not a lock file this tool can take over; remove it')
-            if not _stale(holder, time.time() - judged.st_mtime, lease_seconds):
+            if not _stale(owner_line, time.time() - judged.st_mtime, lease_seconds):
                 raise WorkdirBusy(
-                    f'{folder} is in use by process {holder!r} (remove {path} if it is not)'
+                    f'{folder} is in use by process {owner_line!r} (remove {path} if it is not)'
                 )
             try:
                 os.unlink(path)
@@ -221,12 +295,13 @@ def lock(folder: str, lease_seconds: float = LOCK_LEASE_SECONDS) -> Iterator[Non
                 raise WorkdirBusy(f'could not remove the stale lock {path}: {e.strerror}') from None
         else:
             raise WorkdirBusy(f'could not lock {folder}')
-    lease = _Lease(path, lease_seconds / LOCK_REFRESHES_PER_LEASE)
+    held = Held(folder)
+    lease = _Lease(held, lease_seconds / LOCK_REFRESHES_PER_LEASE)
     lease.start()
     try:
-        yield
+        yield held
     finally:
         lease.stop()
-        if _identity(path) == lease.identity:  # Still ours: release it.
+        if held.ours():  # Still ours (not taken over meanwhile): release it.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -68,7 +69,9 @@ def open_storage(url: str, spec: search_space.Spec) -> Any:
     """An Optuna RDB storage with heartbeats; :class:`search_space.SearchError` if unreachable."""
     import optuna  # pylint: disable=g-import-not-at-top
 
-    engine_kwargs = {'connect_args': {'timeout': 60}} if url.startswith('sqlite') else {}
+    # SQLite waits this long for a lock held by another process before it fails.
+    busy = min(60.0, max(5.0, spec.storage_retry_seconds))
+    engine_kwargs = {'connect_args': {'timeout': busy}} if url.startswith('sqlite') else {}
     engine_kwargs['pool_pre_ping'] = True
     try:
         return optuna.storages.RDBStorage(
@@ -83,6 +86,72 @@ def open_storage(url: str, spec: search_space.Spec) -> Any:
         raise search_space.SearchError(
             f'cannot open the study storage {search_space.redact(url)}: {message}'
         ) from None
+
+
+class StorageUnavailable(search_space.SearchError):
+    """The study's storage stayed away (or is read-only): a fault of the storage, not of a run."""
+
+
+def _reason(error: BaseException) -> str:
+    """The driver's first line behind an Optuna or SQLAlchemy storage error."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    error = getattr(error, 'orig', None) or error
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _storage_error(error: BaseException) -> bool:
+    import optuna  # pylint: disable=g-import-not-at-top
+    import sqlalchemy  # pylint: disable=g-import-not-at-top
+
+    return isinstance(
+        error, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
+    )
+
+
+class Retry:
+    """Calls into the study's storage, retried with backoff while it does not answer.
+
+    ``retry(call, *args)`` returns ``call(*args)``; a storage error is retried
+    for ``seconds`` (``config.search.storage_retry_seconds``), then raises
+    :class:`StorageUnavailable` naming the storage (without its password). A
+    read-only storage raises it at once.
+    """
+
+    def __init__(self, url: str, seconds: float):
+        self.url, self.seconds = url, seconds
+
+    def __call__(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        deadline, delay, warned = time.monotonic() + self.seconds, 0.5, False
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except Exception as e:  # pylint: disable=broad-except  # Only storage errors.
+                if not _storage_error(e):
+                    raise
+                reason, where = _reason(e), search_space.redact(self.url)
+                if 'readonly' in reason.lower() or 'read-only' in reason.lower():
+                    raise StorageUnavailable(
+                        f'the study storage {where} is read-only ({reason}): make it writable '
+                        'and rerun the command'
+                    ) from None
+                if time.monotonic() + delay > deadline:
+                    raise StorageUnavailable(
+                        f'the study storage {where} did not answer for '
+                        f'{self.seconds:g} s ({reason}); the runs are checkpointed: rerun the '
+                        'command once it is back'
+                    ) from None
+                if not warned:
+                    logger.warning(
+                        'the study storage %s does not answer (%s): retrying for up to %g s',
+                        where,
+                        reason,
+                        self.seconds,
+                    )
+                    warned = True
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
 
 
 def make_sampler(spec: search_space.Spec, offset: int = 0) -> Any:
@@ -280,8 +349,40 @@ def others_running(study: Any) -> bool:
     return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
 
+def still_running(study: Any, trial: Any) -> bool | None:
+    """Whether ``trial`` is still running in the study (so still this worker's: a
+    retried trial gets a new one); None when the storage does not answer."""
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    try:
+        state = study._storage.get_trial(trial._trial_id).state  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except  # The storage is away: cannot tell.
+        return None
+    return state == TrialState.RUNNING
+
+
+def folder_in_use(study: Any, name: str, mine: Sequence[Any]) -> bool:
+    """Whether a running trial other than ``mine`` trains in the run folder ``name``.
+
+    When none does, a lock on that folder is held by a worker whose trial the
+    study has failed (its heartbeat went stale): it may be taken over at once.
+    True when the storage does not answer.
+    """
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    ids = {t._trial_id for t in mine}  # pylint: disable=protected-access
+    try:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    except Exception:  # pylint: disable=broad-except
+        return True
+    return any(t.user_attrs.get('run') == name and t._trial_id not in ids for t in trials)
+
+
 def give_back(study: Any, trials: Sequence[Any]) -> None:
-    """Gives interrupted trials back: each fails and a retry waits for the next worker."""
+    """Gives interrupted trials back: each fails and a retry waits for the next worker.
+
+    A trial that is no longer running (another worker failed and retried it) is left.
+    """
     import optuna  # pylint: disable=g-import-not-at-top
     from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
 

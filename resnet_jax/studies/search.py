@@ -93,24 +93,27 @@ def run_worker(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
         search_space.redact(optuna_study.storage_url(spec.storage, workdir)),
         worker,
     )
+    retry = optuna_study.Retry(
+        optuna_study.storage_url(spec.storage, workdir), spec.storage_retry_seconds
+    )
     statuses: dict[str, str] = {}
     failures: list[str] = []
     while True:
         with contextlib.suppress(Exception):  # Another worker may fail the same trial.
             optuna.storages.fail_stale_trials(study)
         with optuna_study.claim_lock(workdir):
-            trials = optuna_study.claim(study, spec)
+            trials = retry(optuna_study.claim, study, spec)
         if not trials:
-            if optuna_study.others_running(study):
+            if retry(optuna_study.others_running, study):
                 time.sleep(spec.poll_seconds)
                 continue
             break
-        runs = [trials_lib.prepare(trial, spec, workdir) for trial in trials]
+        runs = [retry(trials_lib.prepare, trial, spec, workdir) for trial in trials]
         storage = study._storage  # pylint: disable=protected-access
         trial_ids = [t._trial_id for t in trials]  # pylint: disable=protected-access
         with optuna_study.heartbeat(storage, trial_ids, spec.heartbeat_seconds):
-            trials_lib.train_trials(study, runs, spec)
-        statuses.update({r.name: r.status for r in runs})
+            trials_lib.train_trials(study, runs, spec, retry)
+        statuses.update({r.name: r.status for r in runs if r.status != trials_lib.LOST})
         failures = _failures_in_a_row(failures, runs)
         if len(failures) >= SAME_FAILURES_TO_STOP:
             raise StudyStopped(

@@ -177,6 +177,7 @@ class Spec:
     grace_seconds: int
     poll_seconds: float
     vectorize: bool
+    storage_retry_seconds: float = 60.0
     grid: tuple[dict[str, Any], ...] = ()  # Every point of a grid, in enqueue order.
     from_sweep: bool = False
 
@@ -221,6 +222,8 @@ SEARCH_DEFAULTS = {
     'grace_seconds': 120,
     'poll_seconds': 5.0,
     'vectorize': False,
+    # How long a worker retries a storage that does not answer before it stops.
+    'storage_retry_seconds': 60.0,
 }
 _OPTIONS = (*SEARCH_DEFAULTS, 'space')
 
@@ -307,6 +310,9 @@ def _check_options(options: dict[str, Any]) -> None:
         check_int(name, minimum)
     if options['grace_seconds'] <= options['heartbeat_seconds']:
         raise SearchError('config.search.grace_seconds must exceed heartbeat_seconds')
+    retry = options['storage_retry_seconds']
+    if not validation.is_finite_number(retry) or retry < 0:
+        raise SearchError(f'config.search.storage_retry_seconds must be >= 0, got {retry!r}')
     if not validation.is_finite_number(options['poll_seconds']) or options['poll_seconds'] <= 0:
         raise SearchError(
             f'config.search.poll_seconds must be > 0, got {options["poll_seconds"]!r}'

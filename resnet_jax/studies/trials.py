@@ -10,6 +10,7 @@ program. An interrupted worker gives its trials back to the queue.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,6 +26,8 @@ from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.studies import optuna_study, run_folders, search_space
 
 logger = logging.getLogger('resnet_jax')
+
+LOST = 'lost'  # A run this worker stopped because another worker now trains its trial.
 
 
 @dataclasses.dataclass
@@ -54,25 +57,96 @@ def prepare(trial: Any, spec: search_space.Spec, workdir: str) -> TrialRun:
     return run
 
 
-def _epoch_callback(run: TrialRun, spec: search_space.Spec) -> Callable[[dict[str, Any]], bool]:
-    """Reports an epoch's metric to the trial; True when the pruner stops the run."""
+def _epoch_callback(
+    run: TrialRun, spec: search_space.Spec, retry: optuna_study.Retry
+) -> Callable[[dict[str, Any]], bool]:
+    """Reports an epoch's metric to the trial; True when the pruner stops the run.
+
+    A trial another worker has meanwhile failed and retried raises
+    :class:`locks.OwnershipLost`; a storage that stays away raises
+    :class:`optuna_study.StorageUnavailable` (the epoch is checkpointed first).
+    """
+    import optuna  # pylint: disable=g-import-not-at-top
 
     def on_epoch(record: dict[str, Any]) -> bool:
         value = record.get(spec.metric)
         if not validation.is_finite_number(value):
             return False
-        run.trial.report(float(value), int(record['epoch']))
+        try:
+            retry(run.trial.report, float(value), int(record['epoch']))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise locks.OwnershipLost(_lost(run)) from None
         if int(record['epoch']) >= run.config.num_epochs:
             return False  # Trained to the end: completed, whatever the pruner says.
-        return run.trial.should_prune()
+        return retry(run.trial.should_prune)
 
     return on_epoch
 
 
+def _lost(run: TrialRun) -> str:
+    return (
+        f'trial {run.trial.number} was failed in the study while this worker was away (its '
+        'heartbeat went stale) and is retried by another worker'
+    )
+
+
+def _fence(run: TrialRun, study: Any) -> Callable[[], None]:
+    """Raises :class:`locks.OwnershipLost` once the study no longer runs ``run``'s trial.
+
+    Asked before each write into the run's folder. When the storage does not
+    answer, the folder's lock (checked by the training loop) decides.
+    """
+
+    def check() -> None:
+        if optuna_study.still_running(study, run.trial) is False:
+            raise locks.OwnershipLost(_lost(run))
+
+    return check
+
+
+def _take_over_abandoned(study: Any, group: Sequence[TrialRun]) -> bool:
+    """Takes over the group's folder locks held for trials the study has failed.
+
+    Their holders (a paused worker, say) lost their trials when their heartbeats
+    went stale; they find out before they write again. Returns whether any was taken.
+    """
+    took = False
+    for run in group:
+        owner = locks.holder(run.run_dir)
+        if owner is None or optuna_study.folder_in_use(study, run.name, [r.trial for r in group]):
+            continue
+        with contextlib.suppress(locks.WorkdirBusy):
+            if locks.take_over(run.run_dir, owner):
+                logger.info(
+                    'trial %d %s: its folder was locked by %r for a trial the study has failed '
+                    '(a stale heartbeat): taken over',
+                    run.trial.number,
+                    run.name,
+                    owner,
+                )
+                took = True
+    return took
+
+
 def _tell(
+    study: Any,
+    run: TrialRun,
+    summary: Mapping[str, Any] | None,
+    spec: search_space.Spec,
+    retry: optuna_study.Retry,
+) -> None:
+    """Ends a trial with its run's outcome (the storage retried while it does not answer)."""
+    import optuna  # pylint: disable=g-import-not-at-top
+
+    try:
+        retry(_tell_outcome, study, run, summary, spec)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        logger.warning('trial %d %s: not told: %s', run.trial.number, run.name, _lost(run))
+
+
+def _tell_outcome(
     study: Any, run: TrialRun, summary: Mapping[str, Any] | None, spec: search_space.Spec
 ) -> None:
-    """Ends a trial with its run's outcome."""
     from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
 
     status = summary.get('status', 'failed') if summary else 'failed'
@@ -103,8 +177,14 @@ def _tell(
     )
 
 
-def train_trials(study: Any, runs: list[TrialRun], spec: search_space.Spec) -> None:
-    """Trains claimed trials (together if more than one) and tells the study their outcome."""
+def train_trials(
+    study: Any, runs: list[TrialRun], spec: search_space.Spec, retry: optuna_study.Retry
+) -> None:
+    """Trains claimed trials (together if more than one) and tells the study their outcome.
+
+    A storage that stays away raises :class:`optuna_study.StorageUnavailable`
+    once the runs are checkpointed; their folders keep their status.
+    """
     summaries: list[dict[str, Any] | None] = [None] * len(runs)
     todo = []
     for i, run in enumerate(runs):
@@ -119,25 +199,33 @@ def train_trials(study: Any, runs: list[TrialRun], spec: search_space.Spec) -> N
                 run.name,
                 done['status'],
             )
-            report_epoch = _epoch_callback(run, spec)  # The pruner sees its history.
+            report_epoch = _epoch_callback(run, spec, retry)  # The pruner sees its history.
             for record in workdir_lib.read_metrics(run.run_dir):
                 report_epoch(record)
             summaries[i] = done
         else:
             todo.append(i)
     if todo:
-        results = _train([runs[i] for i in todo], study, spec)
+        results = _train([runs[i] for i in todo], study, spec, retry)
         for i, result in zip(todo, results, strict=True):
             summaries[i] = result
     for run, summary in zip(runs, summaries, strict=True):
-        _tell(study, run, summary, spec)
+        if summary and summary.get('status') == LOST:
+            run.status = LOST  # Another worker trains it now: nothing to tell.
+        else:
+            _tell(study, run, summary, spec, retry)
 
 
-def _train(group: Sequence[TrialRun], study: Any, spec: search_space.Spec) -> list[dict[str, Any]]:
+def _train(
+    group: Sequence[TrialRun], study: Any, spec: search_space.Spec, retry: optuna_study.Retry
+) -> list[dict[str, Any]]:
     """Trains ``group`` as one program; the runs' summaries (a failure recorded as one).
 
     A run folder another process is training (the same point drawn twice) is
-    waited for: its result then counts for this trial too.
+    waited for: its result then counts for this trial too; one locked for a
+    trial the study has failed is taken over at once. A group this worker lost
+    (:class:`locks.OwnershipLost`) stops without writing anything more: its
+    summaries say :data:`LOST`.
     """
     from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top  # Heavy.
 
@@ -148,12 +236,21 @@ def _train(group: Sequence[TrialRun], study: Any, spec: search_space.Spec) -> li
             _, results = loop.train_runs(
                 [r.config for r in group],
                 [r.run_dir for r in group],
-                on_epoch=[_epoch_callback(r, spec) for r in group],
+                on_epoch=[_epoch_callback(r, spec, retry) for r in group],
+                fence=[_fence(r, study) for r in group],
             )
             return results
+        except optuna_study.StorageUnavailable:  # Not the run's fault: it keeps its status.
+            optuna_study.give_back(study, [r.trial for r in group])  # If the storage is back.
+            raise
+        except locks.OwnershipLost as e:
+            logger.warning('%s: this worker stops it and goes on: %s', group[0].name, e)
+            optuna_study.give_back(study, [r.trial for r in group])
+            return [{'status': LOST} for _ in group]
         except locks.WorkdirBusy as e:
-            logger.info('%s; waiting for it', e)
-            time.sleep(spec.poll_seconds)
+            if not _take_over_abandoned(study, group):
+                logger.info('%s; waiting for it', e)
+                time.sleep(spec.poll_seconds)
         except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
             bad_input = isinstance(e, (validation.ConfigError, datasets.DataError))
             message = str(e) if bad_input else f'{type(e).__name__}: {e}'

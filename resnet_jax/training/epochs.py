@@ -158,6 +158,7 @@ def interrupt(
     finite = np.asarray(train.runs_finite((states.params, states.batch_stats)))
     for r, run in enumerate(runs):
         if run.active:
+            runs_lib.check_owned(run)
             run.changed = True
             state, metrics = train.unstack(states, r), train.unstack(total, r)
             runs_lib.save(run, state, finite[r], epoch - 1, done, metrics, seconds)
@@ -210,14 +211,42 @@ def end_epoch(
             images_per_second=sum(plan.sizes) / seconds,
             **(_metrics('val', vals[r]) if vals is not None else {}),
         ).asdict()
-        run.records.append(record)
-        run.changed = True
-        run.writer.write(record)
+        ok = bool(finite[r]) if finite is not None else True  # Computed where it is read.
+        _write_epoch(run, record, lambda r=r: train.unstack(states, r), ok, save)
+
+
+def _write_epoch(
+    run: runs_lib.Run,
+    record: dict[str, Any],
+    state: Callable[[], train.TrainState],
+    finite: bool,
+    save: bool,
+) -> None:
+    """Writes a run's epoch record and its checkpoint (if ``save``), then asks its callback.
+
+    The record and the checkpoint come first: a callback that fails (a study
+    whose storage is away) leaves the epoch written and checkpointed. A pruned
+    run gets a checkpoint of its epoch.
+    """
+    epoch = record['epoch']
+    runs_lib.check_owned(run)
+    run.records.append(record)
+    run.changed = True
+    run.writer.write(record)
+    if save:
+        runs_lib.save(run, state(), finite, epoch, 0, None, 0.0, record)
+    if not run.active:  # Diverged while saving.
+        return
+    try:
         pruned = runs_lib.pruned(run, record)
-        if save or pruned:
-            runs_lib.save(run, train.unstack(states, r), finite[r], epoch, 0, None, 0.0, record)
-        if pruned:
-            logger.info('%spruned after epoch %d', run.prefix, epoch)
+    except Exception:
+        if not save:
+            runs_lib.save(run, state(), finite, epoch, 0, None, 0.0, record)
+        raise
+    if pruned and not save:
+        runs_lib.save(run, state(), finite, epoch, 0, None, 0.0, record)
+    if pruned:
+        logger.info('%spruned after epoch %d', run.prefix, epoch)
 
 
 def _metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -235,6 +264,7 @@ def end_group(runs: list[runs_lib.Run], states: train.TrainState) -> None:
         if run.active and run.records and run.records[-1]['epoch'] == num_epochs:
             run.status = 'completed'
             if run.epoch < num_epochs:  # Finished in this invocation.
+                runs_lib.check_owned(run)
                 run.writer.write_hparams(
                     runs_lib.hparams(run.config), runs_lib.final_metrics(run.records)
                 )

@@ -54,6 +54,7 @@ from resnet_jax.training import runs as runs_lib
 logger = logging.getLogger('resnet_jax')
 
 OnEpoch = Callable[[dict[str, Any]], bool]
+Fence = Callable[[], None]  # Raises locks.OwnershipLost when the run is no longer this process's.
 
 # Config fields in which the runs of one group may differ: each run's learning
 # rate is optimiser state, its data order and initialisation come from its seed.
@@ -101,13 +102,14 @@ def train_runs(
     *,
     overwrite: bool = False,
     on_epoch: Sequence[OnEpoch | None] | None = None,
+    fence: Sequence[Fence | None] | None = None,
 ) -> tuple[list[train.TrainState], list[dict[str, Any]]]:
     """Trains ``configs[i]`` into ``workdirs[i]``, all as one program; returns the final
-    states and summaries. The configs may differ only in :data:`VECTORIZABLE` fields;
-    each workdir and ``on_epoch[i]`` behave as with :func:`train_and_evaluate`.
-    """
+    states and summaries. The configs may differ only in :data:`VECTORIZABLE` fields; each
+    workdir and ``on_epoch[i]`` behave as with :func:`train_and_evaluate`; ``fence[i]``:
+    :func:`_fence_runs`."""
     callbacks = _check_group(configs, workdirs, on_epoch)
-    with _workdirs_held(workdirs):
+    with _workdirs_held(workdirs) as held:
         started = time.time()
         sets, index = _training_sets(configs)
         mesh = train.make_mesh() if mesh is None else mesh
@@ -116,6 +118,7 @@ def train_runs(
         data, plan = _on_device(sets, configs[0], mesh)
         with contextlib.ExitStack() as opened:  # Closes the runs' checkpoints and writers.
             runs = _new_runs(configs, workdirs, index, callbacks, plan, started, opened)
+            _fence_runs(runs, held, fence)
             num_params, flops = _log_start(runs[0], sets, plan, mesh)
             for run in runs:
                 runs_lib.resume(run)
@@ -175,17 +178,16 @@ def _check_group(
 
 
 @contextlib.contextmanager
-def _workdirs_held(workdirs: Sequence[str]) -> Iterator[None]:
-    """Holds every workdir's lock; a workdir created meanwhile that a failed run
-    left empty is removed again."""
+def _workdirs_held(workdirs: Sequence[str]) -> Iterator[list[locks.Held | None]]:
+    """Holds every workdir's lock (on the primary; None elsewhere); a workdir
+    created meanwhile that a failed run left empty is removed again."""
     created = [w for w in workdirs if not os.path.exists(w)]
     try:
         for workdir in workdirs:
             workdir_lib.check_writable(workdir)
         with contextlib.ExitStack() as held:
-            for workdir in workdirs:
-                held.enter_context(distributed.primary_only(locks.lock(workdir)))
-            yield
+            primary = distributed.is_primary()
+            yield [held.enter_context(locks.lock(w)) if primary else None for w in workdirs]
     except BaseException:
         for workdir in created:  # A run that failed before it wrote anything leaves nothing.
             for folder in (os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), workdir):
@@ -259,6 +261,17 @@ def _new_runs(
         opened.callback(runs_lib.close, run)
         runs.append(run)
     return runs
+
+
+def _fence_runs(
+    runs: list[runs_lib.Run], held: list[locks.Held | None], fences: Sequence[Fence | None] | None
+) -> None:
+    """Gives each run its workdir's lock and its fence, both checked before each write
+    into the workdir (records, checkpoints, TensorBoard, summary): either raises
+    :class:`~resnet_jax.rundir.locks.OwnershipLost`, which stops the group writing nothing more.
+    """
+    for r, run in enumerate(runs):
+        run.held, run.fence = held[r], fences[r] if fences is not None else None
 
 
 def _by_resume_point(runs: list[runs_lib.Run]) -> list[list[runs_lib.Run]]:

@@ -28,8 +28,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
 from resnet_jax import datasets, validation
+from resnet_jax.rundir import locks, writers
 from resnet_jax.rundir import workdir as workdir_lib
-from resnet_jax.rundir import writers
 from resnet_jax.training import checkpoints, distributed, train
 
 logger = logging.getLogger('resnet_jax')
@@ -59,6 +59,9 @@ class Run:
     pruned_epoch: int | None = None
     lanes: int = 1  # The runs of its group, trained as one program.
     started: float = 0.0  # When this invocation started (``time.time()``).
+    held: locks.Held | None = None  # Its workdir's lock (None on other processes).
+    # Raises locks.OwnershipLost once the run is another process's (a study's retried trial).
+    fence: Callable[[], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -68,6 +71,15 @@ class Run:
     def prefix(self) -> str:
         """How log lines name the run: not at all when it trains alone."""
         return f'{self.workdir}: ' if self.lanes > 1 else ''
+
+
+def check_owned(run: Run) -> None:
+    """Raises :class:`~resnet_jax.rundir.locks.OwnershipLost` if ``run`` is no longer
+    this process's to write: called before every write into its workdir."""
+    if run.held is not None:
+        run.held.check()
+    if run.fence is not None:
+        run.fence()
 
 
 def any_active(runs: list[Run]) -> bool:
@@ -121,6 +133,7 @@ def resume(run: Run) -> None:
     TensorBoard's files are written again.
     """
     workdir, config = run.workdir, run.config
+    check_owned(run)
     restored = checkpoints.restore_latest_good(workdir, run.manager, run.state)
     if restored is not None:
         run.state, run.meta, partial = restored
@@ -286,6 +299,7 @@ def finish(
     if run.pruned_epoch is not None:
         summary['pruned_at_epoch'] = run.pruned_epoch
     if distributed.is_primary():
+        check_owned(run)
         workdir_lib.write_json(path, summary)
     if run.records:
         logger.info(

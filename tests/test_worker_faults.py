@@ -1,0 +1,156 @@
+"""Faults of a study's workers: a paused worker that lost its trial (fencing), and
+a study storage that goes away while a trial trains."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from resnet_jax.rundir import locks
+from tests import fake_data
+from tests.conftest import run_cli, start_cli
+from tests.test_search import grid_args, records, trials_of, write_config_file
+
+
+@pytest.fixture(scope='module')
+def learnable(tmp_path_factory) -> fake_data.FakeCifar:
+    """A fake CIFAR-10 whose classes a model learns: 200 train + 50 test images."""
+    root = tmp_path_factory.mktemp('learnable')
+    return fake_data.write_cifar_py(root, n_train_per_batch=40, n_test=50, learnable=True)
+
+
+def one_point_study(tmp_path, epochs: int, *extra: str) -> str:
+    """A one-point grid of ``epochs`` short epochs, heartbeats every second (2 s grace)."""
+    body = f"""
+        config.num_epochs = {epochs}
+        config.batch_size = 10
+        config.steps_per_call = 1
+        config.search.space.learning_rate = search_space.categorical((0.003,))
+        config.search.heartbeat_seconds = 1
+        config.search.grace_seconds = 2
+        config.search.poll_seconds = 0.5
+        """
+    return write_config_file(
+        tmp_path, body.rstrip(' ') + ''.join(f'        {line}\n' for line in extra)
+    )
+
+
+def wait_for_checkpoint(proc, run_dir, timeout=300) -> None:
+    """Waits until ``run_dir`` holds a finished checkpoint (orbax renames it into place)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.name.isdigit() for p in (run_dir / 'checkpoints').glob('*')):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f'no checkpoint in {run_dir}: {proc.poll()}')
+
+
+# ------------------------------------------------------------- fencing ----
+
+
+def test_a_lock_taken_over_is_noticed_by_its_old_holder(tmp_path):
+    with locks.lock(str(tmp_path)) as held:
+        held.check()
+        owner = locks.holder(str(tmp_path))
+        assert owner and str(os.getpid()) in owner
+        assert not locks.take_over(str(tmp_path), 'otherhost 1')  # Not the holder judged.
+        assert locks.take_over(str(tmp_path), owner)
+        with pytest.raises(locks.OwnershipLost, match='removed'):
+            held.check()
+        (tmp_path / locks.LOCK_FILE).write_text('otherhost 1')
+        with pytest.raises(locks.OwnershipLost, match="taken over by 'otherhost 1'"):
+            held.check()
+    # The old holder leaves the new holder's lock in place.
+    assert locks.holder(str(tmp_path)) == 'otherhost 1'
+
+
+@pytest.mark.slow
+def test_a_paused_worker_that_lost_its_trial_writes_nothing_more(tmp_path, learnable):
+    config_file = one_point_study(tmp_path, 3)
+    workdir = tmp_path / 'study'
+    run_dir = workdir / 'learning_rate=0.003'
+    args = grid_args(config_file, learnable.path, workdir, '')
+    paused = start_cli(args)
+    wait_for_checkpoint(paused, run_dir)
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3)  # Past the grace period: the paused worker's heartbeat is stale.
+        started = time.time()
+        second = run_cli(args, timeout=300)
+        took = time.time() - started
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    out, err = paused.communicate(timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert 'taken over' in second.stdout + second.stderr
+    assert took < 120, took  # It did not wait out the lock's 5-minute lease.
+    # The woken worker stopped that run with one line, wrote nothing, and exited cleanly.
+    assert paused.returncode == 0, err[-3000:]
+    assert 'Traceback' not in out + err, err[-3000:]
+    lost = [line for line in (out + err).splitlines() if 'this worker stops it' in line]
+    assert len(lost) == 1, out + err
+    assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3]
+    summary = json.loads((run_dir / 'summary.json').read_text())
+    assert summary['status'] == 'completed' and summary['epochs_completed'] == 3
+    trials = trials_of(f'sqlite:///{workdir}/study.db')
+    assert [t.state.name for t in trials] == ['FAIL', 'COMPLETE']
+
+
+# ------------------------------------------------------- the storage ----
+
+
+def test_a_read_only_study_database_says_so(tmp_path, learnable):
+    import optuna
+
+    from resnet_jax.studies import optuna_study, search_space
+    from tests.test_search import search_config
+
+    workdir = str(tmp_path / 'study')
+    spec = search_space.spec_from_config(search_config(learnable.path))
+    optuna_study.open_study(spec, workdir)
+    url = f'sqlite:///file:{workdir}/study.db?mode=ro&uri=true'
+    study = optuna.load_study(study_name='search', storage=optuna_study.open_storage(url, spec))
+    retry = optuna_study.Retry(url, 30)
+    started = time.time()
+    with pytest.raises(optuna_study.StorageUnavailable, match='is read-only') as raised:
+        retry(optuna_study.claim, study, spec)
+    assert 'max length' not in str(raised.value)
+    assert time.time() - started < 10  # Not retried: a read-only storage does not come back.
+
+
+@pytest.mark.slow
+def test_a_storage_that_stays_away_stops_the_worker_with_one_line(tmp_path, learnable):
+    import sqlite3
+
+    config_file = one_point_study(tmp_path, 3, 'config.search.storage_retry_seconds = 3')
+    workdir = tmp_path / 'study'
+    run_dir = workdir / 'learning_rate=0.003'
+    args = grid_args(config_file, learnable.path, workdir, '')
+    worker = start_cli(args)
+    wait_for_checkpoint(worker, run_dir)
+    db = sqlite3.connect(workdir / 'study.db', timeout=60, isolation_level=None)
+    db.execute('BEGIN EXCLUSIVE')  # The storage is away for every other process.
+    try:
+        out, err = worker.communicate(timeout=300)
+    finally:
+        db.execute('ROLLBACK')
+        db.close()
+    assert worker.returncode == 2, err[-3000:]
+    assert 'Traceback' not in out + err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'the study storage sqlite:///' in errors[0], err[-3000:]
+    assert 'did not answer for 3 s' in errors[0], errors
+    # The run keeps its status, and its last record has its checkpoint.
+    summary = run_dir / 'summary.json'
+    assert not summary.exists() or json.loads(summary.read_text())['status'] != 'failed'
+    done = [r['epoch'] for r in records(run_dir)]
+    saved = sorted(int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit())
+    assert done and saved and done[-1] < 3, (done, saved)
+    time.sleep(3)  # Past the grace period: the trial's heartbeat is stale.
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'resuming after epoch {done[-1]}' in result.stdout + result.stderr
+    assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3]
+    assert json.loads(summary.read_text())['status'] == 'completed'
