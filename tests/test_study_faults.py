@@ -9,7 +9,7 @@ import pytest
 
 from resnet_jax import datasets, validation
 from resnet_jax.studies import preflight, search, search_space
-from tests.conftest import make_tiny_config, one_error_line, run_cli
+from tests.conftest import make_tiny_config, one_error_line
 
 
 def study_config(data_path: str, **search_options):
@@ -43,14 +43,13 @@ def config_file(tmp_path, data_path: str, body: str = '') -> str:
 # ------------------------------------------ A: a config that cannot fit ----
 
 
-@pytest.mark.slow
-def test_a_split_larger_than_the_data_is_one_line_before_any_trial(tmp_path, cifar_py):
+def test_a_split_larger_than_the_data_is_one_line_before_any_trial(cli, tmp_path, cifar_py):
     workdir = tmp_path / 'study'
     args = [f'--config={config_file(tmp_path, cifar_py.path)}', f'--workdir={workdir}']
-    result = run_cli([*args, '--config.data.validation_size=500'])
+    result = cli.run([*args, '--config.data.validation_size=500'])
     one_error_line(result, 'validation_size=500')
     assert not workdir.exists()
-    result = run_cli([*args, '--config.data.validation_size=500', '--workers=2'])
+    result = cli.run([*args, '--config.data.validation_size=500', '--workers=2'])
     one_error_line(result, 'validation_size=500')
     assert not workdir.exists()
 

@@ -10,7 +10,6 @@ import pytest
 
 from resnet_jax.rundir import locks
 from tests import fake_data
-from tests.conftest import run_cli, start_cli
 from tests.test_search import grid_args, records, trials_of, write_config_file
 
 
@@ -66,19 +65,18 @@ def test_a_lock_taken_over_is_noticed_by_its_old_holder(tmp_path):
     assert locks.holder(str(tmp_path)) == 'otherhost 1'
 
 
-@pytest.mark.slow
-def test_a_paused_worker_that_lost_its_trial_writes_nothing_more(tmp_path, learnable):
+def test_a_paused_worker_that_lost_its_trial_writes_nothing_more(cli, tmp_path, learnable):
     config_file = one_point_study(tmp_path, 3)
     workdir = tmp_path / 'study'
     run_dir = workdir / 'learning_rate=0.003'
     args = grid_args(config_file, learnable.path, workdir, '')
-    paused = start_cli(args)
+    paused = cli.start(args)
     wait_for_checkpoint(paused, run_dir)
     paused.send_signal(signal.SIGSTOP)
     try:
         time.sleep(3)  # Past the grace period: the paused worker's heartbeat is stale.
         started = time.time()
-        second = run_cli(args, timeout=300)
+        second = cli.run(args, timeout=300)
         took = time.time() - started
     finally:
         paused.send_signal(signal.SIGCONT)
@@ -120,15 +118,14 @@ def test_a_read_only_study_database_says_so(tmp_path, learnable):
     assert time.time() - started < 10  # Not retried: a read-only storage does not come back.
 
 
-@pytest.mark.slow
-def test_a_storage_that_stays_away_stops_the_worker_with_one_line(tmp_path, learnable):
+def test_a_storage_that_stays_away_stops_the_worker_with_one_line(cli, tmp_path, learnable):
     import sqlite3
 
     config_file = one_point_study(tmp_path, 3, 'config.search.storage_retry_seconds = 3')
     workdir = tmp_path / 'study'
     run_dir = workdir / 'learning_rate=0.003'
     args = grid_args(config_file, learnable.path, workdir, '')
-    worker = start_cli(args)
+    worker = cli.start(args)
     wait_for_checkpoint(worker, run_dir)
     db = sqlite3.connect(workdir / 'study.db', timeout=60, isolation_level=None)
     db.execute('BEGIN EXCLUSIVE')  # The storage is away for every other process.
@@ -149,7 +146,7 @@ def test_a_storage_that_stays_away_stops_the_worker_with_one_line(tmp_path, lear
     saved = sorted(int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit())
     assert done and saved and done[-1] < 3, (done, saved)
     time.sleep(3)  # Past the grace period: the trial's heartbeat is stale.
-    result = run_cli(args)
+    result = cli.run(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'resuming after epoch {done[-1]}' in result.stdout + result.stderr
     assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3]
