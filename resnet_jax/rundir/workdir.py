@@ -95,7 +95,7 @@ def write_atomic(path: str, data: bytes | str) -> None:
     """Writes ``path`` via a unique temporary file in its dir and ``os.replace``.
 
     Readers never see a torn file, and concurrent writers of the same file
-    (two sweep shards writing the report) do not collide.
+    (two workers writing the report) do not collide.
     """
     directory = os.path.dirname(os.path.abspath(path))
     try:
