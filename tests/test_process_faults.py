@@ -1,0 +1,124 @@
+"""Faults around the processes of a run: workers whose parent is killed, the
+thread layout a run trains under, the offline TFDS message, compile time, and the
+files a run writes outside its workdir."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import fake_data
+from tests.conftest import REPO
+from tests.test_search import grid_args, records, write_config_file
+
+
+@pytest.fixture(scope='module')
+def learnable(tmp_path_factory) -> fake_data.FakeCifar:
+    """A fake CIFAR-10 whose classes a model learns: 200 train + 50 test images."""
+    root = tmp_path_factory.mktemp('learnable')
+    return fake_data.write_cifar_py(root, n_train_per_batch=40, n_test=50, learnable=True)
+
+
+# ------------------------------------------------- orphaned workers ----
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    fields = f.read().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as ended)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def start_logged(args, log_path) -> subprocess.Popen:
+    """Starts the command line on the CPU, its output into ``log_path``."""
+    log = open(log_path, 'w')  # noqa: SIM115  (closed with the process)
+    return subprocess.Popen(
+        [sys.executable, '-m', 'resnet_jax.main', *args],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS='cpu'),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the workers in /proc')
+def test_workers_end_with_a_parent_killed_by_sigkill(cli, tmp_path, learnable):
+    config_file = write_config_file(
+        tmp_path,
+        """
+        config.num_epochs = 8
+        config.batch_size = 10
+        config.steps_per_call = 1
+        config.search.space.learning_rate = search_space.categorical((0.003, 0.001))
+        config.search.heartbeat_seconds = 1
+        config.search.grace_seconds = 2
+        config.search.poll_seconds = 0.5
+        """,
+    )
+    workdir = tmp_path / 'study'
+    args = grid_args(config_file, learnable.path, workdir, '')
+    parent = start_logged([*args, '--workers=2'], tmp_path / 'log')
+    deadline = time.time() + 300
+    while not list([p for p in workdir.glob('*/checkpoints/*') if p.name.isdigit()]):
+        assert time.time() < deadline and parent.poll() is None, (tmp_path / 'log').read_text()
+        time.sleep(0.05)
+    workers = children_of(parent.pid)
+    assert len(workers) == 2, workers
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10  # Orphans would train on for longer.
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    log = (tmp_path / 'log').read_text()
+    assert not any(map(alive, workers)), log[-3000:]
+    assert log.count('interrupted: ') == 2, log[-3000:]  # Both checkpointed and stopped.
+    run_dirs = sorted(p.parent for p in workdir.glob('*/checkpoints'))
+    assert run_dirs, log[-3000:]
+    for run_dir in run_dirs:
+        assert [p for p in (run_dir / 'checkpoints').iterdir() if p.name.isdigit()], run_dir
+        summary = run_dir / 'summary.json'
+        assert not summary.exists() or json.loads(summary.read_text())['status'] != 'failed'
+    time.sleep(3)  # Past the grace period, should a trial not have been given back.
+    result = cli.run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ('learning_rate=0.003', 'learning_rate=0.001'):
+        assert [r['epoch'] for r in records(workdir / name)] == list(range(1, 9))
+        assert json.loads((workdir / name / 'summary.json').read_text())['status'] == 'completed'
+
+
+def test_a_worker_whose_parent_is_already_gone_gets_sigterm():
+    code = (
+        'import signal, sys, time\n'
+        'from resnet_jax.studies import workers\n'
+        "signal.signal(signal.SIGTERM, lambda *a: (print('SIGTERM'), sys.exit(0)))\n"
+        'workers.end_with_parent(1)\n'  # Not this process's parent.
+        'time.sleep(30)\n'
+    )
+    started = time.time()
+    result = subprocess.run(
+        [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == 'SIGTERM', result.stderr[-3000:]
+    assert time.time() - started < 20
