@@ -122,3 +122,55 @@ def test_a_worker_whose_parent_is_already_gone_gets_sigterm():
     )
     assert result.stdout.strip() == 'SIGTERM', result.stderr[-3000:]
     assert time.time() - started < 20
+
+
+# ------------------------------------------------ the offline TFDS message ----
+
+
+def test_offline_tfds_message_says_preparing_needs_tensorflow(tmp_path, monkeypatch):
+    from resnet_jax.datasets import DataError, tfds_source
+    from tests.test_datasets import _load
+
+    for variable in ('HTTPS_PROXY', 'https_proxy', 'NO_PROXY', 'no_proxy'):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(tfds_source, '_network_available', lambda: False)
+    monkeypatch.setattr(tfds_source, '_tensorflow_available', lambda: False)
+    with pytest.raises(DataError) as raised:
+        _load(tmp_path, source='tfds', download=True)
+    message = str(raised.value)
+    assert 'there is no network to download it, and preparing it also needs TensorFlow' in message
+    assert "pip install -e '.[tf]'" in message and 'proxy' not in message
+    monkeypatch.setattr(tfds_source, '_tensorflow_available', lambda: True)
+    with pytest.raises(DataError) as raised:
+        _load(tmp_path, source='tfds', download=True)
+    assert 'TensorFlow' not in str(raised.value)
+
+
+def test_the_network_probe_goes_to_the_https_proxy(monkeypatch):
+    from resnet_jax.datasets import tfds_source
+
+    probed = []
+
+    def connect(address, timeout):
+        probed.append(address)
+        raise OSError('refused')
+
+    monkeypatch.setattr(tfds_source.socket, 'create_connection', connect)
+    for variable in ('HTTPS_PROXY', 'https_proxy', 'NO_PROXY', 'no_proxy'):
+        monkeypatch.delenv(variable, raising=False)
+    assert not tfds_source._network_available()
+    assert probed == [('www.cs.toronto.edu', 443)]
+    monkeypatch.setenv('https_proxy', 'http://proxy.example:3128')
+    assert not tfds_source._network_available()
+    assert probed[-1] == ('proxy.example', 3128)
+    assert '(the proxy proxy.example:3128 of HTTPS_PROXY did not answer)' in (
+        tfds_source._offline_problem()
+    )
+    monkeypatch.setenv('HTTPS_PROXY', 'user:secret@squid.example')  # No scheme, no port.
+    assert tfds_source.probe_address() == ('squid.example', 80)
+    monkeypatch.setenv('NO_PROXY', '.toronto.edu')  # The download host bypasses it.
+    assert tfds_source.probe_address() == ('www.cs.toronto.edu', 443)
+    monkeypatch.delenv('NO_PROXY')
+    monkeypatch.setenv('HTTPS_PROXY', 'http://:3128')  # No host: nothing to probe.
+    count = len(probed)
+    assert tfds_source._network_available() and len(probed) == count
