@@ -174,3 +174,50 @@ def test_the_network_probe_goes_to_the_https_proxy(monkeypatch):
     monkeypatch.setenv('HTTPS_PROXY', 'http://:3128')  # No host: nothing to probe.
     count = len(probed)
     assert tfds_source._network_available() and len(probed) == count
+
+
+# ------------------------------------------------------------ compile time ----
+
+
+def test_compile_time_is_reported_apart_from_the_first_epoch(training, tmp_path, cifar_py):
+    from resnet_jax.rundir import workdir as workdir_lib
+    from resnet_jax.training import epochs
+    from tests.conftest import make_tiny_config
+
+    config = make_tiny_config(cifar_py.path)
+    config.num_epochs = 2
+    restarts = []
+    real = epochs.Progress.restart
+
+    def restart(self, step):
+        took = real(self, step)
+        restarts.append((step, took))
+        return took
+
+    epochs.Progress.restart = restart
+    try:
+        training.train_and_evaluate(config, str(tmp_path / 'run'))
+    finally:
+        epochs.Progress.restart = real
+    first, second = workdir_lib.read_metrics(str(tmp_path / 'run'))
+    assert 'compile_seconds' not in second
+    assert len(restarts) == 1 and restarts[0][0] == 1  # After the first call only.
+    assert first['compile_seconds'] == pytest.approx(restarts[0][1])
+    assert 0 < first['compile_seconds'] < first['epoch_seconds']
+    images = second['images_per_second'] * second['epoch_seconds']  # An epoch's images.
+    rest = first['images_per_second'] * (first['epoch_seconds'] - first['compile_seconds'])
+    assert rest + config.batch_size == pytest.approx(images)  # The first call: one batch.
+    # Compiling dominates a tiny run's first call: the rate left is the later epochs'.
+    assert first['images_per_second'] > images / first['epoch_seconds']
+
+
+def test_the_progress_eta_starts_after_the_first_call():
+    from resnet_jax.training import epochs
+
+    now = [0.0]
+    progress = epochs.Progress(1, 100, 0.0, clock=lambda: now[0])
+    now[0] = 50.0  # The first call (1 step) took 50 s, compiling.
+    assert progress.restart(1) == 50.0
+    now[0] = 60.0  # 10 more steps in 10 s.
+    line = progress.maybe_report(11, None)
+    assert '1.00 steps/s, ETA 89s' in line, line

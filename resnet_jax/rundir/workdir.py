@@ -339,6 +339,7 @@ RECORD_NUMBERS = (
     'learning_rate',
     'epoch_seconds',
     'images_per_second',
+    'compile_seconds',  # Only in the first epoch a start trained (absent in older records).
 )
 
 

@@ -62,6 +62,8 @@ class Run:
     held: locks.Held | None = None  # Its workdir's lock (None on other processes).
     # Raises locks.OwnershipLost once the run is another process's (a study's retried trial).
     fence: Callable[[], None] | None = None
+    # This start's first compiled call: (epoch, seconds incl. compiling, images).
+    first_call: tuple[int, float, int] | None = None
 
     @property
     def active(self) -> bool:
