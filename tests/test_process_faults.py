@@ -221,3 +221,39 @@ def test_the_progress_eta_starts_after_the_first_call():
     now[0] = 60.0  # 10 more steps in 10 s.
     line = progress.maybe_report(11, None)
     assert '1.00 steps/s, ETA 89s' in line, line
+
+
+# ------------------------------------------------------- the thread layout ----
+
+
+def test_a_run_records_its_layout_and_warns_when_resumed_under_another(
+    training, tmp_path, cifar_py, monkeypatch, caplog
+):
+    from resnet_jax.training import runs
+    from tests.conftest import make_tiny_config
+
+    config = make_tiny_config(cifar_py.path)
+    config.num_epochs = 1
+    workdir = tmp_path / 'run'
+    training.train_and_evaluate(config, str(workdir))
+    layout = json.loads((workdir / 'summary.json').read_text())['layout']
+    assert layout == runs.layout()
+    assert layout['cpu_cores'] == len(os.sched_getaffinity(0)) and layout['device_count'] >= 1
+    real = runs.layout()
+    monkeypatch.setattr(runs, 'layout', lambda: dict(real, cpu_cores=real['cpu_cores'] + 1))
+    config.num_epochs = 2
+    with caplog.at_level('WARNING', logger='resnet_jax'):
+        training.train_and_evaluate(config, str(workdir))
+    warned = [r.getMessage() for r in caplog.records if 'another layout' in r.getMessage()]
+    assert len(warned) == 1 and f'cpu_cores: {real["cpu_cores"]!r} -> ' in warned[0], warned
+
+
+def test_a_summary_without_a_layout_still_reads_back(tmp_path):
+    from resnet_jax.rundir import workdir as workdir_lib
+
+    path = tmp_path / 'summary.json'
+    path.write_text(json.dumps({'status': 'completed', 'epochs_completed': 1}))
+    assert workdir_lib.read_summary(str(path))['status'] == 'completed'
+    path.write_text(json.dumps({'status': 'completed', 'layout': 'cpu'}))
+    with pytest.raises(workdir_lib.RecordError, match="'layout'"):
+        workdir_lib.read_summary(str(path))

@@ -195,6 +195,7 @@ _SUMMARY_KINDS = {
     'data': dict,
     'error': lambda x: x is None or isinstance(x, str),
     'versions': dict,
+    'layout': dict,  # Absent in summaries written before it was recorded.
 }
 
 
