@@ -257,3 +257,61 @@ def test_a_summary_without_a_layout_still_reads_back(tmp_path):
     path.write_text(json.dumps({'status': 'completed', 'layout': 'cpu'}))
     with pytest.raises(workdir_lib.RecordError, match="'layout'"):
         workdir_lib.read_summary(str(path))
+
+
+# ------------------------------------ nothing outside the workdir and cache ----
+
+
+def files_under(root) -> dict[str, float]:
+    """``{path: modification time}`` of every file under ``root``."""
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            found[path] = os.lstat(path).st_mtime_ns
+    return found
+
+
+@pytest.mark.slow
+def test_train_and_report_write_only_the_workdir_and_the_caches(tmp_path):
+    places = {n: tmp_path / n for n in ('home', 'xdg', 'cache', 'mpl', 'tmp', 'cwd', 'data')}
+    for folder in places.values():
+        folder.mkdir()
+    folder_data = fake_data.write_image_folder(
+        places['data'] / 'images', n_train_per_class=2, n_test_per_class=1
+    )
+    workdir = places['cwd'] / 'run'
+    env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
+    env.update(
+        HOME=str(places['home']),
+        XDG_CACHE_HOME=str(places['xdg']),
+        RESNET_JAX_CACHE=str(places['cache']),
+        MPLCONFIGDIR=str(places['mpl']),
+        TMPDIR=str(places['tmp']),
+        JAX_PLATFORMS='cpu',
+        PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])),
+    )
+    before = files_under(tmp_path)
+    for args in (
+        ['--config', 'default', '--workdir', str(workdir), '--config.num_epochs=1',
+         '--config.batch_size=10', '--config.eval_batch_size=10',
+         f'--config.data.path={folder_data.path}'],
+        ['--workdir', str(workdir), '--mode=report'],
+    ):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, '-m', 'resnet_jax.main', *args],
+            cwd=places['cwd'],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    allowed = (str(workdir), str(places['cache']), str(places['mpl']))
+    changed = sorted(
+        path
+        for path, mtime in files_under(tmp_path).items()
+        if before.get(path) != mtime and not path.startswith(allowed)
+    )
+    assert not changed, changed
+    assert files_under(workdir) and files_under(places['cache'])  # Both were written.
