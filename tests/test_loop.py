@@ -36,7 +36,7 @@ def test_run_writes_every_output(finished_run):
     records = workdir_lib.read_metrics(workdir)
     assert [r['epoch'] for r in records] == [1, 2, 3]
     for r in records:
-        assert tuple(r) == NO_SPLIT_KEYS
+        assert tuple(k for k in r if k != 'compile_seconds') == NO_SPLIT_KEYS
         assert 0 <= r['train_accuracy'] <= 1 and 0 <= r['test_accuracy'] <= 1
         assert np.isfinite(r['train_loss']) and r['images_per_second'] > 0
     # /2 every epoch, reported for each epoch.

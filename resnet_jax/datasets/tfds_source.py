@@ -4,8 +4,9 @@
 
 Registered as the ``'tfds'`` source of :data:`resnet_jax.datasets.loading.SOURCES`.
 Read without TensorFlow; an unprepared dataset is downloaded only if
-``data.download`` is on, the network answers and TensorFlow is installed (tfds
-needs it to prepare cifar10); otherwise a
+``data.download`` is on, the network answers (through ``HTTPS_PROXY`` when set:
+the proxy is what is probed) and TensorFlow is installed (tfds needs it to
+prepare cifar10: ``pip install -e '.[tf]'``); otherwise a
 :class:`resnet_jax.datasets.loading.DataError` says how to point at a local copy.
 """
 
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import socket
+import urllib.parse
+import urllib.request
 from typing import Any
 
 import numpy as np
@@ -25,15 +29,58 @@ logger = logging.getLogger('resnet_jax')
 TFDS_NAME = 'cifar10'
 _DOWNLOAD_HOST = ('www.cs.toronto.edu', 443)  # Where tfds fetches cifar10.
 _NETWORK_TIMEOUT_S = 3.0
+_PROXY_VARIABLES = ('HTTPS_PROXY', 'https_proxy')  # What tfds' downloads go through.
+_PROXY_PORTS = {'http': 80, 'https': 443, 'socks5': 1080, 'socks5h': 1080, 'socks4': 1080}
+_TF_INSTALL = "pip install -e '.[tf]'"
+
+
+def probe_address(environ: Any = None) -> tuple[str, int] | None:
+    """Where to probe the network: the HTTPS proxy's host and port when one is set
+    (and the download host is not in ``NO_PROXY``), else the download host; None
+    when the proxy setting names no host (nothing to probe)."""
+    environ = os.environ if environ is None else environ
+    proxy = next((environ[v] for v in _PROXY_VARIABLES if environ.get(v)), '')
+    if not proxy or _bypasses_proxy(environ):
+        return _DOWNLOAD_HOST
+    parts = urllib.parse.urlsplit(proxy if '://' in proxy else f'http://{proxy}')
+    try:
+        port = parts.port or _PROXY_PORTS.get(parts.scheme, 80)
+    except ValueError:  # A port that is not a number.
+        return None
+    return (parts.hostname, port) if parts.hostname else None
+
+
+def _bypasses_proxy(environ: Any) -> bool:
+    no_proxy = environ.get('NO_PROXY') or environ.get('no_proxy') or ''
+    hosts = [h.strip().lstrip('.') for h in no_proxy.split(',') if h.strip()]
+    host = _DOWNLOAD_HOST[0]
+    return any(h == '*' or host == h or host.endswith('.' + h) for h in hosts)
 
 
 def _network_available() -> bool:
-    """Whether the CIFAR-10 download host answers within a few seconds."""
+    """Whether the CIFAR-10 download host (or the HTTPS proxy in between) answers
+    within a few seconds; a proxy setting without a host is not probed (True)."""
+    address = probe_address()
+    if address is None:
+        logger.info('HTTPS_PROXY names no host: the network is not probed.')
+        return True
     try:
-        with socket.create_connection(_DOWNLOAD_HOST, timeout=_NETWORK_TIMEOUT_S):
+        with socket.create_connection(address, timeout=_NETWORK_TIMEOUT_S):
             return True
     except OSError:
         return False
+
+
+def _offline_problem() -> str:
+    """Why an unprepared cifar10 cannot be downloaded: no network (through the proxy
+    if one is set), and what else preparing it needs."""
+    problem = 'there is no network to download it'
+    address = probe_address()
+    if address not in (None, _DOWNLOAD_HOST):
+        problem += f' (the proxy {address[0]}:{address[1]} of HTTPS_PROXY did not answer)'
+    if not _tensorflow_available():
+        problem += f', and preparing it also needs TensorFlow ({_TF_INSTALL})'
+    return problem
 
 
 def _tensorflow_available() -> bool:
@@ -93,9 +140,9 @@ def load_tfds(data_dir: str, download: bool) -> Dataset:
             problem = (
                 'data.download is off'
                 if not download
-                else 'there is no network to download it'
+                else _offline_problem()
                 if not _network_available()
-                else 'preparing it needs TensorFlow (pip install tensorflow-cpu)'
+                else f'preparing it needs TensorFlow ({_TF_INSTALL})'
                 if not _tensorflow_available()
                 else None
             )

@@ -195,6 +195,7 @@ _SUMMARY_KINDS = {
     'data': dict,
     'error': lambda x: x is None or isinstance(x, str),
     'versions': dict,
+    'layout': dict,  # Absent in summaries written before it was recorded.
 }
 
 
@@ -339,6 +340,7 @@ RECORD_NUMBERS = (
     'learning_rate',
     'epoch_seconds',
     'images_per_second',
+    'compile_seconds',  # Only in the first epoch a start trained (absent in older records).
 )
 
 

@@ -6,6 +6,8 @@ the workdir and takes trials from its queue until none is left
 (``CUDA_VISIBLE_DEVICES``); on CPUs each is pinned to its own share of the cores,
 since XLA's CPU convolutions mostly use one core each. SIGINT/SIGTERM are passed
 on to every worker, which checkpoints and gives its trial back to the queue.
+A worker whose parent dies (``kill -9`` of the parent) sends itself SIGTERM and
+takes the same path instead of running on as an orphan.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 from resnet_jax import validation
@@ -24,10 +28,13 @@ logger = logging.getLogger('resnet_jax')
 
 WORKER_ENV = 'RESNET_JAX_WORKER'  # 'i/N' in each worker's environment.
 CPUS_ENV = 'RESNET_JAX_WORKER_CPUS'  # The CPU cores a worker runs on: '0,1'.
+PARENT_ENV = 'RESNET_JAX_WORKER_PARENT'  # The process id of the command that started it.
+PARENT_POLL_SECONDS = 0.5  # How often a worker looks whether its parent is still there.
 
 
 def pin_from_env() -> None:
-    """Pins this process to the cores ``RESNET_JAX_WORKER_CPUS`` names, if set.
+    """Pins this process to the cores ``RESNET_JAX_WORKER_CPUS`` names, if set, and
+    ties a worker's life to its parent's (:func:`end_with_parent`).
 
     Called first thing in a worker, before JAX starts its thread pools (they
     size themselves by the cores the process may use).
@@ -35,6 +42,31 @@ def pin_from_env() -> None:
     cores = os.environ.get(CPUS_ENV)
     if cores and hasattr(os, 'sched_setaffinity'):
         os.sched_setaffinity(0, [int(c) for c in cores.split(',')])
+    parent = os.environ.get(PARENT_ENV)
+    if parent and parent.isdigit():
+        end_with_parent(int(parent))
+
+
+def end_with_parent(parent: int, every: float = PARENT_POLL_SECONDS) -> threading.Thread:
+    """Sends this process SIGTERM once its parent ``parent`` is gone, so that a
+    worker checkpoints and gives its trial back instead of running on as an orphan.
+
+    A thread polls the parent's process id. The kernel's parent-death signal
+    (``prctl(PR_SET_PDEATHSIG)``) is not used: when a parent with several threads
+    is killed, its children pass from one dying thread to the next and get that
+    signal once per thread, and a second SIGTERM stops a run at once, without its
+    checkpoint. A parent already gone when this is called is seen at once.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        logger.warning('the --workers process %d is gone: stopping this worker', parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name='parent watch', daemon=True)
+    thread.start()
+    return thread
 
 
 def visible_gpus() -> list[str]:
@@ -110,7 +142,7 @@ def run_workers(argv: Sequence[str], n: int, workdir: str) -> int:
     command = worker_argv(argv)
     procs: list[subprocess.Popen] = []
     for i in range(n):
-        env = dict(os.environ, **{WORKER_ENV: f'{i}/{n}'})
+        env = dict(os.environ, **{WORKER_ENV: f'{i}/{n}', PARENT_ENV: str(os.getpid())})
         if gpus:
             env['CUDA_VISIBLE_DEVICES'] = gpus[i % len(gpus)]
         else:

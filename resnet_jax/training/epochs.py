@@ -69,6 +69,15 @@ class Progress:
         self._epoch, self._total, self._every = epoch, total_steps, every_seconds
         self._clock = clock
         self._start = self._last = clock()
+        self._first = 0  # Steps done when the clock (re)started.
+
+    def restart(self, step: int) -> float:
+        """Starts the rate (and so the ETA) again after ``step`` steps, leaving out
+        what came before (the first call's compilation); returns the seconds since
+        the start."""
+        now = self._clock()
+        took, self._start, self._last, self._first = now - self._start, now, now, step
+        return took
 
     def maybe_report(self, step: int, sync: Any) -> str | None:
         """``step`` steps are dispatched; ``sync`` is blocked on before timing."""
@@ -77,7 +86,7 @@ class Progress:
         jax.block_until_ready(sync)
         now = self._clock()
         self._last = now
-        rate = step / max(now - self._start, 1e-9)
+        rate = (step - self._first) / max(now - self._start, 1e-9)
         eta = (self._total - step) / max(rate, 1e-9)
         message = (
             f'epoch {self._epoch}: step {step}/{self._total}, {rate:.2f} steps/s, ETA {eta:.0f}s'
@@ -122,6 +131,11 @@ def between_calls(
     progress = Progress(epoch, len(plan.sizes), config.progress_every_seconds)
 
     def after_call(i: int, done: int, total: train.TrainMetrics) -> bool:
+        if runs[0].first_call is None:  # Compiled in this call: timed apart.
+            jax.block_until_ready(total)
+            took = progress.restart(done)
+            for run in runs:
+                run.first_call = (epoch, took, sum(plan.sizes[i:done]))
         progress.maybe_report(done, total)
         if every and done // every != i // every:
             runs_lib.check_finite(runs, total, epoch, done)
@@ -208,11 +222,26 @@ def end_epoch(
             **_metrics('test', tests[r]),
             learning_rate=float(rates[r]),
             epoch_seconds=seconds,
-            images_per_second=sum(plan.sizes) / seconds,
+            **_speed(run.first_call, epoch, sum(plan.sizes), seconds),
             **(_metrics('val', vals[r]) if vals is not None else {}),
         ).asdict()
         ok = bool(finite[r]) if finite is not None else True  # Computed where it is read.
         _write_epoch(run, record, lambda r=r: train.unstack(states, r), ok, save)
+
+
+def _speed(
+    first_call: tuple[int, float, int] | None, epoch: int, images: int, seconds: float
+) -> dict[str, float]:
+    """The epoch's ``images_per_second`` and, in the epoch of the first compiled call,
+    ``compile_seconds``: that call's seconds and images are left out of the rate
+    (unless it was the whole epoch)."""
+    if first_call is None or first_call[0] != epoch:
+        return {'images_per_second': images / seconds}
+    _, compiled, compiled_images = first_call
+    rest = seconds - compiled
+    if images > compiled_images and rest > 0:
+        return {'images_per_second': (images - compiled_images) / rest, 'compile_seconds': compiled}
+    return {'images_per_second': images / seconds, 'compile_seconds': compiled}
 
 
 def _write_epoch(

@@ -62,6 +62,8 @@ class Run:
     held: locks.Held | None = None  # Its workdir's lock (None on other processes).
     # Raises locks.OwnershipLost once the run is another process's (a study's retried trial).
     fence: Callable[[], None] | None = None
+    # This start's first compiled call: (epoch, seconds incl. compiling, images).
+    first_call: tuple[int, float, int] | None = None
 
     @property
     def active(self) -> bool:
@@ -164,6 +166,7 @@ def resume(run: Run) -> None:
     elif restored is not None:
         where = f' (step {run.position} of epoch {run.epoch + 1})' if run.position else ''
         logger.info('%sresuming after epoch %d%s', run.prefix, run.epoch, where)
+        warn_on_another_layout(run)
     for record in run.records:  # The callback sees the restored epochs too.
         if run.active and pruned(run, record):
             run.changed = True
@@ -229,6 +232,7 @@ def save(
         'position': position,
         'partial_seconds': seconds,
         'wall_seconds': float(run.meta.get('wall_seconds', 0.0)) + time.time() - run.started,
+        'layout': layout(),
     }
     if record is not None:
         meta['record'] = workdir_lib.json_safe(record)
@@ -290,6 +294,7 @@ def finish(
         },
         'devices': [str(d) for d in mesh.devices.flat],
         'versions': versions(),
+        'layout': layout(),
         'status': run.status,
     }
     if run.lanes > 1:
@@ -327,3 +332,33 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+def layout() -> dict[str, Any]:
+    """What a run's float results depend on beyond its config: the devices, the CPU
+    cores this process may use (XLA's CPU thread pools size themselves by them) and
+    ``XLA_FLAGS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return {
+        'device_kind': jax.devices()[0].device_kind,
+        'device_count': jax.device_count(),
+        'cpu_cores': cores,
+        'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    }
+
+
+def warn_on_another_layout(run: Run) -> None:
+    """Warns when ``run`` resumes under another :func:`layout` than its checkpoint's
+    (checkpoints written before the layout was recorded say nothing)."""
+    saved, now = run.meta.get('layout'), layout()
+    if not isinstance(saved, dict) or saved == now:
+        return
+    changed = ', '.join(
+        f'{k}: {saved.get(k)!r} -> {v!r}' for k, v in now.items() if saved.get(k) != v
+    )
+    logger.warning(
+        '%sresuming under another layout (%s): the result will not be bit-identical to a '
+        'run trained in one layout',
+        run.prefix,
+        changed,
+    )

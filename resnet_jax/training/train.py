@@ -87,6 +87,9 @@ class EpochRecord:
     # On the held-out training images (config.data.validation_size > 0), else absent.
     val_loss: float | None = None
     val_accuracy: float | None = None
+    # The first compiled call of this start, in the epoch it ran in: its seconds
+    # (compilation and that call's steps), which images_per_second leaves out.
+    compile_seconds: float | None = None
 
     def asdict(self) -> dict[str, Any]:
         """The record as written: fields without a value (no validation split) left out."""
@@ -99,7 +102,7 @@ METRIC_KEYS = tuple(
     f.name for f in dataclasses.fields(EpochRecord) if f.default is dataclasses.MISSING
 )
 VALIDATION_KEYS = tuple(
-    f.name for f in dataclasses.fields(EpochRecord) if f.default is not dataclasses.MISSING
+    f.name for f in dataclasses.fields(EpochRecord) if f.name.startswith('val_')
 )
 
 
