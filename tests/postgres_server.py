@@ -45,12 +45,23 @@ class PostgresServer:
             shutil.chown(self.root, 'postgres', 'postgres')
             os.chmod(self.root, 0o700)
         self._run('initdb', '-D', self.data, '-A', 'trust', '-U', self.user, '--no-sync')
+        self.start()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f'postgresql+psycopg2://{self.user}@/postgres?host={self.socket_dir}'
+
+    def start(self) -> None:
+        """Starts the server (again) and waits until it accepts connections."""
         options = f"-c listen_addresses='' -k {self.socket_dir} -c fsync=off"
         log = os.path.join(self.root, 'server.log')  # The server must not hold our pipes.
         self._run('pg_ctl', '-D', self.data, '-l', log, '-o', options, '-w', '-t', '60', 'start')
-        url = f'postgresql+psycopg2://{self.user}@/postgres?host={self.socket_dir}'
-        self._wait(url)
-        return url
+        self._wait(self.url)
+
+    def stop(self) -> None:
+        """Stops the server at once (``pg_ctl stop -m immediate``), as a crash would."""
+        self._run('pg_ctl', '-D', self.data, '-m', 'immediate', '-w', 'stop')
 
     def _wait(self, url: str) -> None:
         import sqlalchemy  # pylint: disable=g-import-not-at-top

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from resnet_jax.rundir import workdir
 from resnet_jax.training import checkpoints, optim, train
 from tests.conftest import corrupt_checkpoint_arrays, make_tiny_config
 
@@ -149,7 +150,7 @@ def test_restore_for_inference_reads_the_model_and_config(state, tmp_path):
     with pytest.raises(FileNotFoundError, match='holds no run'):
         checkpoints.restore(str(tmp_path))
     (tmp_path / 'config.json').write_text('{"name": "my-app"}')
-    with pytest.raises(checkpoints.CheckpointError, match='is not the config of a resnet_jax run'):
+    with pytest.raises(workdir.RecordError, match='is not the config of a resnet_jax run'):
         checkpoints.restore(str(tmp_path))
     (tmp_path / 'config.json').write_text(config.to_json())
     with pytest.raises(FileNotFoundError, match='no checkpoint in'):

@@ -16,7 +16,7 @@ import pytest
 
 from resnet_jax import datasets
 from resnet_jax.configs import default
-from resnet_jax.studies import optuna_study, run_folders, search, search_space
+from resnet_jax.studies import optuna_study, run_folders, search, search_space, sweep
 from tests import fake_data, postgres_server
 from tests.conftest import make_tiny_config, one_error_line
 
@@ -159,11 +159,11 @@ def test_a_bad_search_config_is_one_error_line_before_anything_trains(cli, tmp_p
 
 
 def test_distinct_points_get_distinct_folders(tmp_path):
-    a = search_space.folder_name({'data.path': '/d/a/b'})
-    b = search_space.folder_name({'data.path': '/d/a_b'})
+    a = sweep.run_name({'data.path': '/d/a/b'})
+    b = sweep.run_name({'data.path': '/d/a_b'})
     assert a != b
     # Plain values keep the readable names of sweeps.
-    assert search_space.folder_name({'batch_size': 100, 'learning_rate': 0.01}) == (
+    assert sweep.run_name({'batch_size': 100, 'learning_rate': 0.01}) == (
         'batch_size=100,learning_rate=0.01'
     )
     run_folders.check_overrides(str(tmp_path / 'run'), {'data.path': '/d/a/b'})

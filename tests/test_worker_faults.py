@@ -9,7 +9,7 @@ import time
 import pytest
 
 from resnet_jax.rundir import locks
-from tests import fake_data
+from tests import fake_data, postgres_server
 from tests.test_search import grid_args, records, trials_of, write_config_file
 
 
@@ -151,3 +151,71 @@ def test_a_storage_that_stays_away_stops_the_worker_with_one_line(cli, tmp_path,
     assert f'resuming after epoch {done[-1]}' in result.stdout + result.stderr
     assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3]
     assert json.loads(summary.read_text())['status'] == 'completed'
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server started here (its ``url``, ``stop()`` and ``start()``)."""
+    bin_dir = postgres_server.server_bin()
+    if bin_dir is None:
+        if os.environ.get('CI'):
+            pytest.fail('the PostgreSQL server is not installed (.ci/run installs it)')
+        pytest.skip('no PostgreSQL server installed')
+    server = postgres_server.PostgresServer(bin_dir)
+    with server:
+        yield server
+
+
+def test_a_postgresql_server_that_stops_stops_the_worker_and_a_rerun_resumes(
+    cli, tmp_path, learnable, postgres
+):
+    config_file = one_point_study(tmp_path, 3, 'config.search.storage_retry_seconds = 3')
+    workdir = tmp_path / 'study'
+    run_dir = workdir / 'learning_rate=0.003'
+    args = grid_args(config_file, learnable.path, workdir, postgres.url)
+    worker = cli.start(args)
+    wait_for_checkpoint(worker, run_dir)
+    postgres.stop()  # pg_ctl stop -m immediate: a crash of the server.
+    try:
+        out, err = worker.communicate(timeout=300)
+    finally:
+        postgres.start()
+    assert worker.returncode == 2, err[-3000:]
+    assert 'Traceback' not in out + err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, err[-3000:]
+    assert 'the study storage postgresql+psycopg2://' in errors[0], errors
+    assert 'did not answer for 3 s' in errors[0], errors
+    summary = run_dir / 'summary.json'
+    assert not summary.exists() or json.loads(summary.read_text())['status'] != 'failed'
+    done = [r['epoch'] for r in records(run_dir)]
+    saved = sorted(int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit())
+    assert done and saved and done[-1] < 3, (done, saved)
+    time.sleep(3)  # Past the grace period: the trial's heartbeat is stale.
+    result = cli.run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'resuming after epoch {done[-1]}' in result.stdout + result.stderr
+    assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3]
+    assert json.loads(summary.read_text())['status'] == 'completed'
+
+
+def test_a_postgresql_server_back_within_the_retry_window_changes_nothing(
+    cli, tmp_path, learnable, postgres
+):
+    config_file = one_point_study(tmp_path, 3, 'config.search.storage_retry_seconds = 120')
+    workdir = tmp_path / 'study'
+    run_dir = workdir / 'learning_rate=0.003'
+    worker = cli.start(grid_args(config_file, learnable.path, workdir, postgres.url))
+    wait_for_checkpoint(worker, run_dir)
+    postgres.stop()
+    time.sleep(4)  # Heartbeats (every second) and the epoch's end meet no server.
+    postgres.start()
+    out, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err[-3000:]
+    assert 'Traceback' not in out + err, err[-3000:]
+    assert not [line for line in err.splitlines() if line.startswith('error:')], err[-3000:]
+    assert 'does not answer' in out + err, out[-3000:]  # It was away, and retried.
+    assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3]
+    assert json.loads((run_dir / 'summary.json').read_text())['status'] == 'completed'
+    (trial,) = trials_of(postgres.url)
+    assert trial.state.name == 'COMPLETE'

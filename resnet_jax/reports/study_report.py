@@ -45,13 +45,13 @@ SEARCH_CURVES_PNG = 'search_curves.png'
 
 
 def read_description(workdir: str) -> dict[str, Any]:
-    """``workdir/search.json``; :class:`search_space.SearchError` if missing or malformed."""
-    path = os.path.join(workdir, optuna_study.DESCRIPTION_FILE)
-    described = workdir_lib.read_json_object(path)
-    needed = ('params', 'metric', 'direction', 'study_name', 'storage', 'base_config', 'grid')
-    if described is None or any(k not in described for k in needed):
-        raise search_space.SearchError(f'{path} is missing or is not a study description')
-    return described
+    """``workdir/search.json``, checked; :class:`workdir_lib.RecordError` naming it if
+    it is missing or a field is missing or of the wrong type."""
+    return workdir_lib.read_object(
+        os.path.join(workdir, optuna_study.DESCRIPTION_FILE),
+        search_space.DESCRIPTION_KINDS,
+        search_space.DESCRIPTION_NEEDED,
+    )
 
 
 def load_study(workdir: str, described: Mapping[str, Any]) -> Any:
@@ -83,9 +83,9 @@ def _run_numbers(workdir: str, name: str | None) -> dict[str, Any]:
     run_dir = os.path.join(workdir, name)
     try:
         records = workdir_lib.read_metrics(run_dir)
-    except Exception:  # pylint: disable=broad-except  # Unreadable: reported as such.
+        summary = workdir_lib.read_summary(os.path.join(run_dir, workdir_lib.SUMMARY_FILE)) or {}
+    except workdir_lib.RecordError:  # Unreadable: reported as such.
         return {'run_status': 'unreadable'}
-    summary = workdir_lib.read_json_object(os.path.join(run_dir, workdir_lib.SUMMARY_FILE)) or {}
     last = records[-1] if records else {}
     data = summary.get('data') if isinstance(summary.get('data'), dict) else {}
     return {
@@ -102,7 +102,7 @@ def _run_numbers(workdir: str, name: str | None) -> dict[str, Any]:
 def read_runs(study: Any, workdir: str) -> dict[str | None, dict[str, Any]]:
     """The numbers and records of every run folder of the study, each read once
     (a retried trial shares its folder with the trial it retries)."""
-    names = {trial.user_attrs.get('run') for trial in study.get_trials(deepcopy=False)}
+    names = {optuna_study.trial_run(trial) for trial in study.get_trials(deepcopy=False)}
     return {name: _run_numbers(workdir, name) for name in names}
 
 
@@ -113,7 +113,7 @@ def trials_frame(
     runs = read_runs(study, workdir) if runs is None else runs
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        name = trial.user_attrs.get('run')
+        name = optuna_study.trial_run(trial)
         numbers = runs[name]
         rows.append(
             {
@@ -121,7 +121,7 @@ def trials_frame(
                 'state': trial.state.name.lower(),
                 **{f'param.{k}': v for k, v in trial.params.items()},
                 'run': name,
-                'run_status': numbers.get('run_status') or trial.user_attrs.get('run_status'),
+                'run_status': numbers.get('run_status') or optuna_study.trial_status(trial),
                 'epochs': numbers.get('epochs', 0),
                 'pruned_at_epoch': numbers.get('pruned_at_epoch'),
                 'value': trial.value,
@@ -221,7 +221,7 @@ def best_trial(study: Any) -> Any | None:
 
 def _missing_best_folder(workdir: str, best: Any | None) -> str:
     """A warning when the best trial's run folder was deleted ('' if it is there)."""
-    name = best.user_attrs.get('run') if best is not None else None
+    name = optuna_study.trial_run(best) if best is not None else None
     if not name or os.path.isdir(os.path.join(workdir, name)):
         return ''
     return (

@@ -69,7 +69,7 @@ from resnet_jax.reports.tables import (
     paired_rows,
     result_rows,
 )
-from resnet_jax.rundir.workdir import METRICS_FILE, write_atomic
+from resnet_jax.rundir.workdir import METRICS_FILE, RecordError, write_atomic
 
 RESULTS_CSV = 'results.csv'
 RESULTS_MD = 'results.md'
@@ -82,6 +82,8 @@ def write_run_report(run_dir: str) -> dict[str, str]:
     """Writes ``curves.png`` of one run's workdir (not a sweep), as far as its
     ``metrics.jsonl`` goes (a run in progress too); returns ``{kind: path}``."""
     result = load_run(run_dir, os.path.basename(os.path.abspath(run_dir)), {})
+    if result.status == 'unreadable':
+        raise RecordError(result.error)
     if not result.epochs:
         raise FileNotFoundError(f'{run_dir} has no epoch records ({METRICS_FILE}) yet')
     path = os.path.join(run_dir, CURVES_PNG)

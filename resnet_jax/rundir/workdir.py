@@ -12,8 +12,9 @@ run is overwritten.
 The lock is a lease (:func:`resnet_jax.rundir.locks.lock`). JSON
 is written strictly: NaN and infinities become ``null`` (see :func:`json_safe`).
 
-Files read back (``summary.json``, ``config.json``, ``sweep.json``) go through
-checked readers that raise :class:`RecordError` naming the file when one is
+Files read back (``summary.json``, ``config.json``, ``sweep.json``, and through
+:func:`read_object` a study's ``search.json`` and a run folder's ``overrides.json``)
+go through checked readers that raise :class:`RecordError` naming the file when one is
 malformed. A workdir's files are replaced or deleted only when they are this
 tool's own (:func:`foreign_files`).
 """
@@ -166,6 +167,28 @@ def read_checked_json(path: str) -> Any:
         raise RecordError(f'{path} is not valid JSON ({e})') from None
 
 
+def read_object(
+    path: str, kinds: Mapping[str, Any], needed: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The JSON object of ``path`` with every field of ``kinds`` (a type or a check)
+    of the right type and every ``needed`` field present; else :class:`RecordError`
+    naming the file (also when it is missing or not JSON)."""
+    if not os.path.exists(path):
+        raise RecordError(f'{path} is missing')
+    return check_object(path, read_checked_json(path), kinds, needed)
+
+
+def check_object(
+    path: str, obj: Any, kinds: Mapping[str, Any], needed: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``obj`` (read from ``path``) checked as :func:`read_object` checks a file."""
+    obj = _check_fields(path, obj, kinds)
+    missing = [k for k in needed if k not in obj]
+    if missing:
+        raise RecordError(f'{path} lacks the field(s) {", ".join(missing)}')
+    return obj
+
+
 def _int_at_least(low: int) -> Any:
     return lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= low
 
@@ -184,9 +207,13 @@ _CONFIG_KINDS = {
 _SUMMARY_KINDS = {
     'status': lambda x: x in RUN_STATUSES,
     'epochs_completed': _int_at_least(0),
-    'best_epoch': lambda x: x is None or _int_at_least(0)(x),
     **dict.fromkeys(
-        ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'best_test_accuracy'),
+        ('best_epoch', 'best_val_epoch', 'pruned_at_epoch'),
+        lambda x: x is None or _int_at_least(0)(x),
+    ),
+    **dict.fromkeys(
+        ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'best_test_accuracy')
+        + ('val_loss', 'val_accuracy', 'best_val_accuracy'),
         _number,
     ),
     'wall_seconds': _number,

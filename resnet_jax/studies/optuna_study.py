@@ -258,6 +258,8 @@ def _check_key(study: Any, spec: search_space.Spec, url: str) -> None:
     """Records the study's key once; a worker with another search config is an error."""
     key = _study_key(spec)
     recorded = study.user_attrs.get('spec')
+    if recorded is not None and not isinstance(recorded, dict):
+        recorded = {'spec': recorded}  # Not a key this tool writes: differs in everything.
     if recorded is not None:  # Keys recorded before num_trials could change hold it.
         recorded = {k: v for k, v in recorded.items() if k != 'num_trials'}
     if recorded is None:
@@ -287,7 +289,7 @@ def _requeue_lost(study: Any, spec: search_space.Spec, workdir: str) -> None:
         ]
         if any(t.state in active for t in mine):
             continue
-        name = search_space.folder_name(point)
+        name = sweep_lib.run_name(point)
         try:
             config = search_space.apply_overrides(spec.base, point)
         except validation.ConfigError:
@@ -303,6 +305,21 @@ def _grid_order(spec: search_space.Spec) -> list[dict[str, Any]]:
         return list(spec.grid)
     groups = sweep_lib.group_runs([search_space.apply_overrides(spec.base, p) for p in spec.grid])
     return [spec.grid[i] for group in groups for i in group]
+
+
+def trial_run(trial: Any) -> str | None:
+    """The run folder a trial's ``run`` user attribute names (:func:`sweep.run_name`);
+    None when it has none or it is not a usable folder name."""
+    name = trial.user_attrs.get('run')
+    usable = isinstance(name, str) and name not in ('', '.', '..') and os.sep not in name
+    return name if usable else None
+
+
+def trial_status(trial: Any) -> str | None:
+    """The run status a trial's ``run_status`` user attribute records, None if none
+    (or one this tool does not write)."""
+    status = trial.user_attrs.get('run_status')
+    return status if status in workdir_lib.RUN_STATUSES else None
 
 
 def _counted(trial: Any) -> bool:
@@ -375,7 +392,7 @@ def folder_in_use(study: Any, name: str, mine: Sequence[Any]) -> bool:
         trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     except Exception:  # pylint: disable=broad-except
         return True
-    return any(t.user_attrs.get('run') == name and t._trial_id not in ids for t in trials)
+    return any(trial_run(t) == name and t._trial_id not in ids for t in trials)
 
 
 def give_back(study: Any, trials: Sequence[Any]) -> None:

@@ -1,7 +1,7 @@
 """The run folder of a study's trial: the point it holds, whether it already finished.
 
 Every trial trains in ``workdir/<folder name of its point>``
-(:func:`search_space.folder_name`), an ordinary run folder. Besides what a run
+(:func:`sweep.run_name`), an ordinary run folder. Besides what a run
 writes there, ``overrides.json`` records the fields the point sets, so that a
 folder is never trained for another point; a run that could not train records
 its failure in the folder's ``summary.json``.
@@ -62,7 +62,10 @@ def finished_summary(run_dir: str, config: ml_collections.ConfigDict) -> dict[st
 def record_failure(run_dir: str, config: ml_collections.ConfigDict | None, message: str) -> None:
     """Records a run that could not train in its folder's summary (with ``config`` if known)."""
     path = os.path.join(run_dir, workdir_lib.SUMMARY_FILE)
-    summary = workdir_lib.read_json_object(path) or {}
+    try:
+        summary = workdir_lib.read_summary(path) or {}
+    except workdir_lib.RecordError:
+        return  # A malformed summary is kept as it is: the error names it.
     if config is not None:
         summary['config'] = workdir_lib.config_json(config)
     summary.update(status='failed', error=message)

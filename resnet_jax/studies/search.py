@@ -133,9 +133,9 @@ def ended_runs(spec: search_space.Spec, workdir: str) -> dict[str, str]:
     )
     ended = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     return {
-        t.user_attrs['run']: t.user_attrs['run_status']
+        optuna_study.trial_run(t): optuna_study.trial_status(t)
         for t in ended
-        if 'run' in t.user_attrs and 'run_status' in t.user_attrs
+        if optuna_study.trial_run(t) and optuna_study.trial_status(t)
     }
 
 
@@ -162,6 +162,10 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]
     for point in points:  # Points other workers (or earlier invocations) ended.
         if point.name not in statuses:
             path = os.path.join(workdir, point.name, workdir_lib.SUMMARY_FILE)
-            summary = workdir_lib.read_json_object(path) or {}
+            try:
+                summary = workdir_lib.read_summary(path) or {}
+            except workdir_lib.RecordError as e:
+                logger.warning('%s', e)
+                summary = {'status': 'unreadable'}
             statuses[point.name] = summary.get('status', 'pending')
     return {point.name: statuses[point.name] for point in points}

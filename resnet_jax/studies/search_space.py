@@ -11,9 +11,7 @@ config a trial trains.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -207,6 +205,34 @@ class Spec:
         }
 
 
+def _list_of_objects(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+# What ``search.json`` (:meth:`Spec.describe`) holds, field by field, for its checked reader.
+DESCRIPTION_KINDS = {
+    'params': _list_of_objects,
+    'num_trials': int,
+    'metric': str,
+    'direction': lambda x: x in ('maximize', 'minimize'),
+    'min_epochs': int,
+    'storage': str,
+    'study_name': str,
+    'grid': _list_of_objects,
+    'from_sweep': bool,
+    'base_config': dict,
+}
+DESCRIPTION_NEEDED = (
+    'params',
+    'metric',
+    'direction',
+    'study_name',
+    'storage',
+    'base_config',
+    'grid',
+)
+
+
 SEARCH_DEFAULTS = {
     'num_trials': 20,
     'sampler': 'tpe',
@@ -398,23 +424,6 @@ def spec_from_sweep(config: ml_collections.ConfigDict) -> Spec:
 
 
 # ------------------------------------------------------------ run folders ----
-
-
-def folder_name(overrides: Mapping[str, Any]) -> str:
-    """A run folder's name: its ``field=value`` pairs, readable and always distinct.
-
-    Values that cannot be written as they are (path separators, commas, very
-    long names) are written simplified, with a hash of the exact values
-    appended, so two distinct points never share a folder.
-    """
-    name = sweep_lib.run_name(dict(overrides))
-    exact = ','.join(
-        f'{k}={v!r}' if isinstance(v, float) else f'{k}={v}' for k, v in overrides.items()
-    )
-    if name != exact or len(name) > 150:
-        digest = hashlib.sha256(json.dumps(list(overrides.items())).encode()).hexdigest()[:10]
-        name = f'{name[:120]}-{digest}'
-    return name
 
 
 def apply_overrides(

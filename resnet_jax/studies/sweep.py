@@ -30,9 +30,12 @@ mean ± sd over its seeds with a 95% interval (:mod:`resnet_jax.reports.sweep_re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -133,9 +136,24 @@ def _format(value: Any) -> str:
     return text.replace(os.sep, '_').replace(',', '_')
 
 
-def run_name(overrides: dict[str, Any]) -> str:
-    """The folder name of a run: ``name=value`` pairs joined by commas."""
-    return ','.join(f'{k}={_format(v)}' for k, v in overrides.items())
+def run_name(overrides: Mapping[str, Any]) -> str:
+    """The name and folder of the run of a point: its ``field=value`` pairs joined by
+    commas, readable and always distinct.
+
+    Every place that names a run (a grid's points and ``sweep.json``, a search's
+    trials and their ``run`` user attribute, the reports) uses this one function.
+    Values that cannot be written as they are (path separators, commas, very long
+    names) are written simplified, with a hash of the exact values appended, so two
+    distinct points never share a folder.
+    """
+    name = ','.join(f'{k}={_format(v)}' for k, v in overrides.items())
+    exact = ','.join(
+        f'{k}={v!r}' if isinstance(v, float) else f'{k}={v}' for k, v in overrides.items()
+    )
+    if name != exact or len(name) > 150:
+        digest = hashlib.sha256(json.dumps(list(overrides.items())).encode()).hexdigest()[:10]
+        name = f'{name[:120]}-{digest}'
+    return name
 
 
 def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

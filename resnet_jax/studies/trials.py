@@ -24,6 +24,7 @@ from resnet_jax import datasets, validation
 from resnet_jax.rundir import locks
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.studies import optuna_study, run_folders, search_space
+from resnet_jax.studies import sweep as sweep_lib
 
 logger = logging.getLogger('resnet_jax')
 
@@ -46,7 +47,7 @@ class TrialRun:
 def prepare(trial: Any, spec: search_space.Spec, workdir: str) -> TrialRun:
     """The run of a claimed trial: its point sampled, its folder claimed (or the error)."""
     overrides = search_space.sample(trial, spec.params, spec.base)
-    name = search_space.folder_name(overrides)
+    name = sweep_lib.run_name(overrides)
     run = TrialRun(trial, overrides, name, os.path.join(workdir, name))
     trial.set_user_attr('run', name)
     try:

@@ -38,6 +38,25 @@ logger = logging.getLogger('resnet_jax')
 CHECKPOINT_DIR = workdir_lib.CHECKPOINT_DIR
 
 
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _seconds(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# What a checkpoint's JSON ``meta`` holds (see :func:`save`); a checkpoint whose meta
+# fails these checks is unreadable.
+META_KINDS = {
+    'epoch': _count,
+    'position': _count,
+    'partial_seconds': _seconds,
+    'wall_seconds': _seconds,
+    'record': lambda x: x is None or isinstance(x, dict),
+}
+
+
 class CheckpointError(RuntimeError):
     """No checkpoint of a workdir can be read, or one cannot be written."""
 
@@ -193,7 +212,9 @@ def restore_state(
     metrics = flax.serialization.from_state_dict(
         train.TrainMetrics.empty(), restored['train_metrics']
     )
-    return state.replace(**restored['state']), dict(restored['meta']), metrics
+    where = os.path.join(str(manager.directory), str(step), 'meta')
+    meta = workdir_lib.check_object(where, restored['meta'], META_KINDS, ('epoch',))
+    return state.replace(**restored['state']), dict(meta), metrics
 
 
 def _put_like(like: jax.Array, value: Any) -> jax.Array:
@@ -298,10 +319,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f'{workdir} holds no run ({workdir_lib.CONFIG_FILE} not found)')
-    config = workdir_lib.read_json_object(path)
-    if not workdir_lib.is_run_config(config):
-        raise CheckpointError(f'{path} is not the config of a resnet_jax run')
-    return ml_collections.ConfigDict(config)
+    return ml_collections.ConfigDict(workdir_lib.read_run_config(path))
 
 
 def _read_variables(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
