@@ -2,14 +2,16 @@
 
 A single run checks that its config fits its data once the data is loaded
 (:func:`resnet_jax.training.checks.check_data_fits`). A study checks the same
-before it creates anything, for every batch size its space or grid can draw, so
-that a config that cannot fit the data is one error line rather than a failed
-trial each (and a study database that refuses the corrected config).
+before it creates anything, so that a config that cannot fit the data is one
+error line rather than a failed trial each (and a study database that refuses
+the corrected config): a search for every batch size its space can draw, a grid
+for its points, refusing only when none of them fits (a grid lists its points
+one by one: a point that cannot fit fails alone, as its own run).
 """
 
 from __future__ import annotations
 
-from resnet_jax import datasets
+from resnet_jax import datasets, validation
 from resnet_jax.studies import search_space
 from resnet_jax.training import checks
 
@@ -36,7 +38,25 @@ def check_data(spec: search_space.Spec) -> None:
     trials then reuse what was loaded) and checks each batch size the study can
     draw. The device count is left to each trial: a worker's devices are its own.
     """
+    if spec.grid:
+        _check_grid(spec)
+        return
     data = datasets.load_for_config(spec.base)
     for size in batch_sizes(spec):
         config = search_space.apply_overrides(spec.base, {BATCH_FIELD: size})
         checks.check_data_fits(config, data, num_devices=1)
+
+
+def _check_grid(spec: search_space.Spec) -> None:
+    """The first point's error if no point of the grid fits its data."""
+    first_error: Exception | None = None
+    for point in spec.grid:
+        config = search_space.apply_overrides(spec.base, point)
+        try:
+            checks.check_data_fits(config, datasets.load_for_config(config), num_devices=1)
+        except (validation.ConfigError, datasets.DataError) as e:
+            first_error = first_error or e
+        else:
+            return
+    if first_error is not None:
+        raise first_error
