@@ -23,6 +23,19 @@ def server_bin() -> str | None:
     return os.path.dirname(found[-1]) if found else None
 
 
+def required_server_bin() -> str:
+    """:func:`server_bin`, or the test fails under CI (whose setup installs the server)
+    and is skipped elsewhere."""
+    import pytest  # pylint: disable=g-import-not-at-top
+
+    bin_dir = server_bin()
+    if bin_dir is None:
+        if os.environ.get('CI'):
+            pytest.fail('the PostgreSQL server is not installed (.ci/run installs it)')
+        pytest.skip('no PostgreSQL server installed')
+    return bin_dir
+
+
 class PostgresServer:
     """``with PostgresServer() as url:`` a SQLAlchemy URL of a fresh, empty database."""
 

@@ -214,11 +214,7 @@ def storage(request, tmp_path):
     if request.param == 'sqlite':
         yield ''
         return
-    bin_dir = postgres_server.server_bin()
-    if bin_dir is None:
-        if os.environ.get('CI'):
-            pytest.fail('the PostgreSQL server is not installed (.ci/run installs it)')
-        pytest.skip('no PostgreSQL server installed')
+    bin_dir = postgres_server.required_server_bin()
     with postgres_server.PostgresServer(bin_dir) as url:
         yield url
 

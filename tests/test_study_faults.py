@@ -105,11 +105,7 @@ def postgres_url():
     """The URL form the docs show, ``postgresql://user@/db?host=...``, of a real server."""
     from tests import postgres_server
 
-    bin_dir = postgres_server.server_bin()
-    if bin_dir is None:
-        if os.environ.get('CI'):
-            pytest.fail('the PostgreSQL server is not installed (.ci/run installs it)')
-        pytest.skip('no PostgreSQL server installed')
+    bin_dir = postgres_server.required_server_bin()
     with postgres_server.PostgresServer(bin_dir) as url:
         yield 'postgresql://' + url.split('://', 1)[1]
 

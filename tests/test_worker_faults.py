@@ -156,11 +156,7 @@ def test_a_storage_that_stays_away_stops_the_worker_with_one_line(cli, tmp_path,
 @pytest.fixture
 def postgres():
     """A real PostgreSQL server started here (its ``url``, ``stop()`` and ``start()``)."""
-    bin_dir = postgres_server.server_bin()
-    if bin_dir is None:
-        if os.environ.get('CI'):
-            pytest.fail('the PostgreSQL server is not installed (.ci/run installs it)')
-        pytest.skip('no PostgreSQL server installed')
+    bin_dir = postgres_server.required_server_bin()
     server = postgres_server.PostgresServer(bin_dir)
     with server:
         yield server
