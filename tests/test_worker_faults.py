@@ -65,6 +65,30 @@ def test_a_lock_taken_over_is_noticed_by_its_old_holder(tmp_path):
     assert locks.holder(str(tmp_path)) == 'otherhost 1'
 
 
+def pause_outside_a_transaction(proc, database) -> None:
+    """SIGSTOPs ``proc`` at a moment it holds no write lock on the SQLite ``database``.
+
+    Its heartbeat thread writes every second; a worker frozen inside that write
+    holds SQLite's lock until it wakes, which is a storage outage for every other
+    worker (tested below), not the pause tested here.
+    """
+    import sqlite3
+
+    for _ in range(50):
+        proc.send_signal(signal.SIGSTOP)
+        connection = sqlite3.connect(str(database), timeout=0.5)
+        try:
+            connection.execute('BEGIN IMMEDIATE')
+            connection.rollback()
+            return
+        except sqlite3.OperationalError:  # Locked: let it finish its write.
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.1)
+        finally:
+            connection.close()
+    raise AssertionError(f'the worker held {database} at every try')
+
+
 def test_a_paused_worker_that_lost_its_trial_writes_nothing_more(cli, tmp_path, learnable):
     config_file = one_point_study(tmp_path, 3)
     workdir = tmp_path / 'study'
@@ -72,7 +96,7 @@ def test_a_paused_worker_that_lost_its_trial_writes_nothing_more(cli, tmp_path, 
     args = grid_args(config_file, learnable.path, workdir, '')
     paused = cli.start(args)
     wait_for_checkpoint(paused, run_dir)
-    paused.send_signal(signal.SIGSTOP)
+    pause_outside_a_transaction(paused, workdir / 'study.db')
     try:
         time.sleep(3)  # Past the grace period: the paused worker's heartbeat is stale.
         started = time.time()
