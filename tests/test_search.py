@@ -65,6 +65,32 @@ def write_config_file(tmp_path, body: str) -> str:
     return str(path)
 
 
+def one_point_study(tmp_path, epochs: int, *extra: str) -> str:
+    """A one-point grid of ``epochs`` short epochs, heartbeats every second (2 s grace)."""
+    body = f"""
+        config.num_epochs = {epochs}
+        config.batch_size = 10
+        config.steps_per_call = 1
+        config.search.space.learning_rate = search_space.categorical((0.003,))
+        config.search.heartbeat_seconds = 1
+        config.search.grace_seconds = 2
+        config.search.poll_seconds = 0.5
+        """
+    return write_config_file(
+        tmp_path, body.rstrip(' ') + ''.join(f'        {line}\n' for line in extra)
+    )
+
+
+def wait_for_checkpoint(proc, run_dir, timeout=300) -> None:
+    """Waits until ``run_dir`` holds a finished checkpoint (orbax renames it into place)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.name.isdigit() for p in (run_dir / 'checkpoints').glob('*')):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f'no checkpoint in {run_dir}: {proc.poll()}')
+
+
 def trials_of(storage: str, study_name: str = 'search') -> list:
     import optuna
 
@@ -250,28 +276,12 @@ def test_workers_share_a_grid_and_train_every_point_once(cli, tmp_path, learnabl
 
 
 def test_a_killed_workers_trial_is_finished_from_its_checkpoint(cli, tmp_path, learnable, storage):
-    config_file = write_config_file(
-        tmp_path,
-        """
-        config.num_epochs = 6
-        config.batch_size = 10
-        config.steps_per_call = 1
-        config.search.space.learning_rate = search_space.categorical((0.003,))
-        config.search.heartbeat_seconds = 1
-        config.search.grace_seconds = 2
-        config.search.poll_seconds = 0.5
-        """,
-    )
+    config_file = one_point_study(tmp_path, 6)
     workdir = tmp_path / 'study'
     run_dir = workdir / 'learning_rate=0.003'
     args = grid_args(config_file, learnable.path, workdir, storage)
     proc = cli.start(args)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        saved = [p for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit()]
-        if saved:  # A finished checkpoint (orbax renames it into place when complete).
-            break
-        time.sleep(0.05)
+    wait_for_checkpoint(proc, run_dir)
     proc.send_signal(signal.SIGKILL)  # No checkpoint on the way out, no tell: a dead worker.
     proc.communicate()
     done = [r['epoch'] for r in records(run_dir)]

@@ -10,7 +10,7 @@ import pytest
 
 from resnet_jax.rundir import locks
 from tests import fake_data, postgres_server
-from tests.test_search import grid_args, records, trials_of, write_config_file
+from tests.test_search import grid_args, one_point_study, records, trials_of, wait_for_checkpoint
 
 
 @pytest.fixture(scope='module')
@@ -18,32 +18,6 @@ def learnable(tmp_path_factory) -> fake_data.FakeCifar:
     """A fake CIFAR-10 whose classes a model learns: 200 train + 50 test images."""
     root = tmp_path_factory.mktemp('learnable')
     return fake_data.write_cifar_py(root, n_train_per_batch=40, n_test=50, learnable=True)
-
-
-def one_point_study(tmp_path, epochs: int, *extra: str) -> str:
-    """A one-point grid of ``epochs`` short epochs, heartbeats every second (2 s grace)."""
-    body = f"""
-        config.num_epochs = {epochs}
-        config.batch_size = 10
-        config.steps_per_call = 1
-        config.search.space.learning_rate = search_space.categorical((0.003,))
-        config.search.heartbeat_seconds = 1
-        config.search.grace_seconds = 2
-        config.search.poll_seconds = 0.5
-        """
-    return write_config_file(
-        tmp_path, body.rstrip(' ') + ''.join(f'        {line}\n' for line in extra)
-    )
-
-
-def wait_for_checkpoint(proc, run_dir, timeout=300) -> None:
-    """Waits until ``run_dir`` holds a finished checkpoint (orbax renames it into place)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if any(p.name.isdigit() for p in (run_dir / 'checkpoints').glob('*')):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f'no checkpoint in {run_dir}: {proc.poll()}')
 
 
 # ------------------------------------------------------------- fencing ----
@@ -142,6 +116,29 @@ def test_a_read_only_study_database_says_so(tmp_path, learnable):
     assert time.time() - started < 10  # Not retried: a read-only storage does not come back.
 
 
+def assert_stopped_then_resumed(cli, args, run_dir, worker, out, err, storage) -> None:
+    """The worker of a 3-epoch study stopped on a storage that stayed away 3 s: one
+    ``error:`` line naming ``storage``, the run keeps its status and its last record's
+    checkpoint, and a rerun once the storage is back resumes it to the end."""
+    assert worker.returncode == 2, err[-3000:]
+    assert 'Traceback' not in out + err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, err[-3000:]
+    assert f'the study storage {storage}' in errors[0], errors
+    assert 'did not answer for 3 s' in errors[0], errors
+    summary = run_dir / 'summary.json'
+    assert not summary.exists() or json.loads(summary.read_text())['status'] != 'failed'
+    done = [r['epoch'] for r in records(run_dir)]
+    saved = sorted(int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit())
+    assert done and saved and done[-1] < 3, (done, saved)
+    time.sleep(3)  # Past the grace period: the trial's heartbeat is stale.
+    result = cli.run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'resuming after epoch {done[-1]}' in result.stdout + result.stderr
+    assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3]
+    assert json.loads(summary.read_text())['status'] == 'completed'
+
+
 def test_a_storage_that_stays_away_stops_the_worker_with_one_line(cli, tmp_path, learnable):
     import sqlite3
 
@@ -158,23 +155,7 @@ def test_a_storage_that_stays_away_stops_the_worker_with_one_line(cli, tmp_path,
     finally:
         db.execute('ROLLBACK')
         db.close()
-    assert worker.returncode == 2, err[-3000:]
-    assert 'Traceback' not in out + err, err[-3000:]
-    errors = [line for line in err.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1 and 'the study storage sqlite:///' in errors[0], err[-3000:]
-    assert 'did not answer for 3 s' in errors[0], errors
-    # The run keeps its status, and its last record has its checkpoint.
-    summary = run_dir / 'summary.json'
-    assert not summary.exists() or json.loads(summary.read_text())['status'] != 'failed'
-    done = [r['epoch'] for r in records(run_dir)]
-    saved = sorted(int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit())
-    assert done and saved and done[-1] < 3, (done, saved)
-    time.sleep(3)  # Past the grace period: the trial's heartbeat is stale.
-    result = cli.run(args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f'resuming after epoch {done[-1]}' in result.stdout + result.stderr
-    assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3]
-    assert json.loads(summary.read_text())['status'] == 'completed'
+    assert_stopped_then_resumed(cli, args, run_dir, worker, out, err, 'sqlite:///')
 
 
 @pytest.fixture
@@ -200,23 +181,7 @@ def test_a_postgresql_server_that_stops_stops_the_worker_and_a_rerun_resumes(
         out, err = worker.communicate(timeout=300)
     finally:
         postgres.start()
-    assert worker.returncode == 2, err[-3000:]
-    assert 'Traceback' not in out + err, err[-3000:]
-    errors = [line for line in err.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1, err[-3000:]
-    assert 'the study storage postgresql+psycopg2://' in errors[0], errors
-    assert 'did not answer for 3 s' in errors[0], errors
-    summary = run_dir / 'summary.json'
-    assert not summary.exists() or json.loads(summary.read_text())['status'] != 'failed'
-    done = [r['epoch'] for r in records(run_dir)]
-    saved = sorted(int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit())
-    assert done and saved and done[-1] < 3, (done, saved)
-    time.sleep(3)  # Past the grace period: the trial's heartbeat is stale.
-    result = cli.run(args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f'resuming after epoch {done[-1]}' in result.stdout + result.stderr
-    assert [r['epoch'] for r in records(run_dir)] == [1, 2, 3]
-    assert json.loads(summary.read_text())['status'] == 'completed'
+    assert_stopped_then_resumed(cli, args, run_dir, worker, out, err, 'postgresql+psycopg2://')
 
 
 def test_a_postgresql_server_back_within_the_retry_window_changes_nothing(
