@@ -189,7 +189,8 @@ def check_object(
     return obj
 
 
-def _int_at_least(low: int) -> Any:
+def int_at_least(low: int) -> Any:
+    """A check of a JSON value: an int (not a bool) of at least ``low``."""
     return lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= low
 
 
@@ -198,18 +199,18 @@ _CONFIG_KINDS = {
     'model': str,
     'optimizer': str,
     'learning_rate': _number,
-    'batch_size': _int_at_least(1),
-    'num_epochs': _int_at_least(1),
+    'batch_size': int_at_least(1),
+    'num_epochs': int_at_least(1),
     'seed': int,
     'data': dict,
 }
 # What a run's summary.json holds (fields written by the training loop).
 _SUMMARY_KINDS = {
     'status': lambda x: x in RUN_STATUSES,
-    'epochs_completed': _int_at_least(0),
+    'epochs_completed': int_at_least(0),
     **dict.fromkeys(
         ('best_epoch', 'best_val_epoch', 'pruned_at_epoch'),
-        lambda x: x is None or _int_at_least(0)(x),
+        lambda x: x is None or int_at_least(0)(x),
     ),
     **dict.fromkeys(
         ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'best_test_accuracy')

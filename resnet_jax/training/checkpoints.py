@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from resnet_jax import validation
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.training import train
 
@@ -38,21 +39,13 @@ logger = logging.getLogger('resnet_jax')
 CHECKPOINT_DIR = workdir_lib.CHECKPOINT_DIR
 
 
-def _count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def _seconds(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 # What a checkpoint's JSON ``meta`` holds (see :func:`save`); a checkpoint whose meta
 # fails these checks is unreadable.
 META_KINDS = {
-    'epoch': _count,
-    'position': _count,
-    'partial_seconds': _seconds,
-    'wall_seconds': _seconds,
+    'epoch': workdir_lib.int_at_least(0),
+    'position': workdir_lib.int_at_least(0),
+    'partial_seconds': validation.is_number,
+    'wall_seconds': validation.is_number,
     'record': lambda x: x is None or isinstance(x, dict),
 }
 
