@@ -366,6 +366,29 @@ def test_two_workers_draw_different_first_trials(tmp_path, learnable):
     assert search_space.sample(trial, spec.params, spec.base) == drawn[0]
 
 
+@pytest.mark.parametrize('sampler', ['tpe', 'random'])
+def test_two_search_seeds_share_no_draw(tmp_path, learnable, sampler):
+    """Each draw's sampler seed comes from the study's seed and the draw's position
+    together: seed 1's draws are not seed 0's shifted by one, as with seed + position."""
+    drawn = {}
+    for seed in (0, 1):
+        config = search_config(learnable.path, sampler=sampler, num_trials=15, seed=seed)
+        config.search.space.learning_rate = search_space.float_param(1e-4, 0.1, log=True)
+        spec = search_space.spec_from_config(config)
+        workdir = str(tmp_path / f'seed{seed}')
+        study = optuna_study.open_study(spec, workdir)
+        rates = []
+        for _ in range(15):
+            with optuna_study.claim_lock(workdir):
+                (trial,) = optuna_study.claim(study, spec)
+            rate = search_space.sample(trial, spec.params, spec.base)['learning_rate']
+            study.tell(trial, -abs(np.log10(rate) + 2.5))  # Best near 3e-3.
+            rates.append(rate)
+        drawn[seed] = rates
+    assert not set(drawn[0]) & set(drawn[1])
+    assert optuna_study.draw_seed(0, 1) != optuna_study.draw_seed(1, 0)
+
+
 def test_an_unreachable_storage_with_workers_is_one_line_and_leaves_nothing(
     cli, tmp_path, learnable
 ):

@@ -154,8 +154,22 @@ class Retry:
                 delay = min(2 * delay, 10.0)
 
 
-def make_sampler(spec: search_space.Spec, offset: int = 0) -> Any:
-    """The study's sampler, seeded with ``config.search.seed + offset``.
+def draw_seed(seed: int, position: int) -> int:
+    """The sampler seed of a study's draw number ``position`` (the trials before it).
+
+    Derived from both through :class:`numpy.random.SeedSequence`, so that the
+    draws of two study seeds are independent (``seed + position`` would make
+    seed 1's draws repeat seed 0's, shifted by one), while the same study seed
+    and position always give the same draw.
+    """
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    return int(np.random.SeedSequence([seed, position]).generate_state(1)[0])
+
+
+def make_sampler(spec: search_space.Spec, position: int = 0) -> Any:
+    """The study's sampler for its draw number ``position``, seeded with
+    :func:`draw_seed` of ``config.search.seed`` and ``position``.
 
     Workers draw each new trial with a sampler seeded by the number of trials
     before it (:func:`claim`): as reproducible as one seeded sampler with one
@@ -164,7 +178,7 @@ def make_sampler(spec: search_space.Spec, offset: int = 0) -> Any:
     """
     import optuna  # pylint: disable=g-import-not-at-top
 
-    seed = spec.seed + offset
+    seed = draw_seed(spec.seed, position)
     if spec.sampler == 'tpe':
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=spec.startup_trials, constant_liar=True
@@ -343,7 +357,7 @@ def claim(study: Any, spec: search_space.Spec) -> list[Any]:
     if not waiting and (spec.grid or sum(map(_counted, trials)) >= spec.num_trials):
         return []
     if not waiting:  # A new draw: a sampler seeded by the trials before it.
-        study.sampler = make_sampler(spec, offset=len(trials))
+        study.sampler = make_sampler(spec, position=len(trials))
     first = study.ask()
     claimed = [first]
     if spec.vectorize and spec.grid and waiting:
