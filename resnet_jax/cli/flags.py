@@ -70,13 +70,20 @@ flags.DEFINE_integer(
     lower_bound=1,
 )
 flags.DEFINE_string(
+    'compilation_cache',
+    None,
+    "JAX's persistent compilation cache folder, shared by runs, trials, workers and "
+    'reruns on this machine (default: $JAX_COMPILATION_CACHE_DIR, else '
+    '~/.cache/resnet_jax/jax); none: compile without it.',
+)
+flags.DEFINE_string(
     'sweep_shard',
     '0/1',
     'Replaced by workers: start the same command N times, or pass --workers=N.',
 )
 
 HELP_FLAGS = ('-h', '--help', '-help', '--helpshort', '--helpfull', '-?')
-OWN_FLAGS = ('config', 'workdir', 'mode', 'overwrite', 'new_run', 'workers')
+OWN_FLAGS = ('config', 'workdir', 'mode', 'overwrite', 'new_run', 'workers', 'compilation_cache')
 
 
 class UsageError(Exception):
@@ -93,6 +100,7 @@ class Args(NamedTuple):
     overwrite: bool
     new_run: bool
     workers: int
+    compilation_cache: str | None  # None: the default folder.
 
 
 def _config_path(argv: Sequence[str]) -> str | None:
@@ -124,7 +132,16 @@ def parse(argv: Sequence[str]) -> Args:
     _parse_flags(argv)
     workdir = os.path.expanduser(FLAGS.workdir)
     config = None if FLAGS.mode == 'report' else _load_config(path)
-    return Args(argv, config, workdir, FLAGS.mode, FLAGS.overwrite, FLAGS.new_run, FLAGS.workers)
+    return Args(
+        argv,
+        config,
+        workdir,
+        FLAGS.mode,
+        FLAGS.overwrite,
+        FLAGS.new_run,
+        FLAGS.workers,
+        FLAGS.compilation_cache,
+    )
 
 
 def _parse_flags(argv: list[str]) -> None:

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     '--workers=N starts the workers of a sweep or search; the config has no '
                     'sweep or search section to train'
                 )
-            _start(args.config)
+            _start(args.config, args.compilation_cache)
             if args.mode == 'eval':
                 return evaluate(args.config, args.workdir)
             if search_space.is_study(args.config):
@@ -135,12 +135,14 @@ def report(workdir: str) -> int:
     return 0
 
 
-def _start(config: Any) -> None:
-    """Joins the processes of a distributed run (the first thing read of the config)."""
+def _start(config: Any, cache: str | None) -> None:
+    """Enables the compilation cache and joins the processes of a distributed run
+    (the first things done, before anything compiles)."""
     from resnet_jax import validation
-    from resnet_jax.training import checkpoints, distributed
+    from resnet_jax.training import checkpoints, compile_cache, distributed
 
     checkpoints.quiet_orbax_noise()
+    compile_cache.enable(cache)
     validation.validate_distributed(config)
     distributed.initialize(config.distributed)
     if not distributed.is_primary():
