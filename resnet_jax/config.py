@@ -48,6 +48,11 @@ def _training(config: ml_collections.ConfigDict) -> None:
     # Keep (False) or drop (True) the last partial training batch of an epoch.
     config.drop_remainder = False
     config.eval_batch_size = 1000
+    # When the test set is evaluated: 'every_epoch' (the study's recipe: a test
+    # curve), 'end' (once, after the last epoch, or when a study's pruner stops
+    # the run), or 'auto': 'end' for the trials of a study that selects on a
+    # validation metric, 'every_epoch' otherwise.
+    config.eval_test = 'auto'
     # Training steps per compiled call (lax.scan on the device; 0: a whole
     # epoch, 1: step by step): fewer dispatches and host syncs. SIGINT/SIGTERM
     # and the NaN checks are seen between calls, so keep a call short enough to

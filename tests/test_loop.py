@@ -6,6 +6,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -71,6 +72,27 @@ def test_tensorboard_file_holds_the_scalars(finished_run):
     assert b'learning_rate' in b''.join(
         open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, 'hparams', 'events*'))
     )
+
+
+def test_a_run_can_evaluate_the_test_set_only_at_its_end(training, finished_run, tmp_path):
+    """config.eval_test='end': the same training, the test set once, after the last
+    epoch; the records before it, TensorBoard and the console say nothing of it."""
+    config, reference, _, reference_summary = finished_run
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.eval_test = 'end'
+    workdir = str(tmp_path / 'end')
+    _, summary = training.train_and_evaluate(config, workdir)
+    records, every = workdir_lib.read_metrics(workdir), workdir_lib.read_metrics(reference)
+    assert ['test_accuracy' in r for r in records] == [False, False, True]
+    assert records[-1]['test_accuracy'] == every[-1]['test_accuracy']
+    assert summary['test_accuracy'] == reference_summary['test_accuracy']
+    assert summary['best_test_accuracy'] == summary['test_accuracy']
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(workdir)
+    acc.Reload()
+    assert [e.step for e in acc.Scalars('test_accuracy')] == [3]
+    assert [e.step for e in acc.Scalars('train_accuracy')] == [1, 2, 3]
 
 
 def test_eval_counts_every_test_image_once(finished_run, cifar_py):

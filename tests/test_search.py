@@ -184,6 +184,26 @@ def test_a_bad_search_config_is_one_error_line_before_anything_trains(cli, tmp_p
     assert not list(workdir.glob('*/metrics.jsonl'))  # Nothing trained.
 
 
+def test_a_study_evaluates_the_test_set_when_a_trial_ends_unless_asked(learnable):
+    """'auto': the trials of a study selecting on validation evaluate the test set once;
+    on a test metric, every epoch; 'end' with a test metric a pruner reads is an error."""
+    on_val = search_space.spec_from_config(search_config(learnable.path))
+    assert on_val.base.eval_test == 'end'
+    on_test = search_space.spec_from_config(search_config(learnable.path, metric='test_accuracy'))
+    assert on_test.base.eval_test == 'every_epoch'
+    asked = search_config(learnable.path)
+    asked.eval_test = 'every_epoch'
+    assert search_space.spec_from_config(asked).base.eval_test == 'every_epoch'
+    config = search_config(learnable.path, metric='test_accuracy', pruner='median')
+    config.eval_test = 'end'
+    with pytest.raises(search_space.SearchError, match='eval_test'):
+        search_space.spec_from_config(config)
+    sweep_config = default.get_config()
+    sweep_config.data.path = learnable.path
+    sweep_config.sweep = ml_collections.ConfigDict({'learning_rate': (0.1, 0.01)})
+    assert search_space.spec_from_config(sweep_config).base.eval_test == 'every_epoch'
+
+
 def test_distinct_points_get_distinct_folders(tmp_path):
     a = sweep.run_name({'data.path': '/d/a/b'})
     b = sweep.run_name({'data.path': '/d/a_b'})
@@ -216,6 +236,15 @@ def test_a_pruner_stops_a_weak_trial_and_the_others_complete(tmp_path, learnable
     )
     full = records(os.path.join(workdir, 'learning_rate=0.003'))
     assert len(full) == config.num_epochs and all('val_accuracy' in r for r in full)
+    # Selecting on validation, the trials evaluate the test set once, when they end
+    # (completed or pruned): the last record holds it, the others do not.
+    for run_records in (full, records(pruned_dir)):
+        assert [('test_accuracy' in r) for r in run_records] == [False] * (len(run_records) - 1) + [
+            True
+        ]
+    assert summary['test_accuracy'] == records(pruned_dir)[-1]['test_accuracy']
+    with open(os.path.join(pruned_dir, 'config.json')) as f:
+        assert json.load(f)['eval_test'] == 'end'
     states = [t.state.name for t in trials_of(f'sqlite:///{workdir}/study.db')]
     assert sorted(states) == ['COMPLETE', 'PRUNED']
     # The report (the command line writes it after a study): the trials, the best

@@ -44,6 +44,7 @@ RUN_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE)
 RESUMABLE_CHANGES = (
     'num_epochs',
     'eval_batch_size',
+    'eval_test',  # When the test set is evaluated, not what is trained.
     'checkpoint_every_epochs',
     'keep_checkpoints',
     'progress_every_seconds',

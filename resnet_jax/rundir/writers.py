@@ -192,7 +192,11 @@ def format_record(record: Mapping[str, Any]) -> str:
     return (
         f'epoch {record["epoch"]:3d} | '
         f'train loss {record["train_loss"]:.4f} acc {100 * record["train_accuracy"]:6.2f}% | '
-        f'test loss {record["test_loss"]:.4f} acc {100 * record["test_accuracy"]:6.2f}% | '
+        + (
+            f'test loss {record["test_loss"]:.4f} acc {100 * record["test_accuracy"]:6.2f}% | '
+            if record.get('test_accuracy') is not None and record.get('test_loss') is not None
+            else ''
+        )
         + (
             f'val loss {record["val_loss"]:.4f} acc {100 * record["val_accuracy"]:6.2f}% | '
             if 'val_accuracy' in record

@@ -310,6 +310,7 @@ def spec_from_config(config: ml_collections.ConfigDict) -> Spec:
             for values in itertools.product(*(p.choices for p in params))
         )
         options['num_trials'] = len(grid)
+    _resolve_eval_test(base, options['metric'], options['pruner'])
     spec = Spec(params=tuple(params), base=base, grid=grid, **options)
     _check_metric(spec)
     _check_min_epochs(spec)
@@ -372,6 +373,23 @@ def _check_fields(params: Sequence[Param], base: ml_collections.ConfigDict) -> N
                 ) from None
 
 
+def _resolve_eval_test(base: ml_collections.ConfigDict, metric: str, pruner: str) -> None:
+    """Sets ``base.eval_test`` for the trials: 'auto' is 'end' when the study selects on
+    a validation metric (the test set is then evaluated once per trial, when it ends),
+    else 'every_epoch'. 'end' with a test metric that a pruner reads every epoch is a
+    :class:`SearchError`."""
+    selects_on_test = not metric.startswith('val_')
+    value = base.get('eval_test', 'auto')
+    if value == 'auto':
+        base.eval_test = 'every_epoch' if selects_on_test else 'end'
+    elif value == 'end' and selects_on_test and pruner != 'none':
+        raise SearchError(
+            f"config.eval_test='end' evaluates the test set only when a trial ends, but the "
+            f'study selects on {metric}, which the pruner reads every epoch: choose a val_ '
+            "metric or config.eval_test='every_epoch'"
+        )
+
+
 def _check_metric(spec: Spec) -> None:
     if spec.metric.startswith('val_') and not spec.base.data.get('validation_size', 0):
         raise SearchError(
@@ -405,6 +423,7 @@ def spec_from_sweep(config: ml_collections.ConfigDict) -> Spec:
     options = config.sweep
     metric = 'val_accuracy' if base.data.get('validation_size', 0) else 'test_accuracy'
     axes = sweep_lib.axes(config)
+    _resolve_eval_test(base, metric, 'none')
     params = tuple(
         Param(name, 'categorical', choices=tuple(values)) for name, values in axes.items()
     )

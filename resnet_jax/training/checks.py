@@ -17,6 +17,9 @@ import ml_collections
 from resnet_jax import datasets, models, validation
 from resnet_jax.training import optim
 
+# The values of config.eval_test: when the test set is evaluated.
+EVAL_TEST = ('auto', 'every_epoch', 'end')
+
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`~resnet_jax.validation.ConfigError` on the first invalid field."""
@@ -25,6 +28,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     validation.check_choice(config, 'dtype', sorted(models.DTYPES))
     validation.check_registered(config, optim.OPTIMIZERS, 'optimizer')
     validation.check_registered(config, optim.SCHEDULES, 'schedule')
+    if 'eval_test' in config:  # Absent from configs recorded before it existed.
+        validation.check_choice(config, 'eval_test', EVAL_TEST)
     validation.check_choice(config, 'data.source', ('auto', *datasets.SOURCES.names()))
     if config.data.source != 'auto':
         validation.check_registered(config, datasets.SOURCES, 'data.source')

@@ -6,8 +6,7 @@
     states, total, done = steps.train_epoch(
         states, data.images, data.labels, epochs.orders(runs, data, epoch), plan.sizes, ...,
         after_call=epochs.between_calls(runs, epoch, plan, stop))
-    evaluations = epochs.evaluate(states, data, plan)
-    epochs.end_epoch(runs, states, total, evaluations, epoch, seconds, plan)
+    epochs.finish_epoch(runs, states, total, data, epoch, done, seconds, plan, stop)
 
 and ends the group with :func:`end_group`. What the runs share comes in three
 pieces: :class:`DeviceData` (the data on the device), :class:`BatchPlan` (how it
@@ -146,15 +145,62 @@ def between_calls(
     return after_call
 
 
+def tests_due(config: Any, epoch: int) -> bool:
+    """Whether the test set is evaluated after ``epoch`` (``config.eval_test``; 'auto'
+    has been resolved for a study's trials, so here it is every epoch)."""
+    return config.get('eval_test', 'auto') != 'end' or epoch == config.num_epochs
+
+
+class Evaluation:
+    """An epoch's evaluations of every run of a group: validation (None without a
+    split) and test, computed when first asked for (:func:`tests_due`, or a run
+    its study stops now)."""
+
+    def __init__(self, states: train.TrainState, data: DeviceData, plan: BatchPlan, due: bool):
+        self._states, self._data, self._plan = states, data, plan
+        self._tests: list[dict[str, float]] | None = None
+        self.due = due
+        self.val = self._run(data.validation) if data.validation is not None else None
+        if due:
+            self.tests()
+
+    def _run(self, split: tuple[jax.Array, jax.Array, jax.Array]) -> list[dict[str, float]]:
+        plan = self._plan
+        return steps.evaluate(self._states, split, plan.eval_batch_size, plan.prep, plan.sharding)
+
+    def tests(self) -> list[dict[str, float]]:
+        """Every run's test metrics (evaluated once)."""
+        if self._tests is None:
+            self._tests = self._run(self._data.test)
+        return self._tests
+
+
 def evaluate(
-    states: train.TrainState, data: DeviceData, plan: BatchPlan
-) -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
-    """Every run's test metrics, and its validation metrics (None without a split)."""
-    size, prep, sharding = plan.eval_batch_size, plan.prep, plan.sharding
-    tests = steps.evaluate(states, data.test, size, prep, sharding)
-    if data.validation is None:
-        return tests, None
-    return tests, steps.evaluate(states, data.validation, size, prep, sharding)
+    states: train.TrainState, data: DeviceData, plan: BatchPlan, epoch: int, config: Any
+) -> Evaluation:
+    """Every run's validation metrics, and its test metrics where due after ``epoch``."""
+    return Evaluation(states, data, plan, tests_due(config, epoch))
+
+
+def finish_epoch(
+    runs: list[runs_lib.Run],
+    states: train.TrainState,
+    total: train.TrainMetrics,
+    data: DeviceData,
+    epoch: int,
+    done: int,
+    seconds: float,
+    plan: BatchPlan,
+    stop: signals.StopSignals,
+) -> None:
+    """Evaluates the trained epoch and ends it (:func:`end_epoch`), or checkpoints
+    mid-epoch (:func:`interrupt`) after a signal, which may also come now."""
+    evaluation = (
+        evaluate(states, data, plan, epoch, runs[0].config) if stop.agreed() is None else None
+    )
+    if evaluation is None or stop.agreed() is not None:
+        interrupt(runs, states, total, epoch, done, seconds, plan, stop)
+    end_epoch(runs, states, total, evaluation, epoch, seconds, plan)
 
 
 def interrupt(
@@ -192,17 +238,16 @@ def end_epoch(
     runs: list[runs_lib.Run],
     states: train.TrainState,
     total: train.TrainMetrics,
-    evaluations: tuple[list[dict[str, float]], list[dict[str, float]] | None],
+    evaluation: Evaluation,
     epoch: int,
     seconds: float,
     plan: BatchPlan,
 ) -> None:
     """Writes each active run's epoch record; checkpoints where due, or where pruned.
 
-    A run whose test loss is not finite diverges instead.
+    A run whose evaluated loss (test, else validation) is not finite diverges instead.
     """
     config = runs[0].config
-    tests, vals = evaluations
     save = epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs
     callbacks = any(run.on_epoch is not None for run in runs)
     rates = np.asarray(train.applied_learning_rate(states))  # Of each run's last update.
@@ -212,21 +257,35 @@ def end_epoch(
         else None
     )
     for r, run in enumerate(runs):
-        if run.active and not math.isfinite(tests[r]['loss']):
-            runs_lib.diverge(run, f'non-finite test loss in epoch {epoch}')
+        tests = evaluation.tests()[r] if evaluation.due else None
+        vals = evaluation.val[r] if evaluation.val is not None else None
+        _check_evaluated(run, tests, vals, epoch)
         if not run.active:
             continue
         record = train.EpochRecord(
             epoch=epoch,
             **_metrics('train', train.unstack(total, r).compute()),
-            **_metrics('test', tests[r]),
+            **(_metrics('test', tests) if tests is not None else _NO_TEST),
             learning_rate=float(rates[r]),
             epoch_seconds=seconds,
             **_speed(run.first_call, epoch, sum(plan.sizes), seconds),
-            **(_metrics('val', vals[r]) if vals is not None else {}),
+            **(_metrics('val', vals) if vals is not None else {}),
         ).asdict()
         ok = bool(finite[r]) if finite is not None else True  # Computed where it is read.
-        _write_epoch(run, record, lambda r=r: train.unstack(states, r), ok, save)
+        later = None if tests is not None else (lambda r=r: evaluation.tests()[r])
+        _write_epoch(run, record, lambda r=r: train.unstack(states, r), ok, save, later)
+
+
+_NO_TEST = {'test_loss': None, 'test_accuracy': None}  # Left out of the record.
+
+
+def _check_evaluated(
+    run: runs_lib.Run, tests: dict[str, Any] | None, vals: dict[str, Any] | None, epoch: int
+) -> None:
+    """Diverges an active run whose evaluated loss is not finite."""
+    split, scores = ('test', tests) if tests is not None else ('validation', vals)
+    if run.active and scores is not None and not math.isfinite(scores['loss']):
+        runs_lib.diverge(run, f'non-finite {split} loss in epoch {epoch}')
 
 
 def _speed(
@@ -250,18 +309,21 @@ def _write_epoch(
     state: Callable[[], train.TrainState],
     finite: bool,
     save: bool,
+    test: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
-    """Writes a run's epoch record and its checkpoint (if ``save``), then asks its callback.
+    """Writes a run's epoch record and its checkpoint (if ``save``), and asks its callback.
 
     The record and the checkpoint come first: a callback that fails (a study
     whose storage is away) leaves the epoch written and checkpointed. A pruned
-    run gets a checkpoint of its epoch.
+    run gets a checkpoint of its epoch. ``test`` (the test set is evaluated only
+    at the end): the run's test metrics, asked for when the callback stops the
+    run now, so that its last record holds them; the callback is then asked first.
     """
+    if test is not None and run.on_epoch is not None:
+        _write_epoch_ending_early(run, record, state, finite, save, test)
+        return
     epoch = record['epoch']
-    runs_lib.check_owned(run)
-    run.records.append(record)
-    run.changed = True
-    run.writer.write(record)
+    _append(run, record)
     if save:
         runs_lib.save(run, state(), finite, epoch, 0, None, 0.0, record)
     if not run.active:  # Diverged while saving.
@@ -276,6 +338,43 @@ def _write_epoch(
         runs_lib.save(run, state(), finite, epoch, 0, None, 0.0, record)
     if pruned:
         logger.info('%spruned after epoch %d', run.prefix, epoch)
+
+
+def _write_epoch_ending_early(
+    run: runs_lib.Run,
+    record: dict[str, Any],
+    state: Callable[[], train.TrainState],
+    finite: bool,
+    save: bool,
+    test: Callable[[], dict[str, Any]],
+) -> None:
+    """:func:`_write_epoch` for a run whose callback may stop it before its test
+    set is due: the callback first, then the record (with the test metrics if it
+    stopped the run) and the checkpoint. A callback that fails leaves the epoch
+    written and checkpointed."""
+    epoch = record['epoch']
+    runs_lib.check_owned(run)
+    try:
+        pruned = runs_lib.pruned(run, record)
+    except Exception:
+        _append(run, record)
+        runs_lib.save(run, state(), finite, epoch, 0, None, 0.0, record)
+        raise
+    if pruned:
+        record.update(_metrics('test', test()))
+    _append(run, record)
+    if save or pruned:
+        runs_lib.save(run, state(), finite, epoch, 0, None, 0.0, record)
+    if pruned:
+        logger.info('%spruned after epoch %d', run.prefix, epoch)
+
+
+def _append(run: runs_lib.Run, record: dict[str, Any]) -> None:
+    """Appends ``record`` to the run's records, ``metrics.jsonl`` and TensorBoard."""
+    runs_lib.check_owned(run)
+    run.records.append(record)
+    run.changed = True
+    run.writer.write(record)
 
 
 def _metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:

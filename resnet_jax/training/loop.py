@@ -147,11 +147,9 @@ def train_runs(
                     seconds += time.time() - t0
                     if not runs_lib.any_active(group):
                         break
-                    # Training stopped early only on a signal, which may also come now.
-                    tests = epochs.evaluate(states, data, plan) if stop.agreed() is None else None
-                    if stop.agreed() is not None:
-                        epochs.interrupt(group, states, total, epoch, done, seconds, plan, stop)
-                    epochs.end_epoch(group, states, total, tests, epoch, seconds, plan)
+                    epochs.finish_epoch(
+                        group, states, total, data, epoch, done, seconds, plan, stop
+                    )
                 epochs.end_group(group, states)
         summaries = [runs_lib.finish(run, num_params, flops, sets[0], mesh) for run in runs]
     return [run.state for run in runs], summaries

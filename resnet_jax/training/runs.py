@@ -306,7 +306,7 @@ def finish(
     if distributed.is_primary():
         check_owned(run)
         workdir_lib.write_json(path, summary)
-    if run.records:
+    if run.records and validation.is_finite_number(summary['test_accuracy']):
         logger.info(
             '%s%s: final test accuracy %.2f%%, best %.2f%% (epoch %s), %.0fs',
             run.prefix,
@@ -316,6 +316,8 @@ def finish(
             summary['best_epoch'],
             summary['wall_seconds'],
         )
+    elif run.records:
+        logger.info('%s%s, %.0fs', run.prefix, run.status, summary['wall_seconds'])
     return summary
 
 
