@@ -127,7 +127,7 @@ def test_bad_user_attributes_are_ignored_by_the_report(study, tmp_path):
 
     paths = study_report.write_study_report(str(workdir))
     assert os.path.exists(paths['search'])
-    loaded = optuna.load_study(study_name='search', storage=f'sqlite:///{workdir}/study.db')
+    loaded = optuna.load_study(study_name=None, storage=f'sqlite:///{workdir}/study.db')
     assert [optuna_study.trial_run(t) for t in loaded.get_trials()] == [None, None]
 
 

@@ -18,7 +18,7 @@ from resnet_jax import datasets
 from resnet_jax.configs import default
 from resnet_jax.studies import optuna_study, run_folders, search, search_space, sweep
 from tests import fake_data, postgres_server
-from tests.conftest import make_tiny_config, one_error_line
+from tests.conftest import REPO, make_tiny_config, one_error_line
 
 
 @pytest.fixture(scope='module')
@@ -91,7 +91,7 @@ def wait_for_checkpoint(proc, run_dir, timeout=300) -> None:
     raise AssertionError(f'no checkpoint in {run_dir}: {proc.poll()}')
 
 
-def trials_of(storage: str, study_name: str = 'search') -> list:
+def trials_of(storage: str, study_name: str | None = None) -> list:
     import optuna
 
     return optuna.load_study(study_name=study_name, storage=storage).get_trials()
@@ -416,6 +416,72 @@ def test_two_search_seeds_share_no_draw(tmp_path, learnable, sampler):
         drawn[seed] = rates
     assert not set(drawn[0]) & set(drawn[1])
     assert optuna_study.draw_seed(0, 1) != optuna_study.draw_seed(1, 0)
+
+
+def test_a_study_reads_cleanly_in_optuna_s_own_tools(tmp_path, learnable):
+    """Named after its workdir, its objective named, a few short attributes: what
+    optuna.load_study and `optuna studies` show."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    config = search_config(learnable.path, sampler='tpe', num_trials=3)
+    spec = search_space.spec_from_config(config)
+    workdir = str(tmp_path / 'lr_search')
+    optuna_study.open_study(spec, workdir)
+    url = f'sqlite:///{workdir}/study.db'
+    study = optuna.load_study(study_name=None, storage=url)
+    assert study.study_name == 'lr_search'
+    assert study.metric_names == ['val_accuracy']
+    assert len(json.dumps(study.user_attrs)) < 300, study.user_attrs
+    assert study.user_attrs['searched'] == 'learning_rate'
+    optuna_cli = os.path.join(os.path.dirname(sys.executable), 'optuna')
+    listed = subprocess.run(
+        [optuna_cli, 'studies', '--storage', url, '-f', 'json'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (row,) = json.loads(listed.stdout)
+    assert row['name'] == 'lr_search' and row['direction'] == ['MAXIMIZE']
+    assert len(json.dumps(row)) < 600, row
+    # Rejoined under its recorded name; another config is still refused, by field.
+    assert optuna_study.open_study(spec, workdir).study_name == 'lr_search'
+    other = search_config(learnable.path, sampler='tpe', num_trials=3)
+    other.batch_size = 10
+    with pytest.raises(search_space.SearchError, match='differs in: base_config'):
+        optuna_study.open_study(search_space.spec_from_config(other), workdir)
+    named = search_config(learnable.path, sampler='tpe', study_name='mine')
+    assert optuna_study.open_study(search_space.spec_from_config(named), workdir).study_name == (
+        'mine'
+    )
+
+
+def test_a_study_written_by_the_previous_version_reports_and_resumes(tmp_path, learnable):
+    """The committed search (its storage holds the whole key and the name 'search'):
+    the same config joins it, names its objective, finds every trial done, and
+    the report is written from it."""
+    import shutil
+
+    import optuna
+
+    from resnet_jax.configs import cpu_search
+    from resnet_jax.reports import study_report
+
+    workdir = str(tmp_path / 'old')
+    shutil.copytree(os.path.join(REPO, 'results', 'search', 'search'), workdir)
+    config = cpu_search.get_config()
+    config.data.path = learnable.path  # Where the data is does not change the study.
+    spec = search_space.spec_from_config(config)
+    study = optuna_study.open_study(spec, workdir)
+    assert study.study_name == 'search' and study.metric_names == ['val_accuracy']
+    with optuna_study.claim_lock(workdir):
+        assert optuna_study.claim(study, spec) == []  # All 16 trials ended: nothing to train.
+    assert len(search.ended_runs(spec, workdir)) == 16
+    assert os.path.exists(study_report.write_study_report(workdir)['search'])
+    loaded = optuna.load_study(study_name='search', storage=f'sqlite:///{workdir}/study.db')
+    assert len(loaded.trials) == 16
 
 
 def test_an_unreachable_storage_with_workers_is_one_line_and_leaves_nothing(

@@ -107,7 +107,7 @@ def test_a_read_only_study_database_says_so(tmp_path, learnable):
     spec = search_space.spec_from_config(search_config(learnable.path))
     optuna_study.open_study(spec, workdir)
     url = f'sqlite:///file:{workdir}/study.db?mode=ro&uri=true'
-    study = optuna.load_study(study_name='search', storage=optuna_study.open_storage(url, spec))
+    study = optuna.load_study(study_name=None, storage=optuna_study.open_storage(url, spec))
     retry = optuna_study.Retry(url, 30)
     started = time.time()
     with pytest.raises(optuna_study.StorageUnavailable, match='is read-only') as raised:

@@ -15,7 +15,9 @@ once (and again when the run folder of an ended point lost its result); with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -222,9 +224,14 @@ def claim_lock(workdir: str) -> Iterator[None]:
 
 def _study_key(spec: search_space.Spec) -> dict[str, Any]:
     """What every worker of a study must agree on."""
-    described = spec.describe()
+    return _key_of(spec.describe())
+
+
+def _key_of(described: dict[str, Any]) -> dict[str, Any]:
+    """The study key of a study's description (:meth:`search_space.Spec.describe`)."""
+    described = dict(described)
     for name in ('storage', 'study_name', 'num_trials'):  # More trials extend the study.
-        described.pop(name)
+        described.pop(name, None)
     described['base_config'] = {
         k: v
         for k, v in workdir_lib.flatten(described['base_config']).items()
@@ -233,10 +240,29 @@ def _study_key(spec: search_space.Spec) -> dict[str, Any]:
     return json.loads(workdir_lib.dumps(described))
 
 
+def study_name(spec: search_space.Spec, workdir: str) -> str:
+    """The study's name in its storage: ``config.search.study_name``; else the name
+    the workdir's ``search.json`` records (studies started before names were
+    derived are called 'search'); else the workdir's folder name."""
+    if spec.study_name:
+        return spec.study_name
+    described = workdir_lib.read_json_object(os.path.join(workdir, DESCRIPTION_FILE))
+    recorded = (described or {}).get('study_name')
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    return os.path.basename(os.path.abspath(workdir)) or 'study'
+
+
 def open_study(spec: search_space.Spec, workdir: str) -> Any:
-    """Creates or joins the study of ``workdir``; enqueues a grid's points once."""
+    """Creates or joins the study of ``workdir``; enqueues a grid's points once.
+
+    The study is named (:func:`study_name`), its objective too
+    (``config.search.metric``), and it keeps a digest of its config among its
+    attributes (the config itself is in ``search.json``).
+    """
     import optuna  # pylint: disable=g-import-not-at-top
 
+    spec = dataclasses.replace(spec, study_name=study_name(spec, workdir))
     url = storage_url(spec.storage, workdir)
     # A storage elsewhere is reached before the workdir is created: an unreachable
     # one leaves nothing behind. The default SQLite file lives in the workdir.
@@ -257,7 +283,9 @@ def open_study(spec: search_space.Spec, workdir: str) -> Any:
             raise search_space.SearchError(
                 f'cannot open study {spec.study_name!r} in {search_space.redact(url)}: {e}'
             ) from None
-        _check_key(study, spec, url)
+        _check_key(study, spec, url, workdir)
+        if study.metric_names is None:  # Studies started before it was named.
+            study.set_metric_names([spec.metric])
         if spec.grid and not study.user_attrs.get('grid_enqueued'):
             for point in _grid_order(spec):
                 study.enqueue_trial(dict(point), skip_if_exists=True)
@@ -268,23 +296,55 @@ def open_study(spec: search_space.Spec, workdir: str) -> Any:
     return study
 
 
-def _check_key(study: Any, spec: search_space.Spec, url: str) -> None:
-    """Records the study's key once; a worker with another search config is an error."""
+def _check_key(study: Any, spec: search_space.Spec, url: str, workdir: str) -> None:
+    """Records the study's key once, as a digest and a few readable attributes (the
+    whole config is in ``search.json``); a worker with another search config is an
+    error. Studies started before the digest keep the whole key they recorded."""
     key = _study_key(spec)
-    recorded = study.user_attrs.get('spec')
-    if recorded is not None and not isinstance(recorded, dict):
-        recorded = {'spec': recorded}  # Not a key this tool writes: differs in everything.
-    if recorded is not None:  # Keys recorded before num_trials could change hold it.
-        recorded = {k: v for k, v in recorded.items() if k != 'num_trials'}
-    if recorded is None:
-        study.set_user_attr('spec', key)
-    elif recorded != key:
+    legacy = study.user_attrs.get('spec')
+    digest = study.user_attrs.get('config_digest')
+    if legacy is None and digest is None:
+        for name, value in _attributes(spec, key).items():
+            study.set_user_attr(name, value)
+        return
+    if legacy is not None:
+        if not isinstance(legacy, dict):
+            legacy = {'spec': legacy}  # Not a key this tool writes: differs in everything.
+        recorded = {k: v for k, v in legacy.items() if k != 'num_trials'}  # Older keys hold it.
         differ = sorted(k for k in set(key) | set(recorded) if key.get(k) != recorded.get(k))
+    elif digest != _digest(key):
+        described = workdir_lib.read_json_object(os.path.join(workdir, DESCRIPTION_FILE))
+        recorded = _key_of(described) if described else {}
+        differ = sorted(k for k in set(key) | set(recorded) if key.get(k) != recorded.get(k))
+        differ = differ or ['the config recorded in the storage']
+    else:
+        return
+    if differ:
         raise search_space.SearchError(
             f'the study {spec.study_name!r} in {search_space.redact(url)} was started with another '
             f'search config (differs in: {", ".join(differ)}); use another --workdir or '
             'config.search.study_name'
         )
+
+
+def _digest(key: dict[str, Any]) -> str:
+    """A short digest of a study key."""
+    text = json.dumps(key, sort_keys=True, separators=(',', ':'))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _attributes(spec: search_space.Spec, key: dict[str, Any]) -> dict[str, Any]:
+    """What the storage keeps about a study's config: short enough for one row of
+    ``optuna studies`` or the dashboard's list."""
+    return {
+        'config_digest': _digest(key),
+        'searched': ', '.join(p.name for p in spec.params),
+        'sampler': spec.sampler,
+        'pruner': spec.pruner,
+        'seed': spec.seed,
+        'model': spec.base.model,
+        'epochs': spec.base.num_epochs,
+    }
 
 
 def _requeue_lost(study: Any, spec: search_space.Spec, workdir: str) -> None:

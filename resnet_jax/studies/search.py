@@ -85,7 +85,7 @@ def run_worker(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
     worker = f'{socket.gethostname()}:{os.getpid()}'
     logger.info(
         'study %r (%s sampler, %s pruner, %s %s) in %s; worker %s',
-        spec.study_name,
+        study.study_name,
         spec.sampler,
         spec.pruner,
         spec.direction,
@@ -129,7 +129,8 @@ def ended_runs(spec: search_space.Spec, workdir: str) -> dict[str, str]:
 
     url = optuna_study.storage_url(spec.storage, workdir)
     study = optuna.load_study(
-        study_name=spec.study_name, storage=optuna_study.open_storage(url, spec)
+        study_name=optuna_study.study_name(spec, workdir),
+        storage=optuna_study.open_storage(url, spec),
     )
     ended = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     return {

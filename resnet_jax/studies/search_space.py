@@ -243,7 +243,7 @@ SEARCH_DEFAULTS = {
     'reduction_factor': 3,
     'startup_trials': 5,
     'storage': '',
-    'study_name': 'search',
+    'study_name': '',  # '': the name recorded in the workdir, else the workdir's name.
     'heartbeat_seconds': 30,
     'grace_seconds': 120,
     'poll_seconds': 5.0,
@@ -353,8 +353,6 @@ def _check_options(options: dict[str, Any]) -> None:
     for name in ('storage', 'study_name'):
         if not isinstance(options[name], str):
             raise SearchError(f'config.search.{name} must be a string, got {options[name]!r}')
-    if not options['study_name']:
-        raise SearchError('config.search.study_name must not be empty')
     if not isinstance(options['vectorize'], bool):
         raise SearchError(
             f'config.search.vectorize must be True or False, got {options["vectorize"]!r}'
