@@ -144,8 +144,9 @@ def test_a_larger_num_trials_extends_the_study(tmp_path, cifar_py):
     optuna_study.open_study(search_space.spec_from_config(config), workdir)
     config.search.num_trials = 1
     optuna_study.open_study(search_space.spec_from_config(config), workdir)
-    # A study recorded before num_trials could change holds it in its key.
-    study.set_user_attr('spec', {**study.user_attrs['spec'], 'num_trials': 2})
+    # A study recorded by earlier versions holds its whole key, which held num_trials.
+    key = optuna_study._study_key(search_space.spec_from_config(config))
+    study.set_user_attr('spec', {**key, 'num_trials': 2})
     config.search.num_trials = 5
     optuna_study.open_study(search_space.spec_from_config(config), workdir)
 
