@@ -1,4 +1,5 @@
-"""Named extension points: one registry each for models, optimisers, schedules and data sources.
+"""Named extension points: one registry each for models, optimisers, schedules, data sources,
+and a study's samplers and pruners (``resnet_jax.studies.samplers``).
 
     import optax
     from resnet_jax import models, validation

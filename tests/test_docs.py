@@ -98,7 +98,7 @@ def _field_exists(dotted: str, declared: set[str]) -> bool:
             return True
         if name == 'space':
             return not sub or _has_field(config, sub) or sub in declared
-        return name in search_space.default_section() and not sub
+        return (name in search_space.default_section() or name in declared) and not sub
     if head == 'sweep':
         name = rest.split('.')[0]
         return not rest or name in sweep.OPTIONS or _has_field(config, rest)

@@ -395,7 +395,7 @@ def test_two_workers_draw_different_first_trials(tmp_path, learnable):
     assert search_space.sample(trial, spec.params, spec.base) == drawn[0]
 
 
-@pytest.mark.parametrize('sampler', ['tpe', 'random'])
+@pytest.mark.parametrize('sampler', ['tpe', 'random', 'qmc'])
 def test_two_search_seeds_share_no_draw(tmp_path, learnable, sampler):
     """Each draw's sampler seed comes from the study's seed and the draw's position
     together: seed 1's draws are not seed 0's shifted by one, as with seed + position."""

@@ -29,7 +29,7 @@ from typing import Any
 
 from resnet_jax import validation
 from resnet_jax.rundir import workdir as workdir_lib
-from resnet_jax.studies import run_folders, search_space
+from resnet_jax.studies import run_folders, samplers, search_space
 from resnet_jax.studies import sweep as sweep_lib
 
 logger = logging.getLogger('resnet_jax')
@@ -170,44 +170,20 @@ def draw_seed(seed: int, position: int) -> int:
 
 
 def make_sampler(spec: search_space.Spec, position: int = 0) -> Any:
-    """The study's sampler for its draw number ``position``, seeded with
-    :func:`draw_seed` of ``config.search.seed`` and ``position``.
+    """The study's sampler (``config.search.sampler``, from :data:`samplers.SAMPLERS`) for
+    its draw number ``position``, seeded with :func:`draw_seed` of ``config.search.seed``
+    and ``position``.
 
     Workers draw each new trial with a sampler seeded by the number of trials
     before it (:func:`claim`): as reproducible as one seeded sampler with one
-    worker, and never the same draw in two workers. TPE counts running trials
-    as bad results (its constant liar), so parallel workers spread out.
+    worker, and never the same draw in two workers.
     """
-    import optuna  # pylint: disable=g-import-not-at-top
-
-    seed = draw_seed(spec.seed, position)
-    if spec.sampler == 'tpe':
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=spec.startup_trials, constant_liar=True
-        )
-    # A grid's points are all enqueued (each exactly once): its sampler is never asked.
-    return optuna.samplers.RandomSampler(seed=seed)
+    return samplers.SAMPLERS.get(spec.sampler)(spec, draw_seed(spec.seed, position))
 
 
 def make_pruner(spec: search_space.Spec) -> Any:
-    """The study's pruner (``config.search.pruner``; 'none' never prunes)."""
-    import optuna  # pylint: disable=g-import-not-at-top
-
-    if spec.pruner == 'median':
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=spec.startup_trials, n_warmup_steps=spec.min_epochs - 1
-        )
-    if spec.pruner == 'successive_halving':
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=spec.min_epochs, reduction_factor=spec.reduction_factor
-        )
-    if spec.pruner == 'hyperband':
-        return optuna.pruners.HyperbandPruner(
-            min_resource=spec.min_epochs,
-            max_resource=spec.base.num_epochs,
-            reduction_factor=spec.reduction_factor,
-        )
-    return optuna.pruners.NopPruner()
+    """The study's pruner (``config.search.pruner``, from :data:`samplers.PRUNERS`)."""
+    return samplers.PRUNERS.get(spec.pruner)(spec)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ can stop it early::
     config.search.space.batch_size = search_space.categorical((100, 500, 1000))
     config.search.space.momentum = search_space.float_param(0.5, 0.99, when=('optimizer', 'sgd'))
     config.search.num_trials = 12
-    config.search.sampler = 'tpe'                     # or 'random', 'grid'
+    config.search.sampler = 'tpe'                     # or 'random', 'qmc', 'grid' (studies.samplers)
     config.search.pruner = 'successive_halving'       # or 'none', 'median', 'hyperband'
     config.search.metric = 'val_accuracy'             # needs config.data.validation_size > 0
 

@@ -19,6 +19,7 @@ import ml_collections
 
 from resnet_jax import validation
 from resnet_jax.rundir import workdir as workdir_lib
+from resnet_jax.studies import samplers
 from resnet_jax.studies import sweep as sweep_lib
 from resnet_jax.training import checks
 
@@ -27,8 +28,6 @@ class SearchError(validation.ConfigError):
     """A bad search config or an unreachable storage (one line for the user)."""
 
 
-SAMPLERS = ('tpe', 'random', 'grid')
-PRUNERS = ('none', 'median', 'successive_halving', 'hyperband')
 PARAM_TYPES = ('float', 'int', 'categorical')
 # Metrics a study can optimise: fields of every epoch's record.
 METRICS = {
@@ -178,13 +177,20 @@ class Spec:
     storage_retry_seconds: float = 60.0
     grid: tuple[dict[str, Any], ...] = ()  # Every point of a grid, in enqueue order.
     from_sweep: bool = False
+    # The other config.search options the sampler and the pruner declare (their own).
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def direction(self) -> str:
         return METRICS[self.metric]
 
     def describe(self) -> dict[str, Any]:
-        """The study as recorded in ``search.json`` (the storage URL without a password)."""
+        """The study as recorded in ``search.json`` (the storage URL without a password).
+
+        ``options`` only when the sampler or pruner declares options of its own
+        (the shipped ones do not), so that the key of a study is what it always was.
+        """
+        own = {'options': dict(self.options)} if self.options else {}
         return {
             'params': [dataclasses.asdict(p) for p in self.params],
             'num_trials': self.num_trials,
@@ -196,6 +202,7 @@ class Spec:
             'min_epochs': self.min_epochs,
             'reduction_factor': self.reduction_factor,
             'startup_trials': self.startup_trials,
+            **own,
             'storage': redact(self.storage),
             'study_name': self.study_name,
             'vectorize': self.vectorize,
@@ -283,13 +290,10 @@ def spec_from_config(config: ml_collections.ConfigDict) -> Spec:
     if 'sweep' in config:
         raise SearchError('a config has a search or a sweep section, not both')
     section = config.search
-    unknown = sorted(set(section.keys()) - set(_OPTIONS))
-    if unknown:
-        raise SearchError(
-            f'config.search has no option {unknown[0]}; options: {", ".join(_OPTIONS)}'
-        )
+    _check_known(section)
     options = {k: section.get(k, v) for k, v in SEARCH_DEFAULTS.items()}
     _check_options(options)
+    own = _entry_options(section, options)
     params = parse_space(section.get('space', ml_collections.ConfigDict()))
     if not params:
         raise SearchError('config.search.space is empty: name at least one field to search')
@@ -298,7 +302,7 @@ def spec_from_config(config: ml_collections.ConfigDict) -> Spec:
     checks.validate_config(base)  # What every trial shares is checked once, up front.
     _check_fields(params, base)
     grid: tuple[dict[str, Any], ...] = ()
-    if options['sampler'] == 'grid':
+    if options['sampler'] == samplers.GRID:
         bad = [p.name for p in params if p.type != 'categorical' or p.when]
         if bad:
             raise SearchError(
@@ -311,10 +315,27 @@ def spec_from_config(config: ml_collections.ConfigDict) -> Spec:
         )
         options['num_trials'] = len(grid)
     _resolve_eval_test(base, options['metric'], options['pruner'])
-    spec = Spec(params=tuple(params), base=base, grid=grid, **options)
+    spec = Spec(params=tuple(params), base=base, grid=grid, options=own, **options)
     _check_metric(spec)
     _check_min_epochs(spec)
     return spec
+
+
+def _check_known(section: ml_collections.ConfigDict) -> None:
+    """Every option is a shipped one or one that a registered sampler or pruner reads."""
+    known = (*_OPTIONS, *(f for f in samplers.declared_fields() if f not in _OPTIONS))
+    unknown = sorted(set(section.keys()) - set(known))
+    if unknown:
+        raise SearchError(f'config.search has no option {unknown[0]}; options: {", ".join(known)}')
+
+
+def _entry_options(section: ml_collections.ConfigDict, options: dict[str, Any]) -> dict[str, Any]:
+    """The chosen sampler's and pruner's own options (beyond the shipped ones), checked."""
+    try:
+        read = samplers.read_options({k: section[k] for k in section if k != 'space'} | options)
+    except validation.ConfigError as e:
+        raise SearchError(str(e)) from None
+    return {k: v for k, v in read.items() if k not in SEARCH_DEFAULTS}
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -344,7 +365,11 @@ def _check_options(options: dict[str, Any]) -> None:
         raise SearchError(
             f'config.search.poll_seconds must be > 0, got {options["poll_seconds"]!r}'
         )
-    for name, choices in (('sampler', SAMPLERS), ('pruner', PRUNERS), ('metric', tuple(METRICS))):
+    for name, choices in (
+        ('sampler', samplers.SAMPLERS.names()),
+        ('pruner', samplers.PRUNERS.names()),
+        ('metric', tuple(METRICS)),
+    ):
         if options[name] not in choices:
             raise SearchError(
                 f'config.search.{name}={options[name]!r} is unknown; choose one of '
@@ -398,7 +423,10 @@ def _check_metric(spec: Spec) -> None:
 
 
 def _check_min_epochs(spec: Spec) -> None:
-    """``min_epochs`` is an epoch some trial trains (the most any trial can draw)."""
+    """``min_epochs`` is an epoch some trial trains (the most any trial can draw), when
+    the pruner reads it."""
+    if 'min_epochs' not in samplers.PRUNERS.fields(spec.pruner):
+        return
     most = spec.base.num_epochs
     for p in spec.params:
         if p.name == 'num_epochs':
