@@ -44,6 +44,7 @@ from typing import Any
 import ml_collections
 
 from resnet_jax import validation
+from resnet_jax.rundir import locks
 from resnet_jax.studies import preflight, run_folders, search_space
 from resnet_jax.studies import trials as trials_lib
 
@@ -86,7 +87,6 @@ class Objective:
         self, run: trials_lib.TrialRun, on_epoch: Callable[[dict[str, Any]], bool]
     ) -> dict[str, Any]:
         """Trains ``run`` (waiting while another process trains its folder); its summary."""
-        from resnet_jax.rundir import locks  # pylint: disable=g-import-not-at-top
         from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top  # Heavy.
 
         logger.info('trial %d %s: training', run.trial.number, run.name)
@@ -192,8 +192,8 @@ def _outcome(run: trials_lib.TrialRun, summary: Mapping[str, Any], metric: str) 
     if status == 'completed' and validation.is_finite_number(value):
         logger.info('trial %d %s: completed (%s %.4f)', run.trial.number, run.name, metric, value)
         return float(value)
+    detail = f' ({error})' if error else ''
     logger.warning(
-        'trial %d %s: %s%s: its value is nan', run.trial.number, run.name, status,
-        f' ({error})' if error else '',
-    )  # fmt: skip
+        'trial %d %s: %s%s: its value is nan', run.trial.number, run.name, status, detail
+    )
     return math.nan
