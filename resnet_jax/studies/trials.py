@@ -6,6 +6,9 @@ A claimed trial samples its point (:func:`prepare`), trains it into
 study (:func:`train_trials`). A folder that already finished the point is not
 trained again; a group of trials that train together (``vectorize``) is one
 program. An interrupted worker gives its trials back to the queue.
+Its parts for one trial (:func:`prepare`, :func:`epoch_reporter`,
+:func:`replay_finished`, :func:`record_outcome`) also make a run the objective of
+an Optuna loop of one's own (:mod:`~resnet_jax.studies.objective`).
 """
 
 from __future__ import annotations
@@ -195,8 +198,8 @@ def _tell_outcome(
     from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
 
     trial = run.trial
-    run.status, run.error = record_outcome(trial, summary, run.error)
-    status = run.status
+    run.status = (summary or {}).get('status', 'failed')  # Even if the study is not told.
+    status, run.error = record_outcome(trial, summary, run.error)
     value = (summary or {}).get(spec.metric)
     if status == 'completed' and validation.is_finite_number(value):
         study.tell(trial, float(value))
