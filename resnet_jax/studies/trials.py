@@ -6,6 +6,9 @@ A claimed trial samples its point (:func:`prepare`), trains it into
 study (:func:`train_trials`). A folder that already finished the point is not
 trained again; a group of trials that train together (``vectorize``) is one
 program. An interrupted worker gives its trials back to the queue.
+Its parts for one trial (:func:`prepare`, :func:`epoch_reporter`,
+:func:`replay_finished`, :func:`record_outcome`) also make a run the objective of
+an Optuna loop of one's own (:mod:`~resnet_jax.studies.objective`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,34 @@ def prepare(trial: Any, spec: search_space.Spec, workdir: str) -> TrialRun:
     return run
 
 
+def epoch_reporter(
+    trial: Any, metric: str, num_epochs: int, call: Callable[..., Any] | None = None
+) -> Callable[[dict[str, Any]], bool]:
+    """An ``on_epoch`` callback that reports each epoch's ``metric`` to ``trial``.
+
+    Returns True when the pruner stops the run; never at epoch ``num_epochs``
+    (a run trained to the end is completed, whatever the pruner says). ``call``
+    makes the calls into the study (``call(trial.report, value, epoch)``): a
+    :class:`optuna_study.Retry`, or None to call directly.
+    """
+
+    def direct(f: Callable[..., Any], *args: Any) -> Any:
+        return f(*args)
+
+    call = call or direct
+
+    def on_epoch(record: dict[str, Any]) -> bool:
+        value = record.get(metric)
+        if not validation.is_finite_number(value):
+            return False
+        call(trial.report, float(value), int(record['epoch']))
+        if int(record['epoch']) >= num_epochs:
+            return False
+        return bool(call(trial.should_prune))
+
+    return on_epoch
+
+
 def _epoch_callback(
     run: TrialRun, spec: search_space.Spec, retry: optuna_study.Retry
 ) -> Callable[[dict[str, Any]], bool]:
@@ -69,17 +100,13 @@ def _epoch_callback(
     """
     import optuna  # pylint: disable=g-import-not-at-top
 
+    report = epoch_reporter(run.trial, spec.metric, run.config.num_epochs, retry)
+
     def on_epoch(record: dict[str, Any]) -> bool:
-        value = record.get(spec.metric)
-        if not validation.is_finite_number(value):
-            return False
         try:
-            retry(run.trial.report, float(value), int(record['epoch']))
+            return report(record)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise locks.OwnershipLost(_lost(run)) from None
-        if int(record['epoch']) >= run.config.num_epochs:
-            return False  # Trained to the end: completed, whatever the pruner says.
-        return retry(run.trial.should_prune)
 
     return on_epoch
 
@@ -145,23 +172,34 @@ def _tell(
         logger.warning('trial %d %s: not told: %s', run.trial.number, run.name, _lost(run))
 
 
-def _tell_outcome(
-    study: Any, run: TrialRun, summary: Mapping[str, Any] | None, spec: search_space.Spec
-) -> None:
-    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+def record_outcome(
+    trial: Any, summary: Mapping[str, Any] | None, error: str | None = None
+) -> tuple[str, str | None]:
+    """Records a run's outcome on its trial's user attributes: its status and error.
 
+    ``run_status``, the summary's epochs and accuracies, and ``error`` (``error``,
+    else the summary's). Returns the status (``'failed'`` without a summary) and the error.
+    """
     status = summary.get('status', 'failed') if summary else 'failed'
-    run.status = status
-    trial = run.trial
     trial.set_user_attr('run_status', status)
     if summary:
         for key in ('epochs_completed', 'pruned_at_epoch', 'test_accuracy', 'val_accuracy'):
             if summary.get(key) is not None:
                 trial.set_user_attr(key, summary[key])
-    error = run.error or (summary or {}).get('error')
-    run.error = str(error) if error else None
+    error = error or (summary or {}).get('error')
     if error:
         trial.set_user_attr('error', str(error)[:500])
+    return status, str(error) if error else None
+
+
+def _tell_outcome(
+    study: Any, run: TrialRun, summary: Mapping[str, Any] | None, spec: search_space.Spec
+) -> None:
+    from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
+
+    trial = run.trial
+    run.status = (summary or {}).get('status', 'failed')  # Even if the study is not told.
+    status, run.error = record_outcome(trial, summary, run.error)
     value = (summary or {}).get(spec.metric)
     if status == 'completed' and validation.is_finite_number(value):
         study.tell(trial, float(value))
@@ -176,6 +214,31 @@ def _tell_outcome(
         status,
         f' ({spec.metric} {value:.4f})' if validation.is_finite_number(value) else '',
     )
+
+
+def replay_finished(
+    run: TrialRun, on_epoch: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any] | None:
+    """The summary of ``run``'s folder if it already finished the point, else None.
+
+    A finished run is not trained again: ``on_epoch`` sees its recorded epochs
+    (so that the pruner sees its history).
+    """
+    done = run_folders.finished_summary(run.run_dir, run.config)
+    if done is not None:
+        logger.info(
+            'trial %d %s: already %s, not trained again', run.trial.number, run.name, done['status']
+        )
+        for record in workdir_lib.read_metrics(run.run_dir):
+            on_epoch(record)
+    return done
+
+
+def failure_message(error: Exception) -> str:
+    """A failed run's error as recorded: bad input as its message, else with its type."""
+    if isinstance(error, (validation.ConfigError, datasets.DataError)):
+        return str(error)
+    return f'{type(error).__name__}: {error}'
 
 
 def train_trials(
@@ -193,16 +256,7 @@ def train_trials(
             logger.error('trial %d: %s', run.trial.number, run.error)
             run_folders.record_failure(run.run_dir, run.config, run.error)
             summaries[i] = {'status': 'failed', 'error': run.error}
-        elif (done := run_folders.finished_summary(run.run_dir, run.config)) is not None:
-            logger.info(
-                'trial %d %s: already %s, not trained again',
-                run.trial.number,
-                run.name,
-                done['status'],
-            )
-            report_epoch = _epoch_callback(run, spec, retry)  # The pruner sees its history.
-            for record in workdir_lib.read_metrics(run.run_dir):
-                report_epoch(record)
+        elif (done := replay_finished(run, _epoch_callback(run, spec, retry))) is not None:
             summaries[i] = done
         else:
             todo.append(i)
@@ -253,9 +307,8 @@ def _train(
                 logger.info('%s; waiting for it', e)
                 time.sleep(spec.poll_seconds)
         except Exception as e:  # pylint: disable=broad-except  # Record it and go on.
-            bad_input = isinstance(e, (validation.ConfigError, datasets.DataError))
-            message = str(e) if bad_input else f'{type(e).__name__}: {e}'
-            if bad_input:
+            message = failure_message(e)
+            if isinstance(e, (validation.ConfigError, datasets.DataError)):
                 logger.error('trial %s failed: %s', group[0].name, message)
             else:
                 logger.exception('trial %s failed: %s', group[0].name, message)
