@@ -146,9 +146,10 @@ def test_full_grid_rows_in_manifest_order_and_round_trip(tmp_path):
     ]
     for row, s in zip(rows, summaries, strict=True):
         assert row['epochs'] == s['epochs_completed'] == 3
-        assert row['train_accuracy'] == round(100 * s['train_accuracy'], 2)
-        assert row['test_accuracy'] == round(100 * s['test_accuracy'], 2)
-        assert row['best_test_accuracy'] == round(100 * s['best_test_accuracy'], 2)
+        # Fractions, as in summary.json, to 4 decimals (2 of the % results.md shows).
+        assert row['train_accuracy'] == round(s['train_accuracy'], 4)
+        assert row['test_accuracy'] == round(s['test_accuracy'], 4)
+        assert row['best_test_accuracy'] == round(s['best_test_accuracy'], 4)
         assert row['best_epoch'] == s['best_epoch'] == 3
         assert row['wall_seconds'] == round(s['wall_seconds'], 1)
         assert row['images_per_second'] == statistics.median([2000.0, 3000.0])  # Not epoch 1.
@@ -171,7 +172,7 @@ def test_collect_derived_values(tmp_path):
     assert result.name == 'learning_rate=0.01'
     assert result.overrides == {'learning_rate': 0.01}
     assert result.status == 'completed'
-    assert result.test_accuracy == pytest.approx(50.0)
+    assert result.test_accuracy == pytest.approx(0.5)
     assert result.images_per_second == 5.0  # One epoch: epoch 1 is all there is.
     assert result.num_epochs == 1 and result.epochs_completed == 1
     with pytest.raises(AttributeError):
@@ -200,7 +201,7 @@ def test_partial_sweep(tmp_path):
     assert [r.status for r in results] == ['pending', 'incomplete', 'failed', 'completed']
     assert results[0].epochs == [] and results[0].test_accuracy is None
     assert results[1].epochs_completed == 2
-    assert results[1].test_accuracy == pytest.approx(40.0)
+    assert results[1].test_accuracy == pytest.approx(0.4)
     assert results[1].wall_seconds == pytest.approx(11.0 + 12.0)
     assert results[2].error.startswith('RuntimeError')
 
@@ -208,7 +209,7 @@ def test_partial_sweep(tmp_path):
     rows = load.read_results_csv(paths['results_csv'])
     assert [r['status'] for r in rows] == ['pending', 'incomplete', 'failed', 'completed']
     assert rows[0]['test_accuracy'] is None and rows[0]['epochs'] == 0
-    assert rows[1]['test_accuracy'] == 40.0
+    assert rows[1]['test_accuracy'] == 0.4
     assert rows[2]['error'] == 'RuntimeError: out of memory | allocating 12 GiB'
     assert [r['best'] for r in rows] == [None, None, None, '*']
     markdown = read_markdown(paths['results_md'])
@@ -244,7 +245,7 @@ def test_failure_recorded_on_an_old_summary(tmp_path):
     (result,) = load.collect(root)
     assert result.status == 'failed' and result.error == 'ValueError: boom'
     assert result.epochs_completed == 3
-    assert result.test_accuracy == pytest.approx(30.0)
+    assert result.test_accuracy == pytest.approx(0.3)
 
 
 def test_regenerating_gives_identical_files(tmp_path):
@@ -275,8 +276,8 @@ def test_comparison_with_the_study(tmp_path):
     ours = load.read_results_csv(paths['results_csv'])
     for row, our in zip(rows, ours, strict=True):
         theirs = paper[(row['batch_size'], row['learning_rate'], row['shuffle'])]
-        assert row['paper_test_accuracy'] == theirs['test_accuracy']
-        assert row['paper_train_accuracy'] == theirs['train_accuracy']
+        assert row['paper_test_accuracy'] == pytest.approx(theirs['test_accuracy'], abs=1e-12)
+        assert row['paper_train_accuracy'] == pytest.approx(theirs['train_accuracy'], abs=1e-12)
         assert row['test_accuracy'] == our['test_accuracy']
         assert row['test_difference'] == pytest.approx(
             our['test_accuracy'] - theirs['test_accuracy'], abs=1e-9
@@ -286,8 +287,9 @@ def test_comparison_with_the_study(tmp_path):
         )
         assert row['epochs'] == 2 and row['paper_epochs'] == 50
         assert row['note'] == 'ours: 2 epochs, theirs: 50'
-    # bs 100, lr 0.01, no shuffle: the study has 95.87 / 88.16.
-    assert rows[0]['test_difference'] == pytest.approx(41.24 - 88.16)
+    # bs 100, lr 0.01, no shuffle: the study has 95.87 / 88.16 (%), read as fractions.
+    assert (rows[0]['paper_train_accuracy'], rows[0]['paper_test_accuracy']) == (0.9587, 0.8816)
+    assert rows[0]['test_difference'] == pytest.approx(0.4124 - 0.8816)
     markdown = read_markdown(paths['results_md'])
     assert '## Comparison with the study' in markdown
     assert PAPER_SOURCE in markdown
@@ -325,7 +327,8 @@ def test_packaged_paper_results():
     assert grid == set(itertools.product([100, 500, 1000], [0.1, 0.01, 0.001], [True, False]))
     best = max(rows, key=lambda r: r['test_accuracy'])
     assert (best['batch_size'], best['learning_rate'], best['shuffle']) == (500, 0.01, False)
-    assert best['test_accuracy'] == 89.12
+    assert best['test_accuracy'] == pytest.approx(0.8912)  # 89.12% in the file.
+    assert all(0 < r[k] < 1 for r in rows for k in ('train_accuracy', 'test_accuracy'))
 
 
 def test_paper_csv_argument(tmp_path):
@@ -339,7 +342,8 @@ def test_paper_csv_argument(tmp_path):
     write_run(root, runs[0], final_test=0.8123)
     paths = sweep_report.write_sweep_report(root, paper_csv=str(path))
     (row,) = load.read_results_csv(paths['comparison_csv'])
-    assert row['test_difference'] == pytest.approx(1.23)
+    assert row['paper_test_accuracy'] == 0.8  # The file's 80.00 (%).
+    assert row['test_difference'] == pytest.approx(0.0123)
 
 
 def _assert_png(path, min_bytes=5000):
@@ -426,7 +430,7 @@ def test_a_run_in_flight_reads_as_writers_summarize_makes_of_its_records(tmp_pat
     assert result.status == 'incomplete'
     assert (result.epochs_completed, result.best_epoch) == (3, 2)
     assert (expected['epochs_completed'], expected['best_epoch']) == (3, 2)
-    assert result.best_test_accuracy == pytest.approx(100 * expected['best_test_accuracy'])
-    assert result.train_accuracy == pytest.approx(100 * expected['train_accuracy'])
+    assert result.best_test_accuracy == pytest.approx(expected['best_test_accuracy'])
+    assert result.train_accuracy == pytest.approx(expected['train_accuracy'])
     assert result.test_accuracy is None  # NaN: no final test accuracy to show.
     assert result.wall_seconds == pytest.approx(expected['wall_seconds']) == 11 + 12 + 13

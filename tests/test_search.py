@@ -352,10 +352,10 @@ def test_the_sweep_report_selects_on_validation_when_there_is_a_split():
             test_accuracy=test,
         )
 
-    with_split = [result(0, 50.0, 60.0), result(1, 55.0, 40.0)]
+    with_split = [result(0, 0.5, 0.6), result(1, 0.55, 0.4)]
     assert tables.selection_metric(with_split) == 'val_accuracy'
     assert tables.best_run_index(with_split) == 1  # Not the best on test.
-    without = [result(0, None, 60.0), result(1, None, 40.0)]
+    without = [result(0, None, 0.6), result(1, None, 0.4)]
     assert tables.selection_metric(without) == 'test_accuracy'
     assert tables.best_run_index(without) == 0
 

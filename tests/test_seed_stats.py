@@ -55,16 +55,19 @@ def test_estimate_by_hand():
 
 
 def test_formatting_an_estimate():
-    e = stats.estimate([1.0, 3.0])  # mean 2, sd 1.414, interval 2 ± 12.7062.
+    # Fractions shown in %: mean 2, sd 1.414, interval 2 ± 12.7062.
+    e = stats.estimate([0.01, 0.03])
     assert tables.format_estimate(e) == '2.00 ± 1.41'
     assert tables.format_estimate(e, signed=True) == '+2.00 ± 1.41'
     assert tables.format_interval(e, signed=True) == '[-10.71, +14.71]'
-    assert tables.format_estimate(stats.estimate([7.0])) == '7.00'
-    assert tables.format_interval(stats.estimate([7.0])) == tables.MISSING
+    assert tables.format_estimate(stats.estimate([0.07])) == '7.00'
+    assert tables.format_interval(stats.estimate([0.07])) == tables.MISSING
+    assert tables.percent_cell(0.8912) == '89.12' and tables.percent_cell(None) == tables.MISSING
     assert tables.format_estimate(stats.Estimate(0)) == tables.MISSING
 
 
 # Final test accuracy (%) by (batch_size, seed, shuffle); the run marked None diverges.
+# The runs hold it as a fraction (acc / 100), as every record and csv does.
 ACCURACY = {
     (100, 0, True): 81.0,
     (100, 1, True): 83.0,
@@ -106,7 +109,7 @@ def _results():
                     'shuffle': shuffle,
                 }
                 status = 'diverged' if acc is None else 'completed'
-                out.append(_result(overrides, status, 10.0 if acc is None else acc))
+                out.append(_result(overrides, status, 0.1 if acc is None else acc / 100))
     return out
 
 
@@ -118,15 +121,15 @@ def test_cells_group_runs_by_every_axis_but_the_seed():
         for s in (True, False)
     ]
     assert [len(c.runs) for c in cells] == [3, 3, 3, 3]
-    # bs 500, shuffle: 70, 72 and a diverged run (left out): mean 71, sd sqrt(2).
+    # In %: bs 500, shuffle: 70, 72 and a diverged run (left out): mean 71, sd sqrt(2).
     cell = cells[2]
     assert (len(cell.used), cell.excluded, cell.unfinished) == (2, 1, 0)
     e = cell.estimate()
-    assert (e.n, e.mean) == (2, 71.0) and e.sd == pytest.approx(math.sqrt(2))
+    assert (e.n, e.mean) == (2, pytest.approx(0.71)) and e.sd == pytest.approx(math.sqrt(2) / 100)
     # bs 100, shuffle: 81, 83, 82: mean 82, sd 1, half-width 4.302653 / sqrt(3) = 2.484138.
     e = cells[0].estimate()
-    assert (e.mean, e.sd) == (82.0, 1.0)
-    assert (e.low, e.high) == pytest.approx((82 - 2.484138, 82 + 2.484138), abs=1e-6)
+    assert (e.mean, e.sd) == pytest.approx((0.82, 0.01))
+    assert (e.low, e.high) == pytest.approx((0.82 - 0.02484138, 0.82 + 0.02484138), abs=1e-8)
 
 
 def test_paired_differences_by_hand():
@@ -135,20 +138,22 @@ def test_paired_differences_by_hand():
         {'batch_size': 100, 'learning_rate': 0.01},
         {'batch_size': 500, 'learning_rate': 0.01},
     ]
-    # bs 100: 81-80, 83-80, 82-81 = 1, 3, 1: mean 5/3, sd sqrt(4/3), half 4.302653 * 2/3.
-    assert cells[0].differences == (1.0, 3.0, 1.0) and cells[0].unpaired == 0
+    # In points: bs 100: 81-80, 83-80, 82-81 = 1, 3, 1: mean 5/3, sd sqrt(4/3), half
+    # 4.302653 * 2/3 (the differences are fractions: 0.01, 0.03, 0.01).
+    assert cells[0].differences == pytest.approx((0.01, 0.03, 0.01)) and cells[0].unpaired == 0
     e = cells[0].estimate
-    assert e.mean == pytest.approx(5 / 3) and e.sd == pytest.approx(math.sqrt(4 / 3))
-    assert (e.low, e.high) == pytest.approx((5 / 3 - 2.868435, 5 / 3 + 2.868435), abs=1e-6)
+    assert e.mean == pytest.approx(5 / 300) and e.sd == pytest.approx(math.sqrt(4 / 3) / 100)
+    assert (e.low, e.high) == pytest.approx(((5 / 3 - 2.868435) / 100, (5 / 3 + 2.868435) / 100))
     assert e.excludes_zero is False
     # bs 500: seed 2 has a diverged run: 70-69, 72-70 = 1, 2; one seed unpaired.
-    assert cells[1].differences == (1.0, 2.0) and cells[1].unpaired == 1
+    assert cells[1].differences == pytest.approx((0.01, 0.02)) and cells[1].unpaired == 1
     # All 5 pairs: mean 1.6, sd sqrt(0.8), half 2.776445 * sqrt(0.8) / sqrt(5) = 1.110578.
     overall = stats.pooled('shuffle', (True, False), cells)
     assert overall.values == {} and overall.unpaired == 1
     e = overall.estimate
-    assert e.n == 5 and e.mean == pytest.approx(1.6) and e.sd == pytest.approx(math.sqrt(0.8))
-    assert (e.low, e.high) == pytest.approx((0.489422, 2.710578), abs=1e-6)
+    assert e.n == 5 and e.mean == pytest.approx(0.016)
+    assert e.sd == pytest.approx(math.sqrt(0.8) / 100)
+    assert (e.low, e.high) == pytest.approx((0.00489422, 0.02710578), abs=1e-8)
     assert e.excludes_zero is True
     assert stats.noise_verdict(e) == 'yes: the interval excludes 0'
     assert stats.two_level_axes(AXES) == ['batch_size', 'shuffle']
@@ -188,9 +193,9 @@ def test_epoch_band_and_curve_groups():
 def test_heatmap_cell_over_seeds():
     cell = stats.group_cells(_results())[2]  # bs 500, shuffle: 70, 72, diverged.
     value, text = plots.heatmap_cell(cell.runs, over_seeds=True)
-    assert value == 71.0
+    assert value == pytest.approx(71.0)  # Plotted in %.
     assert text == '71.00 ± 1.41\nn=2\n1 excluded'
-    assert plots.heatmap_cell(cell.runs[:1], over_seeds=True) == (70.0, '70.00\nn=1')
+    assert plots.heatmap_cell(cell.runs[:1], over_seeds=True) == (pytest.approx(70.0), '70.00\nn=1')
 
 
 def _write_seed_sweep(root):
@@ -235,18 +240,20 @@ def test_report_of_a_sweep_over_seeds(tmp_path):
         (71.0, math.sqrt(2), 12.706205),
         (69 + 2 / 3, math.sqrt(1 / 3), 1.434218),
     ]
-    for c, (mean, sd, half) in zip(cells, expected, strict=True):
+    for c, (mean, sd, half) in zip(cells, expected, strict=True):  # In %; the csv: fractions.
         for field, offset in (('test_accuracy', 0.0), ('train_accuracy', 10.0)):
-            assert c[f'{field}_mean'] == pytest.approx(mean + offset, abs=1e-3)
-            assert c[f'{field}_sd'] == pytest.approx(sd, abs=1e-3)
-            assert c[f'{field}_ci95_low'] == pytest.approx(mean + offset - half, abs=1e-3)
-            assert c[f'{field}_ci95_high'] == pytest.approx(mean + offset + half, abs=1e-3)
+            assert c[f'{field}_mean'] == pytest.approx((mean + offset) / 100, abs=1e-5)
+            assert c[f'{field}_sd'] == pytest.approx(sd / 100, abs=1e-5)
+            assert c[f'{field}_ci95_low'] == pytest.approx((mean + offset - half) / 100, abs=1e-5)
+            assert c[f'{field}_ci95_high'] == pytest.approx((mean + offset + half) / 100, abs=1e-5)
 
     paired = load.read_results_csv(paths['paired_csv'])
     overall = next(p for p in paired if p['axis'] == 'shuffle' and p['scope'] == 'all')
     assert (overall['pairs'], overall['unpaired'], overall['excludes_zero']) == (5, 1, True)
-    assert overall['mean_difference'] == pytest.approx(1.6)
-    assert (overall['ci95_low'], overall['ci95_high']) == pytest.approx((0.489, 2.711), abs=1e-3)
+    assert overall['mean_difference'] == pytest.approx(0.016)
+    assert (overall['ci95_low'], overall['ci95_high']) == pytest.approx(
+        (0.00489, 0.02711), abs=1e-5
+    )
     assert overall['batch_size'] is None
 
     markdown = read_markdown(paths['results_md'])
@@ -272,10 +279,10 @@ def test_report_of_a_sweep_over_seeds(tmp_path):
     comparison = load.read_results_csv(paths['comparison_csv'])
     assert len(comparison) == 4
     first, _, third, _ = comparison
-    assert (first['test_accuracy'], first['n'], first['test_sd']) == (82.0, 3, 1.0)
-    assert first['test_difference'] == pytest.approx(82.0 - 88.30)  # The study: 88.30.
+    assert (first['test_accuracy'], first['n'], first['test_sd']) == (0.82, 3, 0.01)
+    assert first['test_difference'] == pytest.approx(0.82 - 0.8830)  # The study: 88.30%.
     assert first['name'] == 'batch_size=100,learning_rate=0.01,shuffle=True'
-    assert (third['test_accuracy'], third['n']) == (71.0, 2)
+    assert (third['test_accuracy'], third['n']) == (0.71, 2)
     assert '1 failed/diverged left out' in third['note']
     assert '| 82.00 ± 1.00 | 88.30 | -6.30 |' in markdown
 
@@ -310,7 +317,7 @@ def test_repeats_from_config_to_report(tmp_path):
         (0.1, 2, '0 1'),
         (0.01, 2, '0 1'),
     ]
-    assert [c['test_accuracy_mean'] for c in cells] == pytest.approx([55.0, 80.0])
+    assert [c['test_accuracy_mean'] for c in cells] == pytest.approx([0.55, 0.80])
     assert [c['test_accuracy_sd'] for c in cells] == pytest.approx(
-        [math.sqrt(50), math.sqrt(200)], abs=1e-3
+        [math.sqrt(50) / 100, math.sqrt(200) / 100], abs=1e-5
     )

@@ -39,11 +39,14 @@ from resnet_jax.validation import set_field
 STATUSES = ('completed', 'incomplete', 'failed', 'diverged', 'pending', 'unreadable')
 PROBLEM_STATUSES = ('failed', 'diverged', 'unreadable')  # Runs left out, with their error.
 PAPER_CSV = 'paper_results.csv'
+# Every csv and json of the reports holds accuracies (and their differences, sds and
+# intervals) as fractions in [0, 1]; Markdown and the console show them times PERCENT, in %.
+PERCENT = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What one run of a sweep has produced so far; accuracies in %.
+    """What one run of a sweep has produced so far; accuracies as fractions in [0, 1].
 
     The numbers are the run's ``summary.json``'s or, while it has none (or an outdated
     one), what :func:`resnet_jax.rundir.writers.summarize` makes of its records.
@@ -52,7 +55,7 @@ class RunResult:
     name: str  # The run's folder in the sweep dir.
     overrides: dict[str, Any]  # Its values of the sweep axes (dotted config names).
     status: str  # One of STATUSES.
-    # The metrics.jsonl records, one per epoch in epoch order (accuracies as fractions).
+    # The metrics.jsonl records, one per epoch in epoch order.
     epochs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # The full config: its summary's or config.json, else the manifest's with overrides.
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -136,7 +139,7 @@ def load_run(
     numbers = writers.summarize(records) if records else {}
     numbers.update((k, v) for k, v in s.items() if v is not None)
     best_epoch = numbers.get('best_epoch')
-    percents = ('train_accuracy', 'test_accuracy', 'best_test_accuracy', 'val_accuracy')
+    accuracies = ('train_accuracy', 'test_accuracy', 'best_test_accuracy', 'val_accuracy')
     timed = [r for r in records if r.get('epoch') != 1] if len(records) >= 2 else records
     speeds = [v for v in (finite(r.get('images_per_second')) for r in timed) if v is not None]
     return RunResult(
@@ -147,7 +150,7 @@ def load_run(
         config=dict(config),
         num_epochs=None if num_epochs is None else int(num_epochs),
         epochs_completed=int(numbers.get('epochs_completed', 0)),
-        **{k: finite(numbers.get(k), 100.0) for k in percents},
+        **{k: finite(numbers.get(k)) for k in accuracies},
         best_epoch=None if best_epoch is None else int(best_epoch),
         wall_seconds=finite(numbers.get('wall_seconds')),
         images_per_second=statistics.median(speeds) if speeds else None,
@@ -179,11 +182,21 @@ def finite(x: Any, scale: float = 1.0) -> float | None:
 
 def load_paper_results(path: str | None = None) -> list[dict[str, Any]]:
     """The paper's table (default: the packaged one): rows of ``epochs, batch_size,
-    learning_rate, shuffle, train_accuracy, test_accuracy`` (accuracies in %)."""
+    learning_rate, shuffle, train_accuracy, test_accuracy``; the file holds accuracies in
+    % as published, the rows fractions like every other accuracy of the reports."""
     if path is None:
         resource = importlib.resources.files('resnet_jax') / 'data' / PAPER_CSV
-        return _parse_rows(io.StringIO(resource.read_text()))
-    return read_results_csv(path)
+        rows = _parse_rows(io.StringIO(resource.read_text()))
+    else:
+        rows = read_results_csv(path)
+    accuracies = ('train_accuracy', 'test_accuracy')
+    return [row | {k: from_percent(row[k]) for k in accuracies if k in row} for row in rows]
+
+
+def from_percent(x: Any) -> float | None:
+    """A percentage as a fraction (72.05 -> 0.7205), None if missing or not finite."""
+    value = finite(x)
+    return None if value is None else value / PERCENT
 
 
 def read_results_csv(path: str) -> list[dict[str, Any]]:

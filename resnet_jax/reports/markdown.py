@@ -1,4 +1,7 @@
-"""The text of ``results.md``: the results, the statistics over seeds, the comparison."""
+"""The text of ``results.md``: the results, the statistics over seeds, the comparison.
+
+Accuracies are fractions in the report's rows and csv files; ``results.md`` shows them in %.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from resnet_jax.reports.load import PROBLEM_STATUSES, RunResult, format_cell
+from resnet_jax.reports.load import PERCENT, PROBLEM_STATUSES, RunResult, format_cell
 from resnet_jax.reports.stats import (
     SEED_AXIS,
     Paired,
@@ -27,8 +30,8 @@ from resnet_jax.reports.tables import (
     format_estimate,
     format_interval,
     markdown_table,
-    number_cell,
     one_line,
+    percent_cell,
     result_rows,
     run_label,
     selection_metric,
@@ -93,7 +96,7 @@ def _results_table(results: Sequence[RunResult], axes: Sequence[str]) -> list[st
     """The table of ``results.md``: a row per run, the best one starred and in bold."""
     header = ['', 'epochs', *axes, *(name for _, name, _ in RESULT_NUMBERS), 'status']
     body = []
-    for r, row in zip(results, result_rows(results, axes), strict=True):
+    for r, row in zip(results, result_rows(results, axes, markdown=True), strict=True):
         cells = [row['epochs'] if r.status != 'pending' else '', *(row[a] for a in axes)]
         cells = [c or MISSING for c in [*cells, *(row[f] for f, _, _ in RESULT_NUMBERS)]]
         if row['best']:
@@ -112,15 +115,15 @@ def _best_run_sentence(results: Sequence[RunResult]) -> list[str]:
         return [
             '',
             f'★ Best run, selected on validation accuracy: {run_label(r.overrides, r.name)}: '
-            f'final validation accuracy {r.val_accuracy:.2f}%, test accuracy '
-            f'{r.test_accuracy:.2f}% (the held-out estimate) after {r.epochs_completed} '
-            f'epoch(s) ({r.status}).',
+            f'final validation accuracy {PERCENT * r.val_accuracy:.2f}%, test accuracy '
+            f'{PERCENT * r.test_accuracy:.2f}% (the held-out estimate) after '
+            f'{r.epochs_completed} epoch(s) ({r.status}).',
         ]
     return [
         '',
         f'★ Best run, selected on test accuracy (no validation split): '
         f'{run_label(r.overrides, r.name)}: final test accuracy '
-        f'{r.test_accuracy:.2f}% after {r.epochs_completed} epoch(s) ({r.status}).',
+        f'{PERCENT * r.test_accuracy:.2f}% after {r.epochs_completed} epoch(s) ({r.status}).',
     ]
 
 
@@ -213,7 +216,8 @@ def paired_statement(overall: Paired, num_cells: int) -> str:
     if e.mean is None:
         return f'Overall: no pairs of completed runs yet ({overall.unpaired} unpaired seeds).'
     if e.low is None:
-        return f'Overall, {where}: Δ = {e.mean:+.2f} points; one pair gives no interval.'
+        mean = percent_cell(e.mean, signed=True)
+        return f'Overall, {where}: Δ = {mean} points; one pair gives no interval.'
     if e.excludes_zero:
         verdict = f'excludes 0: {first} vs {second} is distinguishable'
     else:
@@ -255,17 +259,17 @@ def _comparison_markdown(
     header = [*PAPER_AXES, 'train ours', 'train study', 'Δ train', 'test ours', 'test study']
     body = []
     for row in comparison:
-        sd = f' ± {row["test_sd"]:.2f}' if row.get('test_sd') is not None else ''
+        sd = f' ± {percent_cell(row["test_sd"])}' if row.get('test_sd') is not None else ''
         cells = [format_cell(row[k]) for k in PAPER_AXES]
         for kind in ('train', 'test'):
-            cells.append(number_cell(row[f'{kind}_accuracy']) + (sd if kind == 'test' else ''))
-            cells.append(number_cell(row[f'paper_{kind}_accuracy']))
-            cells.append(number_cell(row[f'{kind}_difference'], signed=True))
+            cells.append(percent_cell(row[f'{kind}_accuracy']) + (sd if kind == 'test' else ''))
+            cells.append(percent_cell(row[f'paper_{kind}_accuracy']))
+            cells.append(percent_cell(row[f'{kind}_difference'], signed=True))
         body.append([*cells, row['note']])
     lines += markdown_table([*header, 'Δ test', 'note'], body)
     lines += ['', 'Δ = ours minus the study, in percentage points.']
     done = [row for row in comparison if row['status'] == 'completed']
-    diffs = [row['test_difference'] for row in done if row['test_difference'] is not None]
+    diffs = [PERCENT * row['test_difference'] for row in done if row['test_difference'] is not None]
     if diffs:
         lines[-1] += (
             f' Over the {len(diffs)} completed {unit}(s): mean Δ test '

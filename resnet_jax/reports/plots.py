@@ -1,6 +1,7 @@
 """The report's plots: training curves (the paper's Figure 3) and the accuracy heatmap.
 
 Drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend).
+Accuracies (fractions in the records and the report's rows) are plotted in %.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from resnet_jax.reports.load import PROBLEM_STATUSES, RunResult, finite, format_cell
+from resnet_jax.reports.load import PERCENT, PROBLEM_STATUSES, RunResult, finite, format_cell
 from resnet_jax.reports.stats import SEED_AXIS, Cell, group_cells, matches
 from resnet_jax.reports.tables import MISSING, PAPER_AXES, format_estimate, run_label
 
@@ -101,8 +102,8 @@ def render_curves(
     fig = _new_figure(16, 4.8)
     ax_test, ax_train, ax_loss = panel_axes = fig.subplots(1, 3)
     panels = (
-        (ax_test, 'test_accuracy', 100.0, '-'),
-        (ax_train, 'train_accuracy', 100.0, '-'),
+        (ax_test, 'test_accuracy', PERCENT, '-'),
+        (ax_train, 'train_accuracy', PERCENT, '-'),
         (ax_loss, 'train_loss', 1.0, '-'),
         (ax_loss, 'test_loss', 1.0, '--'),
     )
@@ -145,8 +146,8 @@ def render_curves(
 
 
 def heatmap_cell(runs: Sequence[RunResult], over_seeds: bool = False) -> tuple[float | None, str]:
-    """The value and text of a heatmap cell: the mean final test accuracy of the runs
-    (noting unfinished ones), or ``over_seeds`` mean ± sd over the completed ones."""
+    """The value (in %) and text of a heatmap cell: the mean final test accuracy of the
+    runs (noting unfinished ones), or ``over_seeds`` mean ± sd over the completed ones."""
     if over_seeds:
         cell = Cell({}, tuple(runs))
         e = cell.estimate()
@@ -155,11 +156,11 @@ def heatmap_cell(runs: Sequence[RunResult], over_seeds: bool = False) -> tuple[f
             lines.append(f'{cell.excluded} excluded')
         if cell.unfinished:
             lines.append(f'{cell.unfinished} unfinished')
-        return e.mean, '\n'.join(lines)
+        return None if e.mean is None else PERCENT * e.mean, '\n'.join(lines)
     accs = [r.test_accuracy for r in runs if r.test_accuracy is not None]
     if not accs:
         return None, MISSING
-    acc = statistics.fmean(accs)
+    acc = PERCENT * statistics.fmean(accs)
     unfinished = [r for r in runs if r.status != 'completed' and r.has_results]
     note = ''
     if unfinished and len(runs) == 1:

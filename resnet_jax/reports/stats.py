@@ -1,6 +1,6 @@
 """Statistics over seeds: estimates with Student t intervals, cells, paired differences.
 
-    e = stats.estimate([81.0, 83.0, 82.0])      # n, mean, sd, 95% t interval
+    e = stats.estimate([0.81, 0.83, 0.82])      # n, mean, sd, 95% t interval
     cells = stats.group_cells(results)          # runs differing only in their seed
     pairs = stats.paired_differences(results, 'shuffle', (True, False))
 
@@ -125,7 +125,7 @@ def group_cells(results: Sequence[RunResult], seed_axis: str = SEED_AXIS) -> lis
 
 @dataclasses.dataclass(frozen=True)
 class Paired:
-    """Paired differences (first minus second level, in points) of final test accuracy:
+    """Paired differences (first minus second level, as fractions) of final test accuracy:
     one per seed of the cell ``values`` ({} for all cells) where both runs completed;
     ``unpaired`` counts the seeds where a run is missing, unfinished, failed or diverged."""
 

@@ -14,7 +14,7 @@ dir, each file atomically (``os.replace`` of a unique temporary file: concurrent
 writers never leave a torn file):
 
 * ``results.csv`` / ``results.md``: a row per run in manifest order in the paper's
-  layout (``epochs``, the axes, final train and test accuracy in %), then best test
+  layout (``epochs``, the axes, final train and test accuracy), then best test
   accuracy and its epoch, wall time, images/s and status; the best run is starred.
   :func:`~resnet_jax.reports.load.read_results_csv` parses any csv of the report back.
 * ``comparison.csv`` (and a section of ``results.md``): ours vs the paper's final
@@ -31,8 +31,13 @@ writers never leave a torn file):
   The comparison then uses cell means, the heatmap mean ± sd and the curves a mean
   line per cell in a min–max band.
 
+Every csv holds accuracies, their differences, sds and intervals as fractions in [0, 1]
+under their plain names (``test_accuracy``, as in ``metrics.jsonl``, ``summary.json`` and
+the study report's ``trials.csv``); ``results.md`` and the plots show them in %.
+
 The paper's table (``markdown.PAPER_SOURCE``: final train and test accuracy in % of 18
-runs, batch size x learning rate x shuffle) ships as ``resnet_jax/data/paper_results.csv``.
+runs, batch size x learning rate x shuffle) ships as ``resnet_jax/data/paper_results.csv``;
+:func:`~resnet_jax.reports.load.load_paper_results` reads it as fractions.
 
 Modules: :mod:`~resnet_jax.reports.load` (reading runs and csv files; ``collect`` gives a
 ``RunResult`` per manifest run), :mod:`~resnet_jax.reports.stats` (estimates over seeds,
@@ -57,6 +62,7 @@ from resnet_jax.reports.markdown import CURVES_PNG, HEATMAP_PNG, results_markdow
 from resnet_jax.reports.plots import render_curves, render_heatmap
 from resnet_jax.reports.stats import SEED_AXIS, group_cells
 from resnet_jax.reports.tables import (
+    ACCURACY_DECIMALS,
     CELL_COLUMNS,
     CELL_COMPARISON_COLUMNS,
     COMPARISON_COLUMNS,
@@ -118,9 +124,10 @@ def write_sweep_report(sweep_dir: str, paper_csv: str | None = None) -> dict[str
     write(RESULTS_CSV, csv_text(['epochs', *columns, *RESULT_COLUMNS], rows))
     comparison = compare_with_paper(results, load_paper_results(paper_csv), seed_axis)
     header = CELL_COMPARISON_COLUMNS if seed_axis else COMPARISON_COLUMNS
-    two = ('accuracy', 'difference', '_sd')  # Columns with 2 decimals.
+    accuracies = ('accuracy', 'difference', '_sd')  # Fractions, rounded as shown.
     rows = [
-        [format_cell(row[k], 2 if k.endswith(two) else None) for k in header] for row in comparison
+        [format_cell(row[k], ACCURACY_DECIMALS if k.endswith(accuracies) else None) for k in header]
+        for row in comparison
     ]
     write(COMPARISON_CSV, csv_text(header, rows) if rows else None)
     rows = cell_rows(group_cells(results), others) if seed_axis else None

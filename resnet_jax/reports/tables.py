@@ -1,6 +1,10 @@
 """The report's tables as data frames: results, cells, paired differences, the
 comparison with the paper; their csv (``DataFrame.to_csv``) and Markdown
 (``DataFrame.to_markdown``) text; labels and statements about runs.
+
+Accuracies, their differences, sds and intervals are fractions in [0, 1] in every csv
+(under their plain names: ``test_accuracy``, ``test_sd``, ``mean_difference``) and
+percentages (points) in Markdown cells.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from resnet_jax.reports.load import STATUSES, RunResult, format_cell
+from resnet_jax.reports.load import PERCENT, STATUSES, RunResult, format_cell
 from resnet_jax.reports.stats import (
     Cell,
     Estimate,
@@ -26,7 +30,8 @@ from resnet_jax.validation import get_field
 PAPER_AXES = ('batch_size', 'learning_rate', 'shuffle')
 MISSING = '—'  # Markdown cell of a value that does not exist (yet).
 # The numbers of results.csv (after 'epochs' and the axes): (RunResult field and csv
-# column, results.md header, decimals).
+# column, results.md header, decimals in results.md: accuracies in %, ACCURACY_DECIMALS
+# decimals of a fraction in the csv).
 RESULT_NUMBERS = (
     ('train_accuracy', 'train acc', 2),
     ('test_accuracy', 'test acc', 2),
@@ -35,6 +40,9 @@ RESULT_NUMBERS = (
     ('wall_seconds', 'wall s', 1),
     ('images_per_second', 'images/s', 1),
 )
+ACCURACIES = ('train_accuracy', 'test_accuracy', 'best_test_accuracy')
+ACCURACY_DECIMALS = 4  # Of a final accuracy or its difference in a csv (2 of its %).
+STAT_DECIMALS = 5  # Of an estimate's mean, sd and interval in cells.csv and paired.csv.
 RESULT_COLUMNS = (*(field for field, _, _ in RESULT_NUMBERS), 'status', 'best', 'error')
 COMPARISON_COLUMNS = (
     *(*PAPER_AXES, 'epochs', 'paper_epochs'),
@@ -73,27 +81,28 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list
     return text.splitlines()
 
 
-def number_cell(x: float | None, signed: bool = False) -> str:
-    """A markdown cell: ``x`` with 2 decimals (and a sign), or '—'."""
-    return MISSING if x is None else format(x, '+.2f' if signed else '.2f')
+def percent_cell(x: float | None, signed: bool = False) -> str:
+    """A markdown cell: the fraction ``x`` in % with 2 decimals (and a sign), or '—'."""
+    return MISSING if x is None else format(PERCENT * x, '+.2f' if signed else '.2f')
 
 
 def format_estimate(e: Estimate, signed: bool = False) -> str:
-    """'85.12 ± 0.34' (several values), '85.12' (one) or '—' (none)."""
-    mean = number_cell(e.mean, signed)
-    return mean if e.sd is None else f'{mean} ± {e.sd:.2f}'
+    """An estimate of fractions in %: '85.12 ± 0.34' (several values), '85.12' (one) or
+    '—' (none)."""
+    mean = percent_cell(e.mean, signed)
+    return mean if e.sd is None else f'{mean} ± {percent_cell(e.sd)}'
 
 
 def format_interval(e: Estimate, signed: bool = False) -> str:
-    """'[84.50, 85.74]', or '—' without an interval."""
+    """The interval of an estimate of fractions in %: '[84.50, 85.74]', or '—' without one."""
     if e.low is None or e.high is None:
         return MISSING
-    return f'[{number_cell(e.low, signed)}, {number_cell(e.high, signed)}]'
+    return f'[{percent_cell(e.low, signed)}, {percent_cell(e.high, signed)}]'
 
 
 def estimate_cells(e: Estimate) -> list[str]:
-    """The csv cells (3 decimals) of an estimate's mean, sd and interval (``_STATS``)."""
-    return [format_cell(v, 3) for v in (e.mean, e.sd, e.low, e.high)]
+    """The csv cells (fractions) of an estimate's mean, sd and interval (``_STATS``)."""
+    return [format_cell(v, STAT_DECIMALS) for v in (e.mean, e.sd, e.low, e.high)]
 
 
 def axis_columns(axes: Iterable[str]) -> list[str]:
@@ -122,20 +131,33 @@ def best_run_index(results: Sequence[RunResult]) -> int | None:
     return -max(scored)[2] if scored else None
 
 
-def result_rows(results: Sequence[RunResult], axes: Sequence[str]) -> list[dict[str, str]]:
-    """The formatted rows of ``results.csv``."""
+def result_rows(
+    results: Sequence[RunResult], axes: Sequence[str], markdown: bool = False
+) -> list[dict[str, str]]:
+    """The formatted rows of ``results.csv`` (accuracies as fractions), or with
+    ``markdown`` of the table of ``results.md`` (accuracies in %)."""
     best = best_run_index(results)
     return [
         {
             'epochs': format_cell(r.epochs_completed),
             **{a: format_cell(get_field(r.config, a, None)) for a in axes},
-            **{field: format_cell(getattr(r, field), d) for field, _, d in RESULT_NUMBERS},
+            **{field: _result_cell(r, field, d, markdown) for field, _, d in RESULT_NUMBERS},
             'status': r.status,
             'best': '*' if i == best else '',
             'error': one_line(r.error or ''),
         }
         for i, r in enumerate(results)
     ]
+
+
+def _result_cell(r: RunResult, field: str, decimals: int | None, markdown: bool) -> str:
+    """A number of a run's row: an accuracy as a fraction, or in % in ``markdown``."""
+    value = getattr(r, field)
+    if field not in ACCURACIES:
+        return format_cell(value, decimals)
+    if not markdown:
+        return format_cell(value, ACCURACY_DECIMALS)
+    return format_cell(None if value is None else PERCENT * value, decimals)
 
 
 def cell_rows(cells: Sequence[Cell], axes: Sequence[str]) -> list[list[str]]:
@@ -172,8 +194,8 @@ def _ours(unit: RunResult | Cell) -> dict[str, Any]:
     if isinstance(unit, RunResult):
         return {
             'epochs': unit.epochs_completed if unit.status != 'pending' else None,
-            'train_accuracy': round2(unit.train_accuracy),
-            'test_accuracy': round2(unit.test_accuracy),
+            'train_accuracy': as_shown(unit.train_accuracy),
+            'test_accuracy': as_shown(unit.test_accuracy),
             'status': unit.status,
             'note': [] if unit.status == 'completed' else [unit.status],
             'name': unit.name,
@@ -188,27 +210,29 @@ def _ours(unit: RunResult | Cell) -> dict[str, Any]:
     status = ', '.join(f'{n} {s}' for s, n in counts.items()) if len(counts) > 1 else [*counts][0]
     return {
         'epochs': max((r.epochs_completed for r in unit.used), default=None),
-        'train_accuracy': round2(train.mean),
-        'test_accuracy': round2(test.mean),
+        'train_accuracy': as_shown(train.mean),
+        'test_accuracy': as_shown(test.mean),
         'n': test.n,
-        'test_sd': round2(test.sd),
+        'test_sd': as_shown(test.sd),
         'status': 'completed' if test.n else status,
         'note': notes,
         'name': ','.join(f'{k}={format_cell(v)}' for k, v in unit.values.items()),
     }
 
 
-def round2(x: float | None) -> float | None:
-    return None if x is None else round(x, 2)
+def as_shown(x: float | None) -> float | None:
+    """An accuracy (a fraction) rounded as comparison.csv shows it."""
+    return None if x is None else round(x, ACCURACY_DECIMALS)
 
 
 def compare_with_paper(
     results: Sequence[RunResult], paper: Sequence[Mapping[str, Any]], seed_axis: str | None = None
 ) -> list[dict[str, Any]]:
-    """Ours vs the paper's accuracies for each run whose (batch_size, learning_rate,
-    shuffle) is a paper row (other epochs noted), differences ours minus theirs as shown
-    (2 decimals). With ``seed_axis``, a row per cell: ours the mean (``n``, ``test_sd``)
-    over its completed runs."""
+    """Ours vs the paper's accuracies (fractions, :func:`~resnet_jax.reports.load.
+    load_paper_results`) for each run whose (batch_size, learning_rate, shuffle) is a
+    paper row (other epochs noted), differences ours minus theirs as shown
+    (:func:`as_shown`). With ``seed_axis``, a row per cell: ours the mean (``n``,
+    ``test_sd``) over its completed runs."""
     units = results if seed_axis is None else group_cells(results, seed_axis)
     rows = []
     for unit in units:
@@ -224,7 +248,7 @@ def compare_with_paper(
         row['note'] = '; '.join(row['note'])
         for kind in ('train', 'test'):  # Differences of the values as shown.
             ours, theirs = row[f'{kind}_accuracy'], match[f'{kind}_accuracy']
-            diff = None if ours is None or theirs is None else round(ours - float(theirs), 2)
+            diff = None if ours is None or theirs is None else as_shown(ours - float(theirs))
             row |= {f'paper_{kind}_accuracy': theirs, f'{kind}_difference': diff}
         rows.append(row)
     return rows
