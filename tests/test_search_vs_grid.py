@@ -93,6 +93,26 @@ def median_range(values: list, missing_is_worst: bool = False) -> tuple:
     return tuple(None if v == math.inf else v for v in triple)
 
 
+def check_arm(arm: str, row: pd.Series, found: list[dict], grid_images: int) -> None:
+    """An arm's row of seeds.csv against its studies' expected numbers."""
+    assert row['studies'] == len(found)
+    assert row['reached'] == sum(f['images_to_reach'] is not None for f in found)
+    for column in svg.SUMMARISED:
+        base = column.removesuffix('_of_grid')
+        values = [f[base] for f in found]
+        if column.endswith('_of_grid'):
+            values = [None if v is None else v / grid_images for v in values]
+        want = median_range(values, missing_is_worst=base == 'images_to_reach')
+        got = [row[f'{column}_{k}'] for k in ('median', 'min', 'max')]
+        for g, w in zip(got, want, strict=True):
+            if w is None:
+                assert pd.isna(g), (arm, column)
+            elif base in ('images_to_reach', 'images_trained') and column == base:
+                assert g == round(w), (arm, column)
+            else:
+                assert g == pytest.approx(w, rel=1e-6), (arm, column)
+
+
 @pytest.fixture(scope='module')
 def studies(tmp_path_factory):
     root = tmp_path_factory.mktemp('studies')
@@ -151,23 +171,7 @@ def test_arms_match_the_committed_tables(studies, capsys):
     assert list(per_study['arm']) == ['grid'] + [n for n, m in arms.items() for _ in m]
     for arm, members in [('grid', [('grid', None, p['grid'])]), *arms.items()]:
         found = [expected(name, target, keep) for name, keep, _ in members]
-        row = seeds.loc[arm]
-        assert row['studies'] == len(members)
-        assert row['reached'] == sum(f['images_to_reach'] is not None for f in found)
-        for column in svg.SUMMARISED:
-            base = column.removesuffix('_of_grid')
-            values = [f[base] for f in found]
-            if column.endswith('_of_grid'):
-                values = [None if v is None else v / grid_images for v in values]
-            want = median_range(values, missing_is_worst=base == 'images_to_reach')
-            got = [row[f'{column}_{k}'] for k in ('median', 'min', 'max')]
-            for g, w in zip(got, want, strict=True):
-                if w is None:
-                    assert pd.isna(g), (arm, column)
-                elif base in ('images_to_reach', 'images_trained') and column == base:
-                    assert g == round(w), (arm, column)
-                else:
-                    assert g == pytest.approx(w, rel=1e-6), (arm, column)
+        check_arm(arm, seeds.loc[arm], found, grid_images)
     assert pd.isna(seeds.loc['short', 'images_to_reach_max'])
     assert seeds.loc['pair', 'images_to_reach_median'] == (87_000 + 108_000) // 2
     assert pd.isna(seeds.loc['never', 'images_to_reach_median'])
