@@ -162,7 +162,7 @@ def test_a_study_key_is_what_the_previous_version_recorded(tmp_path, learnable):
     assert set(optuna_study._study_key(spec)) == old
     workdir = str(tmp_path / 'study')
     study = optuna_study.open_study(spec, workdir)
-    recorded = dict(study.user_attrs['spec'], num_trials=2)  # As keys once held it.
+    recorded = dict(optuna_study._study_key(spec), num_trials=2)  # As keys once held it.
     study.set_user_attr('spec', recorded)
     optuna_study.open_study(spec, workdir)  # No 'another search config'.
 

@@ -341,7 +341,7 @@ def _requeue_lost(study: Any, spec: search_space.Spec, workdir: str) -> None:
             continue
         name = sweep_lib.run_name(point)
         try:
-            config = search_space.apply_overrides(spec.base, point)
+            config = run_folders.apply_overrides(spec.base, point)
         except validation.ConfigError:
             continue
         if run_folders.finished_summary(os.path.join(workdir, name), config) is None:
@@ -353,7 +353,7 @@ def _grid_order(spec: search_space.Spec) -> list[dict[str, Any]]:
     """A grid's points, those that train together (``vectorize``) next to each other."""
     if not spec.vectorize:
         return list(spec.grid)
-    groups = sweep_lib.group_runs([search_space.apply_overrides(spec.base, p) for p in spec.grid])
+    groups = sweep_lib.group_runs([run_folders.apply_overrides(spec.base, p) for p in spec.grid])
     return [spec.grid[i] for group in groups for i in group]
 
 
@@ -399,11 +399,11 @@ def claim(study: Any, spec: search_space.Spec) -> list[Any]:
     if spec.vectorize and spec.grid and waiting:
         from resnet_jax.training import loop  # pylint: disable=g-import-not-at-top  # Heavy.
 
-        key = loop.group_key(search_space.apply_overrides(spec.base, first.params))
+        key = loop.group_key(run_folders.apply_overrides(spec.base, first.params))
         for t in waiting[1:]:
             if t.number == first.number:
                 continue
-            if loop.group_key(search_space.apply_overrides(spec.base, t.params)) != key:
+            if loop.group_key(run_folders.apply_overrides(spec.base, t.params)) != key:
                 break
             claimed.append(study.ask())
     return claimed

@@ -12,7 +12,7 @@ one by one: a point that cannot fit fails alone, as its own run).
 from __future__ import annotations
 
 from resnet_jax import datasets, validation
-from resnet_jax.studies import search_space
+from resnet_jax.studies import run_folders, search_space
 from resnet_jax.training import checks
 
 BATCH_FIELD = 'batch_size'
@@ -43,7 +43,7 @@ def check_data(spec: search_space.Spec) -> None:
         return
     data = datasets.load_for_config(spec.base)
     for size in batch_sizes(spec):
-        config = search_space.apply_overrides(spec.base, {BATCH_FIELD: size})
+        config = run_folders.apply_overrides(spec.base, {BATCH_FIELD: size})
         checks.check_data_fits(config, data, num_devices=1)
 
 
@@ -51,7 +51,7 @@ def _check_grid(spec: search_space.Spec) -> None:
     """The first point's error if no point of the grid fits its data."""
     first_error: Exception | None = None
     for point in spec.grid:
-        config = search_space.apply_overrides(spec.base, point)
+        config = run_folders.apply_overrides(spec.base, point)
         try:
             checks.check_data_fits(config, datasets.load_for_config(config), num_devices=1)
         except (validation.ConfigError, datasets.DataError) as e:

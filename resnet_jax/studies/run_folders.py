@@ -17,10 +17,26 @@ from typing import Any
 
 import ml_collections
 
+from resnet_jax import validation
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.studies import search_space
+from resnet_jax.training import checks
 
 OVERRIDES_FILE = 'overrides.json'  # The fields a run folder's point sets.
+
+
+def apply_overrides(
+    base: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """A validated copy of ``base`` with ``overrides`` set (``ConfigError`` if invalid)."""
+    config = ml_collections.ConfigDict(base.to_dict())
+    for field, value in overrides.items():
+        try:
+            validation.set_field(config, field, value)
+        except TypeError as e:
+            raise validation.ConfigError(f'{field}={value!r}: {e}') from None
+    checks.validate_config(config)
+    return config
 
 
 def check_overrides(run_dir: str, overrides: Mapping[str, Any]) -> None:

@@ -4,8 +4,8 @@ The pure part of a study (:mod:`resnet_jax.studies.search`), without Optuna or J
 ``config.search.space`` (:func:`float_param`, :func:`int_param`,
 :func:`categorical`, each with an optional ``when=(field, value)``), their
 checks, the :class:`Spec` of a study (:func:`spec_from_config`; a ``sweep``
-section is a grid, :func:`spec_from_sweep`), the folder name of a point and the
-config a trial trains.
+section is a grid, :func:`spec_from_sweep`) and the point a trial samples
+(:func:`sample`; the config it trains: :func:`run_folders.apply_overrides`).
 """
 
 from __future__ import annotations
@@ -468,21 +468,7 @@ def spec_from_sweep(config: ml_collections.ConfigDict) -> Spec:
     )
 
 
-# ------------------------------------------------------------ run folders ----
-
-
-def apply_overrides(
-    base: ml_collections.ConfigDict, overrides: Mapping[str, Any]
-) -> ml_collections.ConfigDict:
-    """A validated copy of ``base`` with ``overrides`` set (``ConfigError`` if invalid)."""
-    config = ml_collections.ConfigDict(base.to_dict())
-    for field, value in overrides.items():
-        try:
-            validation.set_field(config, field, value)
-        except TypeError as e:
-            raise validation.ConfigError(f'{field}={value!r}: {e}') from None
-    checks.validate_config(config)
-    return config
+# ----------------------------------------------------------------- points ----
 
 
 def sample(trial: Any, params: Sequence[Param], base: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def prepare(trial: Any, spec: search_space.Spec, workdir: str) -> TrialRun:
     run = TrialRun(trial, overrides, name, os.path.join(workdir, name))
     trial.set_user_attr('run', name)
     try:
-        run.config = search_space.apply_overrides(spec.base, overrides)
+        run.config = run_folders.apply_overrides(spec.base, overrides)
         run_folders.check_overrides(run.run_dir, overrides)
     except validation.ConfigError as e:
         run.error = f'{name}: {e}'
