@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.rundir import writers
 from resnet_jax.training import train
+from tests.conftest import read_hparams
 
 
 def test_one_writer_even_where_clu_metric_writers_imports(tmp_path, monkeypatch):
@@ -32,6 +33,24 @@ def test_one_writer_even_where_clu_metric_writers_imports(tmp_path, monkeypatch)
     acc.Reload()
     assert acc.Scalars('test_accuracy')[0].value == 0.5
     assert glob.glob(os.path.join(tmp_path, 'hparams', 'events.out.tfevents.*'))
+
+
+def test_hparams_hold_the_status_leave_out_missing_metrics_and_replace_an_earlier_end(tmp_path):
+    logger = writers.MetricLogger(str(tmp_path))
+    logger.write_hparams({'learning_rate': 0.01}, {'hparam/val_accuracy': 0.25}, 'pruned')
+    logger.write_hparams(
+        {'learning_rate': 0.01, 'model': 'resnet20', 'nothing': None},
+        {'hparam/val_accuracy': 0.5, 'hparam/test_accuracy': None},
+        'diverged',
+    )
+    logger.close()
+    found = read_hparams(tmp_path)
+    assert found['hparams'] == {'learning_rate': 0.01, 'model': 'resnet20', 'status': 'diverged'}
+    assert found['status'] == 'STATUS_FAILURE'
+    assert found['metrics'] == {'hparam/val_accuracy': 0.5}  # Never a NaN for a missing one.
+    # One session: the later end replaced the earlier. No experiment summary: TensorBoard
+    # builds the tab's columns from every run's session.
+    assert found['files'] == 1 and not found['experiment']
 
 
 def _write_lines(workdir, *lines):
