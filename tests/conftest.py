@@ -232,3 +232,25 @@ def cifar_py(tmp_path_factory) -> fake_data.FakeCifar:
     """A fake CIFAR-10 python version: 120 train (5 x 24) + 50 test images."""
     root = tmp_path_factory.mktemp('cifar_py')
     return fake_data.write_cifar_py(root, n_train_per_batch=24, n_test=50)
+
+
+def read_hparams(workdir) -> dict:
+    """What TensorBoard's HParams tab reads of a run, through TensorBoard's own reader:
+    ``hparams``, the session's end ``status`` (an api.proto Status name), the final
+    ``metrics`` by tag, whether an ``experiment`` summary is there and the event ``files``."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    logdir = os.path.join(str(workdir), 'hparams')
+    acc = event_accumulator.EventAccumulator(logdir)
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    return {
+        'hparams': {k: getattr(v, v.WhichOneof('kind')) for k, v in start.hparams.items()},
+        'status': api_pb2.Status.Name(end.status),
+        'metrics': {tag: acc.Scalars(tag)[-1].value for tag in acc.Tags()['scalars']},
+        'experiment': metadata.EXPERIMENT_TAG in content,
+        'files': len([n for n in os.listdir(logdir) if n.startswith('events.out.tfevents.')]),
+    }

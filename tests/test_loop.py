@@ -14,7 +14,12 @@ from resnet_jax.datasets import augment
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.rundir import writers
 from resnet_jax.training import checkpoints, loop, steps, train
-from tests.conftest import assert_within_float_noise, make_tiny_config, train_nudged
+from tests.conftest import (
+    assert_within_float_noise,
+    make_tiny_config,
+    read_hparams,
+    train_nudged,
+)
 
 COMPARED = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate')
 
@@ -69,9 +74,33 @@ def test_tensorboard_file_holds_the_scalars(finished_run):
     hp.Reload()
     final = hp.Scalars('hparam/test_accuracy')[-1].value
     assert final == pytest.approx(workdir_lib.read_metrics(workdir)[-1]['test_accuracy'])
-    assert b'learning_rate' in b''.join(
-        open(p, 'rb').read() for p in glob.glob(os.path.join(workdir, 'hparams', 'events*'))
-    )
+    found = read_hparams(workdir)
+    assert found['hparams']['learning_rate'] == 0.01 and found['hparams']['num_epochs'] == 3
+    assert found['hparams']['status'] == 'completed' and found['status'] == 'STATUS_SUCCESS'
+    # Fields that do not change the result are no hyperparameters.
+    assert not [k for k in found['hparams'] if k.startswith('distributed.')]
+    assert not {'progress_every_seconds', 'eval_batch_size', 'data.path'} & set(found['hparams'])
+    # Without a validation split: no val_ metric (none written as NaN either).
+    assert set(found['metrics']) == {
+        f'hparam/{k}'
+        for k in ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy')
+        + ('best_test_accuracy', 'epochs_completed')
+    }
+    assert found['metrics']['hparam/epochs_completed'] == 3
+
+
+def test_a_pruned_run_gets_its_hparams_once(training, cifar_py, tmp_path):
+    config = make_tiny_config(cifar_py.path)
+    config.num_epochs = 2
+    _, summary = training.train_and_evaluate(config, str(tmp_path), on_epoch=lambda r: True)
+    assert summary['status'] == 'pruned' and summary['pruned_at_epoch'] == 1
+    found = read_hparams(tmp_path)
+    assert found['hparams']['status'] == 'pruned'
+    assert found['metrics']['hparam/epochs_completed'] == 1
+    files = os.listdir(tmp_path / 'hparams')
+    # A rerun prunes it again at its restored record: the same end, not written again.
+    _, again = training.train_and_evaluate(config, str(tmp_path), on_epoch=lambda r: True)
+    assert again['status'] == 'pruned' and os.listdir(tmp_path / 'hparams') == files
 
 
 def test_a_run_can_evaluate_the_test_set_only_at_its_end(training, finished_run, tmp_path):

@@ -20,7 +20,13 @@ import pytest
 from resnet_jax import validation
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.training import checkpoints, steps, train
-from tests.conftest import corrupt_checkpoint_arrays, make_tiny_config, one_error_line, tiny_args
+from tests.conftest import (
+    corrupt_checkpoint_arrays,
+    make_tiny_config,
+    one_error_line,
+    read_hparams,
+    tiny_args,
+)
 
 # make_tiny_config on the command line (with tiny_args' batches and epochs=3).
 TINY = ('--config.decay_every_epochs=1', '--config.decay_factor=2.0', '--config.steps_per_call=1')
@@ -281,6 +287,9 @@ def test_a_nan_test_loss_stops_the_run(training, cifar_py, tmp_path, monkeypatch
     assert summary['status'] == 'diverged'
     assert summary['error'] == 'non-finite test loss in epoch 2'
     assert _steps(tmp_path) == [4] and len(workdir_lib.read_metrics(str(tmp_path))) == 1
+    found = read_hparams(tmp_path)  # In TensorBoard's HParams tab as diverged.
+    assert found['hparams']['status'] == 'diverged' and found['status'] == 'STATUS_FAILURE'
+    assert found['metrics']['hparam/epochs_completed'] == 1
 
 
 def test_a_different_config_is_refused_unless_overwritten(training, cifar_py, tmp_path):

@@ -17,7 +17,12 @@ from resnet_jax.reports import sweep_report
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.studies import search, sweep
 from resnet_jax.training import checkpoints, loop, signals, steps, train
-from tests.conftest import assert_within_float_noise, make_tiny_config, train_nudged
+from tests.conftest import (
+    assert_within_float_noise,
+    make_tiny_config,
+    read_hparams,
+    train_nudged,
+)
 
 # (learning_rate, shuffle, seed) of three lanes: every vectorisable field varies.
 LANES = ((0.05, True, 0), (0.01, False, 0), (0.02, True, 1))
@@ -209,11 +214,15 @@ def test_vectorized_sweep_isolates_a_diverging_lane(tmp_path, cifar_py):
         assert len(workdir_lib.read_metrics(str(tmp_path / name))) == (status == 'completed')
         if status == 'diverged':
             assert 'non-finite' in summary['error']
+        assert read_hparams(tmp_path / name)['hparams']['status'] == status
     sweep_report.write_sweep_report(str(tmp_path))
     assert (tmp_path / 'results.md').exists()
-    # Rerunning skips the completed runs and retrains only the diverged ones.
+    entries = {name: os.listdir(tmp_path / name / 'hparams') for name in statuses}
+    # Rerunning skips the completed runs and retrains only the diverged ones, which
+    # end as before: their HParams are not written again.
     statuses = search.run_study(config, str(tmp_path))
     assert sorted(statuses.values()) == ['completed', 'completed', 'diverged', 'diverged']
+    assert {name: os.listdir(tmp_path / name / 'hparams') for name in statuses} == entries
 
 
 def test_bad_vectorize_option_is_a_config_error():

@@ -18,7 +18,7 @@ from resnet_jax import datasets
 from resnet_jax.configs import default
 from resnet_jax.studies import optuna_study, run_folders, search, search_space, sweep
 from tests import fake_data, postgres_server
-from tests.conftest import REPO, make_tiny_config, one_error_line
+from tests.conftest import REPO, make_tiny_config, one_error_line, read_hparams
 
 
 @pytest.fixture(scope='module')
@@ -247,6 +247,7 @@ def test_a_pruner_stops_a_weak_trial_and_the_others_complete(tmp_path, learnable
         assert json.load(f)['eval_test'] == 'end'
     states = [t.state.name for t in trials_of(f'sqlite:///{workdir}/study.db')]
     assert sorted(states) == ['COMPLETE', 'PRUNED']
+    _assert_hparams_show_the_trials(workdir, summary)
     # The report (the command line writes it after a study): the trials, the best
     # one on validation and its test accuracy.
     from resnet_jax.reports import study_report
@@ -258,6 +259,24 @@ def test_a_pruner_stops_a_weak_trial_and_the_others_complete(tmp_path, learnable
     assert search.run_worker(config, workdir) == {}
     assert open(study_report.write_study_report(workdir)['search']).read() == text
     assert len(trials_of(f'sqlite:///{workdir}/study.db')) == 2
+
+
+def _assert_hparams_show_the_trials(workdir, pruned_summary):
+    """TensorBoard's HParams tab shows the pruned trial (its status a hyperparameter
+    to filter on) and every metric a study selects on, without operational fields."""
+    pruned = read_hparams(os.path.join(workdir, 'learning_rate=1e-07'))
+    assert pruned['hparams']['status'] == 'pruned' and pruned['hparams']['learning_rate'] == 1e-7
+    done = pruned_summary['pruned_at_epoch']
+    assert pruned['metrics']['hparam/epochs_completed'] == done
+    completed = read_hparams(os.path.join(workdir, 'learning_rate=0.003'))
+    assert completed['hparams']['status'] == 'completed'
+    assert {f'hparam/{m}' for m in search_space.METRICS} <= set(completed['metrics'])
+    last = records(os.path.join(workdir, 'learning_rate=0.003'))[-1]
+    assert completed['metrics']['hparam/val_accuracy'] == pytest.approx(last['val_accuracy'])
+    assert 'hparam/best_val_accuracy' in completed['metrics']
+    for found in (pruned, completed):
+        assert not [k for k in found['hparams'] if k.startswith('distributed.')]
+        assert 'progress_every_seconds' not in found['hparams']
 
 
 # ------------------------------------------------------------- workers ----

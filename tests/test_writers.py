@@ -14,7 +14,9 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from resnet_jax.rundir import workdir as workdir_lib
 from resnet_jax.rundir import writers
-from resnet_jax.training import train
+from resnet_jax.studies import search_space
+from resnet_jax.training import runs, train
+from tests.conftest import read_hparams
 
 
 def test_one_writer_even_where_clu_metric_writers_imports(tmp_path, monkeypatch):
@@ -32,6 +34,48 @@ def test_one_writer_even_where_clu_metric_writers_imports(tmp_path, monkeypatch)
     acc.Reload()
     assert acc.Scalars('test_accuracy')[0].value == 0.5
     assert glob.glob(os.path.join(tmp_path, 'hparams', 'events.out.tfevents.*'))
+
+
+def test_hparams_hold_the_status_leave_out_missing_metrics_and_replace_an_earlier_end(tmp_path):
+    logger = writers.MetricLogger(str(tmp_path))
+    logger.write_hparams({'learning_rate': 0.01}, {'hparam/val_accuracy': 0.25}, 'pruned')
+    logger.write_hparams(
+        {'learning_rate': 0.01, 'model': 'resnet20', 'nothing': None},
+        {'hparam/val_accuracy': 0.5, 'hparam/test_accuracy': None},
+        'diverged',
+    )
+    logger.close()
+    found = read_hparams(tmp_path)
+    assert found['hparams'] == {'learning_rate': 0.01, 'model': 'resnet20', 'status': 'diverged'}
+    assert found['status'] == 'STATUS_FAILURE'
+    assert found['metrics'] == {'hparam/val_accuracy': 0.5}  # Never a NaN for a missing one.
+    # One session: the later end replaced the earlier. No experiment summary: TensorBoard
+    # builds the tab's columns from every run's session.
+    assert found['files'] == 1 and not found['experiment']
+
+
+def test_operational_fields_are_the_resumable_changes_but_num_epochs():
+    assert not runs.operational('num_epochs')
+    for key in ('eval_batch_size', 'progress_every_seconds', 'data.path', 'distributed.port'):
+        assert runs.operational(key)
+    for key in ('learning_rate', 'data.validation_size', 'data.train_subset', 'distributed'):
+        assert not runs.operational(key)
+
+
+def test_final_metrics_hold_every_study_metric_and_leave_out_missing_ones():
+    record = dict.fromkeys((*train.METRIC_KEYS, *train.VALIDATION_KEYS), 0.5) | {'epoch': 1}
+    metrics = runs.final_metrics([record, record | {'epoch': 2, 'val_accuracy': 0.75}])
+    assert {f'hparam/{m}' for m in search_space.METRICS} <= set(metrics)
+    assert metrics['hparam/best_val_accuracy'] == 0.75 and metrics['hparam/epochs_completed'] == 2
+    # Without a test evaluation, and with a non-finite loss: left out, not NaN.
+    untested = record | {'test_loss': None, 'test_accuracy': None, 'val_loss': math.nan}
+    assert set(runs.final_metrics([untested])) == {
+        'hparam/train_loss',
+        'hparam/train_accuracy',
+        'hparam/val_accuracy',
+        'hparam/best_val_accuracy',
+        'hparam/epochs_completed',
+    }
 
 
 def _write_lines(workdir, *lines):

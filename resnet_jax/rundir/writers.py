@@ -6,8 +6,9 @@
 
 TensorBoard event files are written with ``tensorboardX``'s event writer (no
 TensorFlow needed, whether or not it is installed): standard files that
-``tensorboard --logdir`` reads, with the run's hyperparameters under
-``hparams/`` for the HParams tab. Each epoch's scalars are on disk (written and
+``tensorboard --logdir`` reads. Once a run ends (completed, pruned or
+diverged), ``hparams/`` holds its entry of the HParams tab: its hyperparameters,
+its status and its final metrics. Each epoch's scalars are on disk (written and
 fsynced, not queued) before its record is appended to ``metrics.jsonl``, and a
 resumed run writes again the epochs its event files lack
 (:func:`tensorboard_steps`), so TensorBoard holds every epoch the records hold
@@ -37,7 +38,7 @@ logger = logging.getLogger('resnet_jax')
 class TensorboardWriter:
     """TensorBoard event files through tensorboardX's event writer (no TensorFlow needed).
 
-    Scalars per epoch in ``logdir``, the run's hyperparameters and final
+    Scalars per epoch in ``logdir``, the run's hyperparameters, status and final
     metrics in ``logdir/hparams`` (the layout of TensorBoard's HParams tab).
     Writes are synchronous: when :meth:`write_scalars` returns, the scalars are
     on disk (tensorboardX's ``SummaryWriter`` queues them for a thread, which
@@ -49,14 +50,16 @@ class TensorboardWriter:
         self._events: Any = None
 
     @staticmethod
-    def _open(logdir: str) -> Any:
+    def _open(logdir: str, suffix: str = '') -> Any:
         from tensorboardX.event_file_writer import (  # pylint: disable=g-import-not-at-top
             EventsWriter,
         )
 
         os.makedirs(logdir, exist_ok=True)
         # The process id keeps two writers started within one second apart.
-        return EventsWriter(os.path.join(logdir, 'events'), filename_suffix=f'.{os.getpid()}')
+        return EventsWriter(
+            os.path.join(logdir, 'events'), filename_suffix=suffix or f'.{os.getpid()}'
+        )
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         from tensorboardX.proto.event_pb2 import Event  # pylint: disable=g-import-not-at-top
@@ -69,20 +72,40 @@ class TensorboardWriter:
             self._events.write_event(Event(wall_time=time.time(), step=step, summary=summary))
         self._events.flush()  # Flushed and fsynced.
 
-    def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    def write_hparams(
+        self,
+        hparams: Mapping[str, Any],
+        metrics: Mapping[str, float | None],
+        status: str = 'completed',
+    ) -> None:
+        """Replaces the run's HParams session in ``logdir/hparams``.
+
+        The session holds ``hparams`` with the run's ``status`` among them (a
+        string the tab filters on), ends as :data:`SESSION_STATUS` says, and
+        ``metrics`` are scalars beside it; a metric whose value is None is left
+        out. No experiment summary is written: TensorBoard then builds the tab's
+        columns from every run's session (each status and metric any run has),
+        where one run's summary would stand for all. The new file is written
+        before the older ones are removed.
+        """
         # pylint: disable=g-import-not-at-top
         from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.summary import hparams as hparams_summaries
         from tensorboardX.summary import scalar
 
-        events = self._open(os.path.join(self._logdir, 'hparams'))
+        logdir = os.path.join(self._logdir, 'hparams')
+        older = _event_files(logdir)
+        # Nanoseconds keep the new file's name apart from an older one of this process.
+        events = self._open(logdir, f'.{os.getpid()}.{time.time_ns()}')
         try:
-            for summary in hparams_summaries(dict(hparams), dict(metrics)):
+            for summary in _session_summaries({**hparams, 'status': status}, status):
                 events.write_event(Event(wall_time=time.time(), summary=summary))
             for key, value in metrics.items():
-                events.write_event(Event(wall_time=time.time(), summary=scalar(key, value)))
+                if value is not None:
+                    events.write_event(Event(wall_time=time.time(), summary=scalar(key, value)))
         finally:
             events.close()
+        for path in older:
+            os.remove(path)
 
     def flush(self) -> None:
         if self._events is not None:
@@ -92,6 +115,59 @@ class TensorboardWriter:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+# How a run's status ends its session in the HParams tab (api.proto's Status: unknown,
+# success, failure, running). A pruned run stopped as its study decided: a success, told
+# apart from a completed one by its ``status`` hparam.
+SESSION_STATUS = {
+    'completed': 'STATUS_SUCCESS',
+    'pruned': 'STATUS_SUCCESS',
+    'diverged': 'STATUS_FAILURE',
+}
+
+
+def _session_summaries(hparams: Mapping[str, Any], status: str) -> list[Any]:
+    """The HParams plugin's session start (``hparams``: strings, bools and numbers;
+    others are left out) and session end (:data:`SESSION_STATUS` of ``status``)."""
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto.api_pb2 import Status
+    from tensorboardX.proto.plugin_hparams_pb2 import (
+        HParamsPluginData,
+        SessionEndInfo,
+        SessionStartInfo,
+    )
+    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+
+    start = SessionStartInfo()
+    for key, value in hparams.items():
+        if isinstance(value, str):
+            start.hparams[key].string_value = value
+        elif isinstance(value, bool):
+            start.hparams[key].bool_value = value
+        elif isinstance(value, (int, float)):
+            start.hparams[key].number_value = float(value)
+    end = SessionEndInfo(status=Status.Value(SESSION_STATUS.get(status, 'STATUS_UNKNOWN')))
+    summaries = []
+    for tag, data in (
+        ('_hparams_/session_start_info', HParamsPluginData(session_start_info=start)),
+        ('_hparams_/session_end_info', HParamsPluginData(session_end_info=end)),
+    ):
+        plugin = SummaryMetadata.PluginData(plugin_name='hparams', content=data.SerializeToString())
+        metadata = SummaryMetadata(plugin_data=plugin)
+        summaries.append(Summary(value=[Summary.Value(tag=tag, metadata=metadata)]))
+    return summaries
+
+
+def _event_files(logdir: str) -> list[str]:
+    """The event files in ``logdir`` (not its subfolders)."""
+    if not os.path.isdir(logdir):
+        return []
+    return [
+        os.path.join(logdir, name)
+        for name in sorted(os.listdir(logdir))
+        if name.startswith(EVENTS_PREFIX) and os.path.isfile(os.path.join(logdir, name))
+    ]
 
 
 def _event_records(path: str) -> list[bytes]:
@@ -117,12 +193,7 @@ def tensorboard_steps(logdir: str) -> dict[str, set[int]]:
     from tensorboardX.proto.event_pb2 import Event  # pylint: disable=g-import-not-at-top
 
     found: dict[str, set[int]] = {}
-    if not os.path.isdir(logdir):
-        return found
-    for name in sorted(os.listdir(logdir)):
-        path = os.path.join(logdir, name)
-        if not name.startswith(EVENTS_PREFIX) or not os.path.isfile(path):
-            continue
+    for path in _event_files(logdir):
         try:
             records = _event_records(path)
         except OSError:
@@ -263,10 +334,20 @@ class MetricLogger:
             self.write_tensorboard(record)
         return [int(r['epoch']) for r in missing]
 
-    def write_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        """A run's hyperparameters and final metrics for TensorBoard's HParams tab."""
+    def write_hparams(
+        self,
+        hparams: Mapping[str, Any],
+        metrics: Mapping[str, float | None],
+        status: str = 'completed',
+    ) -> None:
+        """An ended run's hyperparameters, ``status`` and final metrics for TensorBoard's
+        HParams tab, replacing those of an earlier end
+        (:meth:`TensorboardWriter.write_hparams`)."""
         if self._enabled:
-            self._tb.write_hparams(hparams, metrics)
+            try:
+                self._tb.write_hparams(hparams, metrics, status)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror or str(e), e.filename or self._workdir) from None
 
     def close(self) -> None:
         if self._enabled:

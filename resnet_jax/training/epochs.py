@@ -383,7 +383,7 @@ def _metrics(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def end_group(runs: list[runs_lib.Run], states: train.TrainState) -> None:
-    """Hands each run its final state and status; a run finished now gets its HParams."""
+    """Hands each run its final state and status; a run that ended gets its HParams."""
     num_epochs = runs[0].config.num_epochs
     for r, run in enumerate(runs):
         run.state = train.unstack(states, r)
@@ -391,8 +391,4 @@ def end_group(runs: list[runs_lib.Run], states: train.TrainState) -> None:
             run.changed = True
         if run.active and run.records and run.records[-1]['epoch'] == num_epochs:
             run.status = 'completed'
-            if run.epoch < num_epochs:  # Finished in this invocation.
-                runs_lib.check_owned(run)
-                run.writer.write_hparams(
-                    runs_lib.hparams(run.config), runs_lib.final_metrics(run.records)
-                )
+        runs_lib.write_hparams(run)

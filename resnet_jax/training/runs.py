@@ -246,18 +246,75 @@ def check_finite(runs: list[Run], total: train.TrainMetrics, epoch: int, done: i
             diverge(run, f'non-finite loss or gradients in epoch {epoch} (by step {done})')
 
 
+# A run's final numbers in TensorBoard's HParams tab: the last epoch's value of every
+# metric a study may select on, the best accuracies and the epochs trained.
+HPARAM_METRICS = (
+    'train_loss',
+    'train_accuracy',
+    'test_loss',
+    'test_accuracy',
+    'best_test_accuracy',
+    'val_loss',
+    'val_accuracy',
+    'best_val_accuracy',
+    'epochs_completed',
+)
+
+
+def operational(key: str) -> bool:
+    """Whether config field ``key`` (dotted) says only how a run is carried out, not
+    what it computes: a field a resumed run may change
+    (:data:`~resnet_jax.rundir.workdir.RESUMABLE_CHANGES`, where ``section.*``
+    covers a section), except ``num_epochs``, which sets how long it trains."""
+    return key != 'num_epochs' and any(
+        key == field or (field.endswith('.*') and key.startswith(field[:-1]))
+        for field in workdir_lib.RESUMABLE_CHANGES
+    )
+
+
 def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config's scalar fields, dotted (``data.train_subset``), for TensorBoard."""
+    """The config's scalar fields, dotted (``data.train_subset``), for TensorBoard;
+    :func:`operational` ones are left out."""
     flat = workdir_lib.flatten(workdir_lib.config_json(config))
-    return {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str))}
+    return {
+        k: v
+        for k, v in flat.items()
+        if isinstance(v, (bool, int, float, str)) and not operational(k)
+    }
 
 
 def final_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
-    """A finished run's metrics for TensorBoard's HParams tab."""
+    """A run's :data:`HPARAM_METRICS` for TensorBoard's HParams tab, as ``hparam/NAME``;
+    those it lacks (no validation split, no finite value) are left out."""
     numbers = writers.summarize(records)
     return {
-        f'hparam/{k}': numbers[k] for k in ('train_accuracy', 'test_accuracy', 'best_test_accuracy')
+        f'hparam/{k}': float(numbers[k])
+        for k in HPARAM_METRICS
+        if validation.is_finite_number(numbers.get(k))
     }
+
+
+def end_recorded(run: Run) -> bool:
+    """Whether the run's ``summary.json`` records this end already: the same status
+    after the same epochs (a rerun of a run that ended before)."""
+    try:
+        old = workdir_lib.read_summary(os.path.join(run.workdir, workdir_lib.SUMMARY_FILE))
+    except workdir_lib.RecordError:
+        return False
+    done = run.records[-1]['epoch'] if run.records else 0
+    return old is not None and (old.get('status'), old.get('epochs_completed')) == (
+        run.status,
+        done,
+    )
+
+
+def write_hparams(run: Run) -> None:
+    """Writes an ended run's HParams (hyperparameters, status, final metrics) once:
+    not while it trains, nor again when a rerun finds the same end."""
+    if run.active or end_recorded(run):
+        return
+    check_owned(run)
+    run.writer.write_hparams(hparams(run.config), final_metrics(run.records), run.status)
 
 
 def finish(
