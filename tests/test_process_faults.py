@@ -274,6 +274,7 @@ def files_under(root) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_train_and_report_write_only_the_workdir_and_the_caches(tmp_path):
+    """The image cache, JAX's compilation cache and matplotlib's: nothing else."""
     places = {n: tmp_path / n for n in ('home', 'xdg', 'cache', 'mpl', 'tmp', 'cwd', 'data')}
     for folder in places.values():
         folder.mkdir()
@@ -307,7 +308,8 @@ def test_train_and_report_write_only_the_workdir_and_the_caches(tmp_path):
             timeout=600,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-    allowed = (str(workdir), str(places['cache']), str(places['mpl']))
+    compiled = places['xdg'] / 'resnet_jax' / 'jax'  # JAX's compilation cache, by default.
+    allowed = (str(workdir), str(places['cache']), str(places['mpl']), str(compiled))
     changed = sorted(
         path
         for path, mtime in files_under(tmp_path).items()
@@ -315,3 +317,4 @@ def test_train_and_report_write_only_the_workdir_and_the_caches(tmp_path):
     )
     assert not changed, changed
     assert files_under(workdir) and files_under(places['cache'])  # Both were written.
+    assert files_under(compiled)
