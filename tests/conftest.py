@@ -25,7 +25,7 @@ from tests import fake_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# One persistent XLA compilation cache for this test session, shared by the
+# One persistent XLA compilation cache for this pytest run, shared by the
 # subprocesses the tests start (they inherit the environment): the same small
 # programs are compiled once instead of once per process. Set before JAX starts.
 _CACHE = tempfile.mkdtemp(prefix='resnet_jax_test_xla_cache_')
@@ -236,7 +236,7 @@ def cifar_py(tmp_path_factory) -> fake_data.FakeCifar:
 
 def read_hparams(workdir) -> dict:
     """What TensorBoard's HParams tab reads of a run, through TensorBoard's own reader:
-    ``hparams``, the session's end ``status`` (an api.proto Status name), the final
+    ``hparams``, the entry's end ``status`` (an api.proto Status name), the final
     ``metrics`` by tag, whether an ``experiment`` summary is there and the event ``files``."""
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.plugins.hparams import api_pb2, metadata

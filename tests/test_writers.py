@@ -49,8 +49,8 @@ def test_hparams_hold_the_status_leave_out_missing_metrics_and_replace_an_earlie
     assert found['hparams'] == {'learning_rate': 0.01, 'model': 'resnet20', 'status': 'diverged'}
     assert found['status'] == 'STATUS_FAILURE'
     assert found['metrics'] == {'hparam/val_accuracy': 0.5}  # Never a NaN for a missing one.
-    # One session: the later end replaced the earlier. No experiment summary: TensorBoard
-    # builds the tab's columns from every run's session.
+    # One entry: the later end replaced the earlier. No experiment summary: TensorBoard
+    # builds the tab's columns from every run's entry.
     assert found['files'] == 1 and not found['experiment']
 
 

@@ -78,13 +78,13 @@ class TensorboardWriter:
         metrics: Mapping[str, float | None],
         status: str = 'completed',
     ) -> None:
-        """Replaces the run's HParams session in ``logdir/hparams``.
+        """Replaces the run's HParams entry in ``logdir/hparams``.
 
-        The session holds ``hparams`` with the run's ``status`` among them (a
-        string the tab filters on), ends as :data:`SESSION_STATUS` says, and
+        The entry holds ``hparams`` with the run's ``status`` among them (a
+        string the tab filters on), ends as :data:`END_STATUS` says, and
         ``metrics`` are scalars beside it; a metric whose value is None is left
         out. No experiment summary is written: TensorBoard then builds the tab's
-        columns from every run's session (each status and metric any run has),
+        columns from every run's entry (each status and metric any run has),
         where one run's summary would stand for all. The new file is written
         before the older ones are removed.
         """
@@ -97,7 +97,7 @@ class TensorboardWriter:
         # Nanoseconds keep the new file's name apart from an older one of this process.
         events = self._open(logdir, f'.{os.getpid()}.{time.time_ns()}')
         try:
-            for summary in _session_summaries({**hparams, 'status': status}, status):
+            for summary in _entry_summaries({**hparams, 'status': status}, status):
                 events.write_event(Event(wall_time=time.time(), summary=summary))
             for key, value in metrics.items():
                 if value is not None:
@@ -117,19 +117,19 @@ class TensorboardWriter:
             self._events = None
 
 
-# How a run's status ends its session in the HParams tab (api.proto's Status: unknown,
+# How a run's status ends its entry in the HParams tab (api.proto's Status: unknown,
 # success, failure, running). A pruned run stopped as its study decided: a success, told
 # apart from a completed one by its ``status`` hparam.
-SESSION_STATUS = {
+END_STATUS = {
     'completed': 'STATUS_SUCCESS',
     'pruned': 'STATUS_SUCCESS',
     'diverged': 'STATUS_FAILURE',
 }
 
 
-def _session_summaries(hparams: Mapping[str, Any], status: str) -> list[Any]:
-    """The HParams plugin's session start (``hparams``: strings, bools and numbers;
-    others are left out) and session end (:data:`SESSION_STATUS` of ``status``)."""
+def _entry_summaries(hparams: Mapping[str, Any], status: str) -> list[Any]:
+    """The HParams plugin's start of an entry (``hparams``: strings, bools and
+    numbers; others are left out) and its end (:data:`END_STATUS` of ``status``)."""
     # pylint: disable=g-import-not-at-top
     from tensorboardX.proto.api_pb2 import Status
     from tensorboardX.proto.plugin_hparams_pb2 import (
@@ -147,7 +147,7 @@ def _session_summaries(hparams: Mapping[str, Any], status: str) -> list[Any]:
             start.hparams[key].bool_value = value
         elif isinstance(value, (int, float)):
             start.hparams[key].number_value = float(value)
-    end = SessionEndInfo(status=Status.Value(SESSION_STATUS.get(status, 'STATUS_UNKNOWN')))
+    end = SessionEndInfo(status=Status.Value(END_STATUS.get(status, 'STATUS_UNKNOWN')))
     summaries = []
     for tag, data in (
         ('_hparams_/session_start_info', HParamsPluginData(session_start_info=start)),
