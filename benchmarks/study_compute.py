@@ -30,6 +30,7 @@ import sys
 import time
 
 import pandas as pd
+import search_vs_grid  # The sibling script: how a study workdir is read.
 
 from resnet_jax.reports import study_report
 
@@ -57,15 +58,9 @@ def run_arm(name: str, args: argparse.Namespace) -> float:
         return time.perf_counter() - start
 
 
-def trials(workdir: str) -> pd.DataFrame:
-    described = study_report.read_description(workdir)
-    study = study_report.load_study(workdir, described)
-    return study_report.trials_frame(study, workdir)
-
-
-def pick(frame: pd.DataFrame) -> str:
-    done = frame[frame['state'] == 'complete']
-    return str(done.loc[done['value'].idxmax(), 'run'])
+def pick(study: search_vs_grid.Study) -> str:
+    """The run folder of the study's best completed trial."""
+    return str(search_vs_grid.pick_of(study)['run'])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ARMS:
         walls[name] = run_arm(name, args)
         print(f'{name}: {walls[name]:.1f} s', flush=True)
-    frames = {name: trials(os.path.join(args.work, name)) for name in ARMS}
+    studies = {name: search_vs_grid.read_study(os.path.join(args.work, name)) for name in ARMS}
+    frames = {name: study.trials for name, study in studies.items()}
     params = [c for c in frames['before'].columns if c.startswith('param.')]
     same_trials = frames['before'][params].equals(frames['after'][params])
-    same_pick = pick(frames['before']) == pick(frames['after'])
+    same_pick = pick(studies['before']) == pick(studies['after'])
     rows = []
     for name in ARMS:
         images = study_report.images_trained(frames[name])
@@ -98,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 'images trained': images,
                 'training images/s of wall time': round(images / walls[name], 1),
                 'wall vs before': round(walls[name] / walls['before'], 3),
-                'pick': pick(frames[name]),
+                'pick': pick(studies[name]),
             }
         )
     print(pd.DataFrame(rows).to_markdown(index=False))

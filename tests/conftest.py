@@ -11,6 +11,7 @@ its ``FakeCifar`` (``.path`` for ``config.data.path`` plus the arrays a loader
 must produce).
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -123,6 +124,16 @@ class Cli:
 def cli() -> Cli:
     """Starts the command line in a subprocess; marks a test slow."""
     return Cli()
+
+
+def load_benchmark(name: str):
+    """Imports ``benchmarks/<name>.py`` (benchmarks/ is not a package)."""
+    path = os.path.join(REPO, 'benchmarks', f'{name}.py')
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_args(data, workdir, *extra, epochs=1, config='configs/default.py') -> list:

@@ -12,7 +12,7 @@ from resnet_jax import validation
 from resnet_jax.studies import optuna_study, samplers, search_space
 from tests import fake_data
 from tests.conftest import one_error_line
-from tests.test_search import search_config, trials_of
+from tests.test_search import draw_learning_rates, search_config, trials_of
 
 # A user's config file: a Halton sampler and a threshold pruner, registered when the
 # file is imported, each with an option of its own in config.search.
@@ -137,14 +137,7 @@ def test_qmc_draws_follow_the_scrambled_sequence_of_the_study_seed(tmp_path, lea
     drawn = {}
     for seed in (0, 1):
         spec = float_space(search_config(learnable.path), sampler='qmc', num_trials=5, seed=seed)
-        workdir = str(tmp_path / f'seed{seed}')
-        study = optuna_study.open_study(spec, workdir)
-        rates = []
-        for _ in range(5):
-            with optuna_study.claim_lock(workdir):
-                (trial,) = optuna_study.claim(study, spec)
-            rates.append(search_space.sample(trial, spec.params, spec.base)['learning_rate'])
-            study.tell(trial, 1.0)
+        rates = draw_learning_rates(spec, str(tmp_path / f'seed{seed}'), 5, lambda rate: 1.0)
         np.testing.assert_allclose(rates[1:], quasi_random('sobol', seed, 4), rtol=1e-9)
         drawn[seed] = rates
     assert not set(drawn[0]) & set(drawn[1])

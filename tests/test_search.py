@@ -97,6 +97,19 @@ def trials_of(storage: str, study_name: str | None = None) -> list:
     return optuna.load_study(study_name=study_name, storage=storage).get_trials()
 
 
+def draw_learning_rates(spec, workdir: str, n: int, value) -> list[float]:
+    """Claims ``n`` trials of ``spec``'s study one after the other (as one worker
+    would), telling each ``value(learning rate)``; the rates drawn."""
+    study = optuna_study.open_study(spec, workdir)
+    rates = []
+    for _ in range(n):
+        with optuna_study.claim_lock(workdir):
+            (trial,) = optuna_study.claim(study, spec)
+        rates.append(search_space.sample(trial, spec.params, spec.base)['learning_rate'])
+        study.tell(trial, value(rates[-1]))
+    return rates
+
+
 def records(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
         return [json.loads(line) for line in f]
@@ -424,15 +437,8 @@ def test_two_search_seeds_share_no_draw(tmp_path, learnable, sampler):
         config.search.space.learning_rate = search_space.float_param(1e-4, 0.1, log=True)
         spec = search_space.spec_from_config(config)
         workdir = str(tmp_path / f'seed{seed}')
-        study = optuna_study.open_study(spec, workdir)
-        rates = []
-        for _ in range(15):
-            with optuna_study.claim_lock(workdir):
-                (trial,) = optuna_study.claim(study, spec)
-            rate = search_space.sample(trial, spec.params, spec.base)['learning_rate']
-            study.tell(trial, -abs(np.log10(rate) + 2.5))  # Best near 3e-3.
-            rates.append(rate)
-        drawn[seed] = rates
+        # The best value near 3e-3.
+        drawn[seed] = draw_learning_rates(spec, workdir, 15, lambda r: -abs(np.log10(r) + 2.5))
     assert not set(drawn[0]) & set(drawn[1])
     assert optuna_study.draw_seed(0, 1) != optuna_study.draw_seed(1, 0)
 

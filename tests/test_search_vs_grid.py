@@ -6,7 +6,6 @@ shorter study is a copy of the search holding only the trials that ended first
 history.csv, read with pandas.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -18,22 +17,12 @@ import optuna
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_benchmark
 
 RESULTS = os.path.join(REPO, 'results', 'search')
 
 
-def _load_module():
-    """Imports benchmarks/search_vs_grid.py (benchmarks/ is not a package)."""
-    path = os.path.join(REPO, 'benchmarks', 'search_vs_grid.py')
-    spec = importlib.util.spec_from_file_location('search_vs_grid', path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-svg = _load_module()
+svg = load_benchmark('search_vs_grid')
 
 
 def _csv(study: str, name: str) -> pd.DataFrame:

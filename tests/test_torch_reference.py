@@ -4,10 +4,7 @@ Skipped where torch is not installed (CI): torch is a benchmark-only extra.
 """
 
 import functools
-import importlib.util
 import json
-import os
-import sys
 
 import jax
 import numpy as np
@@ -15,22 +12,12 @@ import pytest
 from flax import traverse_util
 
 from resnet_jax import models
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 torch = pytest.importorskip('torch')
 
 
-def _load_module():
-    """Imports benchmarks/torch_reference.py (benchmarks/ is not a package)."""
-    path = os.path.join(REPO, 'benchmarks', 'torch_reference.py')
-    spec = importlib.util.spec_from_file_location('torch_reference', path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tr = _load_module()
+tr = load_benchmark('torch_reference')
 
 REQUIRED_KEYS = {
     'impl',

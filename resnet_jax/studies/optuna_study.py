@@ -287,11 +287,10 @@ def _check_key(study: Any, spec: search_space.Spec, url: str, workdir: str) -> N
         if not isinstance(legacy, dict):
             legacy = {'spec': legacy}  # Not a key this tool writes: differs in everything.
         recorded = {k: v for k, v in legacy.items() if k != 'num_trials'}  # Older keys hold it.
-        differ = sorted(k for k in set(key) | set(recorded) if key.get(k) != recorded.get(k))
+        differ = _differing(key, recorded)
     elif digest != _digest(key):
         described = workdir_lib.read_json_object(os.path.join(workdir, DESCRIPTION_FILE))
-        recorded = _key_of(described) if described else {}
-        differ = sorted(k for k in set(key) | set(recorded) if key.get(k) != recorded.get(k))
+        differ = _differing(key, _key_of(described) if described else {})
         differ = differ or ['the config recorded in the storage']
     else:
         return
@@ -301,6 +300,11 @@ def _check_key(study: Any, spec: search_space.Spec, url: str, workdir: str) -> N
             f'search config (differs in: {", ".join(differ)}); use another --workdir or '
             'config.search.study_name'
         )
+
+
+def _differing(key: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+    """The fields in which two study keys differ, sorted."""
+    return sorted(k for k in set(key) | set(recorded) if key.get(k) != recorded.get(k))
 
 
 def _digest(key: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import warnings
 from typing import Any
@@ -88,7 +89,7 @@ def _hook_jax_warnings(folder: str) -> None:
 
     def show(message: Any, category: Any, filename: str, lineno: int, *args: Any) -> None:
         text = str(message)
-        if not text.startswith(('Error reading persistent', 'Error writing persistent')):
+        if not re.match(_JAX_CACHE_WARNING, text):
             shown(message, category, filename, lineno, *args)
             return
         if not _state['warned']:
